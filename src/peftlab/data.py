@@ -1,0 +1,220 @@
+"""From examples to token ids: prompt formatting, truncation that never cuts the target, and batching.
+
+Prompts are written the way the model expects them: the chat template for instruct models, plain text for base
+models, the encoder input for seq2seq models. Every stage (training, evaluation, serving) encodes through here, so
+a prompt is the same text wherever it is used.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import cached_property
+
+import torch
+
+from peftlab.errors import PeftlabError
+from peftlab.tasks import Example, Task
+
+IGNORE = -100  # label value that cross-entropy skips
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """One example as token ids. The loss covers `target_ids` only; `truncated` counts context tokens cut."""
+
+    id: str
+    prompt_ids: list[int]
+    target_ids: list[int]
+    truncated: int = 0
+
+    @property
+    def length(self) -> int:
+        return len(self.prompt_ids) + len(self.target_ids)
+
+
+@dataclass
+class PromptFormat:
+    """How prompts and targets are written for one model: chat template, plain text, or seq2seq."""
+
+    tokenizer: object
+    kind: str  # "causal" | "seq2seq"
+    chat: bool
+
+    def prompt_text(self, user_text: str, shots: Sequence[tuple[str, str]] = ()) -> str:
+        if self.kind == "seq2seq":
+            demos = "".join(f"{u}\nAnswer: {a}\n\n" for u, a in shots)
+            return demos + user_text
+        if self.chat:
+            messages = []
+            for u, a in shots:
+                messages += [{"role": "user", "content": u}, {"role": "assistant", "content": a}]
+            messages.append({"role": "user", "content": user_text})
+            return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        demos = "".join(f"{u}\nAnswer: {a}\n\n" for u, a in shots)
+        return f"{demos}{user_text}\nAnswer:"
+
+    @cached_property
+    def end_of_turn(self) -> str:
+        """The text that closes an answer: the chat template's end-of-turn marker, else the EOS token."""
+        if self.kind == "causal" and self.chat:
+            marker = "XQZJ"
+            messages = [{"role": "user", "content": "a"}, {"role": "assistant", "content": marker}]
+            rendered = self.tokenizer.apply_chat_template(messages, tokenize=False)
+            end = rendered.split(marker, 1)[1].strip()
+            if end:
+                return end
+        return self.tokenizer.eos_token or ""
+
+    @cached_property
+    def stop_token_ids(self) -> list[int]:
+        """Token ids that end generation."""
+        ids = {self.tokenizer.eos_token_id}
+        end = self.tokenizer(self.end_of_turn, add_special_tokens=False).input_ids
+        if len(end) == 1:
+            ids.add(end[0])
+        return sorted(i for i in ids if i is not None)
+
+    def prompt_ids(self, text: str) -> list[int]:
+        # Chat templates already hold the special tokens; seq2seq encoders and plain prompts want the tokenizer's own.
+        add_special = self.kind == "seq2seq" or not self.chat
+        return self.tokenizer(text, add_special_tokens=add_special).input_ids
+
+    def target_ids(self, target: str) -> list[int]:
+        if self.kind == "seq2seq":
+            return self.tokenizer(text_target=target).input_ids  # ends with the tokenizer's EOS
+        text = target if self.chat else " " + target
+        return self.tokenizer(text + self.end_of_turn, add_special_tokens=False).input_ids
+
+    def label_ids(self, label: str) -> list[int]:
+        """Token ids of a label word as it would begin the answer (without the end-of-turn)."""
+        if self.kind == "seq2seq":
+            return self.tokenizer(text_target=label, add_special_tokens=False).input_ids
+        return self.tokenizer(label if self.chat else " " + label, add_special_tokens=False).input_ids
+
+
+def encode(
+    task: Task,
+    example: Example,
+    fmt: PromptFormat,
+    max_length: int,
+    template: int = 0,
+    shots: Sequence[tuple[str, str]] = (),
+    target: str | None = None,
+) -> Encoded:
+    """Encode one example; if it is too long, cut the task's context field, never the question or the target."""
+    tpl = task.template(template)
+    target_ids = fmt.target_ids(example.target if target is None else target)
+    inputs = dict(example.inputs)
+    ids = fmt.prompt_ids(fmt.prompt_text(tpl.render(inputs), shots))
+    over = len(ids) + len(target_ids) - max_length
+    if over <= 0:
+        return Encoded(example.id, ids, target_ids)
+    if task.context_field is None:
+        raise PeftlabError(f"example {example.id}: {len(ids) + len(target_ids)} tokens exceed max_length {max_length}")
+    context = fmt.tokenizer(inputs[task.context_field], add_special_tokens=False).input_ids
+    keep = len(context)
+    for _ in range(4):  # re-tokenising at the cut can shift a token or two, so tighten until it fits
+        keep = max(keep - over, 0)
+        inputs[task.context_field] = fmt.tokenizer.decode(context[:keep])
+        ids = fmt.prompt_ids(fmt.prompt_text(tpl.render(inputs), shots))
+        over = len(ids) + len(target_ids) - max_length
+        if over <= 0:
+            return Encoded(example.id, ids, target_ids, truncated=len(context) - keep)
+    raise PeftlabError(
+        f"example {example.id}: the prompt without its {task.context_field} is already "
+        f"{len(ids) + len(target_ids)} tokens, over max_length {max_length}"
+    )
+
+
+def few_shot_demos(task: Task, pool: Sequence[Example], k: int, seed: int, template: int = 0, max_words: int = 120):
+    """K in-context (prompt, answer) pairs from the train split, drawn with the seed; long contexts are shortened."""
+    if k <= 0:
+        return []
+    if k > len(pool):
+        raise PeftlabError(f"--shots {k} asks for more examples than the train split has ({len(pool)})")
+    picked = random.Random(seed).sample(list(pool), k)
+    demos = []
+    for ex in picked:
+        inputs = dict(ex.inputs)
+        if task.context_field:
+            words = inputs[task.context_field].split()
+            inputs[task.context_field] = " ".join(words[:max_words]) + (" ..." if len(words) > max_words else "")
+        demos.append((task.template(template).render(inputs), ex.target))
+    return demos
+
+
+def token_batches(
+    items: Sequence[Encoded], max_tokens: int, max_rows: int, seed: int | None = None, bucket: int = 64
+) -> list[list[int]]:
+    """Group item indices into batches of at most `max_tokens` padded tokens and `max_rows` rows.
+
+    Batches are sized by tokens, not rows, because memory and time scale with padded tokens. Items are sorted by
+    length inside buckets of `bucket * max_rows` items, so little compute goes on padding. With a seed, the items
+    are shuffled first and the batch order is shuffled after, so every epoch sees a different order.
+    """
+    order = list(range(len(items)))
+    rng = random.Random(seed)
+    if seed is not None:
+        rng.shuffle(order)
+    span = bucket * max_rows
+    batches: list[list[int]] = []
+    for start in range(0, len(order), span):
+        chunk = sorted(order[start : start + span], key=lambda i: items[i].length)
+        batch: list[int] = []
+        longest = 0
+        for i in chunk:
+            n = items[i].length
+            if batch and (len(batch) >= max_rows or max(longest, n) * (len(batch) + 1) > max_tokens):
+                batches.append(batch)
+                batch, longest = [], 0
+            batch.append(i)
+            longest = max(longest, n)
+        if batch:
+            batches.append(batch)
+    if seed is not None:
+        rng.shuffle(batches)
+    return batches
+
+
+def collate_causal(batch: Sequence[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
+    """Left-pad prompts and right-pad targets, so every row's target starts at the same column.
+
+    With targets aligned, the LM head only needs the last T positions (`logits_to_keep`): on DialogSum the prompt is
+    about 85% of the tokens, and the 49k-wide head is a fifth of the model's FLOPs. The last target token is never an
+    input, so it is left out.
+    """
+    p_len = max(len(e.prompt_ids) for e in batch)
+    t_len = max(len(e.target_ids) for e in batch)
+    width = p_len + t_len - 1
+    input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
+    labels = torch.full((len(batch), t_len), IGNORE, dtype=torch.long)
+    for row, e in enumerate(batch):
+        p, t = len(e.prompt_ids), len(e.target_ids)
+        input_ids[row, p_len - p : p_len] = torch.tensor(e.prompt_ids)
+        input_ids[row, p_len : p_len + t - 1] = torch.tensor(e.target_ids[:-1])
+        attention_mask[row, p_len - p : p_len + t - 1] = 1
+        labels[row, :t] = torch.tensor(e.target_ids)
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids, "labels": labels}
+
+
+def collate_seq2seq(batch: Sequence[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad encoder inputs and decoder labels (the model shifts labels into decoder inputs itself)."""
+    p_len = max(len(e.prompt_ids) for e in batch)
+    t_len = max(len(e.target_ids) for e in batch)
+    input_ids = torch.full((len(batch), p_len), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(batch), p_len), dtype=torch.long)
+    labels = torch.full((len(batch), t_len), IGNORE, dtype=torch.long)
+    for row, e in enumerate(batch):
+        input_ids[row, : len(e.prompt_ids)] = torch.tensor(e.prompt_ids)
+        attention_mask[row, : len(e.prompt_ids)] = 1
+        labels[row, : len(e.target_ids)] = torch.tensor(e.target_ids)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def collate(batch: Sequence[Encoded], kind: str, pad_id: int) -> dict[str, torch.Tensor]:
+    """Collate for the model kind."""
+    return collate_seq2seq(batch, pad_id) if kind == "seq2seq" else collate_causal(batch, pad_id)

@@ -1,0 +1,25 @@
+"""User-facing errors.
+
+Anything a user can cause (a bad file, an unknown name, a wrong adapter) raises `PeftlabError`. The CLI prints its
+message on one line and exits with code 2, with no traceback: the message must say what to fix.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class PeftlabError(Exception):
+    """An error caused by input the user controls; its message is shown as is."""
+
+
+def data_error(path: str | Path, line: int | None, field: str | None, problem: str) -> PeftlabError:
+    """An error that points at `path:line` and names the field, the way compilers report errors."""
+    where = f"{path}:{line}" if line is not None else str(path)
+    what = f"field '{field}': " if field else ""
+    return PeftlabError(f"{where}: {what}{problem}")
+
+
+def unknown_name(kind: str, name: str, valid: list[str] | tuple[str, ...]) -> PeftlabError:
+    """An error for an unknown registry name that lists the valid ones."""
+    return PeftlabError(f"unknown {kind} '{name}'; valid: {', '.join(sorted(valid))}")

@@ -1,0 +1,168 @@
+"""Evaluation: label-word scoring for classification, batched greedy generation for everything else.
+
+Classification never generates: the prediction is the label whose tokens the model finds most likely right after
+the prompt. With single-token labels that is one forward pass per batch, reading only the last position's logits.
+Generation runs length-sorted batches with left padding and the KV cache, so no compute goes on padding rows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from peftlab.data import IGNORE, Encoded, PromptFormat, collate, token_batches
+from peftlab.metrics import per_example_rouge1
+from peftlab.tasks import Example, Task
+
+
+def is_prompt_learning(model: torch.nn.Module) -> bool:
+    """Whether the model is a peft prompt-learning model (prompt, prefix or P-tuning)."""
+    config = getattr(model, "active_peft_config", None)
+    return bool(config is not None and config.is_prompt_learning)
+
+
+def target_logits(model: torch.nn.Module, kind: str, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Logits at the positions that predict the target tokens only: shape (batch, target_len, vocab)."""
+    labels = batch["labels"]
+    if kind == "seq2seq":
+        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=labels).logits
+    kwargs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    if not is_prompt_learning(model):
+        # peft ignores position ids for prompt tuning; RoPE only sees relative offsets, so left padding is harmless.
+        kwargs["position_ids"] = batch["position_ids"]
+    return model(**kwargs, logits_to_keep=labels.shape[1]).logits
+
+
+def target_loss(model: torch.nn.Module, kind: str, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """Summed cross-entropy over target tokens, and the number of target tokens (prompt tokens carry no loss)."""
+    logits = target_logits(model, kind, batch)
+    labels = batch["labels"]
+    loss = torch.nn.functional.cross_entropy(
+        logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE, reduction="sum"
+    )
+    return loss, int((labels != IGNORE).sum())
+
+
+def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def _device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+@torch.inference_mode()
+def mean_loss(model, kind: str, items: Sequence[Encoded], pad_id: int, max_tokens: int = 8192) -> float:
+    """Mean per-token target loss over `items` (the validation loss)."""
+    total, count = 0.0, 0
+    for idx in token_batches(items, max_tokens, max_rows=64):
+        loss, n = target_loss(model, kind, _to(collate([items[i] for i in idx], kind, pad_id), _device(model)))
+        total, count = total + float(loss), count + n
+    return total / max(count, 1)
+
+
+@torch.inference_mode()
+def label_scores(
+    model, fmt: PromptFormat, items: Sequence[Encoded], labels: Sequence[str], max_tokens: int = 8192, progress=True
+) -> torch.Tensor:
+    """Log-likelihood of each label after each prompt: shape (len(items), len(labels))."""
+    label_ids = [fmt.label_ids(label) for label in labels]
+    single = all(len(ids) == 1 for ids in label_ids) and len({ids[0] for ids in label_ids}) == len(labels)
+    # With distinct one-token labels, one pass over the prompts decides; otherwise score each label's tokens in full.
+    candidates = [[ids[0]] for ids in label_ids] if single else label_ids
+    scores = torch.zeros(len(items), len(labels))
+    passes = 1 if single else len(labels)
+    bar = tqdm(total=len(items) * passes, desc="scoring", unit="ex", disable=not progress, leave=False)
+    for j in range(passes):
+        probe = [Encoded(e.id, e.prompt_ids, candidates[j] if not single else [0]) for e in items]
+        for idx in token_batches(probe, max_tokens, max_rows=64):
+            batch = _to(collate([probe[i] for i in idx], fmt.kind, fmt.tokenizer.pad_token_id), _device(model))
+            logprobs = target_logits(model, fmt.kind, batch).float().log_softmax(-1)
+            if single:
+                first = torch.tensor([c[0] for c in candidates], device=logprobs.device)
+                scores[idx] = logprobs[:, 0, first].cpu()
+            else:
+                tok = batch["labels"].clamp(min=0)
+                picked = logprobs.gather(-1, tok.unsqueeze(-1)).squeeze(-1) * (batch["labels"] != IGNORE)
+                scores[idx, j] = picked.sum(-1).cpu()
+            bar.update(len(idx))
+    bar.close()
+    return scores
+
+
+@torch.inference_mode()
+def generate(
+    model, fmt: PromptFormat, items: Sequence[Encoded], max_new_tokens: int, max_rows: int = 16, progress=True
+) -> list[str]:
+    """Greedy generation in length-sorted, left-padded batches; returns texts in the order of `items`."""
+    tok = fmt.tokenizer
+    order = sorted(range(len(items)), key=lambda i: len(items[i].prompt_ids))
+    outputs: list[str] = [""] * len(items)
+    bar = tqdm(total=len(items), desc="generating", unit="ex", disable=not progress)
+    for start in range(0, len(order), max_rows):
+        idx = order[start : start + max_rows]
+        prompts = [items[i].prompt_ids for i in idx]
+        width = max(len(p) for p in prompts)
+        left = fmt.kind != "seq2seq"  # decoder-only models continue from the right edge, so pad on the left
+        input_ids = torch.full((len(idx), width), tok.pad_token_id, dtype=torch.long)
+        mask = torch.zeros_like(input_ids)
+        for row, p in enumerate(prompts):
+            cols = slice(width - len(p), width) if left else slice(0, len(p))
+            input_ids[row, cols] = torch.tensor(p)
+            mask[row, cols] = 1
+        out = model.generate(
+            input_ids=input_ids.to(_device(model)),
+            attention_mask=mask.to(_device(model)),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            num_beams=1,
+            eos_token_id=fmt.stop_token_ids,
+            pad_token_id=tok.pad_token_id,
+        )
+        new = out[:, width:] if fmt.kind != "seq2seq" else out
+        for row, i in enumerate(idx):
+            outputs[i] = tok.decode(new[row], skip_special_tokens=True).strip()
+        bar.update(len(idx))
+    bar.close()
+    return outputs
+
+
+def evaluate(
+    model,
+    fmt: PromptFormat,
+    task: Task,
+    examples: Sequence[Example],
+    items: Sequence[Encoded],
+    split: str = "test",
+    max_tokens: int = 8192,
+    progress: bool = True,
+) -> tuple[dict, list[dict]]:
+    """Score `examples` (already encoded as `items`): returns flat metrics and one prediction row per example."""
+    model.eval()
+    references = [ex.references for ex in examples]
+    if task.kind == "classification":
+        scores = label_scores(model, fmt, items, task.labels, max_tokens, progress)
+        predictions = [task.labels[int(i)] for i in scores.argmax(-1)]
+        per_example = [float(p == r[0]) for p, r in zip(predictions, references, strict=True)]
+    else:
+        predictions = generate(model, fmt, items, task.max_new_tokens, progress=progress)
+        per_example = [per_example_rouge1(p, r) for p, r in zip(predictions, references, strict=True)]
+    metrics = {"task": task.name, "split": split, "n": len(examples), **task.score(predictions, references)}
+    metrics["truncated_examples"] = sum(1 for e in items if e.truncated)
+    rows = [
+        {
+            "id": ex.id,
+            "split": split,
+            "prompt": fmt.tokenizer.decode(e.prompt_ids),
+            "prediction": pred,
+            "references": list(ex.references),
+            "score": score,
+        }
+        for ex, e, pred, score in zip(examples, items, predictions, per_example, strict=True)
+    ]
+    if task.kind == "classification":
+        for row, s in zip(rows, scores.tolist(), strict=True):
+            row["label_logprobs"] = dict(zip(task.labels, s, strict=True))
+    return metrics, rows

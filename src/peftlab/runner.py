@@ -1,0 +1,65 @@
+"""Evaluation recipe: load a model (and adapter), read and split a task's data, score it, write the results."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from peftlab.config import RunConfig, from_dict
+from peftlab.data import PromptFormat, few_shot_demos
+from peftlab.errors import PeftlabError
+from peftlab.evaluate import evaluate
+from peftlab.io import write_json, write_jsonl
+from peftlab.models import load_model
+from peftlab.tasks import get_task
+from peftlab.train import encode_split, load_splits
+
+
+def load_for_inference(model: str, adapter: str | None, device: str = "auto", allow_pickle: bool = False):
+    """The base model, with a saved adapter applied if given (a full fine-tune's run folder is a model itself)."""
+    from peftlab.adapters import load_adapter
+
+    if adapter and (Path(adapter) / "model" / "config.json").exists():
+        return load_model(str(Path(adapter) / "model"), device=device, allow_pickle=allow_pickle), None
+    loaded = load_model(model, device=device, allow_pickle=allow_pickle)
+    if adapter:
+        loaded.model = load_adapter(loaded, adapter)
+    return loaded, adapter
+
+
+def run_eval(
+    task: str,
+    out: Path,
+    data: str | None = None,
+    split: str = "all",
+    model: str = "smollm2-135m-instruct",
+    adapter: str | None = None,
+    shots: int = 0,
+    limit: int | None = None,
+    template: int = 0,
+    max_length: int = 512,
+    device: str = "auto",
+    allow_pickle: bool = False,
+) -> dict:
+    """Score a model on a task's data; writes `out/metrics.json` and `out/predictions.jsonl`; returns the metrics."""
+    if split not in ("all", "train", "val", "test"):
+        raise PeftlabError(f"--split must be all, train, val or test, got '{split}'")
+    t = get_task(task)
+    cfg = from_dict(RunConfig, {"data": {"task": task, "path": data, "template": template, "max_length": max_length}})
+    splits = load_splits(cfg, t)
+    examples = [ex for s in ("train", "val", "test") for ex in splits[s]] if split == "all" else splits[split]
+    # Few-shot demos come from the train split; scoring them too would leak, so 'all' with shots scores val + test.
+    if shots and split in ("all", "train"):
+        examples = splits["val"] + splits["test"] if split == "all" else examples
+    examples = examples[:limit] if limit else examples
+    if not examples:
+        raise PeftlabError(f"no examples to score in split '{split}'")
+    loaded, _ = load_for_inference(model, adapter, device, allow_pickle)
+    fmt = PromptFormat(loaded.tokenizer, loaded.kind, loaded.chat)
+    demos = few_shot_demos(t, splits["train"], shots, seed=0, template=template)
+    items = encode_split(cfg, t, fmt, examples, demos)
+    metrics, rows = evaluate(loaded.model, fmt, t, examples, items, split=split)
+    metrics.update(model=model, adapter=adapter, shots=shots)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "metrics.json", metrics)
+    write_jsonl(out / "predictions.jsonl", rows)
+    return metrics

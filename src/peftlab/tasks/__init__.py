@@ -1,0 +1,49 @@
+"""The task registry: a name maps to a function that builds the `Task`.
+
+Adding a task means one module with a `make_task()` and one line here. A path to a `.yaml` file names a custom task.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+
+from peftlab.errors import unknown_name
+from peftlab.tasks import custom, dialogsum, pubmedqa
+from peftlab.tasks.base import SPLITS, Example, Task, Template, kfold_examples, split_examples
+
+TASKS: dict[str, Callable[[], Task]] = {
+    "pubmedqa": pubmedqa.make_task,
+    "pubmedqa-binary": partial(pubmedqa.make_task, "pubmedqa-binary", ("yes", "no")),
+    "dialogsum": dialogsum.make_task,
+}
+
+# Default data files shipped in the repo's data/ folder.
+DEFAULT_DATA: dict[str, str] = {
+    "pubmedqa": "data/pubmedqa/pqal_trainval.json",
+    "pubmedqa-binary": "data/pubmedqa/pqal_trainval.json",
+    "dialogsum": "data/dialogsum/dev.jsonl",
+}
+
+
+def get_task(name: str) -> Task:
+    """Build a registered task by name, or a custom task from a YAML path."""
+    if name.endswith((".yaml", ".yml")):
+        return custom.make_task(Path(name))
+    if name not in TASKS:
+        raise unknown_name("task", name, [*TASKS, "<path/to/task.yaml>"])
+    return TASKS[name]()
+
+
+__all__ = [
+    "DEFAULT_DATA",
+    "SPLITS",
+    "TASKS",
+    "Example",
+    "Task",
+    "Template",
+    "get_task",
+    "kfold_examples",
+    "split_examples",
+]
