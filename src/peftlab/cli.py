@@ -82,13 +82,14 @@ def print_metrics(metrics: dict) -> None:
 def train(
     config: Annotated[Path, typer.Argument(help="run config YAML")],
     overrides: Annotated[list[str] | None, typer.Argument(help="key=value overrides, e.g. train.lr=3e-4")] = None,
+    resume: Annotated[bool, typer.Option(help="continue from the run folder's last checkpoint")] = False,
 ) -> None:
     """Train one method as configured and write runs/<name>/ (adapter, logs, metrics, predictions, result.json)."""
     from peftlab.config import load_config
     from peftlab.io import read_json
     from peftlab.train import run_training
 
-    cfg = load_config(config, overrides or [])
+    cfg = load_config(config, [*(overrides or []), *(["train.resume=true"] if resume else [])])
     run_dir = run_training(cfg)
     result_file = run_dir / "result.json"
     if result_file.exists():
@@ -118,6 +119,107 @@ def report(study_dir: Annotated[Path, typer.Argument(help="a study folder holdin
     from peftlab.report import build_study_report
 
     console.print(f"report: {build_study_report(study_dir)}")
+
+
+@app.command()
+def serve(
+    adapter: Annotated[list[str] | None, typer.Option(help="name=DIR (peft folder or run folder); repeatable")] = None,
+    model: Annotated[str, typer.Option(help="packaged model name or local HF folder")] = "smollm2-135m-instruct",
+    host: Annotated[str, typer.Option(help="address to bind; there is no authentication")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port")] = 8000,
+    max_tokens_cap: Annotated[int, typer.Option(help="largest max_tokens a request may ask for")] = 256,
+    max_body_bytes: Annotated[int, typer.Option(help="largest request body accepted")] = 65536,
+    max_prompt_tokens: Annotated[int, typer.Option(help="longest prompt accepted, in tokens")] = 2048,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, mps")] = "auto",
+) -> None:
+    """Serve the base model and adapters over an OpenAI-compatible HTTP API (see docs/serving.md)."""
+    from peftlab.serve import serve as run_server
+
+    run_server(
+        model,
+        adapter or [],
+        host=host,
+        port=port,
+        device=device,
+        max_tokens_cap=max_tokens_cap,
+        max_body_bytes=max_body_bytes,
+        max_prompt_tokens=max_prompt_tokens,
+    )
+
+
+@app.command()
+def merge(
+    run_dir: Annotated[Path, typer.Argument(help="a run folder holding a LoRA or IA3 adapter")],
+    out: Annotated[Path, typer.Option(help="folder for the merged transformers model")],
+) -> None:
+    """Merge a run's adapter into its base model and save a plain transformers folder (safetensors + tokenizer)."""
+    from peftlab.export import merge_run
+
+    console.print(f"merged model: {merge_run(run_dir, out)}")
+
+
+@app.command()
+def export(
+    run_dir: Annotated[Path, typer.Argument(help="a run folder holding a LoRA or IA3 adapter")],
+    gguf: Annotated[Path, typer.Option(help="GGUF file to write (for llama.cpp, Ollama)")],
+    f16: Annotated[bool, typer.Option(help="store matrices as F16 instead of F32")] = False,
+) -> None:
+    """Merge a run's adapter and write the model as a GGUF file (llama-family models)."""
+    from peftlab.export import export_gguf
+
+    console.print(f"GGUF file: {export_gguf(run_dir, gguf, f16=f16)}")
+
+
+@app.command()
+def distill(
+    teacher: Annotated[str, typer.Option(help="MODEL[:ADAPTER_OR_RUN], a run folder, or a JSONL/CSV of outputs")],
+    task: Annotated[str, typer.Option(help="task name or custom task YAML")],
+    out: Annotated[Path, typer.Option(help="JSONL file of {id, output} to write (use it as data.target)")],
+    data: Annotated[str | None, typer.Option(help="data file; default: the task's file under data/")] = None,
+    split: Annotated[str, typer.Option(help="train, val or test (students train on train)")] = "train",
+    limit: Annotated[int | None, typer.Option(help="only the first N examples of the split")] = None,
+    seed: Annotated[int, typer.Option(help="split seed: must match the student's data.seed")] = 0,
+    template: Annotated[int, typer.Option(help="instruction phrasing index")] = 0,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, mps")] = "auto",
+) -> None:
+    """Write a teacher's outputs for a split, keyed by example id, for training a student on them (data.target)."""
+    from peftlab.config import load_config
+    from peftlab.distill import generate_teacher_outputs
+
+    if split not in ("train", "val", "test"):
+        raise PeftlabError(f"--split must be train, val or test, got '{split}'")
+    cfg = load_config(None, [], base={"model": {"device": device},
+                                      "data": {"task": task, "path": data, "seed": seed, "template": template}})
+    path = generate_teacher_outputs(teacher, cfg, out, split=split, limit=limit)
+    console.print(f"teacher outputs: {path}  (train a student with data.target={path})")
+
+
+@app.command()
+def probe(
+    run_dir: Annotated[Path, typer.Argument(help="a finished run folder")],
+    limit: Annotated[int | None, typer.Option(help="test examples to perturb (default 50)")] = None,
+) -> None:
+    """Brittleness probe: perturb a run's test prompts; flip rates and metric spread to probe.json, result.json."""
+    from peftlab.probe import run_probe
+
+    print_metrics(run_probe(run_dir, limit))
+    console.print(f"wrote {run_dir / 'probe.json'}")
+
+
+@app.command()
+def sweep(
+    study: Annotated[Path, typer.Argument(help="study YAML with `base` and a `sweep:` section")],
+    overrides: Annotated[list[str] | None, typer.Argument(help="key=value overrides applied to every trial")] = None,
+    trials: Annotated[int | None, typer.Option(help="finished trials wanted in total (default: sweep.trials)")] = None,
+    storage: Annotated[str | None, typer.Option(help="Optuna DB URL (default: <study>/optuna.db)")] = None,
+) -> None:
+    """Optuna search (TPE, median pruning) over a study's space; resumable; writes best_config.yaml."""
+    from peftlab.sweep import run_sweep
+
+    study_dir = run_sweep(study, trials, storage, overrides or [])
+    md = study_dir / "results.md"
+    if md.exists():
+        console.print(md.read_text())
 
 
 def main() -> None:

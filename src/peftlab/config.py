@@ -46,6 +46,9 @@ class DataConfig:
     limit_train: int | None = _f(None, "use only the first N training examples")
     limit_eval: int | None = _f(None, "score only the first N val and test examples")
     target: str = _f("gold", "training labels: gold, teacher, or a path to a JSONL/CSV of outputs keyed by id")
+    mixture: list[dict] = _f(
+        [], "multi-task mix: list of {task, path?, weight, templates: [idx...]}; replaces data.task when set"
+    )
 
 
 @dataclass
@@ -78,6 +81,19 @@ class TrainConfig:
     seed: int = _f(0, "seed for init, shuffling and dropout")
     report_to: list[str] = _f([], "experiment trackers: tensorboard, mlflow")
     threads: int | None = _f(None, "torch CPU threads; default: all cores")
+    checkpoint_every: int | None = _f(50, "save a resumable checkpoint every N optimizer steps (atomic)")
+    resume: bool = _f(False, "continue from the run folder's checkpoint, if one exists")
+
+
+@dataclass
+class ExperimentsConfig:
+    forgetting: list[str] = _f([], "other tasks to score before and after training (catastrophic forgetting)")
+    forgetting_data: dict = _f({}, "data file per forgetting task; default: the task's file under data/")
+    forgetting_limit: int = _f(50, "test examples scored per forgetting task")
+    general_text: str | None = _f(None, "plain-text file for the general next-token loss; default with forgetting: "
+                                        "data/general/general_text.txt")
+    probe: bool = _f(False, "brittleness probe: perturb test prompts and measure how often predictions flip")
+    probe_limit: int = _f(50, "test examples used by the brittleness probe")
 
 
 @dataclass
@@ -88,6 +104,7 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     method: MethodConfig = field(default_factory=MethodConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    experiments: ExperimentsConfig = field(default_factory=ExperimentsConfig)
 
     @property
     def run_dir(self) -> Path:
@@ -120,9 +137,21 @@ def _check_value(where: str, value: Any, tp: Any) -> Any:
         return [_check_value(where, v, item) for v in value]
     if tp is float and isinstance(value, int | float) and not isinstance(value, bool):
         return float(value)
+    if tp is float:
+        # PyYAML follows YAML 1.1, which reads `3e-4` (no dot) as a string; accept any text float() accepts.
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        _bad(where, value, tp)
     if tp in (int, str, bool) and not (isinstance(value, tp) and not (tp is int and isinstance(value, bool))):
-        raise PeftlabError(f"{where}: expected {tp.__name__}, got {value!r}")
+        _bad(where, value, tp)
     return value
+
+
+def _bad(where: str, value: Any, tp: type) -> typing.NoReturn:
+    raise PeftlabError(f"{where}: expected {tp.__name__}, got {value!r}")
 
 
 def from_dict(cls: type, raw: dict, where: str = "") -> Any:

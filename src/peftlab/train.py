@@ -15,6 +15,9 @@ import platform
 import random
 import resource
 import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field, fields
+from io import BytesIO
 from pathlib import Path
 
 import torch
@@ -25,7 +28,7 @@ from peftlab.config import RunConfig, save_config
 from peftlab.data import Encoded, PromptFormat, collate, encode, few_shot_demos, token_batches
 from peftlab.errors import PeftlabError
 from peftlab.evaluate import evaluate, mean_loss, target_loss
-from peftlab.io import write_json, write_jsonl
+from peftlab.io import write_bytes_atomic, write_json, write_jsonl
 from peftlab.methods import apply_method, count_params, get_method
 from peftlab.models import LoadedModel, load_model
 from peftlab.tasks import DEFAULT_DATA, Example, Task, get_task, kfold_examples, split_examples
@@ -79,6 +82,75 @@ class NonFiniteLoss(PeftlabError):
     pass
 
 
+CHECKPOINT = "checkpoint.pt"
+
+
+@dataclass
+class TrainState:
+    """Where the loop stands. Saved in checkpoints, so a killed run continues exactly where it stopped."""
+
+    step: int = 0
+    epoch: int = 0
+    start: int = 0  # index of the next micro-batch within this epoch's shard
+    tokens: int = 0
+    seconds: float = 0.0
+    last_loss: float | None = None
+    stale: int = 0
+    best_val_loss: float = math.inf
+    best_epoch: int = 0
+    best_state: dict | None = None
+    log: list = field(default_factory=list)
+
+
+def save_checkpoint(path: Path, state: TrainState, model, optimizer, scheduler) -> None:
+    """Write model, optimizer, schedule, RNG and loop state atomically (temp file + rename)."""
+    payload = {
+        "state": {f.name: getattr(state, f.name) for f in fields(TrainState) if f.name != "best_state"},
+        "best_state": state.best_state,
+        "model": _trainable_state(model),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "torch_rng": torch.get_rng_state(),
+        "python_rng": random.getstate(),
+    }
+    buffer = BytesIO()
+    torch.save(payload, buffer)
+    write_bytes_atomic(path, buffer.getvalue())
+
+
+def load_checkpoint(path: Path, model, optimizer, scheduler) -> TrainState:
+    """Restore a checkpoint written by `save_checkpoint` (tensors only: `weights_only=True`, no pickled code)."""
+    payload = torch.load(path, weights_only=True)
+    model.load_state_dict(payload["model"], strict=False)
+    optimizer.load_state_dict(payload["optimizer"])
+    scheduler.load_state_dict(payload["scheduler"])
+    torch.set_rng_state(payload["torch_rng"])
+    random.setstate(payload["python_rng"])
+    return TrainState(**payload["state"], best_state=payload["best_state"])
+
+
+def train_step(model, micro: list[dict], kind: str, accelerator, params, optimizer, scheduler, max_grad_norm) -> float:
+    """One optimizer step over `micro` micro-batches; returns the mean loss per target token."""
+    n_tok = sum(int((b["labels"] != -100).sum()) for b in micro)
+    loss_sum = 0.0
+    for i, batch in enumerate(micro):
+        batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+        # Gradients are all-reduced once per optimizer step, not once per micro-batch.
+        with accelerator.no_sync(model) if i < len(micro) - 1 else nullcontext():
+            loss, _ = target_loss(model, kind, batch)
+            accelerator.backward(loss / n_tok)
+        loss_sum += float(loss.detach())
+    if not math.isfinite(loss_sum):
+        optimizer.zero_grad(set_to_none=True)
+        return loss_sum
+    if max_grad_norm:
+        accelerator.clip_grad_norm_(params, max_grad_norm)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss_sum / n_tok
+
+
 def fit(
     cfg: RunConfig,
     model,
@@ -90,8 +162,13 @@ def fit(
     val_examples: list[Example],
     run_dir: Path,
     accelerator,
+    on_epoch_end=None,
 ) -> dict:
-    """The training loop. Returns a summary (steps, seconds, tokens/s, losses); leaves the best weights in `model`."""
+    """The training loop. Returns a summary (steps, seconds, tokens/s, losses); leaves the best weights in `model`.
+
+    `on_epoch_end(epoch, val_row)` is called after each epoch's validation (a sweep reports to Optuna there and
+    may raise `optuna.TrialPruned` to stop a hopeless trial).
+    """
     tc = cfg.train
     pad = fmt.tokenizer.pad_token_id
     world, rank = accelerator.num_processes, accelerator.process_index
@@ -104,91 +181,100 @@ def fit(
     scheduler = _scheduler(cfg, optimizer, total_steps)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     raw = accelerator.unwrap_model(model)
-    log: list[dict] = []
-    best = {"val_loss": math.inf, "state": None, "epoch": 0}
-    step, tokens, seconds, last_loss, stale = 0, 0, 0.0, None, 0
-    bar = tqdm(total=total_steps, desc=f"train {cfg.name}", unit="step", disable=not accelerator.is_main_process)
-    for epoch in range(math.ceil(total_steps / steps_per_epoch)):
+    s = TrainState()
+    ckpt = run_dir / CHECKPOINT
+    if tc.resume and ckpt.exists():
+        s = load_checkpoint(ckpt, raw, optimizer, scheduler)
+        print(f"resuming {cfg.name} from {ckpt} at step {s.step}", flush=True)
+    bar = tqdm(
+        total=total_steps,
+        initial=s.step,
+        desc=f"train {cfg.name}",
+        unit="step",
+        disable=not accelerator.is_main_process,
+    )
+    for epoch in range(s.epoch, math.ceil(total_steps / steps_per_epoch)):
+        s.epoch = epoch
         model.train()
         # A fresh, seeded order every epoch: unshuffled training was measured worse for prompt tuning.
         order = token_batches(train, tc.batch_tokens, tc.batch_size, seed=tc.seed * 1000 + epoch)
         shard = order[: batches_per_epoch * world][rank::world]
-        for start in range(0, steps_per_epoch * tc.grad_accum, tc.grad_accum):
+        for start in range(s.start, steps_per_epoch * tc.grad_accum, tc.grad_accum):
             t0 = time.perf_counter()
             micro = [
                 collate([train[i] for i in idx], loaded.kind, pad) for idx in shard[start : start + tc.grad_accum]
             ]
-            n_tok = sum(int((b["labels"] != -100).sum()) for b in micro)
-            loss_sum = 0.0
-            for i, batch in enumerate(micro):
-                batch = {k: v.to(accelerator.device) for k, v in batch.items()}
-                # no_sync: gradients are all-reduced once per optimizer step, not per micro-batch
-                ctx = accelerator.no_sync(model) if i < len(micro) - 1 else _null()
-                with ctx:
-                    loss, _ = target_loss(model, loaded.kind, batch)
-                    accelerator.backward(loss / n_tok)
-                loss_sum += float(loss)
-            if not math.isfinite(loss_sum):
-                raise NonFiniteLoss(f"loss became {loss_sum} at step {step + 1}; lower train.lr (now {lr})")
-            if tc.max_grad_norm:
-                accelerator.clip_grad_norm_(params, tc.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
+            loss = train_step(model, micro, loaded.kind, accelerator, params, optimizer, scheduler, tc.max_grad_norm)
+            if not math.isfinite(loss):
+                raise NonFiniteLoss(f"loss became {loss} at step {s.step + 1}; lower train.lr (now {lr})")
             dt = time.perf_counter() - t0
             step_tokens = sum(int(b["attention_mask"].sum()) for b in micro) * world
-            tokens, seconds, last_loss = tokens + step_tokens, seconds + dt, loss_sum / n_tok
+            s.step, s.start, s.last_loss = s.step + 1, start + tc.grad_accum, loss
+            s.tokens, s.seconds = s.tokens + step_tokens, s.seconds + dt
             entry = {
-                "step": step,
-                "epoch": round(epoch + (start // tc.grad_accum + 1) / steps_per_epoch, 4),
-                "loss": last_loss,
+                "step": s.step,
+                "epoch": round(epoch + s.start / tc.grad_accum / steps_per_epoch, 4),
+                "loss": loss,
                 "lr": scheduler.get_last_lr()[0],
                 "tokens_per_s": step_tokens / dt,
             }
-            log.append(entry)
-            accelerator.log({"train/loss": last_loss, "train/lr": entry["lr"]}, step=step)
-            bar.set_postfix(loss=f"{last_loss:.4f}", tok_s=f"{tokens / seconds:.0f}")
+            s.log.append(entry)
+            accelerator.log({"train/loss": loss, "train/lr": entry["lr"]}, step=s.step)
+            bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{s.tokens / s.seconds:.0f}")
             bar.update(1)
-            if step >= total_steps:
+            if tc.checkpoint_every and s.step % tc.checkpoint_every == 0 and accelerator.is_main_process:
+                save_checkpoint(ckpt, s, raw, optimizer, scheduler)
+            if s.step >= total_steps:
                 break
-        if tc.eval_every_epoch and val:
-            val_row = _validate(cfg, raw, loaded, task, fmt, val, val_examples, step, epoch + 1)
-            log.append(val_row)
-            accelerator.log({f"val/{k}": v for k, v in val_row.items() if isinstance(v, float)}, step=step)
-            bar.write(f"epoch {epoch + 1}: val_loss {val_row['val_loss']:.4f}")
-            if val_row["val_loss"] < best["val_loss"]:
-                best = {"val_loss": val_row["val_loss"], "state": _trainable_state(raw), "epoch": epoch + 1}
-                stale = 0
-            else:
-                stale += 1
-                if tc.patience is not None and stale > tc.patience:
-                    bar.write(f"early stopping: no val-loss improvement for {stale} epochs")
-                    break
-        if step >= total_steps:
+        s.start = 0
+        if (
+            tc.eval_every_epoch
+            and val
+            and _end_of_epoch(cfg, s, raw, loaded, task, fmt, val, val_examples, bar, accelerator, on_epoch_end)
+        ):
+            break
+        if s.step >= total_steps:
             break
     bar.close()
-    if best["state"] is not None:  # keep the best checkpoint, not the last
-        raw.load_state_dict(best["state"], strict=False)
+    if s.best_state is not None:  # keep the best checkpoint, not the last
+        raw.load_state_dict(s.best_state, strict=False)
     if accelerator.is_main_process:
-        write_jsonl(run_dir / "train_log.jsonl", log)
+        write_jsonl(run_dir / "train_log.jsonl", s.log)
+        ckpt.unlink(missing_ok=True)  # the run is complete; result files take over
     return {
-        "train_steps": step,
-        "train_seconds": seconds,
-        "tokens_per_s": tokens / seconds if seconds else None,
-        "last_train_loss": last_loss,
-        "best_val_loss": None if best["state"] is None else best["val_loss"],
-        "best_epoch": best["epoch"],
+        "train_steps": s.step,
+        "train_seconds": s.seconds,
+        "tokens_per_s": s.tokens / s.seconds if s.seconds else None,
+        "last_train_loss": s.last_loss,
+        "best_val_loss": None if s.best_state is None else s.best_val_loss,
+        "best_epoch": s.best_epoch,
         "lr": lr,
     }
 
 
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
+def _end_of_epoch(
+    cfg, s: TrainState, model, loaded, task, fmt, val, val_examples, bar, accelerator, on_epoch_end
+) -> bool:
+    """Validate, keep the best weights, and decide on early stopping (returns True to stop)."""
+    val_row = _validate(cfg, model, loaded, task, fmt, val, val_examples, s.step, s.epoch + 1)
+    s.log.append(val_row)
+    accelerator.log({f"val/{k}": v for k, v in val_row.items() if isinstance(v, float)}, step=s.step)
+    bar.write(f"epoch {s.epoch + 1}: val_loss {val_row['val_loss']:.4f}")
+    if on_epoch_end is not None:
+        on_epoch_end(s.epoch + 1, val_row)
+    if val_row["val_loss"] < s.best_val_loss:
+        s.best_val_loss, s.best_state, s.best_epoch, s.stale = (
+            val_row["val_loss"],
+            _trainable_state(model),
+            s.epoch + 1,
+            0,
+        )
         return False
+    s.stale += 1
+    if cfg.train.patience is not None and s.stale > cfg.train.patience:
+        bar.write(f"early stopping: no val-loss improvement for {s.stale} epochs")
+        return True
+    return False
 
 
 def _validate(cfg, model, loaded, task, fmt, val, val_examples, step, epoch) -> dict:
@@ -210,9 +296,14 @@ def save_trained(model, loaded: LoadedModel, method: str, run_dir: Path) -> int:
     return sum(f.stat().st_size for f in out.rglob("*") if f.is_file() and f.suffix == ".safetensors")
 
 
-def run_training(cfg: RunConfig) -> Path:
+def run_training(cfg: RunConfig, on_epoch_end=None) -> Path:
     """Train (or, for zero/few-shot, only evaluate) one method and write its run folder."""
     from accelerate import Accelerator
+
+    if cfg.data.mixture or cfg.data.task.startswith("mix:"):  # multi-task mix: a recipe built from the pieces here
+        from peftlab.tasks.mixture import run_mixture_training
+
+        return run_mixture_training(cfg, on_epoch_end)
 
     started = time.perf_counter()
     if cfg.train.threads:
@@ -259,7 +350,9 @@ def run_training(cfg: RunConfig) -> Path:
     if method.trains:
         if not enc["train"]:
             raise PeftlabError("the train split is empty; check data.path, data.split and data.limit_train")
-        summary = fit(cfg, model, loaded, task, fmt, enc["train"], enc["val"], splits["val"], run_dir, accelerator)
+        summary = fit(
+            cfg, model, loaded, task, fmt, enc["train"], enc["val"], splits["val"], run_dir, accelerator, on_epoch_end
+        )
     accelerator.wait_for_everyone()
     raw = accelerator.unwrap_model(model)
     if accelerator.is_main_process:
@@ -279,6 +372,9 @@ def _finish(cfg, model, loaded, task, fmt, splits, enc, run_dir, summary, traina
         metrics.update({f"{split}_{k}": v for k, v in m.items() if k not in ("task", "split")})
         if split == "test":
             rows = r
+    from peftlab.experiments import run_experiments  # forgetting / brittleness probes, when configured
+
+    metrics.update(run_experiments(cfg, model, fmt, task, splits, run_dir))
     if summary["best_val_loss"] is None and enc["val"] and get_method(cfg.method.name).trains is False:
         summary["best_val_loss"] = mean_loss(model, loaded.kind, enc["val"], fmt.tokenizer.pad_token_id)
     adapter_bytes = save_trained(model, loaded, cfg.method.name, run_dir) if get_method(cfg.method.name).trains else 0
