@@ -63,9 +63,10 @@ def test_kill_9_then_resume_matches_uninterrupted_run(tmp_path, tiny_causal, sma
     assert after["train_steps"] == straight["train_steps"]
     assert _losses(run) == _losses(tmp_path / "runs" / "straight")
     assert after["metrics"]["test_accuracy"] == straight["metrics"]["test_accuracy"]
-    preds = [json.loads(x)["label_logprobs"] for x in (run / "predictions.jsonl").read_text().splitlines()]
-    ref = [json.loads(x)["label_logprobs"] for x in (tmp_path / "runs/straight/predictions.jsonl").read_text().splitlines()]
-    assert preds == ref
+    def logprobs(folder: Path) -> list[dict]:
+        return [json.loads(x)["label_logprobs"] for x in (folder / "predictions.jsonl").read_text().splitlines()]
+
+    assert logprobs(run) == logprobs(tmp_path / "runs" / "straight")
     assert not (run / "checkpoint.pt").exists()
 
 
