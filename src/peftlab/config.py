@@ -83,6 +83,7 @@ class TrainConfig:
     threads: int | None = _f(None, "torch CPU threads; default: all cores")
     checkpoint_every: int | None = _f(50, "save a resumable checkpoint every N optimizer steps (atomic)")
     resume: bool = _f(False, "continue from the run folder's checkpoint, if one exists")
+    activation_checkpointing: bool = _f(False, "recompute activations in backward: less memory, ~1/3 more compute")
 
 
 @dataclass

@@ -179,7 +179,9 @@ def fit(
     steps_per_epoch = max(batches_per_epoch // tc.grad_accum, 1)
     total_steps = tc.max_steps or steps_per_epoch * tc.epochs
     scheduler = _scheduler(cfg, optimizer, total_steps)
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    # The scheduler stays outside accelerate: its wrapper steps once per process, but total_steps already counts
+    # per-process steps, so with 2 processes the learning rate would reach zero halfway through.
+    model, optimizer = accelerator.prepare(model, optimizer)
     raw = accelerator.unwrap_model(model)
     s = TrainState()
     ckpt = run_dir / CHECKPOINT
@@ -338,6 +340,9 @@ def run_training(cfg: RunConfig, on_epoch_end=None) -> Path:
         save_config(cfg, run_dir / "config.yaml")
         if cfg.train.report_to:
             accelerator.init_trackers(cfg.name)
+    if cfg.train.activation_checkpointing:
+        # Keep only each layer's input and recompute the rest in backward: ~1/3 more compute, far less memory.
+        loaded.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model = apply_method(loaded, task, cfg.method)
     trainable, total = count_params(model)
     summary: dict = {

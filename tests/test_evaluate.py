@@ -1,0 +1,104 @@
+"""Evaluation: label scoring, the target loss against the model's own loss, and batched generation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import DIALOGSUM, PUBMEDQA
+
+from peftlab.data import PromptFormat, collate, encode
+from peftlab.evaluate import evaluate, generate, label_scores, target_loss
+from peftlab.models import load_model
+from peftlab.tasks import get_task
+
+
+@pytest.fixture(scope="module")
+def causal(tiny_causal):
+    loaded = load_model(str(tiny_causal), device="cpu")
+    return loaded, PromptFormat(loaded.tokenizer, loaded.kind, loaded.chat)
+
+
+@pytest.fixture(scope="module")
+def seq2seq(tiny_seq2seq):
+    loaded = load_model(str(tiny_seq2seq), device="cpu")
+    return loaded, PromptFormat(loaded.tokenizer, loaded.kind, loaded.chat)
+
+
+def _pubmedqa(fmt, n=6, max_length=160):
+    task = get_task("pubmedqa")
+    examples = task.load(PUBMEDQA)[:n]
+    return task, examples, [encode(task, ex, fmt, max_length) for ex in examples]
+
+
+def _manual_logprob(model, prompt_ids: list[int], continuation: list[int]) -> float:
+    """log p(continuation | prompt) from one unpadded forward pass."""
+    ids = torch.tensor([prompt_ids + continuation])
+    with torch.no_grad():
+        logprobs = model(ids).logits[0].log_softmax(-1)
+    return sum(float(logprobs[len(prompt_ids) - 1 + k, t]) for k, t in enumerate(continuation))
+
+
+@pytest.mark.parametrize("which", ["causal", "seq2seq"])
+def test_label_scores_shape_and_predictions(which, request):
+    loaded, fmt = request.getfixturevalue(which)
+    task, examples, items = _pubmedqa(fmt)
+    scores = label_scores(loaded.model, fmt, items, task.labels, progress=False)
+    assert scores.shape == (len(items), 3)
+    assert torch.isfinite(scores).all() and (scores <= 0).all()
+    metrics, rows = evaluate(loaded.model, fmt, task, examples, items, progress=False)
+    assert metrics["n"] == 6 and 0 <= metrics["accuracy"] <= 1 and "macro_f1" in metrics
+    assert [r["prediction"] for r in rows] == [task.labels[int(i)] for i in scores.argmax(-1)]
+
+
+def test_label_scores_match_unpadded_forward_passes(causal):
+    """Left padding, position ids and logits_to_keep must not change a label's score; multi-token labels too."""
+    loaded, fmt = causal
+    _, _, items = _pubmedqa(fmt, n=4)
+    labels = ("yes", "probably not")  # the second is several tokens: the per-label path
+    assert len(fmt.label_ids("probably not")) > 1
+    scores = label_scores(loaded.model, fmt, items, labels, progress=False)
+    for i, e in enumerate(items):
+        for j, label in enumerate(labels):
+            want = _manual_logprob(loaded.model, e.prompt_ids, fmt.label_ids(label))
+            assert scores[i, j].item() == pytest.approx(want, abs=1e-4)
+
+
+def test_target_loss_matches_hf_loss_and_ignores_prompt(causal):
+    loaded, fmt = causal
+    _, _, items = _pubmedqa(fmt, n=3)
+    batch = collate(items, "causal", fmt.tokenizer.pad_token_id)
+    with torch.no_grad():
+        loss, n = target_loss(loaded.model, "causal", batch)
+        assert n == sum(len(e.target_ids) for e in items)
+        want = sum(-_manual_logprob(loaded.model, e.prompt_ids, e.target_ids) for e in items)
+        assert float(loss) == pytest.approx(want, rel=1e-4)
+
+
+def test_batched_generation_equals_one_at_a_time(tiny_causal):
+    loaded = load_model(str(tiny_causal), device="cpu")
+    fmt = PromptFormat(loaded.tokenizer, loaded.kind, loaded.chat)
+    # A freshly initialised model repeats one token whatever the prompt; larger weights make outputs depend on it.
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in loaded.model.parameters():
+            if p.dim() > 1:
+                p.normal_(0, 0.3)
+    task = get_task("dialogsum")
+    examples = task.load(DIALOGSUM)[:6]
+    items = [encode(task, ex, fmt, 96 + 40 * i) for i, ex in enumerate(examples)]  # different prompt lengths
+    assert len({len(e.prompt_ids) for e in items}) > 1
+    batched = generate(loaded.model, fmt, items, max_new_tokens=12, max_rows=6, progress=False)
+    single = [generate(loaded.model, fmt, [e], max_new_tokens=12, progress=False)[0] for e in items]
+    assert batched == single
+    assert len(set(batched)) > 1 and all(batched)
+
+
+def test_seq2seq_generation_and_metrics(seq2seq):
+    loaded, fmt = seq2seq
+    task = get_task("dialogsum")
+    examples = task.load(DIALOGSUM)[:3]
+    items = [encode(task, ex, fmt, 128) for ex in examples]
+    metrics, rows = evaluate(loaded.model, fmt, task, examples, items, progress=False)
+    assert {"rouge1", "rouge2", "rougeL", "rougeLsum"} <= set(metrics)
+    assert metrics["truncated_examples"] == sum(e.truncated > 0 for e in items) > 0
+    assert len(rows) == 3 and all(isinstance(r["prediction"], str) for r in rows)
