@@ -48,11 +48,10 @@ def load_study(path: Path) -> tuple[dict, list[StudyRun]]:
     if not path.is_file():
         raise PeftlabError(f"{path}: no such study file")
     raw = yaml.safe_load(path.read_text()) or {}
-    unknown = set(raw) - {"name", "output_dir", "base", "runs", "grids", "select_teacher"}
+    valid = {"name", "output_dir", "base", "runs", "grids", "select_teacher", "teachers", "sweep"}
+    unknown = set(raw) - valid
     if unknown:
-        raise PeftlabError(
-            f"{path}: unknown study key '{sorted(unknown)[0]}'; valid: base, grids, name, output_dir, runs"
-        )
+        raise PeftlabError(f"{path}: unknown study key '{sorted(unknown)[0]}'; valid: {', '.join(sorted(valid))}")
     runs = [StudyRun(r.pop("name", None) or r.get("method", {}).get("name", "run"), r) for r in raw.get("runs", [])]
     for grid in raw.get("grids", []):
         runs += _expand_grid(grid)
@@ -74,6 +73,10 @@ def run_study(path: Path, overrides: list[str] = (), only: list[str] | None = No
         raw = deep_merge(header.get("base", {}), run.raw)
         raw.update(name=run.name, output_dir=str(study_dir))
         configs.append(load_config(None, overrides, base=raw))
+    if header.get("teachers") or header.get("select_teacher"):  # distillation: rank teachers, write teacher.jsonl
+        from peftlab.distill import prepare_teacher
+
+        prepare_teacher(header, configs, study_dir)
     todo = [c for c in configs if (only is None or c.name in only) and not (c.run_dir / "result.json").exists()]
     print(f"study {study_dir}: {len(configs)} runs, {len(configs) - len(todo)} already done, {len(todo)} to run")
     failures = []
