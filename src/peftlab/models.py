@@ -90,6 +90,10 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
     # save_pretrained refuses a model loaded from GGUF, so rebuild a plain model from its config and copy the weights.
     fresh = AutoModelForCausalLM.from_config(loaded.config, dtype=torch.float32)
     fresh.load_state_dict(loaded.state_dict())
+    # The weights are plain fp32 now. A leftover `quantization_config: gguf` would make save_pretrained, Trainer
+    # and vLLM treat every copy of this model as quantized.
+    if getattr(fresh.config, "quantization_config", None) is not None:
+        del fresh.config.quantization_config
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
     try:
@@ -204,11 +208,30 @@ def load_model(
         use_safetensors=not allow_pickle,
         attn_implementation="sdpa",  # measured on SmolLM2: SDPA trains 1.2x faster than eager attention on CPU
     ).to(dev)
+    if kind == "causal":
+        model.register_forward_pre_hook(_pad_aware_positions, with_kwargs=True)
     tokenizer = load_tokenizer(path)
     if chat is None:
         # Instruct models carry a chat template; base and seq2seq models get plain-text prompts.
         chat = kind == "causal" and bool(getattr(tokenizer, "chat_template", None))
     return LoadedModel(model, tokenizer, kind, name_or_dir, path, chat)
+
+
+def _pad_aware_positions(module, args, kwargs):
+    """Give left-padded rows positions that start at their first real token when the caller passes none.
+
+    peft's prompt tuning and prefix tuning drop `position_ids`, so a left-padded row would sit further from the
+    virtual tokens than the same row unpadded and RoPE would see other distances: the loss would depend on padding.
+    Counting positions along the attention mask (as `generate` does) keeps padded and unpadded rows identical.
+    """
+    mask = kwargs.get("attention_mask")
+    if kwargs.get("position_ids") is not None or mask is None or mask.dim() != 2:
+        return None
+    tokens = kwargs.get("input_ids") if kwargs.get("input_ids") is not None else kwargs.get("inputs_embeds")
+    if tokens is None:
+        return None
+    positions = (mask.long().cumsum(-1) - 1).clamp(min=0)[:, -tokens.shape[1] :]
+    return args, {**kwargs, "position_ids": positions}
 
 
 def list_models() -> list[dict]:

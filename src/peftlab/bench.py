@@ -1,0 +1,214 @@
+"""`peftlab bench train`: training throughput of peftlab against the plain transformers Trainer + peft way.
+
+Both sides train one epoch on the same token ids (the first n DialogSum dialogues, encoded once here) with the same
+hyper-parameters, each in its own process (`peftlab.bench_workers`) so peak memory is per side. A math check runs
+peftlab's loss for five steps on the reference's own first five batches: speed-ups must not change the losses.
+How each side is built is written down in bench/README.md.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from peftlab.errors import PeftlabError
+
+REPO = Path(__file__).resolve().parents[2]
+DEFAULT_RESULTS = Path("bench/RESULTS.md")
+# The issue's convention: a trained weight costs 6 FLOPs per token (forward, activation and weight gradients);
+# a frozen one 4 (no weight gradient). N is the base model's parameter count.
+FLOPS_PER_PARAM = {"full": 6, "lora": 4, "prompt-tuning": 4}
+TARGET_RATIO = {"full": 1.5, "lora": 2.0, "prompt-tuning": 1.5}
+TARGET_SGEMM = {"lora": 0.6}
+MAX_REL_DIFF = 1e-3
+
+
+def sgemm_gflops(size: int = 2048, repeats: int = 5) -> float:
+    """The machine's fp32 matmul ceiling: best of a few torch.mm runs, after a warm-up."""
+    import torch
+
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    torch.mm(a, b)
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        torch.mm(a, b)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * size**3 / best / 1e9
+
+
+def tiny_model(out: Path) -> Path:
+    """--smoke: the test suite's tiny random Llama (tests/conftest.py), so the smoke run needs no model download."""
+    import importlib.util
+
+    conftest = REPO / "tests" / "conftest.py"
+    if not conftest.is_file():
+        raise PeftlabError(f"--smoke needs the source checkout: {conftest} not found")
+    spec = importlib.util.spec_from_file_location("peftlab_bench_conftest", conftest)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.build_tiny_causal(out)
+
+
+def data_file(task_name: str) -> Path:
+    """The task's shipped data file, relative to the working directory or else to the source checkout."""
+    from peftlab.tasks import DEFAULT_DATA
+
+    path = Path(DEFAULT_DATA[task_name])
+    return path if path.is_file() else REPO / path
+
+
+def prompt_format(model: str):
+    """The tokenizer-side of `load_model` (no weights): enough to encode."""
+    from peftlab.data import PromptFormat
+    from peftlab.models import load_tokenizer, model_kind, resolve_model_dir
+
+    path = resolve_model_dir(model)
+    tokenizer, kind = load_tokenizer(path), model_kind(path)
+    return PromptFormat(tokenizer, kind, kind == "causal" and bool(getattr(tokenizer, "chat_template", None)))
+
+
+def encode_dialogsum(model: str, n: int, max_length: int):
+    """The first n DialogSum dev dialogues, encoded once with peftlab's encoder and the model's chat template."""
+    from peftlab.data import encode
+    from peftlab.tasks import get_task
+
+    task = get_task("dialogsum")
+    fmt = prompt_format(model)
+    examples = task.load(data_file("dialogsum"))[:n]
+    return fmt, [encode(task, ex, fmt, max_length) for ex in examples], examples
+
+
+def run_worker(role: str, spec: dict, tmp: Path) -> dict:
+    """Run one side in a fresh Python process and return its JSON answer."""
+    spec_file, out_file = tmp / f"{role}-spec.json", tmp / f"{role}-out.json"
+    spec_file.write_text(json.dumps(spec))
+    cmd = [sys.executable, "-m", "peftlab.bench_workers", role, str(spec_file), str(out_file)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise PeftlabError(f"bench worker '{role}' failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+    return json.loads(out_file.read_text())
+
+
+def bench_method(method: str, base_spec: dict, tmp: Path) -> dict:
+    """Reference, math check and peftlab for one method; returns one table row's numbers."""
+    from peftlab.methods import get_method
+
+    spec = {**base_spec, "method": method, "lr": get_method(method).default_lr}
+    ref = run_worker("ref", spec, tmp)
+    check = run_worker("check", {**spec, "batches": ref["batches"]}, tmp)
+    ours = run_worker("peftlab", spec, tmp)
+    diffs = [abs(a - b) / max(abs(a), 1e-12) for a, b in zip(ref["losses"], check["losses"], strict=False)]
+    tokens = base_spec["real_tokens"]
+    return {
+        "method": method,
+        "ref_tok_s": tokens / ref["seconds"],
+        "peftlab_tok_s": tokens / ours["seconds"],
+        "ratio": ref["seconds"] / ours["seconds"],
+        "peftlab_gflops": FLOPS_PER_PARAM[method] * ours["base_params"] * tokens / ours["seconds"] / 1e9,
+        "ref_rss_mb": ref["peak_rss_mb"],
+        "peftlab_rss_mb": ours["peak_rss_mb"],
+        "losses_ref": ref["losses"],
+        "losses_peftlab": check["losses"],
+        "max_rel_diff": max(diffs) if diffs else float("nan"),
+        "same_init": abs(ref["init_checksum"] - check["init_checksum"]) <= 1e-9 * max(ref["init_checksum"], 1.0),
+        "ref_seconds": ref["seconds"],
+        "peftlab_seconds": ours["seconds"],
+        "peftlab_step_seconds": ours["step_seconds"],
+        "ref_rows_read": ref["rows_read"],
+        "peftlab_steps": ours["steps"],
+    }
+
+
+def _losses(values: list[float]) -> str:
+    return " ".join(f"{v:.4f}" for v in values)
+
+
+def markdown_table(rows: list[dict], sgemm: float, infer_rss: float) -> str:
+    """The results as a markdown table, with each target printed next to its number."""
+    head = ("method", "ref tok/s", "peftlab tok/s", "ratio (target)", "peftlab GFLOP/s", "% of sgemm (target)",
+            "ref peak RSS MB", "peftlab peak RSS MB", "inference RSS MB", "first-5 losses ref",
+            "first-5 losses peftlab", f"max rel diff (<= {MAX_REL_DIFF:g})")
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        pct = 100 * r["peftlab_gflops"] / sgemm
+        pct_target = f" (>= {100 * TARGET_SGEMM[r['method']]:.0f}%)" if r["method"] in TARGET_SGEMM else ""
+        cells = (
+            r["method"], f"{r['ref_tok_s']:.0f}", f"{r['peftlab_tok_s']:.0f}",
+            f"{r['ratio']:.2f}x (>= {TARGET_RATIO[r['method']]}x)", f"{r['peftlab_gflops']:.1f}",
+            f"{pct:.0f}%{pct_target}", f"{r['ref_rss_mb']:.0f}", f"{r['peftlab_rss_mb']:.0f}", f"{infer_rss:.0f}",
+            _losses(r["losses_ref"]), _losses(r["losses_peftlab"]),
+            f"{r['max_rel_diff']:.1e}" + ("" if r["same_init"] else " (different init!)"),
+        )
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def machine_line() -> str:
+    import torch
+
+    return (f"{datetime.date.today().isoformat()}, {platform.processor() or platform.machine()}, "
+            f"{os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads")
+
+
+def append_results(path: Path, title: str, body: str) -> None:
+    """Append a dated section to the results file, creating it with a header first."""
+    from peftlab.io import write_text_atomic
+
+    old = path.read_text() if path.is_file() else (
+        "# peftlab benchmark results\n\nAppended by `peftlab bench train` and `peftlab bench eval`; "
+        "bench/README.md says how each side is built.\n"
+    )
+    write_text_atomic(path, f"{old.rstrip()}\n\n## {title} ({machine_line()})\n\n{body}\n")
+
+
+def run_train_bench(
+    model: str, methods: list[str], n: int, max_length: int, batch: int, results: Path | None,
+    smoke: bool = False, json_out: Path | None = None,
+) -> list[dict]:
+    """Benchmark each method; print the table, append it to `results` (if given) and return the rows."""
+    unknown = [m for m in methods if m not in FLOPS_PER_PARAM]
+    if unknown:
+        raise PeftlabError(f"bench train: unknown methods {unknown}; choose from {sorted(FLOPS_PER_PARAM)}")
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(os.environ.get("PEFTLAB_BENCH_TMP") or tmp_name)  # set it to keep the workers' specs
+        if smoke:
+            model = str(tiny_model(tmp / "tiny-llama"))
+        _, items, _ = encode_dialogsum(model, n, max_length)
+        spec = {"model": model, "batch": batch, "max_length": max_length, "seed": 0,
+                "items": [[e.prompt_ids, e.target_ids] for e in items],
+                "real_tokens": sum(e.length for e in items)}
+        sgemm = sgemm_gflops()
+        print(f"sgemm {sgemm:.1f} GFLOP/s; {n} dialogues, {spec['real_tokens']} real tokens; {machine_line()}")
+        infer_rss = run_worker("infer", spec, tmp)["peak_rss_mb"]
+        rows = []
+        for method in methods:
+            rows.append(bench_method(method, spec, tmp))
+            print(f"{method}: reference {rows[-1]['ref_seconds']:.1f} s, peftlab {rows[-1]['peftlab_seconds']:.1f} s",
+                  flush=True)
+    label = "tiny random model" if smoke else Path(model).name
+    title = f"Training throughput: {label}, n={n}, max_length={max_length}, batch={batch}"
+    report_train(rows, sgemm, infer_rss, title, results, json_out)
+    return rows
+
+
+def report_train(rows: list[dict], sgemm: float, infer_rss: float, title: str, results: Path | None,
+                 json_out: Path | None) -> None:
+    """Print the table and the math-check verdicts; append to the results file and write the JSON if asked."""
+    table = markdown_table(rows, sgemm, infer_rss)
+    print(table)
+    for r in rows:
+        verdict = "OK" if r["max_rel_diff"] <= MAX_REL_DIFF and r["same_init"] else "MISMATCH"
+        print(f"math check {r['method']}: max relative loss difference {r['max_rel_diff']:.1e} -> {verdict}")
+    if results is not None:
+        append_results(results, title, f"sgemm ceiling {sgemm:.1f} GFLOP/s.\n\n{table}")
+        print(f"appended to {results}")
+    if json_out is not None:
+        json_out.write_text(json.dumps({"sgemm_gflops": sgemm, "inference_rss_mb": infer_rss, "rows": rows}))

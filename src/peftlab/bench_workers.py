@@ -1,0 +1,211 @@
+"""The measured sides of `peftlab bench train`, each run in its own process so peak memory is per side.
+
+    python -m peftlab.bench_workers ROLE SPEC.json OUT.json
+
+Roles: `ref` (transformers Trainer + peft, written the way a user would), `peftlab` (peftlab's own `fit` loop),
+`check` (five optimizer steps of peftlab's loss on the reference's first five batches) and `infer` (one no-grad
+forward of the largest batch). SPEC holds the model, method, hyper-parameters and the token ids, encoded once by
+the parent, so every side sees identical ids.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from peftlab.data import IGNORE, Encoded
+
+CHECK_STEPS = 5
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory in MB.
+
+    Linux keeps ru_maxrss across exec, so a child would report its parent's peak; VmHWM belongs to this process.
+    """
+    status = Path("/proc/self/status")
+    if status.is_file():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024  # kB
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1024 * 1024 if sys.platform == "darwin" else 1024)
+
+
+def _items(spec: dict) -> list[Encoded]:
+    return [Encoded(str(i), p, t) for i, (p, t) in enumerate(spec["items"])]
+
+
+def _trainable_checksum(model: torch.nn.Module) -> float:
+    """A fingerprint of the initial trainable weights: both sides must start from the same adapter init."""
+    return float(sum(p.detach().double().abs().sum() for p in model.parameters() if p.requires_grad))
+
+
+def load(spec: dict):
+    """peftlab's model load, in fp32, on the CPU."""
+    from peftlab.models import load_model
+
+    loaded = load_model(spec["model"], device="cpu", dtype=torch.float32)
+    quantizer = getattr(loaded.model, "hf_quantizer", None)
+    if quantizer is not None:
+        # The converted packaged model still carries its GGUF marker although its weights are plain fp32, and
+        # transformers.Trainer refuses to train a "GGUF-quantized" model.
+        quantizer.remove_quantization_config(loaded.model)
+    return loaded
+
+
+def _reference_model(spec: dict, loaded):
+    """The model as a user builds it with peft; same seed before get_peft_model as peftlab's apply_method."""
+    from peft import LoraConfig, PromptTuningConfig, PromptTuningInit, TaskType, get_peft_model
+
+    torch.manual_seed(spec["seed"])
+    if spec["method"] == "full":
+        return loaded.model
+    if spec["method"] == "lora":
+        config = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["q_proj", "v_proj"],
+                            task_type=TaskType.CAUSAL_LM)
+    else:
+        config = PromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=20,
+                                    prompt_tuning_init=PromptTuningInit.RANDOM)
+    return get_peft_model(loaded.model, config)
+
+
+class _RecordingDataset(torch.utils.data.Dataset):
+    """Plain rows for the Trainer; remembers the order rows are read in, to recover the batches it trained on."""
+
+    def __init__(self, items: list[Encoded]):
+        self.items, self.seen = items, []
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> dict:
+        self.seen.append(int(i))
+        e = self.items[i]
+        ids = e.prompt_ids + e.target_ids
+        labels = [IGNORE] * len(e.prompt_ids) + e.target_ids
+        return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels}
+
+
+def run_ref(spec: dict) -> dict:
+    """transformers.Trainer on the same rows and hyper-parameters; times trainer.train() wall-clock."""
+    from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
+
+    loaded = load(spec)
+    model = _reference_model(spec, loaded)
+    dataset = _RecordingDataset(_items(spec))
+    pad_collator = DataCollatorForSeq2Seq(loaded.tokenizer, padding=True, label_pad_token_id=IGNORE)
+    sizes: list[int] = []
+
+    def collator(features):
+        sizes.append(len(features))
+        return pad_collator(features)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        args = TrainingArguments(
+            output_dir=tmp, per_device_train_batch_size=spec["batch"], num_train_epochs=1, learning_rate=spec["lr"],
+            lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0, logging_steps=1,
+            save_strategy="no", report_to=[], use_cpu=True, seed=spec["seed"], dataloader_num_workers=0,
+            disable_tqdm=True,
+        )
+        trainer = Trainer(model=model, args=args, train_dataset=dataset, data_collator=collator,
+                          processing_class=loaded.tokenizer)
+        checksum = _trainable_checksum(model)
+        t0 = time.perf_counter()
+        trainer.train()
+        seconds = time.perf_counter() - t0
+    losses = [row["loss"] for row in trainer.state.log_history if "loss" in row]
+    batches, start = [], 0
+    for size in sizes[:CHECK_STEPS]:
+        batches.append(dataset.seen[start : start + size])
+        start += size
+    return {"seconds": seconds, "losses": losses[:CHECK_STEPS], "batches": batches, "init_checksum": checksum,
+            "rows_read": len(dataset.seen), "peak_rss_mb": peak_rss_mb()}
+
+
+def _peftlab_model(spec: dict):
+    from peftlab.config import load_config
+    from peftlab.methods import apply_method
+    from peftlab.tasks import get_task
+
+    cfg = load_config(None, base={
+        "model": {"name": spec["model"], "device": "cpu"},
+        "method": {"name": spec["method"], "dropout": 0.0},
+        "train": {"lr": spec["lr"], "schedule": "constant", "warmup_ratio": 0.0, "batch_size": spec["batch"],
+                  "batch_tokens": spec["batch"] * spec["max_length"], "epochs": 1, "eval_every_epoch": False,
+                  "seed": spec["seed"], "weight_decay": 0.0, "max_grad_norm": 1.0},
+    })
+    loaded = load(spec)
+    base_params = loaded.num_params
+    task = get_task("dialogsum")
+    torch.manual_seed(spec["seed"])  # the same seed the reference uses before get_peft_model
+    return cfg, loaded, task, apply_method(loaded, task, cfg.method), base_params
+
+
+def run_peftlab(spec: dict) -> dict:
+    """peftlab's real training loop (`train.fit`), one epoch; times the fit() call wall-clock."""
+    from accelerate import Accelerator
+
+    from peftlab.data import PromptFormat
+    from peftlab.train import fit
+
+    cfg, loaded, task, model, base_params = _peftlab_model(spec)
+    fmt = PromptFormat(loaded.tokenizer, loaded.kind, loaded.chat)
+    with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.perf_counter()
+        summary = fit(cfg, model, loaded, task, fmt, _items(spec), [], [], Path(tmp), Accelerator(cpu=True))
+        seconds = time.perf_counter() - t0
+    return {"seconds": seconds, "step_seconds": summary["train_seconds"], "steps": summary["train_steps"],
+            "base_params": base_params, "peak_rss_mb": peak_rss_mb()}
+
+
+def run_check(spec: dict) -> dict:
+    """Five AdamW steps of peftlab's loss (its own batch layout) on exactly the reference's first five batches."""
+    from peftlab.data import collate
+    from peftlab.evaluate import target_loss
+
+    _, loaded, _, model, _ = _peftlab_model(spec)
+    items = _items(spec)
+    checksum = _trainable_checksum(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=spec["lr"], betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
+    model.train()
+    losses = []
+    for idx in spec["batches"]:
+        batch = collate([items[i] for i in idx], loaded.kind, loaded.tokenizer.pad_token_id)
+        loss, n_tokens = target_loss(model, loaded.kind, batch)
+        (loss / n_tokens).backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(float(loss) / n_tokens)
+    return {"losses": losses, "init_checksum": checksum}
+
+
+@torch.inference_mode()
+def run_infer(spec: dict) -> dict:
+    """Peak memory of serving the same data: one forward of the `batch` longest examples."""
+    from peftlab.data import collate
+    from peftlab.evaluate import target_logits
+    loaded = load(spec)
+    longest = sorted(_items(spec), key=lambda e: e.length)[-spec["batch"] :]
+    target_logits(loaded.model.eval(), loaded.kind, collate(longest, loaded.kind, loaded.tokenizer.pad_token_id))
+    return {"peak_rss_mb": peak_rss_mb()}
+
+
+ROLES = {"ref": run_ref, "peftlab": run_peftlab, "check": run_check, "infer": run_infer}
+
+
+def main(argv: list[str]) -> None:
+    role, spec_path, out_path = argv
+    spec = json.loads(Path(spec_path).read_text())
+    Path(out_path).write_text(json.dumps(ROLES[role](spec)))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
