@@ -12,6 +12,7 @@ import math
 import os
 import shutil
 import tempfile
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -210,6 +211,8 @@ def load_model(
     ).to(dev)
     if kind == "causal":
         model.register_forward_pre_hook(_pad_aware_positions, with_kwargs=True)
+        # peft warns that it drops position ids for prompt learning; the hook above recomputes them, so it is noise.
+        warnings.filterwarnings("ignore", message="Position ids are not supported for parameter efficient tuning")
     tokenizer = load_tokenizer(path)
     if chat is None:
         # Instruct models carry a chat template; base and seq2seq models get plain-text prompts.
