@@ -169,7 +169,7 @@ def test_results_table_columns_and_missing(study: Path) -> None:
     table = results_table(load_results(study))
     assert list(table.columns) == [
         "run", "method", "trainable params", "trainable %", "adapter MB", "train steps", "train loss", "val loss",
-        "accuracy", "macro_f1", "rouge1", "rouge2", "rougeL", "time (s)", "tokens/s", "peak mem (MB)",
+        "test n", "accuracy", "macro_f1", "rouge1", "rouge2", "rougeL", "time (s)", "tokens/s", "peak mem (MB)",
         "flip_rate", "forget_delta_pubmedqa",
     ]  # fmt: skip
     zero, gen, lora = (table.iloc[i] for i in range(3))

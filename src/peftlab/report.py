@@ -33,6 +33,7 @@ _BASE_COLUMNS: list[tuple[str, str, str, float]] = [
     ("train steps", "train_steps", ",.0f", 1.0),
     ("train loss", "last_train_loss", ".4f", 1.0),
     ("val loss", "best_val_loss", ".4f", 1.0),
+    ("test n", "test_n", ",.0f", 1.0),
 ]
 _COST_COLUMNS: list[tuple[str, str, str, float]] = [
     ("time (s)", "train_seconds", ",.1f", 1.0),
@@ -42,8 +43,11 @@ _COST_COLUMNS: list[tuple[str, str, str, float]] = [
 # Top-level result.json fields; any other flattened column came from `metrics`.
 _RESULT_FIELDS = set(
     "name method task model task_kind primary_metric trainable_params total_params trainable_pct adapter_bytes"
-    " train_steps train_seconds tokens_per_s peak_rss_mb best_val_loss last_train_loss versions run_dir".split()
+    " train_steps train_seconds tokens_per_s peak_rss_mb best_val_loss last_train_loss versions run_dir"
+    " best_epoch lr wall_seconds truncated_examples".split()
 )
+# Test bookkeeping shown elsewhere (test n) or not a quality number.
+_NOT_METRICS = {"test_n", "test_truncated_examples"}
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -117,7 +121,7 @@ def _fmt(value: Any, spec: str, scale: float = 1.0) -> str:
 def _metric_columns(df: pd.DataFrame) -> tuple[list[str], list[str]]:
     """Scalar test metric columns and extra experiment columns (other scalar metric keys), in order of appearance."""
     scalar = [k for k in df.columns if k not in _RESULT_FIELDS and _is_scalar_column(df[k])]
-    tests = [k for k in scalar if k.startswith("test_")]
+    tests = [k for k in scalar if k.startswith("test_") and k not in _NOT_METRICS]
     # Validation metrics are summarised by "val loss"; everything else is an experiment-specific extra.
     extras = [k for k in scalar if not k.startswith(("test_", "val_"))]
     return tests, extras

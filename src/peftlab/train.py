@@ -99,6 +99,7 @@ class TrainState:
     best_val_loss: float = math.inf
     best_epoch: int = 0
     best_state: dict | None = None
+    best_val_metrics: dict | None = None  # the best epoch's full val scores, when the whole split was scored
     log: list = field(default_factory=list)
 
 
@@ -250,6 +251,7 @@ def fit(
         "last_train_loss": s.last_loss,
         "best_val_loss": None if s.best_state is None else s.best_val_loss,
         "best_epoch": s.best_epoch,
+        "best_val_metrics": s.best_val_metrics if s.best_state is not None else None,
         "lr": lr,
     }
 
@@ -258,7 +260,7 @@ def _end_of_epoch(
     cfg, s: TrainState, model, loaded, task, fmt, val, val_examples, bar, accelerator, on_epoch_end
 ) -> bool:
     """Validate, keep the best weights, and decide on early stopping (returns True to stop)."""
-    val_row = _validate(cfg, model, loaded, task, fmt, val, val_examples, s.step, s.epoch + 1)
+    val_row, val_metrics = _validate(cfg, model, loaded, task, fmt, val, val_examples, s.step, s.epoch + 1)
     s.log.append(val_row)
     accelerator.log({f"val/{k}": v for k, v in val_row.items() if isinstance(v, float)}, step=s.step)
     bar.write(f"epoch {s.epoch + 1}: val_loss {val_row['val_loss']:.4f}")
@@ -271,6 +273,7 @@ def _end_of_epoch(
             s.epoch + 1,
             0,
         )
+        s.best_val_metrics = val_metrics
         return False
     s.stale += 1
     if cfg.train.patience is not None and s.stale > cfg.train.patience:
@@ -279,14 +282,17 @@ def _end_of_epoch(
     return False
 
 
-def _validate(cfg, model, loaded, task, fmt, val, val_examples, step, epoch) -> dict:
-    """Val loss and the task metric; generation tasks are scored on at most 32 val items to keep epochs cheap."""
+def _validate(cfg, model, loaded, task, fmt, val, val_examples, step, epoch) -> tuple[dict, dict | None]:
+    """Val loss and the task metric, plus the full val metrics when the whole split was scored.
+
+    Generation tasks score at most 32 val items to keep epochs cheap; their final val scores are computed again.
+    """
     row = {"step": step, "epoch": epoch, "val_loss": mean_loss(model, loaded.kind, val, fmt.tokenizer.pad_token_id)}
     n = len(val) if task.kind == "classification" else min(len(val), 32)
     metrics, _ = evaluate(model, fmt, task, val_examples[:n], val[:n], split="val", progress=False)
     row[f"val_{task.primary_metric}"] = metrics[task.primary_metric]
     model.train()
-    return row
+    return row, (metrics if n == len(val) else None)
 
 
 def save_trained(model, loaded: LoadedModel, method: str, run_dir: Path) -> int:
@@ -370,10 +376,14 @@ def _finish(cfg, model, loaded, task, fmt, splits, enc, run_dir, summary, traina
     """Test evaluation and the run folder: metrics, predictions, the saved adapter and result.json."""
     metrics: dict = {}
     rows: list[dict] = []
+    best_val = summary.pop("best_val_metrics", None)
     for split in ("val", "test"):
         if not enc[split]:
             continue
-        m, r = evaluate(model, fmt, task, splits[split], enc[split], split=split)
+        if split == "val" and best_val:  # the best epoch's weights are the ones kept, so its val scores stand
+            m, r = best_val, []
+        else:
+            m, r = evaluate(model, fmt, task, splits[split], enc[split], split=split)
         metrics.update({f"{split}_{k}": v for k, v in m.items() if k not in ("task", "split")})
         if split == "test":
             rows = r

@@ -178,7 +178,7 @@ def _finish(cfg: RunConfig, model, loaded, fmt: PromptFormat, parts: list[Part],
         "primary_metric": f"{parts[0].key}_{parts[0].task.primary_metric}",  # the first task's, like validation
         "trainable_params": trainable if trains else 0, "total_params": total,
         "trainable_pct": 100 * trainable / total if trains else 0.0, "adapter_bytes": adapter_bytes,
-        **summary,
+        **{k: v for k, v in summary.items() if k != "best_val_metrics"},
         "peak_rss_mb": peak_rss_mb(), "wall_seconds": time.perf_counter() - started,
         "truncated_examples": sum(e.truncated > 0 for items in enc.values() for e in items),
         "train_mix": info["train_mix"], "metrics": metrics, "versions": _versions(),
