@@ -195,7 +195,9 @@ def load_model(
 ) -> LoadedModel:
     """Load a base model and tokenizer from a packaged name or a local folder; never touches the network."""
     from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # a 2-second "Loading weights" bar is noise next to peftlab's own bars
     path = resolve_model_dir(name_or_dir)
     _check_weights_are_safe(path, allow_pickle)
     kind = model_kind(path)
