@@ -16,6 +16,9 @@ from typing import Any
 
 from peftlab.errors import PeftlabError
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)  # read the process umask once (setting it is the only way to read it)
+
 
 def write_bytes_atomic(path: Path, data: bytes) -> None:
     """Write `data` to `path` through a temp file and a rename."""
@@ -23,6 +26,7 @@ def write_bytes_atomic(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; results should read like any other file
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()

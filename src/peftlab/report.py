@@ -21,6 +21,8 @@ import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from peftlab.io import write_text_atomic
+
 MISSING = "–"
 PROMPT_CHARS = 300
 N_EXAMPLES = 3
@@ -165,8 +167,8 @@ def write_tables(study_dir: Path) -> tuple[Path, Path]:
     # Nested values (confusion matrix, labels, versions) do not fit a CSV cell; they stay in result.json.
     flat = df[[c for c in df.columns if _is_scalar_column(df[c]) or df[c].isna().all()]]
     csv_path, md_path = study_dir / "results.csv", study_dir / "results.md"
-    flat.to_csv(csv_path, index=False)
-    md_path.write_text(_markdown(results_table(df)), encoding="utf-8")
+    write_text_atomic(csv_path, flat.to_csv(index=False))
+    write_text_atomic(md_path, _markdown(results_table(df)))
     return csv_path, md_path
 
 
@@ -371,7 +373,7 @@ def write_report(study_dir: Path, title: str | None = None) -> Path:
         f'<p class="meta">{len(df)} run(s) in {html.escape(study_dir.name)}</p>\n{body}\n</body></html>\n'
     )
     path = study_dir / "report.html"
-    path.write_text(page, encoding="utf-8")
+    write_text_atomic(path, page)
     return path
 
 
