@@ -23,7 +23,7 @@ demo: install
 
 test: install
 	bash scripts/install_chromium.sh
-	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff check src tests bench scripts
 	$(BIN)/pytest -q
 
 bench: install
