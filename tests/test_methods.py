@@ -14,17 +14,21 @@ from peftlab.tasks import get_task
 from peftlab.train import run_training
 
 TRAINABLE = [name for name, m in METHODS.items() if m.trains]
+# QLoRA needs bitsandbytes and a base loaded quantized; tests/test_qlora.py covers it.
+UNQUANTIZED = [name for name, m in METHODS.items() if not m.quantized]
+# The linear head fits in closed form, with no gradient loop; tests/test_heads.py covers it.
+GRADIENT = [name for name in TRAINABLE if METHODS[name].build is None]
 
 
 def test_registry():
-    assert set(METHODS) == {"zero-shot", "few-shot", "full", "lora", "ia3", "prompt-tuning", "prefix-tuning",
-                            "p-tuning"}
+    assert set(METHODS) == {"zero-shot", "few-shot", "full", "lora", "qlora", "ia3", "prompt-tuning",
+                            "prefix-tuning", "p-tuning", "linear-head"}
     assert set(TRAINABLE) == set(METHODS) - {"zero-shot", "few-shot"}
     with pytest.raises(PeftlabError, match="lora"):
         get_method("qlora-xl")
 
 
-@pytest.mark.parametrize("name", list(METHODS))
+@pytest.mark.parametrize("name", [n for n in UNQUANTIZED if METHODS[n].build is None])
 def test_apply_method_trainable_counts(name, tiny_model):
     loaded = load_model(str(tiny_model), device="cpu")
     base = loaded.num_params
@@ -96,7 +100,7 @@ def _halves(model, method, settings, tmp_path) -> None:
 
 @pytest.mark.parametrize("method", sorted(CAUSAL_SETTINGS))
 def test_method_learns_causal(method, sharp_causal, tmp_path):
-    assert set(CAUSAL_SETTINGS) == set(TRAINABLE)
+    assert set(CAUSAL_SETTINGS) == set(GRADIENT) & set(UNQUANTIZED)
     _halves(sharp_causal, method, CAUSAL_SETTINGS[method], tmp_path)
 
 

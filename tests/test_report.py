@@ -257,3 +257,11 @@ def test_report_renders_in_chromium(study: Path, tmp_path: Path) -> None:
     colours = image.getcolors(maxcolors=1 << 24)
     assert len(colours) > 20
     assert image.getextrema() != ((255, 255), (255, 255), (255, 255))
+
+
+def test_a_lone_run_folder_reports_as_a_one_run_study(study: Path) -> None:
+    run = study / "lora"
+    df = load_results(run)
+    assert list(df["name"]) == ["lora-r8"] and list(df["run_dir"]) == ["."]
+    page = write_report(run, title="one run").read_text()
+    assert "lora-r8" in page and "confusion" in page.lower()  # predictions were found inside the run folder

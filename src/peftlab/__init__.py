@@ -4,3 +4,9 @@ The flow, one module per stage: config -> tasks (data) -> models -> methods -> t
 """
 
 __version__ = "0.1.0"
+
+import logging as _logging
+
+# peft imports bitsandbytes whenever it is installed, and bitsandbytes' CPU backend then warns on every start that
+# an optional Hub kernel (which cannot be downloaded here anyway) is missing; its fallback kernel works.
+_logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(_logging.ERROR)

@@ -31,7 +31,9 @@ def check_adapter_base(adapter_dir: Path, loaded: LoadedModel) -> None:
 
     config = json.loads((adapter_dir / "adapter_config.json").read_text())
     recorded = config.get("base_model_name_or_path") or ""
-    base_shapes = {name: tuple(p.shape) for name, p in loaded.model.named_parameters()}
+    # A 4-bit weight is stored packed; its quant_state keeps the shape the adapter was trained against.
+    base_shapes = {name: tuple(getattr(getattr(p, "quant_state", None), "shape", p.shape))
+                   for name, p in loaded.model.named_parameters()}
     weights = adapter_dir / "adapter_model.safetensors"
     if not weights.exists():
         raise PeftlabError(f"{adapter_dir}: no adapter_model.safetensors (pickled adapters are not loaded)")

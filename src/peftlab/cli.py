@@ -1,6 +1,7 @@
 """The `peftlab` command: a map from subcommands to typed functions.
 
-Every user-caused error (`PeftlabError`) is printed on one line with exit code 2 and no traceback.
+Every user-caused error (`PeftlabError`) is printed on one line with exit code 2 and no traceback (exit code 3 for
+`NotSupported`: a missing optional package or backend, or a method peft cannot run on the model).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from peftlab.errors import PeftlabError
+from peftlab.errors import NotSupported, PeftlabError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.splitlines()[0] if __doc__ else None)
 console = Console()
@@ -90,12 +91,37 @@ def train(
     from peftlab.train import run_training
 
     cfg = load_config(config, [*(overrides or []), *(["train.resume=true"] if resume else [])])
-    run_dir = run_training(cfg)
+    try:
+        run_dir = run_training(cfg)
+    except NotSupported as err:
+        from peftlab.study_notes import write_not_run
+
+        write_not_run(cfg, str(err))  # the study report shows why this run has no row
+        raise
     result_file = run_dir / "result.json"
     if result_file.exists():
         result = read_json(result_file)
         print_metrics({k: v for k, v in result["metrics"].items() if k.startswith("test_")})
         console.print(f"run folder: {run_dir}")
+
+
+@app.command()
+def cv(
+    config: Annotated[Path, typer.Argument(help="run config YAML")],
+    overrides: Annotated[list[str] | None, typer.Argument(help="key=value overrides, e.g. method.head_c=0.3")] = None,
+    folds: Annotated[int | None, typer.Option(help="number of folds (default: data.folds)")] = None,
+) -> None:
+    """k-fold cross-validation: one run per fold in runs/<name>/fold-<k>/, then mean and spread in cv.md."""
+    from peftlab.config import load_config
+    from peftlab.crossval import run_cv
+
+    cfg = load_config(config, overrides or [])
+    summary = run_cv(cfg, folds)
+    table = Table("metric", "mean", "std")
+    for key, s in summary["metrics"].items():
+        table.add_row(key, f"{s['mean']:.4f}", f"{s['std']:.4f}")
+    console.print(table)
+    console.print(f"study folder: {Path(cfg.output_dir) / cfg.name} (cv.md, cv.json, report.html)")
 
 
 @app.command()
@@ -270,12 +296,12 @@ def bench_eval(
 
 
 def main() -> None:
-    """Entry point: run the app, turning user errors into one-line messages with exit code 2."""
+    """Entry point: run the app, turning user errors into one-line messages with exit code 2 (or 3, see above)."""
     try:
         app(standalone_mode=False)
     except PeftlabError as err:
         print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(err.exit_code)  # 3 for NotSupported: a study lists the run as not run instead of failed
     except (typer.Exit, SystemExit) as err:
         sys.exit(getattr(err, "exit_code", getattr(err, "code", 0)))
     except Exception as err:  # click usage errors arrive here in standalone_mode=False

@@ -53,7 +53,8 @@ class DataConfig:
 
 @dataclass
 class MethodConfig:
-    name: str = _f("lora", "zero-shot, few-shot, full, lora, prompt-tuning, prefix-tuning, p-tuning, ia3")
+    name: str = _f("lora", "zero-shot, few-shot, full, lora, qlora, prompt-tuning, prefix-tuning, p-tuning, ia3, "
+                                 "linear-head")
     r: int = _f(8, "LoRA rank")
     alpha: int = _f(16, "LoRA alpha (scale = alpha / r)")
     dropout: float = _f(0.05, "LoRA dropout")
@@ -62,6 +63,12 @@ class MethodConfig:
     prompt_init: str = _f("random", "prompt-tuning init: random, or text (the task's instruction)")
     prefix_projection: bool = _f(False, "prefix tuning: re-parameterise the prefix through an MLP")
     encoder_hidden_size: int = _f(128, "hidden size of the prefix / P-tuning prompt encoder MLP")
+    head_layer: int = _f(16, "linear-head: decoder layer (1-based) whose mean-pooled hidden states feed the head")
+    head_c: float = _f(0.1, "linear-head: inverse L2 strength of the logistic regression (smaller = stronger)")
+    class_balance: float = _f(0.5, "linear-head: class weights (n / (k * count)) ** this; 1 balanced, 0 unweighted")
+    quant: str = _f("nf4", "qlora: how bitsandbytes quantizes the frozen base: nf4, fp4 (4-bit) or int8 (8-bit)")
+    vision: list[str] = _f([], "vision-language models: also adapt these parts: tower, projector (default: "
+                               "the language model only)")
 
 
 @dataclass

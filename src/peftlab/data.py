@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import random
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
+from typing import Any
 
 import torch
 
@@ -22,12 +23,16 @@ IGNORE = -100  # label value that cross-entropy skips
 
 @dataclass(frozen=True)
 class Encoded:
-    """One example as token ids. The loss covers `target_ids` only; `truncated` counts context tokens cut."""
+    """One example as token ids. The loss covers `target_ids` only; `truncated` counts context tokens cut.
+
+    `media` is set for vision-language models only (a `vision.Media`: the example's image tensors).
+    """
 
     id: str
     prompt_ids: list[int]
     target_ids: list[int]
     truncated: int = 0
+    media: Any = field(default=None, compare=False)
 
     @property
     def length(self) -> int:
@@ -41,6 +46,19 @@ class PromptFormat:
     tokenizer: object
     kind: str  # "causal" | "seq2seq"
     chat: bool
+
+    @classmethod
+    def for_model(cls, loaded) -> PromptFormat:
+        """The format for a loaded model: a `vision.VisionPromptFormat` when it has a processor (a VLM)."""
+        if getattr(loaded, "processor", None) is not None:
+            from peftlab.vision import VisionPromptFormat
+
+            return VisionPromptFormat.of(loaded)
+        return cls(loaded.tokenizer, loaded.kind, loaded.chat)
+
+    def encode_prompt(self, user_text: str, shots: Sequence[tuple[str, str]] = (), image: str | None = None):
+        """(prompt ids, media). A text model reads no image, so it gets the question and hint alone."""
+        return self.prompt_ids(self.prompt_text(user_text, shots)), None
 
     def prompt_text(self, user_text: str, shots: Sequence[tuple[str, str]] = ()) -> str:
         if self.kind == "seq2seq":
@@ -107,10 +125,10 @@ def encode(
     tpl = task.template(template)
     target_ids = fmt.target_ids(example.target if target is None else target)
     inputs = dict(example.inputs)
-    ids = fmt.prompt_ids(fmt.prompt_text(tpl.render(inputs), shots))
+    ids, media = fmt.encode_prompt(tpl.render(inputs), shots, example.image)
     over = len(ids) + len(target_ids) - max_length
     if over <= 0:
-        return Encoded(example.id, ids, target_ids)
+        return Encoded(example.id, ids, target_ids, media=media)
     if task.context_field is None:
         raise PeftlabError(f"example {example.id}: {len(ids) + len(target_ids)} tokens exceed max_length {max_length}")
     context = fmt.tokenizer(inputs[task.context_field], add_special_tokens=False).input_ids
@@ -118,10 +136,10 @@ def encode(
     for _ in range(4):  # re-tokenising at the cut can shift a token or two, so tighten until it fits
         keep = max(keep - over, 0)
         inputs[task.context_field] = fmt.tokenizer.decode(context[:keep])
-        ids = fmt.prompt_ids(fmt.prompt_text(tpl.render(inputs), shots))
+        ids, media = fmt.encode_prompt(tpl.render(inputs), shots, example.image)
         over = len(ids) + len(target_ids) - max_length
         if over <= 0:
-            return Encoded(example.id, ids, target_ids, truncated=len(context) - keep)
+            return Encoded(example.id, ids, target_ids, truncated=len(context) - keep, media=media)
     raise PeftlabError(
         f"example {example.id}: the prompt without its {task.context_field} is already "
         f"{len(ids) + len(target_ids)} tokens, over max_length {max_length}"
@@ -198,7 +216,12 @@ def collate_causal(batch: Sequence[Encoded], pad_id: int) -> dict[str, torch.Ten
         attention_mask[row, p_len - p : p_len + t - 1] = 1
         labels[row, :t] = torch.tensor(e.target_ids)
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids, "labels": labels}
+    out = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids, "labels": labels}
+    if batch[0].media is not None:  # a vision-language model: image tensors and token types join the batch
+        from peftlab.vision import add_media
+
+        out = add_media(out, batch, p_len)
+    return out
 
 
 def collate_seq2seq(batch: Sequence[Encoded], pad_id: int) -> dict[str, torch.Tensor]:

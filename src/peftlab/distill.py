@@ -107,7 +107,7 @@ def _load_teacher(model: str, adapter: str | None, cfg):
     from peftlab.runner import load_for_inference
 
     loaded, _ = load_for_inference(model, adapter, cfg.model.device, cfg.model.allow_pickle)
-    return loaded, PromptFormat(loaded.tokenizer, loaded.kind, loaded.chat)
+    return loaded, PromptFormat.for_model(loaded)
 
 
 def _predict(model: str, adapter: str | None, cfg, examples: list[Example], progress: bool = True):

@@ -12,6 +12,15 @@ from pathlib import Path
 class PeftlabError(Exception):
     """An error caused by input the user controls; its message is shown as is."""
 
+    exit_code = 2
+
+
+class NotSupported(PeftlabError):
+    """A run that cannot happen here: an optional package or backend is missing, or peft cannot run the method on
+    this model. The message names what is missing. A study lists such a run as not run instead of failing."""
+
+    exit_code = 3
+
 
 def data_error(path: str | Path, line: int | None, field: str | None, problem: str) -> PeftlabError:
     """An error that points at `path:line` and names the field, the way compilers report errors."""

@@ -28,8 +28,9 @@ def target_logits(model: torch.nn.Module, kind: str, batch: dict[str, torch.Tens
     labels = batch["labels"]
     if kind == "seq2seq":
         return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=labels).logits
-    kwargs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
-    if not is_prompt_learning(model):
+    # Everything but labels and positions goes in: ids and mask, plus a vision-language model's image tensors.
+    kwargs = {k: v for k, v in batch.items() if k not in ("labels", "position_ids")}
+    if not is_prompt_learning(model) and "position_ids" in batch:  # Qwen2-VL's batches leave them to the model
         # peft ignores position ids for prompt tuning; RoPE only sees relative offsets, so left padding is harmless.
         kwargs["position_ids"] = batch["position_ids"]
     return model(**kwargs, logits_to_keep=labels.shape[1]).logits
@@ -68,6 +69,8 @@ def label_scores(
     model, fmt: PromptFormat, items: Sequence[Encoded], labels: Sequence[str], max_tokens: int = 8192, progress=True
 ) -> torch.Tensor:
     """Log-likelihood of each label after each prompt: shape (len(items), len(labels))."""
+    if hasattr(model, "label_logprobs"):  # a classifier head (linear-head) scores its labels directly
+        return model.label_logprobs(items, fmt.tokenizer.pad_token_id, progress)
     label_ids = [fmt.label_ids(label) for label in labels]
     single = all(len(ids) == 1 for ids in label_ids) and len({ids[0] for ids in label_ids}) == len(labels)
     # With distinct one-token labels, one pass over the prompts decides; otherwise score each label's tokens in full.
@@ -76,7 +79,7 @@ def label_scores(
     passes = 1 if single else len(labels)
     bar = tqdm(total=len(items) * passes, desc="scoring", unit="ex", disable=not progress, leave=False)
     for j in range(passes):
-        probe = [Encoded(e.id, e.prompt_ids, candidates[j] if not single else [0]) for e in items]
+        probe = [Encoded(e.id, e.prompt_ids, candidates[j] if not single else [0], media=e.media) for e in items]
         for idx in token_batches(probe, max_tokens, max_rows=64):
             batch = _to(collate([probe[i] for i in idx], fmt.kind, fmt.tokenizer.pad_token_id), _device(model))
             logprobs = target_logits(model, fmt.kind, batch).float().log_softmax(-1)
@@ -112,9 +115,11 @@ def generate(
             cols = slice(width - len(p), width) if left else slice(0, len(p))
             input_ids[row, cols] = torch.tensor(p)
             mask[row, cols] = 1
+        media = _media(model, [items[i] for i in idx], input_ids, width)
         out = model.generate(
             input_ids=input_ids.to(_device(model)),
             attention_mask=mask.to(_device(model)),
+            **{k: v.to(_device(model)) for k, v in media.items()},
             max_new_tokens=max_new_tokens,
             do_sample=False,
             num_beams=1,
@@ -127,6 +132,15 @@ def generate(
         bar.update(len(idx))
     bar.close()
     return outputs
+
+
+def _media(model, rows: Sequence[Encoded], input_ids: torch.Tensor, width: int) -> dict[str, torch.Tensor]:
+    """A vision-language model's image tensors and token types for a generation batch (empty for text models)."""
+    if rows[0].media is None:
+        return {}
+    from peftlab.vision import media_inputs
+
+    return media_inputs(rows, input_ids, width, prompt_learning=is_prompt_learning(model))
 
 
 def evaluate(

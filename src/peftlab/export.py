@@ -66,7 +66,7 @@ def merge_run(run_dir: str | Path, out: str | Path) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
     try:
         loaded.model.save_pretrained(tmp, safe_serialization=True)
-        loaded.tokenizer.save_pretrained(tmp)
+        (loaded.processor or loaded.tokenizer).save_pretrained(tmp)  # a VLM's processor includes its tokenizer
         if out.exists():
             out.rmdir()  # empty, checked above
         os.replace(tmp, out)  # a half-written model folder must never look complete

@@ -52,6 +52,13 @@ def _lora(cfg: MethodConfig, loaded: LoadedModel, task: Task):
     )
 
 
+def _qlora(cfg: MethodConfig, loaded: LoadedModel, task: Task):
+    from peftlab.quant import require_quantized
+
+    require_quantized(loaded)  # the quantization itself happens at load time (`Method.quantized`)
+    return _lora(cfg, loaded, task)
+
+
 def _ia3(cfg: MethodConfig, loaded: LoadedModel, task: Task):
     from peft import IA3Config
 
@@ -99,6 +106,12 @@ def _p_tuning(cfg: MethodConfig, loaded: LoadedModel, task: Task):
     )
 
 
+def _linear_head(loaded: LoadedModel, task: Task, cfg: MethodConfig) -> torch.nn.Module:
+    from peftlab.heads import build
+
+    return build(loaded, task, cfg)
+
+
 @dataclass(frozen=True)
 class Method:
     """A way to adapt the model. `peft_config` is None for full fine-tuning and the prompting baselines."""
@@ -108,6 +121,9 @@ class Method:
     default_lr: float
     description: str
     peft_config: Callable[[MethodConfig, LoadedModel, Task], object] | None = None
+    quantized: bool = False  # the base loads quantized (`method.quant`) and stays frozen: QLoRA
+    # A method outside peft and the gradient loop (the linear head): builds its model, fits it, saves it.
+    build: Callable[[LoadedModel, Task, MethodConfig], torch.nn.Module] | None = None
 
 
 METHODS: dict[str, Method] = {
@@ -117,10 +133,15 @@ METHODS: dict[str, Method] = {
         Method("few-shot", False, 0.0, "in-context examples from the train split (data.shots, default 3)"),
         Method("full", True, 5e-5, "every weight trains"),
         Method("lora", True, 2e-4, "low-rank updates to chosen linear layers", _lora),
+        Method("qlora", True, 2e-4, "LoRA over a frozen 4-bit NF4 (or 8-bit) base, via bitsandbytes", _qlora,
+               quantized=True),
         Method("ia3", True, 5e-3, "learned rescaling of keys, values and feed-forward activations", _ia3),
         Method("prompt-tuning", True, 3e-2, "a trained soft prompt of virtual tokens", _prompt_tuning),
         Method("prefix-tuning", True, 1e-2, "trained key/value prefixes in every layer", _prefix_tuning),
         Method("p-tuning", True, 1e-2, "virtual tokens produced by a small prompt encoder", _p_tuning),
+        Method(
+            "linear-head", True, 0.0, "logistic regression on the frozen model's mid-layer states", build=_linear_head
+        ),
     )
 }
 
@@ -135,6 +156,12 @@ def apply_method(loaded: LoadedModel, task: Task, cfg: MethodConfig) -> torch.nn
     """Return the model to train: a peft model with only adapter weights trainable, or the whole model for `full`."""
     method = get_method(cfg.name)
     model = loaded.model
+    if getattr(loaded, "processor", None) is not None:  # a vision-language model: language side unless told
+        from peftlab.vision import apply_vision_method
+
+        return apply_vision_method(loaded, task, cfg, method)
+    if method.build is not None:
+        return method.build(loaded, task, cfg)
     if method.peft_config is None:
         for p in model.parameters():
             p.requires_grad_(method.trains)
@@ -151,7 +178,9 @@ def apply_method(loaded: LoadedModel, task: Task, cfg: MethodConfig) -> torch.nn
 
 
 def count_params(model: torch.nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameter counts, counting the frozen base once."""
+    """(trainable, total) parameter counts, counting the frozen base once (a 4-bit base at its unpacked size)."""
+    from peftlab.quant import stored_params
+
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
+    total = sum(stored_params(p) for p in model.parameters())
     return trainable, total

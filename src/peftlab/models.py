@@ -154,7 +154,10 @@ def _check_weights_are_safe(path: Path, allow_pickle: bool) -> None:
 
 @dataclass
 class LoadedModel:
-    """A base model ready for a method: the module, its tokenizer and how prompts should be written for it."""
+    """A base model ready for a method: the module, its tokenizer and how prompts should be written for it.
+
+    `processor` is set for vision-language models only: it turns images into the tensors and tokens the model reads.
+    """
 
     model: torch.nn.Module
     tokenizer: object
@@ -162,6 +165,7 @@ class LoadedModel:
     name: str
     path: Path
     chat: bool
+    processor: object | None = None
 
     @property
     def num_params(self) -> int:
@@ -192,25 +196,44 @@ def load_model(
     dtype: torch.dtype | None = None,
     chat: bool | None = None,
     allow_pickle: bool = False,
+    quantize: str | None = None,
 ) -> LoadedModel:
-    """Load a base model and tokenizer from a packaged name or a local folder; never touches the network."""
+    """Load a base model and tokenizer from a packaged name or a local folder; never touches the network.
+
+    `quantize` (nf4, fp4, int8) quantizes the frozen base with bitsandbytes while it loads, for QLoRA. A folder
+    holding a vision-language model loads with its processor (see `peftlab.vision`).
+    """
     from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
     from transformers.utils import logging as hf_logging
 
+    from peftlab.vision import is_vision_language, load_vision_model
+
     hf_logging.disable_progress_bar()  # a 2-second "Loading weights" bar is noise next to peftlab's own bars
+    dev = pick_device(device)
+    dtype = dtype or default_dtype(dev)
+    if quantize:  # checked before any weight is read: a missing bitsandbytes fails fast, naming what to install
+        from peftlab.quant import quantized_placement
+
+        placement = quantized_placement(quantize, dev, dtype)
+    else:
+        placement = {}
     path = resolve_model_dir(name_or_dir)
     _check_weights_are_safe(path, allow_pickle)
+    if is_vision_language(path):
+        return load_vision_model(name_or_dir, path, dev, dtype, chat, allow_pickle, placement)
     kind = model_kind(path)
-    dev = pick_device(device)
     auto = AutoModelForSeq2SeqLM if kind == "seq2seq" else AutoModelForCausalLM
     model = auto.from_pretrained(
         path,
         local_files_only=True,
         trust_remote_code=False,
-        dtype=dtype or default_dtype(dev),
+        dtype=dtype,
         use_safetensors=not allow_pickle,
         attn_implementation="sdpa",  # measured on SmolLM2: SDPA trains 1.2x faster than eager attention on CPU
-    ).to(dev)
+        **placement,
+    )
+    if not placement:  # a quantized model is placed by its device map; bitsandbytes weights do not move with .to
+        model = model.to(dev)
     if kind == "causal":
         model.register_forward_pre_hook(_pad_aware_positions, with_kwargs=True)
         # peft warns that it drops position ids for prompt learning; the hook above recomputes them, so it is noise.

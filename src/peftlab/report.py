@@ -22,6 +22,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from peftlab.io import write_text_atomic
+from peftlab.study_notes import notes_html, notes_markdown
 
 MISSING = "–"
 PROMPT_CHARS = 300
@@ -46,7 +47,7 @@ _COST_COLUMNS: list[tuple[str, str, str, float]] = [
 _RESULT_FIELDS = set(
     "name method task model task_kind primary_metric trainable_params total_params trainable_pct adapter_bytes"
     " train_steps train_seconds tokens_per_s peak_rss_mb best_val_loss last_train_loss versions run_dir"
-    " best_epoch lr wall_seconds truncated_examples".split()
+    " best_epoch lr wall_seconds truncated_examples peak_gpu_mb weights_mb".split()
 )
 # Test bookkeeping shown elsewhere (test n) or not a quality number.
 _NOT_METRICS = {"test_n", "test_truncated_examples"}
@@ -82,16 +83,20 @@ def load_results(study_dir: Path) -> pd.DataFrame:
 
     ``metrics`` is flattened into top-level columns (``test_accuracy``, ``flip_rate``, ...); ``run_dir`` holds the
     folder name so logs and predictions can be found again. Folders without ``result.json`` are skipped.
+    A run folder itself (holding ``result.json``) loads as a one-row table.
     """
     rows = []
-    for run_dir in sorted(p for p in Path(study_dir).iterdir() if (p / "result.json").is_file()):
+    study_dir = Path(study_dir)
+    # A single run folder (`peftlab train`) reports as a one-run study.
+    runs = [study_dir] if (study_dir / "result.json").is_file() else sorted(study_dir.iterdir())
+    for run_dir in (p for p in runs if (p / "result.json").is_file()):
         result = json.loads((run_dir / "result.json").read_text(encoding="utf-8"))
         row = {k: v for k, v in result.items() if k != "metrics"}
         # Top-level fields win over a same-named metric so the cost columns keep their meaning.
         for key, value in (result.get("metrics") or {}).items():
             row.setdefault(key, value)
         row["name"] = row.get("name") or run_dir.name
-        row["run_dir"] = run_dir.name
+        row["run_dir"] = run_dir.relative_to(study_dir).as_posix()  # "." for a lone run folder
         rows.append(row)
     df = pd.DataFrame(rows)
     if df.empty:
@@ -135,6 +140,8 @@ def results_table(df: pd.DataFrame) -> pd.DataFrame:
     specs = [("run", "name", "s", 1.0), ("method", "method", "s", 1.0), *_BASE_COLUMNS]
     specs += [(k.removeprefix("test_"), k, ".4f", 1.0) for k in tests]
     specs += _COST_COLUMNS + [(k, k, ".4f", 1.0) for k in extras]
+    if "peak_gpu_mb" in df and df["peak_gpu_mb"].notna().any():  # only where some run used a GPU
+        specs.insert(len(specs) - len(extras), ("peak GPU (MB)", "peak_gpu_mb", ",.0f", 1.0))
     table = {}
     for label, column, spec, scale in specs:
         values = df[column] if column in df else [None] * len(df)
@@ -168,7 +175,7 @@ def write_tables(study_dir: Path) -> tuple[Path, Path]:
     flat = df[[c for c in df.columns if _is_scalar_column(df[c]) or df[c].isna().all()]]
     csv_path, md_path = study_dir / "results.csv", study_dir / "results.md"
     write_text_atomic(csv_path, flat.to_csv(index=False))
-    write_text_atomic(md_path, _markdown(results_table(df)))
+    write_text_atomic(md_path, _markdown(results_table(df)) + notes_markdown(study_dir, df))
     return csv_path, md_path
 
 
@@ -356,6 +363,7 @@ def write_report(study_dir: Path, title: str | None = None) -> Path:
     df = _require_runs(study_dir)
     title = title or _title(df, study_dir)
     table = results_table(df).to_html(index=False, escape=True, classes="results", border=0)
+    table += notes_html(study_dir, df)  # runs that could not run here, memory QLoRA saved
     costs = _cost_bars(df, "train_seconds", "train time (s)", "train-time")
     costs += _cost_bars(df, "peak_rss_mb", "peak memory (MB)", "peak-memory")
     sections = [

@@ -54,7 +54,7 @@ def run_eval(
     if not examples:
         raise PeftlabError(f"no examples to score in split '{split}'")
     loaded, _ = load_for_inference(model, adapter, device, allow_pickle)
-    fmt = PromptFormat(loaded.tokenizer, loaded.kind, loaded.chat)
+    fmt = PromptFormat.for_model(loaded)
     demos = few_shot_demos(t, splits["train"], shots, seed=0, template=template)
     items = encode_split(cfg, t, fmt, examples, demos)
     metrics, rows = evaluate(loaded.model, fmt, t, examples, items, split=split)

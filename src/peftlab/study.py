@@ -19,7 +19,8 @@ from pathlib import Path
 import yaml
 
 from peftlab.config import apply_overrides, deep_merge, load_config, save_config
-from peftlab.errors import PeftlabError
+from peftlab.errors import NotSupported, PeftlabError
+from peftlab.study_notes import NOT_RUN
 
 
 @dataclass
@@ -83,13 +84,16 @@ def run_study(path: Path, overrides: list[str] = (), only: list[str] | None = No
     for i, cfg in enumerate(todo, 1):
         print(f"[{i}/{len(todo)}] {cfg.name} ({cfg.method.name})", flush=True)
         cfg.run_dir.mkdir(parents=True, exist_ok=True)
+        (cfg.run_dir / NOT_RUN).unlink(missing_ok=True)  # retried: the machine may have what it lacked last time
         save_config(cfg, cfg.run_dir / "config.yaml")
         t0 = time.perf_counter()
         proc = subprocess.run(
             [sys.executable, "-m", "peftlab", "train", str(cfg.run_dir / "config.yaml")],
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )
-        if proc.returncode != 0:
+        if proc.returncode == NotSupported.exit_code:  # the run wrote not_run.json; the report lists it
+            print(f"run {cfg.name} not run here (see the message above); continuing", flush=True)
+        elif proc.returncode != 0:
             failures.append(cfg.name)
             print(f"run {cfg.name} failed (exit {proc.returncode}); continuing", flush=True)
         else:

@@ -297,10 +297,14 @@ def _validate(cfg, model, loaded, task, fmt, val, val_examples, step, epoch) -> 
 
 def save_trained(model, loaded: LoadedModel, method: str, run_dir: Path) -> int:
     """Save the adapter (a standard peft folder) or, for full fine-tuning, the model folder; returns bytes on disk."""
+    if method == "linear-head":
+        from peftlab.heads import save_head
+
+        return save_head(model, loaded.name, run_dir)
     out = run_dir / "adapter" if method != "full" else run_dir / "model"
     model.save_pretrained(out, safe_serialization=True)
-    if method == "full":
-        loaded.tokenizer.save_pretrained(out)
+    if method == "full":  # a vision-language model's processor holds its tokenizer and image settings
+        (loaded.processor or loaded.tokenizer).save_pretrained(out)
     return sum(f.stat().st_size for f in out.rglob("*") if f.is_file() and f.suffix == ".safetensors")
 
 
@@ -329,8 +333,9 @@ def run_training(cfg: RunConfig, on_epoch_end=None) -> Path:
         device=str(accelerator.device) if cfg.model.device == "auto" else cfg.model.device,
         chat=cfg.model.chat,
         allow_pickle=cfg.model.allow_pickle,
+        quantize=cfg.method.quant if method.quantized else None,
     )
-    fmt = PromptFormat(loaded.tokenizer, loaded.kind, loaded.chat)
+    fmt = PromptFormat.for_model(loaded)
     shots_k = cfg.data.shots or (3 if method.name == "few-shot" else 0)
     shots = few_shot_demos(task, splits["train"], shots_k, cfg.data.seed, cfg.data.template)
     from peftlab.distill import resolve_targets  # teacher outputs replace gold labels when configured
@@ -361,9 +366,15 @@ def run_training(cfg: RunConfig, on_epoch_end=None) -> Path:
     if method.trains:
         if not enc["train"]:
             raise PeftlabError("the train split is empty; check data.path, data.split and data.limit_train")
-        summary = fit(
-            cfg, model, loaded, task, fmt, enc["train"], enc["val"], splits["val"], run_dir, accelerator, on_epoch_end
-        )
+        if method.build is not None:  # the linear head: one feature pass and a convex fit, no gradient loop
+            from peftlab.heads import fit_head
+
+            summary = fit_head(cfg, model, task, fmt, enc["train"], train_examples)
+        else:
+            summary = fit(
+                cfg, model, loaded, task, fmt, enc["train"], enc["val"], splits["val"], run_dir, accelerator,
+                on_epoch_end,
+            )
     accelerator.wait_for_everyone()
     raw = accelerator.unwrap_model(model)
     if accelerator.is_main_process:
@@ -409,6 +420,9 @@ def _finish(cfg, model, loaded, task, fmt, splits, enc, run_dir, summary, traina
         "adapter_bytes": adapter_bytes,
         **summary,
         "peak_rss_mb": peak_rss_mb(),
+        "peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None,
+        # Bytes of the weights as stored (a 4-bit base at its packed size): what QLoRA saves, apart from activations.
+        "weights_mb": sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20,
         "wall_seconds": time.perf_counter() - started,
         "truncated_examples": truncated,
         "metrics": metrics,

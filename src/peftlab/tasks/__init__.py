@@ -10,13 +10,15 @@ from functools import partial
 from pathlib import Path
 
 from peftlab.errors import unknown_name
-from peftlab.tasks import custom, dialogsum, pubmedqa
+from peftlab.tasks import custom, dialogsum, pubmedqa, scienceqa
 from peftlab.tasks.base import SPLITS, Example, Task, Template, kfold_examples, split_examples
 
 TASKS: dict[str, Callable[[], Task]] = {
     "pubmedqa": pubmedqa.make_task,
     "pubmedqa-binary": partial(pubmedqa.make_task, "pubmedqa-binary", ("yes", "no")),
     "dialogsum": dialogsum.make_task,
+    "scienceqa": scienceqa.make_task,
+    "scienceqa-explain": partial(scienceqa.make_task, "scienceqa-explain", explain=True),
 }
 
 # Default data files shipped in the repo's data/ folder.
@@ -24,6 +26,8 @@ DEFAULT_DATA: dict[str, str] = {
     "pubmedqa": "data/pubmedqa/pqal_trainval.json",
     "pubmedqa-binary": "data/pubmedqa/pqal_trainval.json",
     "dialogsum": "data/dialogsum/dev.jsonl",
+    "scienceqa": "data/scienceqa-synthetic/problems.json",  # synthetic: generated shapes, not ScienceQA's questions
+    "scienceqa-explain": "data/scienceqa-synthetic/problems.json",
 }
 
 

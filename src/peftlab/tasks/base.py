@@ -29,6 +29,7 @@ class Example:
     references: tuple[str, ...]
     split: str | None = None  # a split the file itself assigns, if any
     extra: dict[str, Any] = field(default_factory=dict)
+    image: str | None = None  # path of the example's image; only vision-language models read it
 
 
 @dataclass(frozen=True)

@@ -115,7 +115,7 @@ def run_mixture_training(cfg: RunConfig, on_epoch_end=None) -> Path:
                               project_dir=str(cfg.run_dir))
     device = str(accelerator.device) if cfg.model.device == "auto" else cfg.model.device
     loaded = load_model(cfg.model.name, device=device, chat=cfg.model.chat, allow_pickle=cfg.model.allow_pickle)
-    fmt = PromptFormat(loaded.tokenizer, loaded.kind, loaded.chat)
+    fmt = PromptFormat.for_model(loaded)
     train, counts = sample_train(parts, fmt, cfg.data.max_length, cfg.data.seed)
     enc = {(p.key, s): [encode(p.task, ex, fmt, cfg.data.max_length, p.entry.templates[0]) for ex in p.splits[s]]
            for p in parts for s in ("val", "test")}

@@ -1,0 +1,107 @@
+"""The linear head: early-exit features, the logistic fit's mapping into torch, and a full run through the harness."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import PUBMEDQA
+from trainkit import tiny_cfg
+
+from peftlab.config import MethodConfig
+from peftlab.errors import PeftlabError
+from peftlab.heads import build, class_weights, fit_logistic
+from peftlab.models import load_model
+from peftlab.tasks import get_task
+from peftlab.train import run_training
+
+
+def test_class_weights_interpolate_between_none_and_balanced():
+    y = torch.tensor([0] * 6 + [1] * 3 + [2] * 1)
+    assert class_weights(y, 3, 0.0) == {0: 1.0, 1: 1.0, 2: 1.0}
+    balanced = class_weights(y, 3, 1.0)
+    assert balanced[2] == pytest.approx(10 / 3) and balanced[0] == pytest.approx(10 / 18)
+    # Balanced weights make every class carry the same total weight.
+    assert 6 * balanced[0] == pytest.approx(1 * balanced[2])
+    assert class_weights(y, 3, 0.5)[2] == pytest.approx((10 / 3) ** 0.5)
+
+
+@pytest.mark.parametrize("n_classes", [2, 3])
+def test_fit_logistic_reproduces_sklearn_probabilities(n_classes):
+    from sklearn.linear_model import LogisticRegression
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(60, 5, generator=g) * 3 + 1
+    y = torch.randint(0, n_classes, (60,), generator=g)
+    head = fit_logistic(x, y, n_classes, c=1.0, balance=0.0)
+    z = (x - head["mean"]) / head["scale"]
+    ours = (z @ head["linear.weight"].T + head["linear.bias"]).softmax(-1)
+    ref = LogisticRegression(C=1.0, max_iter=5000).fit(z.numpy(), y.numpy()).predict_proba(z.numpy())
+    assert torch.allclose(ours, torch.from_numpy(ref).float(), atol=1e-4)
+
+
+def test_fit_logistic_never_predicts_an_absent_class():
+    x = torch.randn(20, 4)
+    y = torch.tensor([0, 2] * 10)
+    head = fit_logistic(x, y, 3, c=1.0, balance=1.0)
+    logits = (x - head["mean"]) / head["scale"] @ head["linear.weight"].T + head["linear.bias"]
+    assert (logits.argmax(-1) != 1).all()
+    with pytest.raises(PeftlabError, match="two classes"):
+        fit_logistic(x, torch.zeros(20, dtype=torch.long), 3, 1.0, 1.0)
+
+
+def test_features_stop_at_the_probed_layer_and_match_a_full_forward(tiny_causal):
+    loaded = load_model(str(tiny_causal), device="cpu")
+    head = build(loaded, get_task("pubmedqa"), MethodConfig(name="linear-head", head_layer=1))
+    ids = torch.tensor([[5, 6, 7, 8], [0, 0, 9, 10]])
+    mask = torch.tensor([[1, 1, 1, 1], [0, 0, 1, 1]])
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    pooled = head.features(ids, mask, pos)
+    with torch.inference_mode():
+        hidden = loaded.model(input_ids=ids, attention_mask=mask, position_ids=pos, output_hidden_states=True)
+    expected = torch.stack([hidden.hidden_states[1][0].mean(0), hidden.hidden_states[1][1, 2:].mean(0)])
+    assert torch.allclose(pooled, expected, atol=1e-5)
+    # The layer above the probed one never ran: a hook on it would have fired.
+    fired = []
+    handle = loaded.model.model.layers[1].register_forward_hook(lambda *a: fired.append(1))
+    head.features(ids, mask, pos)
+    handle.remove()
+    assert not fired
+
+
+def test_linear_head_refuses_generation_tasks_and_seq2seq_models(tiny_causal, tiny_seq2seq):
+    loaded = load_model(str(tiny_causal), device="cpu")
+    with pytest.raises(PeftlabError, match="classification"):
+        build(loaded, get_task("dialogsum"), MethodConfig(name="linear-head"))
+    with pytest.raises(PeftlabError, match="decoder-only"):
+        build(load_model(str(tiny_seq2seq), device="cpu"), get_task("pubmedqa"), MethodConfig(name="linear-head"))
+
+
+def test_linear_head_run_fits_saves_and_beats_chance_on_its_train_split(tiny_causal, tmp_path):
+    from safetensors.torch import load_file
+
+    from peftlab.data import PromptFormat
+    from peftlab.evaluate import evaluate
+    from peftlab.train import encode_split, load_splits
+
+    cfg = tiny_cfg(tiny_causal, "linear-head", tmp_path, "head", PUBMEDQA, "data.limit_train=60", "data.limit_eval=20",
+                   "method.head_layer=2", "method.head_c=100", "method.class_balance=0", "data.max_length=256")
+    run_dir = run_training(cfg)
+    result = json.loads((run_dir / "result.json").read_text())
+    assert result["method"] == "linear-head"
+    assert result["trainable_params"] == 3 * 32 + 3  # the head only: weight and bias over 32 hidden units
+    assert (run_dir / "head" / "head.safetensors").stat().st_size == result["adapter_bytes"] > 0
+    assert json.loads((run_dir / "head" / "head.json").read_text())["labels"] == ["yes", "no", "maybe"]
+    assert {"test_accuracy", "test_macro_f1"} <= set(result["metrics"])
+    # Reload the saved head and score its own training split: a nearly unregularised head on 60 examples in 32
+    # dimensions must fit them far better than the majority class does.
+    task = get_task("pubmedqa")
+    train = load_splits(cfg, task)["train"]
+    loaded = load_model(str(tiny_causal), device="cpu")
+    head = build(loaded, task, cfg.method)
+    head.load_state_dict(load_file(str(run_dir / "head" / "head.safetensors")), strict=False)
+    fmt = PromptFormat(loaded.tokenizer, loaded.kind, loaded.chat)
+    metrics, _ = evaluate(head, fmt, task, train, encode_split(cfg, task, fmt, train), progress=False)
+    majority = max(sum(ex.target == label for ex in train) for label in task.labels) / len(train)
+    assert metrics["accuracy"] > majority + 0.1
