@@ -166,15 +166,18 @@ def apply_method(loaded: LoadedModel, task: Task, cfg: MethodConfig) -> torch.nn
         for p in model.parameters():
             p.requires_grad_(method.trains)
         return model
+    what = f"method '{cfg.name}' on {loaded.name} ({loaded.kind})"
+    return wrap_peft(model, method.peft_config(cfg, loaded, task), what)
+
+
+def wrap_peft(model: torch.nn.Module, peft_config, what: str) -> torch.nn.Module:
+    """`peft.get_peft_model`, with peft's refusals turned into one clear error naming the method and model."""
     from peft import get_peft_model
 
-    peft_config = method.peft_config(cfg, loaded, task)
     try:
         return get_peft_model(model, peft_config)
     except (ValueError, TypeError, NotImplementedError, AttributeError) as err:
-        raise PeftlabError(
-            f"peft does not support method '{cfg.name}' on {loaded.name} ({loaded.kind}): {err}"
-        ) from err
+        raise PeftlabError(f"peft does not support {what}: {err}") from err
 
 
 def count_params(model: torch.nn.Module) -> tuple[int, int]:

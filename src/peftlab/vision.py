@@ -379,7 +379,6 @@ def apply_vision_method(loaded: LoadedModel, task, cfg, method) -> torch.nn.Modu
         for name, p in model.named_parameters():
             p.requires_grad_(method.trains and vision_part(name) in {"language", *parts})
         return model
-    from peft import get_peft_model
 
     peft_config = method.peft_config(cfg, loaded, task)
     if peft_config.is_prompt_learning:
@@ -390,9 +389,6 @@ def apply_vision_method(loaded: LoadedModel, task, cfg, method) -> torch.nn.Modu
             )
     else:
         _retarget(peft_config, model, parts)
-    try:
-        return get_peft_model(model, peft_config)
-    except (ValueError, TypeError, NotImplementedError, AttributeError) as err:
-        raise PeftlabError(
-            f"peft does not support method '{method.name}' on {arch.label} ({loaded.name}): {err}"
-        ) from err
+    from peftlab.methods import wrap_peft
+
+    return wrap_peft(model, peft_config, f"method '{method.name}' on {arch.label} ({loaded.name})")
