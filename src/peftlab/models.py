@@ -190,6 +190,21 @@ def load_tokenizer(path: Path):
     return tokenizer
 
 
+def from_local(auto_class, path: Path, device, dtype, allow_pickle: bool, placement: dict) -> torch.nn.Module:
+    """`auto_class.from_pretrained` offline, without remote code, with SDPA attention, placed on `device`."""
+    model = auto_class.from_pretrained(
+        path,
+        local_files_only=True,
+        trust_remote_code=False,
+        dtype=dtype,
+        use_safetensors=not allow_pickle,
+        attn_implementation="sdpa",  # measured on SmolLM2: SDPA trains 1.2x faster than eager attention on CPU
+        **placement,
+    )
+    # A quantized model is placed by its device map; bitsandbytes weights do not move with .to.
+    return model if placement else model.to(device)
+
+
 def load_model(
     name_or_dir: str = DEFAULT_MODEL,
     device: str | None = None,
@@ -223,17 +238,7 @@ def load_model(
         return load_vision_model(name_or_dir, path, dev, dtype, chat, allow_pickle, placement)
     kind = model_kind(path)
     auto = AutoModelForSeq2SeqLM if kind == "seq2seq" else AutoModelForCausalLM
-    model = auto.from_pretrained(
-        path,
-        local_files_only=True,
-        trust_remote_code=False,
-        dtype=dtype,
-        use_safetensors=not allow_pickle,
-        attn_implementation="sdpa",  # measured on SmolLM2: SDPA trains 1.2x faster than eager attention on CPU
-        **placement,
-    )
-    if not placement:  # a quantized model is placed by its device map; bitsandbytes weights do not move with .to
-        model = model.to(dev)
+    model = from_local(auto, path, dev, dtype, allow_pickle, placement)
     if kind == "causal":
         model.register_forward_pre_hook(_pad_aware_positions, with_kwargs=True)
         # peft warns that it drops position ids for prompt learning; the hook above recomputes them, so it is noise.

@@ -26,7 +26,7 @@ import torch
 
 from peftlab.data import PromptFormat
 from peftlab.errors import NotSupported, PeftlabError
-from peftlab.models import LoadedModel, _pad_aware_positions
+from peftlab.models import LoadedModel, _pad_aware_positions, from_local
 
 VISION_PARTS = ("tower", "projector")
 # Module names that mark the image projector and the vision encoder across transformers' VLMs. The projector is
@@ -167,17 +167,7 @@ def load_vision_model(
         placement["quantization_config"].llm_int8_skip_modules = [
             "lm_head", *(f".*{part}" for part in sorted(TOWER_NAMES | PROJECTOR_NAMES))
         ]
-    model = AutoModelForImageTextToText.from_pretrained(
-        path,
-        local_files_only=True,
-        trust_remote_code=False,
-        dtype=dtype,
-        use_safetensors=not allow_pickle,
-        attn_implementation="sdpa",
-        **placement,
-    )
-    if not placement:
-        model = model.to(device)
+    model = from_local(AutoModelForImageTextToText, path, device, dtype, allow_pickle, placement)
     arch = vision_arch(model.config)
     if arch.first_position is not None or arch.prefix_lm:  # not Qwen2-VL: it builds 3-D positions itself
         model.register_forward_pre_hook(partial(_fill_inputs, arch), with_kwargs=True)
