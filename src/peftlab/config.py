@@ -79,9 +79,11 @@ class TrainConfig:
     weight_decay: float = _f(0.0, "AdamW weight decay")
     schedule: str = _f("linear", "learning-rate schedule: linear, cosine or constant (all with warmup)")
     warmup_ratio: float = _f(0.06, "fraction of steps spent warming up")
-    batch_size: int = _f(8, "max examples per micro-batch")
-    batch_tokens: int = _f(4096, "max padded tokens per micro-batch (memory scales with tokens, not rows)")
-    grad_accum: int = _f(1, "micro-batches per optimizer step")
+    batch_size: int = _f(8, "max examples per batch")
+    batch_tokens: int = _f(4096, "max padded tokens per batch (time scales with tokens, not rows)")
+    micro_tokens: int = _f(1024, "forward/backward a batch in pieces of at most this many padded tokens: the same "
+                                 "gradients, activation memory bounded by the piece (0: never split)")
+    grad_accum: int = _f(1, "batches per optimizer step")
     max_grad_norm: float = _f(1.0, "gradient clipping norm (0 turns it off)")
     patience: int | None = _f(None, "early stopping: epochs without val-loss improvement before stopping")
     eval_every_epoch: bool = _f(True, "val loss and task metric after every epoch")
@@ -205,6 +207,8 @@ def validate(cfg: RunConfig) -> RunConfig:
         raise PeftlabError(f"train.lr must be positive, got {t.lr}")
     if t.epochs < 1 or t.batch_size < 1 or t.grad_accum < 1 or t.batch_tokens < 1:
         raise PeftlabError("train.epochs, train.batch_size, train.grad_accum and train.batch_tokens must be >= 1")
+    if t.micro_tokens < 0:
+        raise PeftlabError(f"train.micro_tokens must be >= 0 (0: never split a batch), got {t.micro_tokens}")
     if t.schedule not in ("linear", "cosine", "constant"):
         raise PeftlabError(f"train.schedule must be linear, cosine or constant, got '{t.schedule}'")
     if len(cfg.data.split) != 3 or abs(sum(cfg.data.split) - 1) > 1e-6:

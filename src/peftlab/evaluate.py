@@ -2,7 +2,8 @@
 
 Classification never generates: the prediction is the label whose tokens the model finds most likely right after
 the prompt. With single-token labels that is one forward pass per batch, reading only the last position's logits.
-Generation runs length-sorted batches with left padding and the KV cache, so no compute goes on padding rows.
+Generation runs length-sorted batches with the KV cache (`peftlab.decode`): prompts are prefilled in groups that
+waste little on padding, and a row leaves the batch as soon as it stops.
 """
 
 from __future__ import annotations
@@ -95,43 +96,82 @@ def label_scores(
     return scores
 
 
+def _decodes_fast(model, fmt: PromptFormat, items: Sequence[Encoded]) -> bool:
+    """Whether `decode.greedy_decode` can run this model: a causal text LM without virtual tokens."""
+    return fmt.kind == "causal" and not is_prompt_learning(model) and all(e.media is None for e in items)
+
+
+def _decode_groups(order: list[int], items: Sequence[Encoded], max_new_tokens: int, max_rows: int, max_tokens: int):
+    """Consecutive groups of the length-sorted `order` whose KV cache (rows x longest sequence) fits `max_tokens`."""
+    groups: list[list[int]] = [[]]
+    for i in order:
+        n = len(items[i].prompt_ids) + max_new_tokens
+        if groups[-1] and (len(groups[-1]) >= max_rows or n * (len(groups[-1]) + 1) > max_tokens):
+            groups.append([])
+        groups[-1].append(i)
+    return groups
+
+
 @torch.inference_mode()
 def generate(
-    model, fmt: PromptFormat, items: Sequence[Encoded], max_new_tokens: int, max_rows: int = 16, progress=True
+    model, fmt: PromptFormat, items: Sequence[Encoded], max_new_tokens: int, max_rows: int = 64, progress=True,
+    max_tokens: int = 32768,
 ) -> list[str]:
-    """Greedy generation in length-sorted, left-padded batches; returns texts in the order of `items`."""
+    """Greedy generation in length-sorted batches with the KV cache; returns texts in the order of `items`.
+
+    Causal text models decode through `peftlab.decode.greedy_decode` (up to `max_rows` rows and `max_tokens` cached
+    tokens per batch; finished rows leave the batch). Seq2seq, prompt-learning and vision-language models go through
+    `model.generate` on left-padded batches of 16.
+    """
     tok = fmt.tokenizer
     order = sorted(range(len(items)), key=lambda i: len(items[i].prompt_ids))
     outputs: list[str] = [""] * len(items)
+    fast = _decodes_fast(model, fmt, items)
+    groups = (
+        _decode_groups(order, items, max_new_tokens, max_rows, max_tokens)
+        if fast
+        else [order[s : s + 16] for s in range(0, len(order), 16)]
+    )
     bar = tqdm(total=len(items), desc="generating", unit="ex", disable=not progress)
-    for start in range(0, len(order), max_rows):
-        idx = order[start : start + max_rows]
-        prompts = [items[i].prompt_ids for i in idx]
-        width = max(len(p) for p in prompts)
-        left = fmt.kind != "seq2seq"  # decoder-only models continue from the right edge, so pad on the left
-        input_ids = torch.full((len(idx), width), tok.pad_token_id, dtype=torch.long)
-        mask = torch.zeros_like(input_ids)
-        for row, p in enumerate(prompts):
-            cols = slice(width - len(p), width) if left else slice(0, len(p))
-            input_ids[row, cols] = torch.tensor(p)
-            mask[row, cols] = 1
-        media = _media(model, [items[i] for i in idx], input_ids, width)
-        out = model.generate(
-            input_ids=input_ids.to(_device(model)),
-            attention_mask=mask.to(_device(model)),
-            **{k: v.to(_device(model)) for k, v in media.items()},
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            num_beams=1,
-            eos_token_id=fmt.stop_token_ids,
-            pad_token_id=tok.pad_token_id,
-        )
-        new = out[:, width:] if fmt.kind != "seq2seq" else out
+    for idx in groups:
+        if fast:
+            from peftlab.decode import greedy_decode
+
+            prompts = [items[i].prompt_ids for i in idx]
+            new = greedy_decode(model, prompts, max_new_tokens, fmt.stop_token_ids, tok.pad_token_id)
+        else:
+            new = _generate_batch(model, fmt, [items[i] for i in idx], max_new_tokens)
         for row, i in enumerate(idx):
             outputs[i] = tok.decode(new[row], skip_special_tokens=True).strip()
         bar.update(len(idx))
     bar.close()
     return outputs
+
+
+def _generate_batch(model, fmt: PromptFormat, rows: Sequence[Encoded], max_new_tokens: int) -> torch.Tensor:
+    """`model.generate` on one left-padded (seq2seq: right-padded) batch; returns the new tokens of each row."""
+    tok = fmt.tokenizer
+    prompts = [e.prompt_ids for e in rows]
+    width = max(len(p) for p in prompts)
+    left = fmt.kind != "seq2seq"  # decoder-only models continue from the right edge, so pad on the left
+    input_ids = torch.full((len(rows), width), tok.pad_token_id, dtype=torch.long)
+    mask = torch.zeros_like(input_ids)
+    for row, p in enumerate(prompts):
+        cols = slice(width - len(p), width) if left else slice(0, len(p))
+        input_ids[row, cols] = torch.tensor(p)
+        mask[row, cols] = 1
+    media = _media(model, rows, input_ids, width)
+    out = model.generate(
+        input_ids=input_ids.to(_device(model)),
+        attention_mask=mask.to(_device(model)),
+        **{k: v.to(_device(model)) for k, v in media.items()},
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        num_beams=1,
+        eos_token_id=fmt.stop_token_ids,
+        pad_token_id=tok.pad_token_id,
+    )
+    return out[:, width:] if fmt.kind != "seq2seq" else out
 
 
 def _media(model, rows: Sequence[Encoded], input_ids: torch.Tensor, width: int) -> dict[str, torch.Tensor]:

@@ -61,6 +61,22 @@ def encode_split(cfg: RunConfig, task: Task, fmt: PromptFormat, examples, shots=
     return [encode(task, ex, fmt, cfg.data.max_length, cfg.data.template, shots) for ex in examples]
 
 
+def split_rows(items: list[Encoded], idx: list[int], max_tokens: int) -> list[list[int]]:
+    """Split one batch's rows into length-sorted pieces of at most `max_tokens` padded tokens (one row may exceed it).
+
+    The loss is summed over every piece and divided by the batch's target tokens, so the gradient is the batch's;
+    only the activations kept for backward shrink, to those of one piece. Sorting keeps the padding in a piece small.
+    """
+    if not max_tokens:
+        return [idx]
+    pieces: list[list[int]] = [[]]
+    for i in sorted(idx, key=lambda i: items[i].length):
+        if pieces[-1] and items[i].length * (len(pieces[-1]) + 1) > max_tokens:
+            pieces.append([])
+        pieces[-1].append(i)
+    return pieces
+
+
 def peak_rss_mb() -> float:
     """Peak resident memory of this process (ru_maxrss is in KiB on Linux)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -204,9 +220,10 @@ def fit(
         shard = order[: batches_per_epoch * world][rank::world]
         for start in range(s.start, steps_per_epoch * tc.grad_accum, tc.grad_accum):
             t0 = time.perf_counter()
-            micro = [
-                collate([train[i] for i in idx], loaded.kind, pad) for idx in shard[start : start + tc.grad_accum]
-            ]
+            # Pieces under a token budget bound the activation memory; the step's gradient is the same.
+            batch_rows = shard[start : start + tc.grad_accum]
+            pieces = [p for idx in batch_rows for p in split_rows(train, idx, tc.micro_tokens)]
+            micro = [collate([train[i] for i in piece], loaded.kind, pad) for piece in pieces]
             loss = train_step(model, micro, loaded.kind, accelerator, params, optimizer, scheduler, tc.max_grad_norm)
             if not math.isfinite(loss):
                 raise NonFiniteLoss(f"loss became {loss} at step {s.step + 1}; lower train.lr (now {lr})")

@@ -1,0 +1,145 @@
+"""Greedy decoding for evaluation, built for throughput on a CPU.
+
+`model.generate` on a left-padded batch spends its time in three places that do not change the answer:
+
+- **padding**: one batch pads every prompt to its longest, so a wide batch is mostly pad tokens. Here prompts are
+  prefilled in length-sorted groups under a token budget, and only then merged into one wide decode batch;
+- **finished rows**: a row that has emitted its stop token keeps being computed until the whole batch stops. Here it
+  leaves the batch (and the KV cache) at once;
+- **cache growth**: the default cache concatenates every new key onto the old ones, copying the whole cache at
+  every step. Here each layer writes into a buffer sized once for the longest possible sequence.
+
+The tokens are the ones greedy `generate` picks: the same argmax over the same logits, checked against
+`model.generate` in the tests and in `peftlab bench eval`. Only plain causal LMs (with or without LoRA, IA3 or full
+fine-tuning) take this path; prompt-learning adapters and vision-language models keep `model.generate`, which knows
+how to splice their virtual tokens and images in.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Sequence
+
+import torch
+from transformers.cache_utils import Cache, DynamicLayer
+
+
+class BufferLayer(DynamicLayer):
+    """A KV-cache layer that writes into a preallocated buffer instead of concatenating at every step."""
+
+    def __init__(self, capacity: int):
+        super().__init__()
+        self.capacity = capacity
+        self.length = 0
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            b, h, _, d = key_states.shape
+            self.device, self.is_initialized = key_states.device, True
+            self.buf_k = key_states.new_zeros(b, h, self.capacity, d)
+            self.buf_v = value_states.new_zeros(b, h, self.capacity, d)
+        end = self.length + key_states.shape[-2]
+        self.buf_k[:, :, self.length : end] = key_states
+        self.buf_v[:, :, self.length : end] = value_states
+        self.length = end
+        self.keys, self.values = self.buf_k[:, :, :end], self.buf_v[:, :, :end]
+        return self.keys, self.values
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if self.is_initialized:
+            self.buf_k, self.buf_v = self.buf_k[indices], self.buf_v[indices]
+            self.keys, self.values = self.buf_k[:, :, : self.length], self.buf_v[:, :, : self.length]
+
+
+def _cache_kwarg(model) -> str:
+    """The forward argument that takes the KV cache: `cache` in recent transformers, `past_key_values` before."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+
+
+def _left_padded(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, p in enumerate(prompts):
+        ids[row, width - len(p) :] = torch.tensor(p, dtype=torch.long)
+        mask[row, width - len(p) :] = 1
+    return ids, mask
+
+
+def _prefill_groups(lengths: Sequence[int], max_tokens: int) -> list[list[int]]:
+    """Consecutive groups of (length-sorted) rows whose padded size stays within `max_tokens`."""
+    groups: list[list[int]] = [[]]
+    for i, n in enumerate(lengths):
+        if groups[-1] and n * (len(groups[-1]) + 1) > max_tokens:
+            groups.append([])
+        groups[-1].append(i)
+    return groups
+
+
+def _prefill(model, prompts, pad_id: int, capacity: int, max_tokens: int, device):
+    """Run the prompts through the model in length-sorted groups; return (next tokens, merged cache, mask).
+
+    Every group's keys and values are left-padded to the widest prompt and stacked into one cache, so the decode
+    steps run all rows in one batch. Pad positions are masked out, and positions are counted from each row's first
+    real token, so a row's states are the ones it would get alone.
+    """
+    width = max(len(p) for p in prompts)
+    n_layers = model.config.get_text_config().num_hidden_layers
+    keys: list[list[torch.Tensor]] = [[] for _ in range(n_layers)]
+    values: list[list[torch.Tensor]] = [[] for _ in range(n_layers)]
+    first: list[torch.Tensor] = []
+    for group in _prefill_groups([len(p) for p in prompts], max_tokens):
+        ids, mask = _left_padded([prompts[i] for i in group], pad_id)
+        cache = Cache(layers=[DynamicLayer() for _ in range(n_layers)])
+        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+        out = model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=position_ids.to(device),
+                    use_cache=True, logits_to_keep=1, **{_cache_kwarg(model): cache})
+        first.append(out.logits[:, -1].argmax(-1))
+        shift = width - ids.shape[1]
+        for layer, cached in enumerate(cache.layers):
+            pad = (0, 0, shift, 0)  # left-pad the time axis (dim -2) up to the widest prompt
+            keys[layer].append(torch.nn.functional.pad(cached.keys, pad))
+            values[layer].append(torch.nn.functional.pad(cached.values, pad))
+    merged = Cache(layers=[BufferLayer(capacity) for _ in range(n_layers)])
+    for layer in range(n_layers):
+        merged.layers[layer].update(torch.cat(keys[layer]), torch.cat(values[layer]))
+    _, mask = _left_padded(prompts, pad_id)
+    return torch.cat(first), merged, mask.to(device)
+
+
+@torch.inference_mode()
+def greedy_decode(
+    model, prompts: Sequence[Sequence[int]], max_new_tokens: int, stop_ids: Sequence[int], pad_id: int,
+    prefill_tokens: int = 4096,
+) -> list[list[int]]:
+    """Greedy continuations of `prompts` (token ids), stop token excluded; all rows decode as one batch.
+
+    `prompts` should be sorted by length (the prefill groups are consecutive rows).
+    """
+    device = next(model.parameters()).device
+    width = max(len(p) for p in prompts)
+    token, cache, mask = _prefill(model, prompts, pad_id, width + max_new_tokens, prefill_tokens, device)
+    stops = torch.tensor(sorted(stop_ids), device=device)
+    cache_kw = _cache_kwarg(model)
+    outputs: list[list[int]] = [[] for _ in prompts]
+    active = torch.arange(len(prompts), device=device)  # original row of each batch row
+    position = mask.sum(-1)  # the next position of each row, counted from its first real token
+    for step in range(max_new_tokens):
+        done = torch.isin(token, stops)
+        for row, tok in zip(active[~done].tolist(), token[~done].tolist(), strict=True):
+            outputs[row].append(tok)
+        if step == max_new_tokens - 1 or bool(done.all()):
+            break
+        if bool(done.any()):  # finished rows leave the batch and the cache
+            keep = (~done).nonzero().squeeze(-1)
+            active, token, mask, position = active[keep], token[keep], mask[keep], position[keep]
+            cache.batch_select_indices(keep)
+        mask = torch.cat([mask, mask.new_ones(len(active), 1)], dim=-1)
+        out = model(input_ids=token[:, None], attention_mask=mask, position_ids=position[:, None], use_cache=True,
+                    **{cache_kw: cache})
+        token, position = out.logits[:, -1].argmax(-1), position + 1
+    return outputs

@@ -1,0 +1,75 @@
+"""The fast greedy decoder picks exactly the tokens `model.generate` picks, one prompt at a time."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import DIALOGSUM
+
+from peftlab.data import PromptFormat, encode
+from peftlab.decode import _prefill_groups, greedy_decode
+from peftlab.evaluate import _decodes_fast, generate
+from peftlab.models import load_model
+from peftlab.tasks import get_task
+
+
+@pytest.fixture(scope="module")
+def sharp(tiny_causal):
+    """The tiny Llama with large weights, so that its greedy outputs depend on the prompt."""
+    loaded = load_model(str(tiny_causal), device="cpu")
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in loaded.model.parameters():
+            if p.dim() > 1:
+                p.normal_(0, 0.3)
+    loaded.model.eval()
+    fmt = PromptFormat(loaded.tokenizer, loaded.kind, loaded.chat)
+    task = get_task("dialogsum")
+    items = [encode(task, ex, fmt, 110 + 23 * i) for i, ex in enumerate(task.load(DIALOGSUM)[:8])]
+    prompts = sorted((e.prompt_ids for e in items), key=len)
+    assert len({len(p) for p in prompts}) > 4
+    return loaded, fmt, items, prompts
+
+
+def _reference(model, prompts, max_new, stops, pad):
+    """One unpadded `model.generate` per prompt, stop token cut off: the loop a user writes."""
+    outs = []
+    for p in prompts:
+        ids = torch.tensor([p])
+        new = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new,
+                             do_sample=False, num_beams=1, eos_token_id=list(stops), pad_token_id=pad)[0, len(p) :]
+        toks = new.tolist()
+        outs.append(next((toks[:i] for i, t in enumerate(toks) if t in stops), toks))
+    return outs
+
+
+def test_greedy_decode_equals_generate_with_rows_stopping_at_different_steps(sharp):
+    loaded, fmt, _, prompts = sharp
+    pad = fmt.tokenizer.pad_token_id
+    free = _reference(loaded.model, prompts, 14, set(), pad)
+    # Stop on a token that some rows emit early and others late or never, so rows leave the batch at different steps.
+    stop = free[0][3]
+    stop_steps = {next((i for i, t in enumerate(f) if t == stop), None) for f in free}
+    assert len(stop_steps) > 2, stop_steps
+    expected = _reference(loaded.model, prompts, 14, {stop}, pad)
+    # A small prefill budget forces several prefill groups, merged into one decode batch.
+    assert len(_prefill_groups([len(p) for p in prompts], 400)) > 2
+    got = greedy_decode(loaded.model, prompts, 14, [stop], pad, prefill_tokens=400)
+    assert got == expected
+    assert greedy_decode(loaded.model, prompts, 14, [stop], pad) == expected  # one group
+
+
+def test_generate_uses_the_fast_path_for_lora_and_keeps_generate_for_prompt_tuning(sharp):
+    from peft import LoraConfig, PromptTuningConfig, TaskType, get_peft_model
+
+    loaded, fmt, items, _ = sharp
+    lora = get_peft_model(loaded.model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"],
+                                                    task_type=TaskType.CAUSAL_LM, init_lora_weights=False))
+    assert _decodes_fast(lora, fmt, items)
+    fast = generate(lora, fmt, items, max_new_tokens=10, progress=False)
+    single = [generate(lora, fmt, [e], max_new_tokens=10, max_rows=1, progress=False)[0] for e in items]
+    assert fast == single and len(set(fast)) > 1
+    lora.unload()
+    prompt = get_peft_model(loaded.model, PromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=4))
+    assert not _decodes_fast(prompt, fmt, items)
+    assert len(generate(prompt, fmt, items[:2], max_new_tokens=4, progress=False)) == 2
