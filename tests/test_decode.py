@@ -6,8 +6,8 @@ import pytest
 import torch
 from conftest import DIALOGSUM
 
-from peftlab.data import PromptFormat, encode
-from peftlab.decode import _prefill_groups, greedy_decode
+from peftlab.data import PromptFormat, budget_groups, encode
+from peftlab.decode import greedy_decode
 from peftlab.evaluate import _decodes_fast, generate
 from peftlab.models import load_model
 from peftlab.tasks import get_task
@@ -53,7 +53,7 @@ def test_greedy_decode_equals_generate_with_rows_stopping_at_different_steps(sha
     assert len(stop_steps) > 2, stop_steps
     expected = _reference(loaded.model, prompts, 14, {stop}, pad)
     # A small prefill budget forces several prefill groups, merged into one decode batch.
-    assert len(_prefill_groups([len(p) for p in prompts], 400)) > 2
+    assert len(budget_groups([len(p) for p in prompts], 400)) > 2
     got = greedy_decode(loaded.model, prompts, 14, [stop], pad, prefill_tokens=400)
     assert got == expected
     assert greedy_decode(loaded.model, prompts, 14, [stop], pad) == expected  # one group

@@ -180,20 +180,28 @@ def token_batches(
     batches: list[list[int]] = []
     for start in range(0, len(order), span):
         chunk = sorted(order[start : start + span], key=lambda i: items[i].length)
-        batch: list[int] = []
-        longest = 0
-        for i in chunk:
-            n = items[i].length
-            if batch and (len(batch) >= max_rows or max(longest, n) * (len(batch) + 1) > max_tokens):
-                batches.append(batch)
-                batch, longest = [], 0
-            batch.append(i)
-            longest = max(longest, n)
-        if batch:
-            batches.append(batch)
+        groups = budget_groups([items[i].length for i in chunk], max_tokens, max_rows)
+        batches += [[chunk[j] for j in g] for g in groups]
     if seed is not None:
         rng.shuffle(batches)
     return batches
+
+
+def budget_groups(lengths: Sequence[int], max_tokens: int, max_rows: int | None = None) -> list[list[int]]:
+    """Consecutive groups of positions in `lengths` whose padded size (rows x longest) stays within `max_tokens`.
+
+    A row longer than the budget gets a group of its own. Pass lengths sorted, so little goes on padding.
+    """
+    groups: list[list[int]] = []
+    longest = 0
+    for i, n in enumerate(lengths):
+        full = groups and (len(groups[-1]) == max_rows or max(longest, n) * (len(groups[-1]) + 1) > max_tokens)
+        if not groups or full:
+            groups.append([])
+            longest = 0
+        groups[-1].append(i)
+        longest = max(longest, n)
+    return groups
 
 
 def collate_causal(batch: Sequence[Encoded], pad_id: int) -> dict[str, torch.Tensor]:

@@ -23,6 +23,8 @@ from collections.abc import Sequence
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
+from peftlab.data import budget_groups
+
 
 class BufferLayer(DynamicLayer):
     """A KV-cache layer that writes into a preallocated buffer instead of concatenating at every step."""
@@ -60,7 +62,8 @@ def _cache_kwarg(model) -> str:
     return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
 
 
-def _left_padded(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+def left_padded(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids and attention mask of `prompts`, padded on the left to the longest."""
     width = max(len(p) for p in prompts)
     ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
     mask = torch.zeros_like(ids)
@@ -68,16 +71,6 @@ def _left_padded(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.T
         ids[row, width - len(p) :] = torch.tensor(p, dtype=torch.long)
         mask[row, width - len(p) :] = 1
     return ids, mask
-
-
-def _prefill_groups(lengths: Sequence[int], max_tokens: int) -> list[list[int]]:
-    """Consecutive groups of (length-sorted) rows whose padded size stays within `max_tokens`."""
-    groups: list[list[int]] = [[]]
-    for i, n in enumerate(lengths):
-        if groups[-1] and n * (len(groups[-1]) + 1) > max_tokens:
-            groups.append([])
-        groups[-1].append(i)
-    return groups
 
 
 def _prefill(model, prompts, pad_id: int, capacity: int, max_tokens: int, device):
@@ -92,8 +85,8 @@ def _prefill(model, prompts, pad_id: int, capacity: int, max_tokens: int, device
     keys: list[list[torch.Tensor]] = [[] for _ in range(n_layers)]
     values: list[list[torch.Tensor]] = [[] for _ in range(n_layers)]
     first: list[torch.Tensor] = []
-    for group in _prefill_groups([len(p) for p in prompts], max_tokens):
-        ids, mask = _left_padded([prompts[i] for i in group], pad_id)
+    for group in budget_groups([len(p) for p in prompts], max_tokens):
+        ids, mask = left_padded([prompts[i] for i in group], pad_id)
         cache = Cache(layers=[DynamicLayer() for _ in range(n_layers)])
         position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
         out = model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=position_ids.to(device),
@@ -107,7 +100,7 @@ def _prefill(model, prompts, pad_id: int, capacity: int, max_tokens: int, device
     merged = Cache(layers=[BufferLayer(capacity) for _ in range(n_layers)])
     for layer in range(n_layers):
         merged.layers[layer].update(torch.cat(keys[layer]), torch.cat(values[layer]))
-    _, mask = _left_padded(prompts, pad_id)
+    _, mask = left_padded(prompts, pad_id)
     return torch.cat(first), merged, mask.to(device)
 
 
@@ -118,7 +111,7 @@ def greedy_decode(
 ) -> list[list[int]]:
     """Greedy continuations of `prompts` (token ids), stop token excluded; all rows decode as one batch.
 
-    `prompts` should be sorted by length (the prefill groups are consecutive rows).
+    `prompts` should be sorted by length (the prefill groups are consecutive rows, see `data.budget_groups`).
     """
     device = next(model.parameters()).device
     width = max(len(p) for p in prompts)

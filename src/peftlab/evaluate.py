@@ -13,7 +13,8 @@ from collections.abc import Sequence
 import torch
 from tqdm.auto import tqdm
 
-from peftlab.data import IGNORE, Encoded, PromptFormat, collate, token_batches
+from peftlab.data import IGNORE, Encoded, PromptFormat, budget_groups, collate, token_batches
+from peftlab.decode import greedy_decode, left_padded
 from peftlab.metrics import per_example_rouge1
 from peftlab.tasks import Example, Task
 
@@ -101,17 +102,6 @@ def _decodes_fast(model, fmt: PromptFormat, items: Sequence[Encoded]) -> bool:
     return fmt.kind == "causal" and not is_prompt_learning(model) and all(e.media is None for e in items)
 
 
-def _decode_groups(order: list[int], items: Sequence[Encoded], max_new_tokens: int, max_rows: int, max_tokens: int):
-    """Consecutive groups of the length-sorted `order` whose KV cache (rows x longest sequence) fits `max_tokens`."""
-    groups: list[list[int]] = [[]]
-    for i in order:
-        n = len(items[i].prompt_ids) + max_new_tokens
-        if groups[-1] and (len(groups[-1]) >= max_rows or n * (len(groups[-1]) + 1) > max_tokens):
-            groups.append([])
-        groups[-1].append(i)
-    return groups
-
-
 @torch.inference_mode()
 def generate(
     model, fmt: PromptFormat, items: Sequence[Encoded], max_new_tokens: int, max_rows: int = 64, progress=True,
@@ -127,16 +117,14 @@ def generate(
     order = sorted(range(len(items)), key=lambda i: len(items[i].prompt_ids))
     outputs: list[str] = [""] * len(items)
     fast = _decodes_fast(model, fmt, items)
-    groups = (
-        _decode_groups(order, items, max_new_tokens, max_rows, max_tokens)
-        if fast
-        else [order[s : s + 16] for s in range(0, len(order), 16)]
-    )
+    if fast:  # the KV cache of a group (rows x longest sequence) stays within max_tokens
+        lengths = [len(items[i].prompt_ids) + max_new_tokens for i in order]
+        groups = [[order[j] for j in g] for g in budget_groups(lengths, max_tokens, max_rows)]
+    else:
+        groups = [order[s : s + 16] for s in range(0, len(order), 16)]
     bar = tqdm(total=len(items), desc="generating", unit="ex", disable=not progress)
     for idx in groups:
         if fast:
-            from peftlab.decode import greedy_decode
-
             prompts = [items[i].prompt_ids for i in idx]
             new = greedy_decode(model, prompts, max_new_tokens, fmt.stop_token_ids, tok.pad_token_id)
         else:
@@ -153,13 +141,13 @@ def _generate_batch(model, fmt: PromptFormat, rows: Sequence[Encoded], max_new_t
     tok = fmt.tokenizer
     prompts = [e.prompt_ids for e in rows]
     width = max(len(p) for p in prompts)
-    left = fmt.kind != "seq2seq"  # decoder-only models continue from the right edge, so pad on the left
-    input_ids = torch.full((len(rows), width), tok.pad_token_id, dtype=torch.long)
-    mask = torch.zeros_like(input_ids)
-    for row, p in enumerate(prompts):
-        cols = slice(width - len(p), width) if left else slice(0, len(p))
-        input_ids[row, cols] = torch.tensor(p)
-        mask[row, cols] = 1
+    if fmt.kind != "seq2seq":  # decoder-only models continue from the right edge, so pad on the left
+        input_ids, mask = left_padded(prompts, tok.pad_token_id)
+    else:
+        input_ids = torch.full((len(rows), width), tok.pad_token_id, dtype=torch.long)
+        mask = torch.zeros_like(input_ids)
+        for row, p in enumerate(prompts):
+            input_ids[row, : len(p)], mask[row, : len(p)] = torch.tensor(p), 1
     media = _media(model, rows, input_ids, width)
     out = model.generate(
         input_ids=input_ids.to(_device(model)),

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from peftlab import __version__
 from peftlab.config import RunConfig, save_config
-from peftlab.data import Encoded, PromptFormat, collate, encode, few_shot_demos, token_batches
+from peftlab.data import Encoded, PromptFormat, budget_groups, collate, encode, few_shot_demos, token_batches
 from peftlab.errors import PeftlabError
 from peftlab.evaluate import evaluate, mean_loss, target_loss
 from peftlab.io import write_bytes_atomic, write_json, write_jsonl
@@ -69,12 +69,8 @@ def split_rows(items: list[Encoded], idx: list[int], max_tokens: int) -> list[li
     """
     if not max_tokens:
         return [idx]
-    pieces: list[list[int]] = [[]]
-    for i in sorted(idx, key=lambda i: items[i].length):
-        if pieces[-1] and items[i].length * (len(pieces[-1]) + 1) > max_tokens:
-            pieces.append([])
-        pieces[-1].append(i)
-    return pieces
+    rows = sorted(idx, key=lambda i: items[i].length)
+    return [[rows[j] for j in g] for g in budget_groups([items[i].length for i in rows], max_tokens)]
 
 
 def peak_rss_mb() -> float:
