@@ -74,6 +74,20 @@ def test_collate_causal_loss_only_on_target():
             assert ids[row, p_len - 1 + k] == e.target_ids[k - 1]
 
 
+def test_collate_causal_right_layout():
+    items = [Encoded("a", [5, 6, 7], [20, 21]), Encoded("b", [8], [30, 31, 32])]
+    batch = collate(items, "causal", pad_id=0, right_padded=True)
+    assert set(batch) == {"input_ids", "labels", "label_positions"}  # no mask: pads only follow real tokens
+    assert batch["input_ids"].tolist() == [[5, 6, 7, 20], [8, 30, 31, 0]]
+    assert batch["labels"].tolist() == [[20, 21, IGNORE], [30, 31, 32]]
+    # the input at label_positions[r, k] is the token just before target token k
+    assert batch["label_positions"].tolist() == [[2, 3, 3], [0, 1, 2]]
+    for row, e in enumerate(items):
+        sequence = e.prompt_ids + e.target_ids
+        for k in range(len(e.target_ids)):
+            assert batch["input_ids"][row, batch["label_positions"][row, k]] == sequence[len(e.prompt_ids) - 1 + k]
+
+
 def test_collate_seq2seq_layout():
     items = [Encoded("a", [5, 6, 7], [20, 1]), Encoded("b", [8], [30, 31, 1])]
     batch = collate(items, "seq2seq", pad_id=0)

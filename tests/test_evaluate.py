@@ -7,7 +7,7 @@ import torch
 from conftest import DIALOGSUM, PUBMEDQA
 
 from peftlab.data import PromptFormat, collate, encode
-from peftlab.evaluate import evaluate, generate, label_scores, target_loss
+from peftlab.evaluate import batch_tokens, evaluate, generate, label_scores, right_padded_ok, target_loss
 from peftlab.models import load_model
 from peftlab.tasks import get_task
 
@@ -72,6 +72,66 @@ def test_target_loss_matches_hf_loss_and_ignores_prompt(causal):
         assert n == sum(len(e.target_ids) for e in items)
         want = sum(-_manual_logprob(loaded.model, e.prompt_ids, e.target_ids) for e in items)
         assert float(loss) == pytest.approx(want, rel=1e-4)
+
+
+@pytest.mark.parametrize("right", [False, True], ids=["left-masked", "right-unmasked"])
+def test_target_loss_matches_unpadded_passes_in_both_layouts(causal, right):
+    """Rows of different prompt and target lengths: each layout gives every row the loss it gets alone."""
+    loaded, fmt = causal
+    task = get_task("dialogsum")
+    items = [encode(task, ex, fmt, 140 + 30 * i) for i, ex in enumerate(task.load(DIALOGSUM)[:3])]
+    assert len({len(e.prompt_ids) for e in items}) == 3 and len({len(e.target_ids) for e in items}) > 1
+    assert right_padded_ok(loaded.model, "causal", items)
+    batch = collate(items, "causal", fmt.tokenizer.pad_token_id, right_padded=right)
+    assert ("attention_mask" in batch) != right
+    with torch.no_grad():
+        loss, n = target_loss(loaded.model, "causal", batch)
+    assert n == sum(len(e.target_ids) for e in items)
+    assert batch_tokens(batch) == sum(e.length - 1 for e in items)
+    want = sum(-_manual_logprob(loaded.model, e.prompt_ids, e.target_ids) for e in items)
+    assert float(loss) == pytest.approx(want, rel=1e-5)
+
+
+def test_layouts_give_the_same_lora_gradients(tiny_causal):
+    """The training layout is a speed choice only: LoRA gradients agree with the masked left-padded layout."""
+    from peft import LoraConfig, get_peft_model
+
+    loaded = load_model(str(tiny_causal), device="cpu")
+    fmt = PromptFormat(loaded.tokenizer, loaded.kind, loaded.chat)
+    torch.manual_seed(0)
+    model = get_peft_model(loaded.model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    task = get_task("dialogsum")
+    items = [encode(task, ex, fmt, 130 + 25 * i) for i, ex in enumerate(task.load(DIALOGSUM)[:4])]
+    grads = []
+    for right in (False, True):
+        model.zero_grad()
+        batch = collate(items, "causal", fmt.tokenizer.pad_token_id, right_padded=right)
+        loss, _ = target_loss(model, "causal", batch)
+        loss.backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad]))
+    assert grads[0].abs().sum() > 0
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-4, atol=1e-6)
+
+
+def test_prompt_learning_and_int_only_models_keep_the_masked_layout(causal):
+    from peft import PromptTuningConfig, TaskType, get_peft_model
+
+    loaded, fmt = causal
+    _, _, items = _pubmedqa(fmt, n=2)
+    assert not right_padded_ok(loaded.model, "seq2seq", items)
+    tuned = get_peft_model(load_model(str(loaded.path), device="cpu").model,
+                           PromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=4))
+    assert not right_padded_ok(tuned, "causal", items)
+
+    class IntOnly(type(loaded.model)):  # slices with -logits_to_keep, as a few transformers models still do
+        def forward(self, input_ids=None, logits_to_keep=0, **kwargs):
+            return super().forward(input_ids=input_ids, logits_to_keep=logits_to_keep, **kwargs)
+
+    loaded.model.__class__ = IntOnly
+    try:
+        assert not right_padded_ok(loaded.model, "causal", items)
+    finally:
+        loaded.model.__class__ = IntOnly.__mro__[1]
 
 
 def test_batched_generation_equals_one_at_a_time(tiny_causal):

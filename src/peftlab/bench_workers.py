@@ -167,17 +167,18 @@ def run_peftlab(spec: dict) -> dict:
 def run_check(spec: dict) -> dict:
     """Five AdamW steps of peftlab's loss (its own batch layout) on exactly the reference's first five batches."""
     from peftlab.data import collate
-    from peftlab.evaluate import target_loss
+    from peftlab.evaluate import right_padded_ok, target_loss
 
     _, loaded, _, model, _ = _peftlab_model(spec)
     items = _items(spec)
+    right = right_padded_ok(model, loaded.kind, items)  # the layout peftlab's own loop trains with
     checksum = _trainable_checksum(model)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=spec["lr"], betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
     model.train()
     losses = []
     for idx in spec["batches"]:
-        batch = collate([items[i] for i in idx], loaded.kind, loaded.tokenizer.pad_token_id)
+        batch = collate([items[i] for i in idx], loaded.kind, loaded.tokenizer.pad_token_id, right_padded=right)
         loss, n_tokens = target_loss(model, loaded.kind, batch)
         (loss / n_tokens).backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)

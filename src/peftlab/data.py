@@ -232,6 +232,31 @@ def collate_causal(batch: Sequence[Encoded], pad_id: int) -> dict[str, torch.Ten
     return out
 
 
+def collate_causal_right(batch: Sequence[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad whole rows and pass no attention mask: the training layout for causal text models.
+
+    Pad tokens sit only after a row's last real token, so causal attention alone keeps them out of every real
+    position and no mask is needed. With no mask, SDPA takes its causal kernel (it skips the upper triangle) and
+    reads grouped key/value heads in place instead of copying them per query head, which is faster and keeps
+    less for backward than the masked kernel of `collate_causal`. Positions are 0, 1, ... in every row.
+
+    Targets no longer share a column, so `label_positions` (batch, target_len) holds, for each label, the input
+    position whose logits predict it; the model's `logits_to_keep` takes it and runs the LM head there only.
+    """
+    t_len = max(len(e.target_ids) for e in batch)
+    width = max(e.length for e in batch) - 1
+    input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(batch), t_len), IGNORE, dtype=torch.long)
+    label_positions = torch.zeros((len(batch), t_len), dtype=torch.long)
+    for row, e in enumerate(batch):
+        p, t = len(e.prompt_ids), len(e.target_ids)
+        input_ids[row, : p + t - 1] = torch.tensor(e.prompt_ids + e.target_ids[:-1])
+        labels[row, :t] = torch.tensor(e.target_ids)
+        # Position p-1+j predicts target token j; ignored label slots point at the last prompt token, harmlessly.
+        label_positions[row] = torch.arange(p - 1, p - 1 + t_len).clamp(max=p + t - 2)
+    return {"input_ids": input_ids, "labels": labels, "label_positions": label_positions}
+
+
 def collate_seq2seq(batch: Sequence[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-pad encoder inputs and decoder labels (the model shifts labels into decoder inputs itself)."""
     p_len = max(len(e.prompt_ids) for e in batch)
@@ -246,6 +271,13 @@ def collate_seq2seq(batch: Sequence[Encoded], pad_id: int) -> dict[str, torch.Te
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
-def collate(batch: Sequence[Encoded], kind: str, pad_id: int) -> dict[str, torch.Tensor]:
-    """Collate for the model kind."""
-    return collate_seq2seq(batch, pad_id) if kind == "seq2seq" else collate_causal(batch, pad_id)
+def collate(batch: Sequence[Encoded], kind: str, pad_id: int, right_padded: bool = False) -> dict[str, torch.Tensor]:
+    """Collate for the model kind; `right_padded` picks the unmasked causal layout (`collate_causal_right`)."""
+    if kind == "seq2seq":
+        return collate_seq2seq(batch, pad_id)
+    return collate_causal_right(batch, pad_id) if right_padded else collate_causal(batch, pad_id)
+
+
+def input_tokens(batch: Sequence[Encoded]) -> int:
+    """Real tokens a causal batch feeds the model (the last target token is never an input)."""
+    return sum(e.length - 1 for e in batch)

@@ -24,6 +24,7 @@ import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
 from peftlab.data import budget_groups
+from peftlab.models import takes_unmasked_rows
 
 
 class BufferLayer(DynamicLayer):
@@ -76,32 +77,58 @@ def left_padded(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Te
 def _prefill(model, prompts, pad_id: int, capacity: int, max_tokens: int, device):
     """Run the prompts through the model in length-sorted groups; return (next tokens, merged cache, mask).
 
-    Every group's keys and values are left-padded to the widest prompt and stacked into one cache, so the decode
-    steps run all rows in one batch. Pad positions are masked out, and positions are counted from each row's first
-    real token, so a row's states are the ones it would get alone.
+    Every group's keys and values are moved to the right edge of the widest prompt and stacked into one cache, so
+    the decode steps run all rows in one batch behind a mask of their left padding. Positions are counted from
+    each row's first real token, so a row's states are the ones it would get alone.
     """
     width = max(len(p) for p in prompts)
     n_layers = model.config.get_text_config().num_hidden_layers
     keys: list[list[torch.Tensor]] = [[] for _ in range(n_layers)]
     values: list[list[torch.Tensor]] = [[] for _ in range(n_layers)]
     first: list[torch.Tensor] = []
+    run_group = _prefill_right if takes_unmasked_rows(model) else _prefill_left
     for group in budget_groups([len(p) for p in prompts], max_tokens):
-        ids, mask = left_padded([prompts[i] for i in group], pad_id)
+        rows = [prompts[i] for i in group]
         cache = Cache(layers=[DynamicLayer() for _ in range(n_layers)])
-        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
-        out = model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=position_ids.to(device),
-                    use_cache=True, logits_to_keep=1, **{_cache_kwarg(model): cache})
-        first.append(out.logits[:, -1].argmax(-1))
-        shift = width - ids.shape[1]
+        logits, source = run_group(model, rows, pad_id, width, cache, device)
+        first.append(logits.argmax(-1))
         for layer, cached in enumerate(cache.layers):
-            pad = (0, 0, shift, 0)  # left-pad the time axis (dim -2) up to the widest prompt
-            keys[layer].append(torch.nn.functional.pad(cached.keys, pad))
-            values[layer].append(torch.nn.functional.pad(cached.values, pad))
+            b, h, _, d = cached.keys.shape
+            index = source[:, None, :, None].expand(b, h, width, d)
+            keys[layer].append(cached.keys.gather(2, index))
+            values[layer].append(cached.values.gather(2, index))
     merged = Cache(layers=[BufferLayer(capacity) for _ in range(n_layers)])
     for layer in range(n_layers):
         merged.layers[layer].update(torch.cat(keys[layer]), torch.cat(values[layer]))
     _, mask = left_padded(prompts, pad_id)
     return torch.cat(first), merged, mask.to(device)
+
+
+def _prefill_right(model, rows, pad_id: int, width: int, cache, device):
+    """Right-padded rows with no mask: SDPA's causal kernel on grouped key/value heads (`models.takes_unmasked_rows`).
+
+    Returns each row's next-token logits and, for every column of the merged cache, the cached column it copies:
+    row r's token j lands at column width - len(r) + j. Columns left of a row's start copy anything; they are masked.
+    """
+    lengths = torch.tensor([len(p) for p in rows])
+    ids = torch.full((len(rows), int(lengths.max())), pad_id, dtype=torch.long)
+    for row, p in enumerate(rows):
+        ids[row, : len(p)] = torch.tensor(p, dtype=torch.long)
+    last = (lengths - 1)[:, None].to(device)
+    out = model(input_ids=ids.to(device), use_cache=True, logits_to_keep=last, **{_cache_kwarg(model): cache})
+    source = (torch.arange(width) - (width - lengths)[:, None]).clamp(min=0)
+    return out.logits[:, -1], source.to(device)
+
+
+def _prefill_left(model, rows, pad_id: int, width: int, cache, device):
+    """Left-padded rows behind an attention mask, for models that cannot take per-row logit positions."""
+    ids, mask = left_padded(rows, pad_id)
+    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+    out = model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=position_ids.to(device),
+                use_cache=True, logits_to_keep=1, **{_cache_kwarg(model): cache})
+    shift = width - ids.shape[1]  # the group is already right-aligned; move it to the merged width
+    source = (torch.arange(width) - shift).clamp(min=0).expand(len(rows), width)
+    return out.logits[:, -1], source.to(device)
 
 
 @torch.inference_mode()

@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 from peftlab.data import IGNORE, Encoded, PromptFormat, budget_groups, collate, token_batches
 from peftlab.decode import greedy_decode, left_padded
 from peftlab.metrics import per_example_rouge1
+from peftlab.models import takes_unmasked_rows
 from peftlab.tasks import Example, Task
 
 
@@ -30,6 +31,8 @@ def target_logits(model: torch.nn.Module, kind: str, batch: dict[str, torch.Tens
     labels = batch["labels"]
     if kind == "seq2seq":
         return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=labels).logits
+    if "label_positions" in batch:  # the right-padded, unmasked layout (`data.collate_causal_right`)
+        return model(input_ids=batch["input_ids"], logits_to_keep=batch["label_positions"]).logits
     # Everything but labels and positions goes in: ids and mask, plus a vision-language model's image tensors.
     kwargs = {k: v for k, v in batch.items() if k not in ("labels", "position_ids")}
     if not is_prompt_learning(model) and "position_ids" in batch:  # Qwen2-VL's batches leave them to the model
@@ -48,6 +51,18 @@ def target_loss(model: torch.nn.Module, kind: str, batch: dict[str, torch.Tensor
     return loss, int((labels != IGNORE).sum())
 
 
+def right_padded_ok(model: torch.nn.Module, kind: str, items: Sequence[Encoded]) -> bool:
+    """Whether target losses can use the unmasked right-padded layout (`data.collate_causal_right`)."""
+    return kind == "causal" and all(e.media is None for e in items) and takes_unmasked_rows(model)
+
+
+def batch_tokens(batch: dict[str, torch.Tensor]) -> int:
+    """Real input tokens in a collated batch (for tokens/s)."""
+    if "label_positions" in batch:  # a row's last real input is the one that predicts its last target token
+        return int((batch["label_positions"].amax(-1) + 1).sum())
+    return int(batch["attention_mask"].sum())
+
+
 def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
     return {k: v.to(device) for k, v in batch.items()}
 
@@ -60,8 +75,10 @@ def _device(model: torch.nn.Module) -> torch.device:
 def mean_loss(model, kind: str, items: Sequence[Encoded], pad_id: int, max_tokens: int = 8192) -> float:
     """Mean per-token target loss over `items` (the validation loss)."""
     total, count = 0.0, 0
+    right = right_padded_ok(model, kind, items)
     for idx in token_batches(items, max_tokens, max_rows=64):
-        loss, n = target_loss(model, kind, _to(collate([items[i] for i in idx], kind, pad_id), _device(model)))
+        batch = collate([items[i] for i in idx], kind, pad_id, right_padded=right)
+        loss, n = target_loss(model, kind, _to(batch, _device(model)))
         total, count = total + float(loss), count + n
     return total / max(count, 1)
 

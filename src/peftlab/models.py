@@ -7,7 +7,9 @@ and every later load reads that folder (under 2 s). Any local folder holding a H
 
 from __future__ import annotations
 
+import functools
 import importlib.util
+import inspect
 import math
 import os
 import shutil
@@ -265,6 +267,32 @@ def _pad_aware_positions(module, args, kwargs):
         return None
     positions = (mask.long().cumsum(-1) - 1).clamp(min=0)[:, -tokens.shape[1] :]
     return args, {**kwargs, "position_ids": positions}
+
+
+def takes_unmasked_rows(model: torch.nn.Module) -> bool:
+    """Whether a causal text model can run right-padded rows with no attention mask and per-row logit positions.
+
+    With pads only after each row's real tokens, causal attention alone keeps them out, so no mask is needed and
+    SDPA runs its causal kernel on grouped key/value heads in place. That needs a forward that takes a
+    (batch, positions) tensor as `logits_to_keep` (transformers' `slice_logits_to_keep`; a few model classes still
+    slice with an int only), no virtual tokens (peft's prompt learning shifts every position by its prefix), and no
+    vision tower (a VLM lays out rope positions around its image tokens).
+    """
+    config = getattr(model, "active_peft_config", None)
+    if config is not None and config.is_prompt_learning:
+        return False
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if getattr(base.config, "vision_config", None) is not None:
+        return False
+    return _slices_logits_per_row(type(base))
+
+
+@functools.cache
+def _slices_logits_per_row(model_class: type) -> bool:
+    try:
+        return "slice_logits_to_keep(" in inspect.getsource(model_class.forward)
+    except (OSError, TypeError):
+        return False
 
 
 def list_models() -> list[dict]:

@@ -27,7 +27,7 @@ from peftlab import __version__
 from peftlab.config import RunConfig, save_config
 from peftlab.data import Encoded, PromptFormat, budget_groups, collate, encode, few_shot_demos, token_batches
 from peftlab.errors import PeftlabError
-from peftlab.evaluate import evaluate, mean_loss, target_loss
+from peftlab.evaluate import batch_tokens, evaluate, mean_loss, right_padded_ok, target_loss
 from peftlab.io import write_bytes_atomic, write_json, write_jsonl
 from peftlab.methods import apply_method, count_params, get_method
 from peftlab.models import LoadedModel, load_model
@@ -196,6 +196,8 @@ def fit(
     # per-process steps, so with 2 processes the learning rate would reach zero halfway through.
     model, optimizer = accelerator.prepare(model, optimizer)
     raw = accelerator.unwrap_model(model)
+    # Unmasked right-padded rows where the model allows: SDPA's causal kernel, no key/value copies per head.
+    right = right_padded_ok(raw, loaded.kind, train)
     s = TrainState()
     ckpt = run_dir / CHECKPOINT
     if tc.resume and ckpt.exists():
@@ -219,12 +221,12 @@ def fit(
             # Pieces under a token budget bound the activation memory; the step's gradient is the same.
             batch_rows = shard[start : start + tc.grad_accum]
             pieces = [p for idx in batch_rows for p in split_rows(train, idx, tc.micro_tokens)]
-            micro = [collate([train[i] for i in piece], loaded.kind, pad) for piece in pieces]
+            micro = [collate([train[i] for i in piece], loaded.kind, pad, right_padded=right) for piece in pieces]
             loss = train_step(model, micro, loaded.kind, accelerator, params, optimizer, scheduler, tc.max_grad_norm)
             if not math.isfinite(loss):
                 raise NonFiniteLoss(f"loss became {loss} at step {s.step + 1}; lower train.lr (now {lr})")
             dt = time.perf_counter() - t0
-            step_tokens = sum(int(b["attention_mask"].sum()) for b in micro) * world
+            step_tokens = sum(batch_tokens(b) for b in micro) * world
             s.step, s.start, s.last_loss = s.step + 1, start + tc.grad_accum, loss
             s.tokens, s.seconds = s.tokens + step_tokens, s.seconds + dt
             entry = {
