@@ -171,7 +171,7 @@ def append_results(path: Path, title: str, body: str) -> None:
 
 def run_train_bench(
     model: str, methods: list[str], n: int, max_length: int, batch: int, results: Path | None,
-    smoke: bool = False, json_out: Path | None = None,
+    smoke: bool = False, json_out: Path | None = None, micro_tokens: int | None = None,
 ) -> list[dict]:
     """Benchmark each method; print the table, append it to `results` (if given) and return the rows."""
     unknown = [m for m in methods if m not in FLOPS_PER_PARAM]
@@ -184,7 +184,8 @@ def run_train_bench(
         _, items, _ = encode_dialogsum(model, n, max_length)
         spec = {"model": model, "batch": batch, "max_length": max_length, "seed": 0,
                 "items": [[e.prompt_ids, e.target_ids] for e in items],
-                "real_tokens": sum(e.length for e in items)}
+                "real_tokens": sum(e.length for e in items),
+                "train": {} if micro_tokens is None else {"micro_tokens": micro_tokens}}
         sgemm = sgemm_gflops()
         print(f"sgemm {sgemm:.1f} GFLOP/s; {n} dialogues, {spec['real_tokens']} real tokens; {machine_line()}")
         infer_rss = run_worker("infer", spec, tmp)["peak_rss_mb"]
@@ -195,6 +196,8 @@ def run_train_bench(
                   flush=True)
     label = "tiny random model" if smoke else Path(model).name
     title = f"Training throughput: {label}, n={n}, max_length={max_length}, batch={batch}"
+    if micro_tokens is not None:
+        title += f", micro_tokens={micro_tokens}"
     report_train(rows, sgemm, infer_rss, title, results, json_out)
     return rows
 

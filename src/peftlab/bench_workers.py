@@ -130,6 +130,7 @@ def run_ref(spec: dict) -> dict:
 
 def _peftlab_model(spec: dict):
     from peftlab.config import load_config
+    from peftlab.memory import enable_checkpointing, lean_swiglu
     from peftlab.methods import apply_method
     from peftlab.tasks import get_task
 
@@ -138,12 +139,14 @@ def _peftlab_model(spec: dict):
         "method": {"name": spec["method"], "dropout": 0.0},
         "train": {"lr": spec["lr"], "schedule": "constant", "warmup_ratio": 0.0, "batch_size": spec["batch"],
                   "batch_tokens": spec["batch"] * spec["max_length"], "epochs": 1, "eval_every_epoch": False,
-                  "seed": spec["seed"], "weight_decay": 0.0, "max_grad_norm": 1.0},
+                  "seed": spec["seed"], "weight_decay": 0.0, "max_grad_norm": 1.0, **spec.get("train", {})},
     })
     loaded = load(spec)
     base_params = loaded.num_params
     task = get_task("dialogsum")
     torch.manual_seed(spec["seed"])  # the same seed the reference uses before get_peft_model
+    enable_checkpointing(loaded.model, cfg.train.activation_checkpointing)
+    lean_swiglu(loaded.model)
     return cfg, loaded, task, apply_method(loaded, task, cfg.method), base_params
 
 

@@ -263,6 +263,7 @@ def bench_train(
     results: Annotated[Path | None, typer.Option(help="markdown file to append to (default bench/RESULTS.md)")] = None,
     smoke: Annotated[bool, typer.Option(help="tiny random model, n=8, batch 2; writes no results file")] = False,
     json_out: Annotated[Path | None, typer.Option("--json", help="also write the raw numbers as JSON")] = None,
+    micro_tokens: Annotated[int | None, typer.Option(help="peftlab train.micro_tokens (default: config)")] = None,
 ) -> None:
     """Training tokens/s, memory and loss agreement of peftlab against transformers.Trainer + peft."""
     from peftlab.bench import DEFAULT_RESULTS, run_train_bench
@@ -272,7 +273,8 @@ def bench_train(
         # never see a padded reference batch.
         n, batch = min(n, 8), min(batch, 2)
     run_train_bench(model, [m.strip() for m in methods.split(",") if m.strip()], n, max_length, batch,
-                    results if results or smoke else DEFAULT_RESULTS, smoke=smoke, json_out=json_out)
+                    results if results or smoke else DEFAULT_RESULTS, smoke=smoke, json_out=json_out,
+                    micro_tokens=micro_tokens)
 
 
 @bench_app.command("eval")

@@ -81,7 +81,7 @@ class TrainConfig:
     warmup_ratio: float = _f(0.06, "fraction of steps spent warming up")
     batch_size: int = _f(8, "max examples per batch")
     batch_tokens: int = _f(4096, "max padded tokens per batch (time scales with tokens, not rows)")
-    micro_tokens: int = _f(1024, "forward/backward a batch in pieces of at most this many padded tokens: the same "
+    micro_tokens: int = _f(512, "forward/backward a batch in pieces of at most this many padded tokens: the same "
                                  "gradients, activation memory bounded by the piece (0: never split)")
     grad_accum: int = _f(1, "batches per optimizer step")
     max_grad_norm: float = _f(1.0, "gradient clipping norm (0 turns it off)")
@@ -92,7 +92,10 @@ class TrainConfig:
     threads: int | None = _f(None, "torch CPU threads; default: all cores")
     checkpoint_every: int | None = _f(50, "save a resumable checkpoint every N optimizer steps (atomic)")
     resume: bool = _f(False, "continue from the run folder's checkpoint, if one exists")
-    activation_checkpointing: bool = _f(False, "recompute activations in backward: less memory, ~1/3 more compute")
+    activation_checkpointing: bool | str = _f(
+        False, "recompute activations in backward. 'selective': keep matmul and attention outputs, recompute the "
+               "cheap elementwise ops (about half the activation memory for a few % more time); 'full' or true: "
+               "keep only each layer's input (far less memory, about 1/3 more compute); false: keep everything")
 
 
 @dataclass
@@ -200,6 +203,9 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     return raw
 
 
+CHECKPOINTING = (False, True, "selective", "full")
+
+
 def validate(cfg: RunConfig) -> RunConfig:
     """Value checks that types cannot express."""
     t = cfg.train
@@ -209,6 +215,9 @@ def validate(cfg: RunConfig) -> RunConfig:
         raise PeftlabError("train.epochs, train.batch_size, train.grad_accum and train.batch_tokens must be >= 1")
     if t.micro_tokens < 0:
         raise PeftlabError(f"train.micro_tokens must be >= 0 (0: never split a batch), got {t.micro_tokens}")
+    if t.activation_checkpointing not in CHECKPOINTING:
+        choice = t.activation_checkpointing
+        raise PeftlabError(f"train.activation_checkpointing must be false, true, selective or full, got {choice!r}")
     if t.schedule not in ("linear", "cosine", "constant"):
         raise PeftlabError(f"train.schedule must be linear, cosine or constant, got '{t.schedule}'")
     if len(cfg.data.split) != 3 or abs(sum(cfg.data.split) - 1) > 1e-6:

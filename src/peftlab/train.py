@@ -29,6 +29,7 @@ from peftlab.data import Encoded, PromptFormat, budget_groups, collate, encode, 
 from peftlab.errors import PeftlabError
 from peftlab.evaluate import batch_tokens, evaluate, mean_loss, right_padded_ok, target_loss
 from peftlab.io import write_bytes_atomic, write_json, write_jsonl
+from peftlab.memory import enable_checkpointing, lean_swiglu
 from peftlab.methods import apply_method, count_params, get_method
 from peftlab.models import LoadedModel, load_model
 from peftlab.tasks import DEFAULT_DATA, Example, Task, get_task, kfold_examples, split_examples
@@ -366,9 +367,8 @@ def run_training(cfg: RunConfig, on_epoch_end=None) -> Path:
         save_config(cfg, run_dir / "config.yaml")
         if cfg.train.report_to:
             accelerator.init_trackers(cfg.name)
-    if cfg.train.activation_checkpointing:
-        # Keep only each layer's input and recompute the rest in backward: ~1/3 more compute, far less memory.
-        loaded.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    enable_checkpointing(loaded.model, cfg.train.activation_checkpointing)
+    lean_swiglu(loaded.model)  # the gated MLPs keep two tensors for backward, not three: same gradients
     model = apply_method(loaded, task, cfg.method)
     trainable, total = count_params(model)
     summary: dict = {
