@@ -73,3 +73,21 @@ def test_generate_uses_the_fast_path_for_lora_and_keeps_generate_for_prompt_tuni
     prompt = get_peft_model(loaded.model, PromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=4))
     assert not _decodes_fast(prompt, fmt, items)
     assert len(generate(prompt, fmt, items[:2], max_new_tokens=4, progress=False)) == 2
+
+
+@pytest.mark.parametrize("variant", ["right-padded-prefill", "left-padded-prefill", "idle-rows"])
+def test_every_prefill_and_compaction_variant_equals_generate(sharp, monkeypatch, variant):
+    """The unmasked right-padded prefill, the masked left-padded one (for models without per-row logit positions)
+    and rows that finish but stay in the batch for a while all pick the tokens `model.generate` picks."""
+    import peftlab.decode as decode
+
+    loaded, fmt, _, prompts = sharp
+    pad = fmt.tokenizer.pad_token_id
+    assert decode.takes_unmasked_rows(loaded.model)
+    if variant == "left-padded-prefill":
+        monkeypatch.setattr(decode, "takes_unmasked_rows", lambda model: False)
+    if variant == "idle-rows":  # finished rows leave only when all have finished
+        monkeypatch.setattr(decode, "COMPACT_FRACTION", 1)
+    stop = _reference(loaded.model, prompts, 14, set(), pad)[0][3]
+    expected = _reference(loaded.model, prompts, 14, {stop}, pad)
+    assert greedy_decode(loaded.model, prompts, 14, [stop], pad, prefill_tokens=400) == expected

@@ -162,3 +162,41 @@ def test_seq2seq_generation_and_metrics(seq2seq):
     assert {"rouge1", "rouge2", "rougeL", "rougeLsum"} <= set(metrics)
     assert metrics["truncated_examples"] == sum(e.truncated > 0 for e in items) > 0
     assert len(rows) == 3 and all(isinstance(r["prediction"], str) for r in rows)
+
+
+def test_calibrate_divides_out_the_content_free_lean():
+    from peftlab.evaluate import calibrate
+
+    probs = torch.tensor([[0.7, 0.2, 0.1], [0.45, 0.35, 0.2], [0.6, 0.1, 0.3]])
+    lean = torch.tensor([[0.6, 0.3, 0.1], [0.4, 0.3, 0.3]])  # mean (0.5, 0.3, 0.2)
+    got = calibrate(probs.log(), lean.log()).exp()
+    want = probs / torch.tensor([0.5, 0.3, 0.2])
+    torch.testing.assert_close(got, want / want.sum(-1, keepdim=True))
+    assert got.argmax(-1).tolist() == [0, 1, 2]  # uncalibrated, every row says label 0
+    uniform = torch.full((1, 3), 1 / 3).log()
+    torch.testing.assert_close(calibrate(probs.log(), uniform), probs.log())  # no lean, no change
+
+
+def test_calibrated_evaluation_uses_content_free_prompts_with_the_same_demos(causal, tmp_path):
+    from peftlab.config import load_config
+    from peftlab.data import few_shot_demos
+    from peftlab.evaluate import calibrate
+    from peftlab.train import content_free_items, encode_split
+
+    loaded, fmt = causal
+    task = get_task("pubmedqa")
+    examples = task.load(PUBMEDQA)[:8]
+    cfg = load_config(None, base={"data": {"max_length": 1024, "calibrate": True}})
+    demos = few_shot_demos(task, examples[:4], 1, seed=0)
+    items = encode_split(cfg, task, fmt, examples[4:], demos)
+    free = content_free_items(cfg, task, fmt, examples[:4], demos)
+    assert len(free) == 3 and all(demos[0][0][:40] in fmt.tokenizer.decode(e.prompt_ids) for e in free)
+    assert "N/A" in fmt.tokenizer.decode(free[0].prompt_ids)
+    metrics, rows = evaluate(loaded.model, fmt, task, examples[4:], items, progress=False, content_free=free)
+    want = calibrate(label_scores(loaded.model, fmt, items, task.labels, progress=False),
+                     label_scores(loaded.model, fmt, free, task.labels, progress=False))
+    assert [r["prediction"] for r in rows] == [task.labels[int(i)] for i in want.argmax(-1)]
+    raw = [max(r["label_logprobs"], key=r["label_logprobs"].get) for r in rows]  # the uncalibrated scores are kept
+    gold = [e.references[0] for e in examples[4:]]
+    assert metrics["uncalibrated_accuracy"] == sum(p == g for p, g in zip(raw, gold, strict=True)) / 4
+    assert not content_free_items(load_config(None, base={}), task, fmt, examples[:4], demos)  # off by default

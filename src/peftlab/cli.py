@@ -47,6 +47,7 @@ def eval_cmd(
     max_length: Annotated[int, typer.Option(help="max prompt + target tokens")] = 512,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, mps")] = "auto",
     allow_pickle: Annotated[bool, typer.Option(help="allow pickled .bin/.pt weights")] = False,
+    calibrate: Annotated[bool, typer.Option(help="contextual calibration of label scores (classification)")] = False,
 ) -> None:
     """Score a model (optionally with an adapter) on a task and write metrics.json and predictions.jsonl."""
     from peftlab.runner import run_eval
@@ -64,6 +65,7 @@ def eval_cmd(
         max_length=max_length,
         device=device,
         allow_pickle=allow_pickle,
+        calibrate=calibrate,
     )
     print_metrics(metrics)
     console.print(f"wrote {out / 'metrics.json'} and {out / 'predictions.jsonl'}")

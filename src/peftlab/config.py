@@ -43,6 +43,8 @@ class DataConfig:
     template: int = _f(0, "index of the instruction phrasing")
     max_length: int = _f(512, "max tokens of prompt + target; the context is cut, never the question or target")
     shots: int = _f(0, "in-context examples from the train split (few-shot)")
+    calibrate: bool = _f(False, "classification: contextual calibration of the label scores (divide out the "
+                                "prompt's own label bias, measured on content-free inputs); see evaluate.calibrate")
     limit_train: int | None = _f(None, "use only the first N training examples")
     limit_eval: int | None = _f(None, "score only the first N val and test examples")
     target: str = _f("gold", "training labels: gold, teacher, or a path to a JSONL/CSV of outputs keyed by id")

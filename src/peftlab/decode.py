@@ -7,8 +7,6 @@
 - **masked prefill**: a padding mask forces SDPA's masked kernel, which copies each key/value head for every query
   head it serves. Here a group is right-padded and runs unmasked (the causal kernel, key/value heads read in
   place), and its states are moved to the left-padded decode layout afterwards;
-- **the shared prefix**: every prompt starts with the same chat-template system turn and instruction. Here it runs
-  once, and its states are copied to every row;
 - **finished rows**: a row that has emitted its stop token keeps being computed until the whole batch stops. Here
   finished rows leave the batch (and the KV cache) once they are an eighth of it;
 - **cache growth**: the default cache concatenates every new key onto the old ones, copying the whole cache at
@@ -23,7 +21,6 @@ how to splice their virtual tokens and images in.
 from __future__ import annotations
 
 import inspect
-import os
 from collections.abc import Sequence
 
 import torch
@@ -92,15 +89,11 @@ def _prefill(model, prompts, pad_id: int, capacity: int, max_tokens: int, device
     keys: list[list[torch.Tensor]] = [[] for _ in range(n_layers)]
     values: list[list[torch.Tensor]] = [[] for _ in range(n_layers)]
     first: list[torch.Tensor] = []
-    right = takes_unmasked_rows(model)
-    prefix = _shared_prefix(model, prompts, n_layers, device) if right else None
+    run_group = _prefill_right if takes_unmasked_rows(model) else _prefill_left
     for group in budget_groups([len(p) for p in prompts], max_tokens):
         rows = [prompts[i] for i in group]
         cache = Cache(layers=[DynamicLayer() for _ in range(n_layers)])
-        if right:
-            logits, source = _prefill_right(model, rows, pad_id, width, cache, device, prefix)
-        else:
-            logits, source = _prefill_left(model, rows, pad_id, width, cache, device)
+        logits, source = run_group(model, rows, pad_id, width, cache, device)
         first.append(logits.argmax(-1))
         for layer, cached in enumerate(cache.layers):
             b, h, _, d = cached.keys.shape
@@ -114,44 +107,17 @@ def _prefill(model, prompts, pad_id: int, capacity: int, max_tokens: int, device
     return torch.cat(first), merged, mask.to(device)
 
 
-# A prompt prefix shorter than this is not worth its own pass: the rows after it need a masked attention kernel.
-MIN_SHARED_PREFIX = 16
-
-
-def _shared_prefix(model, prompts, n_layers: int, device) -> tuple[int, list] | None:
-    """The tokens every prompt starts with (the chat template's system turn, the instruction), run once.
-
-    Returns the prefix length and each layer's (keys, values) for one row, or None when the prompts share too little.
-    At least one token of every prompt is left out, as its logits give the first new token.
-    """
-    shared = os.path.commonprefix([list(p) for p in prompts])
-    n = min(len(shared), min(len(p) for p in prompts) - 1)
-    if len(prompts) < 2 or n < MIN_SHARED_PREFIX:
-        return None
-    cache = Cache(layers=[DynamicLayer() for _ in range(n_layers)])
-    model(input_ids=torch.tensor([shared[:n]], device=device), use_cache=True, logits_to_keep=1,
-          **{_cache_kwarg(model): cache})
-    return n, [(layer.keys, layer.values) for layer in cache.layers]
-
-
-def _prefill_right(model, rows, pad_id: int, width: int, cache, device, prefix=None):
+def _prefill_right(model, rows, pad_id: int, width: int, cache, device):
     """Right-padded rows with no mask: SDPA's causal kernel on grouped key/value heads (`models.takes_unmasked_rows`).
 
-    With a shared `prefix`, the cache starts with its states, copied to every row, and only the rest of each row
-    runs. Returns each row's next-token logits and, for every column of the merged cache, the cached column it
-    copies: row r's token j lands at column width - len(r) + j. Columns left of a row's start copy anything; they
-    are masked.
+    Returns each row's next-token logits and, for every column of the merged cache, the cached column it copies:
+    row r's token j lands at column width - len(r) + j. Columns left of a row's start copy anything; they are masked.
     """
     lengths = torch.tensor([len(p) for p in rows])
-    start = 0
-    if prefix is not None:
-        start, states = prefix
-        for layer, (keys, values) in zip(cache.layers, states, strict=True):
-            layer.update(keys.expand(len(rows), -1, -1, -1), values.expand(len(rows), -1, -1, -1))
-    ids = torch.full((len(rows), int(lengths.max()) - start), pad_id, dtype=torch.long)
+    ids = torch.full((len(rows), int(lengths.max())), pad_id, dtype=torch.long)
     for row, p in enumerate(rows):
-        ids[row, : len(p) - start] = torch.tensor(p[start:], dtype=torch.long)
-    last = (lengths - start - 1)[:, None].to(device)
+        ids[row, : len(p)] = torch.tensor(p, dtype=torch.long)
+    last = (lengths - 1)[:, None].to(device)
     out = model(input_ids=ids.to(device), use_cache=True, logits_to_keep=last, **{_cache_kwarg(model): cache})
     source = (torch.arange(width) - (width - lengths)[:, None]).clamp(min=0)
     return out.logits[:, -1], source.to(device)

@@ -114,6 +114,17 @@ def label_scores(
     return scores
 
 
+def calibrate(scores: torch.Tensor, content_free: torch.Tensor) -> torch.Tensor:
+    """Contextual calibration (Zhao et al., 2021): label log-probabilities with the prompt's own bias divided out.
+
+    A prompt leans towards some labels whatever its content (an instruct model says "yes"). Scoring the same prompt
+    with every input field replaced by content-free text ("N/A", ...) measures that lean; dividing each item's label
+    probabilities by it, then renormalising, leaves what the content adds. Both arguments are (n, labels) log-probs.
+    """
+    bias = content_free.log_softmax(-1).exp().mean(0).log()  # the mean content-free label distribution
+    return (scores.log_softmax(-1) - bias).log_softmax(-1)
+
+
 def _decodes_fast(model, fmt: PromptFormat, items: Sequence[Encoded]) -> bool:
     """Whether `decode.greedy_decode` can run this model: a causal text LM without virtual tokens."""
     return fmt.kind == "causal" and not is_prompt_learning(model) and all(e.media is None for e in items)
@@ -197,18 +208,29 @@ def evaluate(
     split: str = "test",
     max_tokens: int = 8192,
     progress: bool = True,
+    content_free: Sequence[Encoded] = (),
 ) -> tuple[dict, list[dict]]:
-    """Score `examples` (already encoded as `items`): returns flat metrics and one prediction row per example."""
+    """Score `examples` (already encoded as `items`): returns flat metrics and one prediction row per example.
+
+    With `content_free` prompts (classification only), predictions are contextually calibrated: see `calibrate`.
+    """
     model.eval()
     references = [ex.references for ex in examples]
     if task.kind == "classification":
         scores = label_scores(model, fmt, items, task.labels, max_tokens, progress)
+        raw = scores
+        if content_free:
+            bias = label_scores(model, fmt, content_free, task.labels, max_tokens, progress=False)
+            scores = calibrate(scores, bias)
         predictions = [task.labels[int(i)] for i in scores.argmax(-1)]
         per_example = [float(p == r[0]) for p, r in zip(predictions, references, strict=True)]
     else:
         predictions = generate(model, fmt, items, task.max_new_tokens, progress=progress)
         per_example = [per_example_rouge1(p, r) for p, r in zip(predictions, references, strict=True)]
     metrics = {"task": task.name, "split": split, "n": len(examples), **task.score(predictions, references)}
+    if task.kind == "classification" and content_free:  # what calibration changed, side by side
+        before = task.score([task.labels[int(i)] for i in raw.argmax(-1)], references)
+        metrics.update({f"uncalibrated_{k}": before[k] for k in ("accuracy", "macro_f1") if k in before})
     metrics["truncated_examples"] = sum(1 for e in items if e.truncated)
     rows = [
         {
@@ -222,6 +244,6 @@ def evaluate(
         for ex, e, pred, score in zip(examples, items, predictions, per_example, strict=True)
     ]
     if task.kind == "classification":
-        for row, s in zip(rows, scores.tolist(), strict=True):
+        for row, s in zip(rows, raw.tolist(), strict=True):
             row["label_logprobs"] = dict(zip(task.labels, s, strict=True))
     return metrics, rows

@@ -11,7 +11,7 @@ from peftlab.evaluate import evaluate
 from peftlab.io import write_json, write_jsonl
 from peftlab.models import load_model
 from peftlab.tasks import get_task
-from peftlab.train import encode_split, load_splits
+from peftlab.train import content_free_items, encode_split, load_splits
 
 
 def load_for_inference(model: str, adapter: str | None, device: str = "auto", allow_pickle: bool = False):
@@ -39,12 +39,14 @@ def run_eval(
     max_length: int = 512,
     device: str = "auto",
     allow_pickle: bool = False,
+    calibrate: bool = False,
 ) -> dict:
     """Score a model on a task's data; writes `out/metrics.json` and `out/predictions.jsonl`; returns the metrics."""
     if split not in ("all", "train", "val", "test"):
         raise PeftlabError(f"--split must be all, train, val or test, got '{split}'")
     t = get_task(task)
-    cfg = from_dict(RunConfig, {"data": {"task": task, "path": data, "template": template, "max_length": max_length}})
+    cfg = from_dict(RunConfig, {"data": {"task": task, "path": data, "template": template, "max_length": max_length,
+                                         "calibrate": calibrate}})
     splits = load_splits(cfg, t)
     examples = [ex for s in ("train", "val", "test") for ex in splits[s]] if split == "all" else splits[split]
     # Few-shot demos come from the train split; scoring them too would leak, so 'all' with shots scores val + test.
@@ -57,8 +59,9 @@ def run_eval(
     fmt = PromptFormat.for_model(loaded)
     demos = few_shot_demos(t, splits["train"], shots, seed=0, template=template)
     items = encode_split(cfg, t, fmt, examples, demos)
-    metrics, rows = evaluate(loaded.model, fmt, t, examples, items, split=split)
-    metrics.update(model=model, adapter=adapter, shots=shots)
+    content_free = content_free_items(cfg, t, fmt, examples, demos)
+    metrics, rows = evaluate(loaded.model, fmt, t, examples, items, split=split, content_free=content_free)
+    metrics.update(model=model, adapter=adapter, shots=shots, calibrated=bool(content_free))
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "metrics.json", metrics)
     write_jsonl(out / "predictions.jsonl", rows)

@@ -62,6 +62,20 @@ def encode_split(cfg: RunConfig, task: Task, fmt: PromptFormat, examples, shots=
     return [encode(task, ex, fmt, cfg.data.max_length, cfg.data.template, shots) for ex in examples]
 
 
+CONTENT_FREE = ("N/A", "[MASK]", "")  # Zhao et al.'s content-free inputs
+
+
+def content_free_items(cfg: RunConfig, task: Task, fmt: PromptFormat, train, shots=()) -> list[Encoded]:
+    """With data.calibrate, the prompt with every input field content-free, same phrasing and demos (else none)."""
+    if not cfg.data.calibrate or task.kind != "classification" or not train:
+        return []
+    examples = [
+        Example(f"content-free-{i}", {k: text for k in train[0].inputs}, train[0].target, train[0].references)
+        for i, text in enumerate(CONTENT_FREE)
+    ]
+    return encode_split(cfg, task, fmt, examples, shots)
+
+
 def split_rows(items: list[Encoded], idx: list[int], max_tokens: int) -> list[list[int]]:
     """Split one batch's rows into length-sorted pieces of at most `max_tokens` padded tokens (one row may exceed it).
 
@@ -361,6 +375,7 @@ def run_training(cfg: RunConfig, on_epoch_end=None) -> Path:
         "train": encode_split(cfg, task, fmt, train_examples),
         "val": encode_split(cfg, task, fmt, splits["val"], shots),
         "test": encode_split(cfg, task, fmt, splits["test"], shots),
+        "content_free": content_free_items(cfg, task, fmt, splits["train"], shots),
     }
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -406,10 +421,10 @@ def _finish(cfg, model, loaded, task, fmt, splits, enc, run_dir, summary, traina
     for split in ("val", "test"):
         if not enc[split]:
             continue
-        if split == "val" and best_val:  # the best epoch's weights are the ones kept, so its val scores stand
+        if split == "val" and best_val and not enc["content_free"]:  # the kept epoch's val scores stand
             m, r = best_val, []
         else:
-            m, r = evaluate(model, fmt, task, splits[split], enc[split], split=split)
+            m, r = evaluate(model, fmt, task, splits[split], enc[split], split=split, content_free=enc["content_free"])
         metrics.update({f"{split}_{k}": v for k, v in m.items() if k not in ("task", "split")})
         if split == "test":
             rows = r

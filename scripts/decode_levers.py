@@ -1,0 +1,91 @@
+"""Ablation of the greedy decoder's levers on DialogSum, measured side by side in one process.
+
+    .venv/bin/python scripts/decode_levers.py --n 64 --repeats 2
+
+Each variant turns one lever of `peftlab.decode` off and decodes the same n prompts (60 new tokens); variants run
+interleaved, `--repeats` times, and the best time of each is kept, so a background hiccup hurts one sample, not one
+variant. Prints seconds per dialogue split into prefill and decode, each variant's ratio to the full decoder, and
+whether its outputs equal the full decoder's. bench/RESULTS.md records the outcome next to the prediction.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import time
+
+import torch
+
+import peftlab.decode as decode
+from peftlab.bench import encode_dialogsum, machine_line
+from peftlab.models import load_model
+
+VARIANTS = {
+    "all levers": {},
+    "masked left-padded prefill": {"takes_unmasked_rows": lambda model: False},
+    "compact at every finished row": {"COMPACT_FRACTION": 10**9},
+}
+
+
+@contextlib.contextmanager
+def patched(changes: dict):
+    old = {k: getattr(decode, k) for k in changes}
+    for k, v in changes.items():
+        setattr(decode, k, v)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            setattr(decode, k, v)
+
+
+def timed_decode(model, prompts, stops, pad) -> tuple[float, float, list]:
+    """(prefill seconds, total seconds, outputs) of one greedy_decode call."""
+    spent = {}
+    prefill = decode._prefill
+
+    def timed_prefill(*args, **kwargs):
+        t0 = time.perf_counter()
+        out = prefill(*args, **kwargs)
+        spent["prefill"] = time.perf_counter() - t0
+        return out
+
+    with patched({"_prefill": timed_prefill}):
+        t0 = time.perf_counter()
+        out = decode.greedy_decode(model, prompts, 60, stops, pad)
+        total = time.perf_counter() - t0
+    return spent["prefill"], total, out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2-135m-instruct")
+    parser.add_argument("--n", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=2)
+    args = parser.parse_args()
+    fmt, items, _ = encode_dialogsum(args.model, args.n, 1024)
+    model = load_model(args.model, device="cpu", dtype=torch.float32).model.eval()
+    prompts = sorted((e.prompt_ids for e in items), key=len)
+    stops, pad = fmt.stop_token_ids, fmt.tokenizer.pad_token_id
+    best: dict[str, tuple[float, float]] = {}
+    outputs: dict[str, list] = {}
+    with torch.inference_mode():
+        timed_decode(model, prompts[:4], stops, pad)  # warm-up: first-call allocations and kernel selection
+        for _ in range(args.repeats):
+            for name, changes in VARIANTS.items():
+                with patched(changes):
+                    pre, total, outputs[name] = timed_decode(model, prompts, stops, pad)
+                if name not in best or total < best[name][1]:
+                    best[name] = (pre, total)
+    n = len(prompts)
+    print(f"{machine_line()}; {n} dialogues, mean prompt {sum(map(len, prompts)) / n:.0f} tokens, 60 new tokens")
+    print("| variant | prefill s/dialogue | decode s/dialogue | total s/dialogue | vs all levers | same outputs |")
+    print("|---|---|---|---|---|---|")
+    base = best["all levers"][1]
+    for name, (pre, total) in best.items():
+        same = "yes" if outputs[name] == outputs["all levers"] else "no"
+        print(f"| {name} | {pre / n:.3f} | {(total - pre) / n:.3f} | {total / n:.3f} | {total / base:.2f}x | {same} |")
+
+
+if __name__ == "__main__":
+    main()
