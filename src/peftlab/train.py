@@ -3,9 +3,11 @@
     config -> task data and splits -> base model -> method -> encode -> train (AdamW, warmup + schedule, clipping,
     accumulation, per-epoch val loss and metric, early stopping, best checkpoint) -> test evaluation -> run folder
 
-A plain loop rather than `transformers.Trainer`, because the speed tricks live in the batch layout: prompts
-left-padded and targets right-padded so the LM head runs only at target positions, and length-bucketed batches
-sized by tokens. Run it data-parallel unchanged with `accelerate launch` (or `torchrun` on CPU).
+A plain loop rather than `transformers.Trainer`, because the speed tricks live in the batch layout: rows
+right-padded with no attention mask (SDPA's causal kernel), the LM head only at target positions, length-bucketed
+batches sized by tokens, and pieces of at most `train.micro_tokens` for backward. Prompt-learning methods and
+vision-language models keep the masked layout with left-padded prompts (`data.collate_causal`). Run it
+data-parallel unchanged with `accelerate launch` (or `torchrun` on CPU).
 """
 
 from __future__ import annotations
@@ -16,19 +18,18 @@ import random
 import resource
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass, field, fields
-from io import BytesIO
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
 from peftlab import __version__
+from peftlab.checkpoint import CHECKPOINT, TrainState, load_checkpoint, save_checkpoint, trainable_state
 from peftlab.config import RunConfig, save_config
 from peftlab.data import Encoded, PromptFormat, budget_groups, collate, encode, few_shot_demos, token_batches
 from peftlab.errors import PeftlabError
 from peftlab.evaluate import batch_tokens, evaluate, mean_loss, right_padded_ok, target_loss
-from peftlab.io import write_bytes_atomic, write_json, write_jsonl
+from peftlab.io import write_json, write_jsonl
 from peftlab.memory import enable_checkpointing, lean_swiglu
 from peftlab.methods import apply_method, count_params, get_method
 from peftlab.models import LoadedModel, load_model
@@ -101,60 +102,8 @@ def _scheduler(cfg: RunConfig, optimizer, total_steps: int):
     return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
 
 
-def _trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in model.named_parameters() if v.requires_grad}
-
-
 class NonFiniteLoss(PeftlabError):
     pass
-
-
-CHECKPOINT = "checkpoint.pt"
-
-
-@dataclass
-class TrainState:
-    """Where the loop stands. Saved in checkpoints, so a killed run continues exactly where it stopped."""
-
-    step: int = 0
-    epoch: int = 0
-    start: int = 0  # index of the next micro-batch within this epoch's shard
-    tokens: int = 0
-    seconds: float = 0.0
-    last_loss: float | None = None
-    stale: int = 0
-    best_val_loss: float = math.inf
-    best_epoch: int = 0
-    best_state: dict | None = None
-    best_val_metrics: dict | None = None  # the best epoch's full val scores, when the whole split was scored
-    log: list = field(default_factory=list)
-
-
-def save_checkpoint(path: Path, state: TrainState, model, optimizer, scheduler) -> None:
-    """Write model, optimizer, schedule, RNG and loop state atomically (temp file + rename)."""
-    payload = {
-        "state": {f.name: getattr(state, f.name) for f in fields(TrainState) if f.name != "best_state"},
-        "best_state": state.best_state,
-        "model": _trainable_state(model),
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
-        "torch_rng": torch.get_rng_state(),
-        "python_rng": random.getstate(),
-    }
-    buffer = BytesIO()
-    torch.save(payload, buffer)
-    write_bytes_atomic(path, buffer.getvalue())
-
-
-def load_checkpoint(path: Path, model, optimizer, scheduler) -> TrainState:
-    """Restore a checkpoint written by `save_checkpoint` (tensors only: `weights_only=True`, no pickled code)."""
-    payload = torch.load(path, weights_only=True)
-    model.load_state_dict(payload["model"], strict=False)
-    optimizer.load_state_dict(payload["optimizer"])
-    scheduler.load_state_dict(payload["scheduler"])
-    torch.set_rng_state(payload["torch_rng"])
-    random.setstate(payload["python_rng"])
-    return TrainState(**payload["state"], best_state=payload["best_state"])
 
 
 def train_step(model, micro: list[dict], kind: str, accelerator, params, optimizer, scheduler, max_grad_norm) -> float:
@@ -299,7 +248,7 @@ def _end_of_epoch(
     if val_row["val_loss"] < s.best_val_loss:
         s.best_val_loss, s.best_state, s.best_epoch, s.stale = (
             val_row["val_loss"],
-            _trainable_state(model),
+            trainable_state(model),
             s.epoch + 1,
             0,
         )
