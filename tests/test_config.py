@@ -85,3 +85,14 @@ def test_yaml_exponent_without_dot_is_a_float(tmp_path):
     path = tmp_path / "cfg.yaml"
     path.write_text("train:\n  lr: 3e-4\n")  # YAML 1.1 reads this as a string
     assert load_config(path).train.lr == pytest.approx(3e-4)
+
+
+@pytest.mark.parametrize("value,want", [("false", False), ("true", True), ("selective", "selective"),
+                                        ("full", "full")])
+def test_activation_checkpointing_takes_a_bool_or_a_mode(value, want):
+    assert load_config(None, [f"train.activation_checkpointing={value}"]).train.activation_checkpointing == want
+
+
+def test_unknown_checkpointing_mode_is_an_error():
+    with pytest.raises(PeftlabError, match="must be false, true, selective or full, got 'some'"):
+        load_config(None, ["train.activation_checkpointing=some"])

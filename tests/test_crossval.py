@@ -56,3 +56,17 @@ def test_three_fold_linear_head_tests_every_example_once_and_resumes(tiny_causal
 def test_cv_needs_three_folds(tiny_causal, tmp_path):
     with pytest.raises(PeftlabError, match="at least 3 folds"):
         run_cv(tiny_cfg(tiny_causal, "linear-head", tmp_path), folds=2)
+
+
+def test_methods_that_do_not_train_get_the_val_fold_as_demo_pool(small_pubmedqa):
+    from peftlab.config import load_config
+    from peftlab.tasks import get_task
+    from peftlab.train import load_splits
+
+    task = get_task("pubmedqa")
+    base = {"data": {"path": str(small_pubmedqa), "fold": 2, "folds": 5}}
+    trained = load_splits(load_config(None, base={**base, "method": {"name": "lora"}}), task)
+    shots = load_splits(load_config(None, base={**base, "method": {"name": "few-shot"}}), task)
+    assert trained["val"] and not shots["val"]  # no model selection, so no scoring of a val fold
+    assert shots["test"] == trained["test"]
+    assert {e.id for e in shots["train"]} == {e.id for e in trained["train"] + trained["val"]}

@@ -4,7 +4,8 @@ PubMedQA's own protocol is 10-fold cross-validation over the 500 trainval questi
 of accuracy and macro-F1; a single 50-question test split moves by ±7 points with the seed. `peftlab cv` runs the
 config once per fold (fold k is test, fold k+1 is val, the rest train; see `kfold_examples`), each as an ordinary
 run folder under runs/<name>/fold-<k>/, so a killed job resumes at the first unfinished fold and the study report
-shows every fold. Folds run in one process: frozen-feature methods (the linear head) pay for the features once.
+shows every fold. A method that does not train has no use for val, so that fold joins its demo pool. Folds run
+in one process: frozen-feature methods (the linear head) pay for the features once.
 """
 
 from __future__ import annotations

@@ -49,6 +49,8 @@ def load_splits(cfg: RunConfig, task: Task) -> dict[str, list[Example]]:
     examples = task.load(path)
     if cfg.data.fold is not None:
         splits = kfold_examples(examples, cfg.data.folds, cfg.data.fold, cfg.data.seed)
+        if not get_method(cfg.method.name).trains:  # nothing selects on the val fold: it joins the demo pool
+            splits = {"train": splits["train"] + splits["val"], "val": [], "test": splits["test"]}
     else:
         splits = split_examples(examples, tuple(cfg.data.split), cfg.data.seed, stratify=task.kind == "classification")
     if cfg.data.limit_train:
