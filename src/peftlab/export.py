@@ -171,9 +171,10 @@ def _add_tokenizer(writer, tokenizer, vocab_size: int) -> None:
     merges = [m if isinstance(m, str) else " ".join(m) for m in spec["model"]["merges"]]
     writer.add_tokenizer_model("gpt2")
     # SmolLM2's original tokenizer splits digits one by one (llama.cpp calls that 'smollm'); a tokenizer without
-    # that rule is plain GPT-2 splitting. Either way the file tokenizes as the tokenizer peftlab trained with.
+    # that rule is plain GPT-2 splitting, named 'gpt-2' there ('gpt2' fails to load as an unknown pre-tokenizer).
+    # Either way the file tokenizes as the tokenizer peftlab trained with.
     writer.add_tokenizer_pre(
-        "smollm" if '"individual_digits": true' in json.dumps(spec.get("pre_tokenizer")) else "gpt2"
+        "smollm" if '"individual_digits": true' in json.dumps(spec.get("pre_tokenizer")) else "gpt-2"
     )
     writer.add_token_list(tokens)
     writer.add_token_types(types)
