@@ -75,7 +75,8 @@ def test_generate_uses_the_fast_path_for_lora_and_keeps_generate_for_prompt_tuni
     assert len(generate(prompt, fmt, items[:2], max_new_tokens=4, progress=False)) == 2
 
 
-@pytest.mark.parametrize("variant", ["right-padded-prefill", "left-padded-prefill", "idle-rows"])
+@pytest.mark.parametrize("variant", ["right-padded-prefill", "left-padded-prefill", "idle-rows", "attention-groups-3",
+                                     "attention-whole-cache"])
 def test_every_prefill_and_compaction_variant_equals_generate(sharp, monkeypatch, variant):
     """The unmasked right-padded prefill, the masked left-padded one (for models without per-row logit positions)
     and rows that finish but stay in the batch for a while all pick the tokens `model.generate` picks."""
@@ -88,6 +89,46 @@ def test_every_prefill_and_compaction_variant_equals_generate(sharp, monkeypatch
         monkeypatch.setattr(decode, "takes_unmasked_rows", lambda model: False)
     if variant == "idle-rows":  # finished rows leave only when all have finished
         monkeypatch.setattr(decode, "COMPACT_FRACTION", 1)
+    if variant.startswith("attention-"):  # groups of several rows cropped to their longest; or one uncropped group
+        monkeypatch.setattr(decode, "DECODE_GROUPS", 3 if variant == "attention-groups-3" else 1)
     stop = _reference(loaded.model, prompts, 14, set(), pad)[0][3]
     expected = _reference(loaded.model, prompts, 14, {stop}, pad)
     assert greedy_decode(loaded.model, prompts, 14, [stop], pad, prefill_tokens=400) == expected
+
+
+def test_row_groups_keep_each_groups_longest_prompt():
+    from peftlab.decode import row_groups
+
+    lengths = torch.tensor([3, 5, 6, 9, 10, 20])
+    assert row_groups(lengths, 20, 3) == [(0, 2, 15), (2, 4, 11), (4, 6, 0)]
+    assert row_groups(lengths[:2], 20, 8) == [(0, 1, 17), (1, 2, 15)]
+
+
+def test_decode_attention_runs_cropped_groups_and_restores_sdpa(sharp, monkeypatch):
+    """The decode steps really take the grouped path (keys narrower than the cache), and the model is left on SDPA."""
+    import peftlab.decode as decode
+
+    loaded, fmt, _, prompts = sharp
+    widths = []
+    plain = decode.sdpa_attention_forward
+
+    def spy(module, query, key, *args, **kwargs):
+        if query.shape[2] == 1:
+            widths.append(key.shape[2])
+        return plain(module, query, key, *args, **kwargs)
+
+    monkeypatch.setattr(decode, "sdpa_attention_forward", spy)
+    greedy_decode(loaded.model, prompts, 3, [], fmt.tokenizer.pad_token_id)
+    longest = max(len(p) for p in prompts)
+    assert min(widths) <= len(prompts[0]) + 2 < longest  # the shortest prompt's group skips the others' columns
+    assert loaded.model.config._attn_implementation == "sdpa"
+
+
+def test_kv_cache_tokens_is_a_byte_budget(sharp):
+    from peftlab.decode import kv_cache_tokens
+
+    model = sharp[0].model
+    cfg = model.config  # tiny Llama: 2 key/value heads of hidden/heads each, fp32
+    per_token = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * (cfg.hidden_size // cfg.num_attention_heads) * 4
+    assert kv_cache_tokens(model, 10 * per_token) == 10
+    assert kv_cache_tokens(model) == 2 * 1024**3 // per_token

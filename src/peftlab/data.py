@@ -187,6 +187,16 @@ def token_batches(
     return batches
 
 
+def forward_tokens(device: torch.device | str) -> int:
+    """Padded tokens per no-grad forward pass (scoring, validation loss, features, decode prefill).
+
+    On a CPU, small passes are faster: at 1024 tokens a layer's activations stay in cache, and SmolLM2's DialogSum
+    prefill ran 0.36 s per dialogue against 0.41 at 4096 and 0.50 at 8192 (PubMedQA label scoring: 1.77 against
+    1.54 items/s at 8192). A GPU wants wide passes to fill its cores.
+    """
+    return 1024 if torch.device(device).type == "cpu" else 16384
+
+
 def budget_groups(lengths: Sequence[int], max_tokens: int, max_rows: int | None = None) -> list[list[int]]:
     """Consecutive groups of positions in `lengths` whose padded size (rows x longest) stays within `max_tokens`.
 

@@ -10,7 +10,11 @@
 - **finished rows**: a row that has emitted its stop token keeps being computed until the whole batch stops. Here
   finished rows leave the batch (and the KV cache) once they are an eighth of it;
 - **cache growth**: the default cache concatenates every new key onto the old ones, copying the whole cache at
-  every step. Here each layer writes into a buffer sized once for the longest possible sequence.
+  every step. Here each layer writes into a buffer sized once for the longest possible sequence;
+- **padded attention**: one decode batch is left-padded to its longest prompt, and reading the KV cache is most of
+  a decode step's attention time (memory-bound: one query per row). Here attention runs per group of
+  length-sorted rows, each over only the cache columns some row of the group has filled (`grouped_sdpa`), while
+  the matmuls still see the whole batch.
 
 The tokens are the ones greedy `generate` picks: the same argmax over the same logits, checked against
 `model.generate` in the tests and in `peftlab bench eval`. Only plain causal LMs (with or without LoRA, IA3 or full
@@ -20,11 +24,15 @@ how to splice their virtual tokens and images in.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from collections.abc import Sequence
 
 import torch
+from transformers import AttentionInterface
 from transformers.cache_utils import Cache, DynamicLayer
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from peftlab.data import budget_groups
 from peftlab.models import takes_unmasked_rows
@@ -38,12 +46,25 @@ class BufferLayer(DynamicLayer):
         self.capacity = capacity
         self.length = 0
 
+    def allocate(self, rows: int, like: torch.Tensor) -> None:
+        """Size the buffer for `rows` rows of `like`'s heads and head size. Left uninitialised: columns are read only
+        after they are written (prefill fills every column up to the prompt width, decode one more per step)."""
+        _, h, _, d = like.shape
+        self.device, self.is_initialized = like.device, True
+        self.buf_k = like.new_empty(rows, h, self.capacity, d)
+        self.buf_v = like.new_empty(rows, h, self.capacity, d)
+
+    def write_rows(self, start: int, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        """Prefill: put a group's states, already in the merged layout, into rows start.. of the buffer."""
+        end, width = start + key_states.shape[0], key_states.shape[-2]
+        self.buf_k[start:end, :, :width] = key_states
+        self.buf_v[start:end, :, :width] = value_states
+        self.length = width
+        self.keys, self.values = self.buf_k[:, :, :width], self.buf_v[:, :, :width]
+
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:
-            b, h, _, d = key_states.shape
-            self.device, self.is_initialized = key_states.device, True
-            self.buf_k = key_states.new_zeros(b, h, self.capacity, d)
-            self.buf_v = value_states.new_zeros(b, h, self.capacity, d)
+            self.allocate(key_states.shape[0], key_states)
         end = self.length + key_states.shape[-2]
         self.buf_k[:, :, self.length : end] = key_states
         self.buf_v[:, :, self.length : end] = value_states
@@ -58,6 +79,57 @@ class BufferLayer(DynamicLayer):
         if self.is_initialized:
             self.buf_k, self.buf_v = self.buf_k[indices], self.buf_v[indices]
             self.keys, self.values = self.buf_k[:, :, : self.length], self.buf_v[:, :, : self.length]
+
+
+GROUPED_ATTENTION = "peftlab_grouped_sdpa"
+DECODE_GROUPS = 8  # decode attention runs in up to this many groups of length-sorted rows (see grouped_sdpa)
+
+
+def grouped_sdpa(module, query, key, value, attention_mask, row_groups=None, **kwargs):
+    """SDPA over groups of rows, each group over only the cache columns that hold some of its rows' tokens.
+
+    `row_groups` is a list of (first row, end row, first column). The left-padded cache is as wide as the batch's
+    longest prompt, and a decode step's attention does little but read that cache, so the columns that are padding
+    for every row of a group are worth skipping. They are masked anyway, so their softmax weight is exactly zero
+    and the rows' results stay the same. Without `row_groups` (prefill, training) this is plain SDPA.
+    """
+    if row_groups is None or query.shape[2] != 1:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    outputs = []
+    for start, end, first in row_groups:
+        mask = attention_mask
+        if mask is not None:
+            mask = (mask if mask.shape[0] == 1 else mask[start:end])[..., first:]
+        out, _ = sdpa_attention_forward(module, query[start:end], key[start:end, :, first:],
+                                        value[start:end, :, first:], mask, **kwargs)
+        outputs.append(out)
+    return torch.cat(outputs), None
+
+
+AttentionInterface.register(GROUPED_ATTENTION, grouped_sdpa)
+AttentionMaskInterface.register(GROUPED_ATTENTION, sdpa_mask)
+
+
+def row_groups(lengths: torch.Tensor, width: int, n_groups: int | None = None) -> list[tuple[int, int, int]]:
+    """Split the rows into up to `n_groups` (default `DECODE_GROUPS`) consecutive groups of near-equal size; each
+    keeps the cache columns from its longest prompt's first token on."""
+    n_groups = min(n_groups or DECODE_GROUPS, len(lengths))
+    bounds = torch.linspace(0, len(lengths), n_groups + 1).round().long().tolist()
+    return [(a, b, width - int(lengths[a:b].max())) for a, b in zip(bounds, bounds[1:], strict=False) if b > a]
+
+
+@contextlib.contextmanager
+def _grouped_attention(model):
+    """Switch the model to `grouped_sdpa` for the decode steps when it runs SDPA; yield whether it did."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if getattr(base.config, "_attn_implementation", None) != "sdpa":
+        yield False
+        return
+    base.set_attn_implementation(GROUPED_ATTENTION)
+    try:
+        yield True
+    finally:
+        base.set_attn_implementation("sdpa")
 
 
 def _cache_kwarg(model) -> str:
@@ -86,8 +158,7 @@ def _prefill(model, prompts, pad_id: int, capacity: int, max_tokens: int, device
     """
     width = max(len(p) for p in prompts)
     n_layers = model.config.get_text_config().num_hidden_layers
-    keys: list[list[torch.Tensor]] = [[] for _ in range(n_layers)]
-    values: list[list[torch.Tensor]] = [[] for _ in range(n_layers)]
+    merged = Cache(layers=[BufferLayer(capacity) for _ in range(n_layers)])
     first: list[torch.Tensor] = []
     run_group = _prefill_right if takes_unmasked_rows(model) else _prefill_left
     for group in budget_groups([len(p) for p in prompts], max_tokens):
@@ -95,14 +166,12 @@ def _prefill(model, prompts, pad_id: int, capacity: int, max_tokens: int, device
         cache = Cache(layers=[DynamicLayer() for _ in range(n_layers)])
         logits, source = run_group(model, rows, pad_id, width, cache, device)
         first.append(logits.argmax(-1))
-        for layer, cached in enumerate(cache.layers):
+        for buffer, cached in zip(merged.layers, cache.layers, strict=True):
+            if not buffer.is_initialized:
+                buffer.allocate(len(prompts), cached.keys)
             b, h, _, d = cached.keys.shape
             index = source[:, None, :, None].expand(b, h, width, d)
-            keys[layer].append(cached.keys.gather(2, index))
-            values[layer].append(cached.values.gather(2, index))
-    merged = Cache(layers=[BufferLayer(capacity) for _ in range(n_layers)])
-    for layer in range(n_layers):
-        merged.layers[layer].update(torch.cat(keys[layer]), torch.cat(values[layer]))
+            buffer.write_rows(group[0], cached.keys.gather(2, index), cached.values.gather(2, index))
     _, mask = left_padded(prompts, pad_id)
     return torch.cat(first), merged, mask.to(device)
 
@@ -134,27 +203,54 @@ def _prefill_left(model, rows, pad_id: int, width: int, cache, device):
     return out.logits[:, -1], source.to(device)
 
 
+KV_CACHE_BYTES = 2 * 1024**3  # the decode cache one generation batch may fill (see kv_cache_tokens)
+
+
+def kv_cache_tokens(model, budget_bytes: int = KV_CACHE_BYTES) -> int:
+    """How many cached tokens (rows x width) fit in `budget_bytes` of keys and values for this model.
+
+    A byte budget, not a fixed token count: SmolLM2-135M caches 45 KB per token (30 layers x 3 key/value heads x 64
+    x 2 x fp32), so 2 GB holds 64 dialogues of 500-token prompts in one batch; a fixed 32k tokens split them into a
+    batch of 63 and one of a single row, whose 60 weight-bound steps cost 4% of the whole run.
+    """
+    cfg = model.config.get_text_config()
+    heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    per_token = 2 * cfg.num_hidden_layers * heads * head_dim * next(model.parameters()).element_size()
+    return max(budget_bytes // per_token, 1)
+
+
 COMPACT_FRACTION = 8  # finished rows leave the batch once they are 1/8 of it (see greedy_decode)
 
 
 @torch.inference_mode()
 def greedy_decode(
     model, prompts: Sequence[Sequence[int]], max_new_tokens: int, stop_ids: Sequence[int], pad_id: int,
-    prefill_tokens: int = 4096,
+    prefill_tokens: int = 1024,
 ) -> list[list[int]]:
     """Greedy continuations of `prompts` (token ids), stop token excluded; all rows decode as one batch.
 
-    `prompts` should be sorted by length (the prefill groups are consecutive rows, see `data.budget_groups`).
+    `prompts` should be sorted by length (the prefill groups are consecutive rows, see `data.budget_groups`), each
+    group within `prefill_tokens` padded tokens (`data.forward_tokens` says how many suit the device).
     """
     device = next(model.parameters()).device
     width = max(len(p) for p in prompts)
     token, cache, mask = _prefill(model, prompts, pad_id, width + max_new_tokens, prefill_tokens, device)
+    with _grouped_attention(model) as grouped:
+        return _decode_steps(model, token, cache, mask, max_new_tokens, stop_ids, width, grouped)
+
+
+def _decode_steps(model, token, cache, mask, max_new_tokens: int, stop_ids, width: int, grouped: bool):
+    """The decode loop after prefill: one token per running row per step, finished rows compacted away."""
+    device = token.device
     stops = torch.tensor(sorted(stop_ids), device=device)
     cache_kw = _cache_kwarg(model)
-    outputs: list[list[int]] = [[] for _ in prompts]
-    active = torch.arange(len(prompts), device=device)  # original row of each batch row
-    running = torch.ones(len(prompts), dtype=torch.bool, device=device)  # batch rows still generating
+    outputs: list[list[int]] = [[] for _ in range(len(token))]
+    active = torch.arange(len(token), device=device)  # original row of each batch row
+    running = torch.ones(len(token), dtype=torch.bool, device=device)  # batch rows still generating
     position = mask.sum(-1)  # the next position of each row, counted from its first real token
+    lengths = position.clone()  # prompt lengths, for the attention groups
+    extra = {"row_groups": row_groups(lengths, width)} if grouped else {}
     for step in range(max_new_tokens):
         running &= ~torch.isin(token, stops)
         for row, tok in zip(active[running].tolist(), token[running].tolist(), strict=True):
@@ -167,10 +263,11 @@ def greedy_decode(
         if len(active) - n_running >= max(1, len(active) // COMPACT_FRACTION):
             keep = running.nonzero().squeeze(-1)
             active, token, mask, position = active[keep], token[keep], mask[keep], position[keep]
-            running = running[keep]
+            running, lengths = running[keep], lengths[keep]
             cache.batch_select_indices(keep)
+            extra = {"row_groups": row_groups(lengths, width)} if grouped else {}
         mask = torch.cat([mask, mask.new_ones(len(active), 1)], dim=-1)
         out = model(input_ids=token[:, None], attention_mask=mask, position_ids=position[:, None], use_cache=True,
-                    **{cache_kw: cache})
+                    **{cache_kw: cache}, **extra)
         token, position = out.logits[:, -1].argmax(-1), position + 1
     return outputs

@@ -13,8 +13,8 @@ from collections.abc import Sequence
 import torch
 from tqdm.auto import tqdm
 
-from peftlab.data import IGNORE, Encoded, PromptFormat, budget_groups, collate, token_batches
-from peftlab.decode import greedy_decode, left_padded
+from peftlab.data import IGNORE, Encoded, PromptFormat, budget_groups, collate, forward_tokens, token_batches
+from peftlab.decode import greedy_decode, kv_cache_tokens, left_padded
 from peftlab.metrics import per_example_rouge1
 from peftlab.models import takes_unmasked_rows
 from peftlab.tasks import Example, Task
@@ -72,11 +72,11 @@ def _device(model: torch.nn.Module) -> torch.device:
 
 
 @torch.inference_mode()
-def mean_loss(model, kind: str, items: Sequence[Encoded], pad_id: int, max_tokens: int = 8192) -> float:
+def mean_loss(model, kind: str, items: Sequence[Encoded], pad_id: int, max_tokens: int | None = None) -> float:
     """Mean per-token target loss over `items` (the validation loss)."""
     total, count = 0.0, 0
     right = right_padded_ok(model, kind, items)
-    for idx in token_batches(items, max_tokens, max_rows=64):
+    for idx in token_batches(items, max_tokens or forward_tokens(_device(model)), max_rows=64):
         batch = collate([items[i] for i in idx], kind, pad_id, right_padded=right)
         loss, n = target_loss(model, kind, _to(batch, _device(model)))
         total, count = total + float(loss), count + n
@@ -85,7 +85,8 @@ def mean_loss(model, kind: str, items: Sequence[Encoded], pad_id: int, max_token
 
 @torch.inference_mode()
 def label_scores(
-    model, fmt: PromptFormat, items: Sequence[Encoded], labels: Sequence[str], max_tokens: int = 8192, progress=True
+    model, fmt: PromptFormat, items: Sequence[Encoded], labels: Sequence[str], max_tokens: int | None = None,
+    progress=True,
 ) -> torch.Tensor:
     """Log-likelihood of each label after each prompt: shape (len(items), len(labels))."""
     if hasattr(model, "label_logprobs"):  # a classifier head (linear-head) scores its labels directly
@@ -97,6 +98,7 @@ def label_scores(
     scores = torch.zeros(len(items), len(labels))
     passes = 1 if single else len(labels)
     bar = tqdm(total=len(items) * passes, desc="scoring", unit="ex", disable=not progress, leave=False)
+    max_tokens = max_tokens or forward_tokens(_device(model))
     for j in range(passes):
         probe = [Encoded(e.id, e.prompt_ids, candidates[j] if not single else [0], media=e.media) for e in items]
         for idx in token_batches(probe, max_tokens, max_rows=64):
@@ -133,19 +135,21 @@ def _decodes_fast(model, fmt: PromptFormat, items: Sequence[Encoded]) -> bool:
 @torch.inference_mode()
 def generate(
     model, fmt: PromptFormat, items: Sequence[Encoded], max_new_tokens: int, max_rows: int = 64, progress=True,
-    max_tokens: int = 32768,
+    max_tokens: int | None = None,
 ) -> list[str]:
     """Greedy generation in length-sorted batches with the KV cache; returns texts in the order of `items`.
 
     Causal text models decode through `peftlab.decode.greedy_decode` (up to `max_rows` rows and `max_tokens` cached
-    tokens per batch; finished rows leave the batch). Seq2seq, prompt-learning and vision-language models go through
+    tokens per batch, by default as many as 2 GB of keys and values hold: `decode.kv_cache_tokens`; finished rows
+    leave the batch). Seq2seq, prompt-learning and vision-language models go through
     `model.generate` on left-padded batches of 16.
     """
     tok = fmt.tokenizer
     order = sorted(range(len(items)), key=lambda i: len(items[i].prompt_ids))
     outputs: list[str] = [""] * len(items)
     fast = _decodes_fast(model, fmt, items)
-    if fast:  # the KV cache of a group (rows x longest sequence) stays within max_tokens
+    if fast:  # the KV cache of a group (rows x longest sequence) stays within max_tokens (default: 2 GB of it)
+        max_tokens = max_tokens or kv_cache_tokens(model)
         lengths = [len(items[i].prompt_ids) + max_new_tokens for i in order]
         groups = [[order[j] for j in g] for g in budget_groups(lengths, max_tokens, max_rows)]
     else:
@@ -154,7 +158,8 @@ def generate(
     for idx in groups:
         if fast:
             prompts = [items[i].prompt_ids for i in idx]
-            new = greedy_decode(model, prompts, max_new_tokens, fmt.stop_token_ids, tok.pad_token_id)
+            new = greedy_decode(model, prompts, max_new_tokens, fmt.stop_token_ids, tok.pad_token_id,
+                                forward_tokens(_device(model)))
         else:
             new = _generate_batch(model, fmt, [items[i] for i in idx], max_new_tokens)
         for row, i in enumerate(idx):
@@ -206,7 +211,7 @@ def evaluate(
     examples: Sequence[Example],
     items: Sequence[Encoded],
     split: str = "test",
-    max_tokens: int = 8192,
+    max_tokens: int | None = None,
     progress: bool = True,
     content_free: Sequence[Encoded] = (),
 ) -> tuple[dict, list[dict]]:

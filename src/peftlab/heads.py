@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from peftlab.config import MethodConfig, RunConfig
-from peftlab.data import Encoded, PromptFormat, collate, token_batches
+from peftlab.data import Encoded, PromptFormat, collate, forward_tokens, token_batches
 from peftlab.errors import PeftlabError
 from peftlab.models import LoadedModel
 from peftlab.tasks import Task
@@ -112,7 +112,7 @@ def extract(head: LinearHead, items: Sequence[Encoded], pad_id: int, progress: b
     probe = [Encoded(items[i].id, items[i].prompt_ids, [0]) for i in todo]
     device = head.mean.device
     bar = tqdm(total=len(todo), desc="features", unit="ex", disable=not progress or not todo)
-    for idx in token_batches(probe, 8192, max_rows=32):
+    for idx in token_batches(probe, forward_tokens(device), max_rows=32):
         batch = collate([probe[i] for i in idx], "causal", pad_id)
         pooled = head.features(*(batch[k].to(device) for k in ("input_ids", "attention_mask", "position_ids")))
         for row, i in enumerate(idx):
