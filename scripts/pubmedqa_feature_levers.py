@@ -77,7 +77,7 @@ def cross_validate(x: np.ndarray, y: np.ndarray, folds, labels, c: float, balanc
 
 def candidates(feats: dict[str, torch.Tensor], layers: list[int]) -> dict[str, np.ndarray]:
     """Named feature matrices: each layer's mean and last-token states, the label log-probs, and a few mixes."""
-    out: dict[str, np.ndarray] = {"label log-probs (zero-shot, calibrated)": feats["lp"].numpy()}
+    out: dict[str, np.ndarray] = {"label log-probs (zero-shot; fitted: a prior correction)": feats["lp"].numpy()}
     for layer in layers:
         out[f"mean L{layer}"] = feats["mean"][layer].numpy()
         out[f"last-token L{layer}"] = feats["last"][layer].numpy()
