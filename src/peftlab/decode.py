@@ -34,7 +34,7 @@ from transformers.cache_utils import Cache, DynamicLayer
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from peftlab.data import budget_groups
+from peftlab.data import budget_groups, forward_tokens
 from peftlab.models import takes_unmasked_rows
 
 
@@ -226,15 +226,16 @@ COMPACT_FRACTION = 8  # finished rows leave the batch once they are 1/8 of it (s
 @torch.inference_mode()
 def greedy_decode(
     model, prompts: Sequence[Sequence[int]], max_new_tokens: int, stop_ids: Sequence[int], pad_id: int,
-    prefill_tokens: int = 1024,
+    prefill_tokens: int | None = None,
 ) -> list[list[int]]:
     """Greedy continuations of `prompts` (token ids), stop token excluded; all rows decode as one batch.
 
     `prompts` should be sorted by length (the prefill groups are consecutive rows, see `data.budget_groups`), each
-    group within `prefill_tokens` padded tokens (`data.forward_tokens` says how many suit the device).
+    group within `prefill_tokens` padded tokens (default: `data.forward_tokens`, what suits the device).
     """
     device = next(model.parameters()).device
     width = max(len(p) for p in prompts)
+    prefill_tokens = prefill_tokens or forward_tokens(device)
     token, cache, mask = _prefill(model, prompts, pad_id, width + max_new_tokens, prefill_tokens, device)
     with _grouped_attention(model) as grouped:
         return _decode_steps(model, token, cache, mask, max_new_tokens, stop_ids, width, grouped)

@@ -158,8 +158,7 @@ def generate(
     for idx in groups:
         if fast:
             prompts = [items[i].prompt_ids for i in idx]
-            new = greedy_decode(model, prompts, max_new_tokens, fmt.stop_token_ids, tok.pad_token_id,
-                                forward_tokens(_device(model)))
+            new = greedy_decode(model, prompts, max_new_tokens, fmt.stop_token_ids, tok.pad_token_id)
         else:
             new = _generate_batch(model, fmt, [items[i] for i in idx], max_new_tokens)
         for row, i in enumerate(idx):
