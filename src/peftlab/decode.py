@@ -251,7 +251,11 @@ def _decode_steps(model, token, cache, mask, max_new_tokens: int, stop_ids, widt
     running = torch.ones(len(token), dtype=torch.bool, device=device)  # batch rows still generating
     position = mask.sum(-1)  # the next position of each row, counted from its first real token
     lengths = position.clone()  # prompt lengths, for the attention groups
-    extra = {"row_groups": row_groups(lengths, width)} if grouped else {}
+
+    def attention_kwargs() -> dict:
+        return {"row_groups": row_groups(lengths, width)} if grouped else {}
+
+    extra = attention_kwargs()
     for step in range(max_new_tokens):
         running &= ~torch.isin(token, stops)
         for row, tok in zip(active[running].tolist(), token[running].tolist(), strict=True):
@@ -266,7 +270,7 @@ def _decode_steps(model, token, cache, mask, max_new_tokens: int, stop_ids, widt
             active, token, mask, position = active[keep], token[keep], mask[keep], position[keep]
             running, lengths = running[keep], lengths[keep]
             cache.batch_select_indices(keep)
-            extra = {"row_groups": row_groups(lengths, width)} if grouped else {}
+            extra = attention_kwargs()
         mask = torch.cat([mask, mask.new_ones(len(active), 1)], dim=-1)
         out = model(input_ids=token[:, None], attention_mask=mask, position_ids=position[:, None], use_cache=True,
                     **{cache_kw: cache}, **extra)
