@@ -24,8 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from peftlab.data import Encoded, PromptFormat, collate, encode, token_batches
-from peftlab.heads import class_weights
+from peftlab.data import Encoded, PromptFormat, class_weights, collate, encode, token_batches
 from peftlab.metrics import classification_metrics
 from peftlab.models import load_model
 from peftlab.tasks import DEFAULT_DATA, get_task, kfold_examples
@@ -60,13 +59,15 @@ def feature_pass(model_name: str, task, examples, template: int, max_length: int
 def cross_validate(x: np.ndarray, y: np.ndarray, folds, labels, c: float, balance: float) -> dict[str, float]:
     """Mean and spread of test accuracy and macro-F1 over the given (train, test) index folds."""
     from sklearn.linear_model import LogisticRegression
+    from threadpoolctl import threadpool_limits
 
     accuracy, macro_f1 = [], []
     for train, test in folds:
         mean, scale = x[train].mean(0), x[train].std(0) + 1e-6
         weights = class_weights(torch.from_numpy(y[train]), len(labels), balance)
         clf = LogisticRegression(C=c, class_weight=weights, max_iter=3000)
-        clf.fit((x[train] - mean) / scale, y[train])
+        with threadpool_limits(1):  # small fits: two BLAS threads fight each other (see heads.fit_logistic)
+            clf.fit((x[train] - mean) / scale, y[train])
         predicted = clf.predict((x[test] - mean) / scale)
         m = classification_metrics([labels[i] for i in predicted], [labels[i] for i in y[test]], labels)
         accuracy.append(m["accuracy"])

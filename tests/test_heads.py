@@ -10,8 +10,9 @@ from conftest import PUBMEDQA
 from trainkit import tiny_cfg
 
 from peftlab.config import MethodConfig
+from peftlab.data import class_weights
 from peftlab.errors import PeftlabError
-from peftlab.heads import build, class_weights, fit_logistic
+from peftlab.heads import build, fit_logistic
 from peftlab.models import load_model
 from peftlab.tasks import get_task
 from peftlab.train import run_training

@@ -12,8 +12,8 @@ from trainkit import RESULT_KEYS, sharpen, tiny_cfg, train_losses
 
 import peftlab.train as train_mod
 from peftlab.config import load_config
-from peftlab.data import PromptFormat
-from peftlab.evaluate import label_scores
+from peftlab.data import PromptFormat, collate, encode, example_weights
+from peftlab.evaluate import label_scores, target_loss, weighted_targets
 from peftlab.io import read_json
 from peftlab.methods import METHODS
 from peftlab.models import load_tokenizer
@@ -140,3 +140,53 @@ def test_dialogsum_run(tiny_causal, small_dialogsum, tmp_path):
     metrics = read_json(run_dir / "metrics.json")
     assert {"test_rouge1", "test_rougeL", "val_rouge1"} <= set(metrics)
     assert read_json(run_dir / "result.json")["primary_metric"] == "rouge1"
+
+
+def _pubmedqa_items(tiny_causal, n: int = 40):
+    task = get_task("pubmedqa")
+    fmt = PromptFormat(load_tokenizer(tiny_causal), "causal", True)
+    examples = task.load(PUBMEDQA)[:n]
+    return task, fmt, examples, [encode(task, ex, fmt, 512) for ex in examples]
+
+
+def test_class_balance_weighs_every_class_alike(tiny_causal):
+    task, fmt, examples, items = _pubmedqa_items(tiny_causal)
+    weights = example_weights(task, fmt, items, 1.0)
+    per_class = {label: sum(w for w, ex in zip(weights, examples, strict=True) if ex.target == label)
+                 for label in task.labels}
+    counts = {label: sum(ex.target == label for ex in examples) for label in task.labels}
+    assert len(set(counts.values())) == 3  # the first 40 items are unbalanced, so the weights must differ
+    for label in task.labels:  # each class present carries n / k of the total weight
+        assert per_class[label] == pytest.approx(len(examples) / 3)
+    half = example_weights(task, fmt, items, 0.5)
+    rare = min(counts, key=counts.get)
+    w = next(h for h, ex in zip(half, examples, strict=True) if ex.target == rare)
+    assert w == pytest.approx((len(examples) / (3 * counts[rare])) ** 0.5)
+    assert example_weights(task, fmt, items, 0.0) is None
+    assert example_weights(get_task("dialogsum"), fmt, items, 1.0) is None
+
+
+def test_weighted_target_loss_is_the_weighted_sum(tiny_causal):
+    from transformers import AutoModelForCausalLM
+
+    _, fmt, _, items = _pubmedqa_items(tiny_causal, 4)
+    model = AutoModelForCausalLM.from_pretrained(tiny_causal).eval()
+    batch = collate(items, "causal", fmt.tokenizer.pad_token_id)
+    per_row = [float(target_loss(model, "causal", collate([e], "causal", fmt.tokenizer.pad_token_id))[0])
+               for e in items]
+    weights = torch.tensor([0.5, 2.0, 1.0, 3.0])
+    loss, n = target_loss(model, "causal", {**batch, "row_weights": weights})
+    assert float(loss) == pytest.approx(sum(w * r for w, r in zip(weights.tolist(), per_row, strict=True)), rel=1e-4)
+    tokens = [len(e.target_ids) for e in items]
+    assert n == sum(tokens)
+    assert weighted_targets({**batch, "row_weights": weights}) == pytest.approx(
+        sum(w * t for w, t in zip(weights.tolist(), tokens, strict=True)))
+    assert weighted_targets(batch) == sum(tokens)
+
+
+def test_class_balance_changes_training(tiny_causal, tmp_path):
+    plain = run_training(tiny_cfg(tiny_causal, "lora", tmp_path, "plain", PUBMEDQA, "train.batch_size=8"))
+    weighted = run_training(tiny_cfg(tiny_causal, "lora", tmp_path, "weighted", PUBMEDQA, "train.batch_size=8",
+                                     "train.class_balance=1.0"))
+    assert train_losses(plain) != train_losses(weighted)
+    assert load_config(weighted / "config.yaml").train.class_balance == 1.0

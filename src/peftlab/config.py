@@ -67,7 +67,8 @@ class MethodConfig:
     encoder_hidden_size: int = _f(128, "hidden size of the prefix / P-tuning prompt encoder MLP")
     head_layer: int = _f(16, "linear-head: decoder layer (1-based) whose mean-pooled hidden states feed the head")
     head_c: float = _f(0.1, "linear-head: inverse L2 strength of the logistic regression (smaller = stronger)")
-    class_balance: float = _f(0.5, "linear-head: class weights (n / (k * count)) ** this; 1 balanced, 0 unweighted")
+    class_balance: float = _f(0.5, "linear-head: class weights (n / (k * count)) ** this; 1 balanced, 0 unweighted "
+                                  "(gradient methods: train.class_balance)")
     quant: str = _f("nf4", "qlora: how bitsandbytes quantizes the frozen base: nf4, fp4 (4-bit) or int8 (8-bit)")
     vision: list[str] = _f([], "vision-language models: also adapt these parts: tower, projector (default: "
                                "the language model only)")
@@ -86,6 +87,8 @@ class TrainConfig:
     micro_tokens: int = _f(512, "forward/backward a batch in pieces of at most this many padded tokens: the same "
                                  "gradients, activation memory bounded by the piece (0: never split)")
     grad_accum: int = _f(1, "batches per optimizer step")
+    class_balance: float = _f(0.0, "classification tasks: weight each example's loss by (n / (k * count of its "
+                                   "class)) ** this; 0 unweighted, 1 fully balanced, 0.5 square-root weights")
     max_grad_norm: float = _f(1.0, "gradient clipping norm (0 turns it off)")
     patience: int | None = _f(None, "early stopping: epochs without val-loss improvement before stopping")
     eval_every_epoch: bool = _f(True, "val loss and task metric after every epoch")
@@ -217,6 +220,8 @@ def validate(cfg: RunConfig) -> RunConfig:
         raise PeftlabError("train.epochs, train.batch_size, train.grad_accum and train.batch_tokens must be >= 1")
     if t.micro_tokens < 0:
         raise PeftlabError(f"train.micro_tokens must be >= 0 (0: never split a batch), got {t.micro_tokens}")
+    if t.class_balance < 0:
+        raise PeftlabError(f"train.class_balance must be >= 0 (0: unweighted, 1: balanced), got {t.class_balance}")
     if t.activation_checkpointing not in CHECKPOINTING:
         choice = t.activation_checkpointing
         raise PeftlabError(f"train.activation_checkpointing must be false, true, selective or full, got {choice!r}")

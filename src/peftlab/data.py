@@ -291,3 +291,29 @@ def collate(batch: Sequence[Encoded], kind: str, pad_id: int, right_padded: bool
 def input_tokens(batch: Sequence[Encoded]) -> int:
     """Real tokens a causal batch feeds the model (the last target token is never an input)."""
     return sum(e.length - 1 for e in batch)
+
+
+def class_weights(y: torch.Tensor, n_classes: int, power: float) -> dict[int, float]:
+    """(n / (k * count)) ** power per class: 1 is fully balanced, 0 is unweighted, between is a softer correction."""
+    counts = torch.bincount(y, minlength=n_classes).clamp(min=1).float()
+    weights = (len(y) / (n_classes * counts)) ** power
+    return {c: float(w) for c, w in enumerate(weights)}
+
+
+def example_weights(task: Task, fmt: PromptFormat, items: list[Encoded], power: float) -> list[float] | None:
+    """Per-item loss weights that lift the rare classes of a classification task: (n / (k * count)) ** power.
+
+    A run that learns the label prior instead of the task collapses to the majority answer (naive LoRA on PubMedQA
+    answered "yes" 498 times of 500); weighting the loss makes every class pull as hard (power 1) or part way
+    (0.5). The class of an item is read off its target tokens; items whose target is no label word weigh 1.
+    None when there is nothing to weight (power 0, or not a classification task).
+    """
+    if not power or task.kind != "classification" or not task.labels:
+        return None
+    label_of = {tuple(fmt.target_ids(label)): k for k, label in enumerate(task.labels)}
+    classes = [label_of.get(tuple(e.target_ids)) for e in items]
+    known = torch.tensor([c for c in classes if c is not None], dtype=torch.long)
+    if len(known) == 0:
+        return None
+    weights = class_weights(known, len(task.labels), power)
+    return [1.0 if c is None else weights[c] for c in classes]

@@ -34,7 +34,7 @@ def target_logits(model: torch.nn.Module, kind: str, batch: dict[str, torch.Tens
     if "label_positions" in batch:  # the right-padded, unmasked layout (`data.collate_causal_right`)
         return model(input_ids=batch["input_ids"], logits_to_keep=batch["label_positions"]).logits
     # Everything but labels and positions goes in: ids and mask, plus a vision-language model's image tensors.
-    kwargs = {k: v for k, v in batch.items() if k not in ("labels", "position_ids")}
+    kwargs = {k: v for k, v in batch.items() if k not in ("labels", "position_ids", "row_weights")}
     if not is_prompt_learning(model) and "position_ids" in batch:  # Qwen2-VL's batches leave them to the model
         # peft ignores position ids for prompt tuning; RoPE only sees relative offsets, so left padding is harmless.
         kwargs["position_ids"] = batch["position_ids"]
@@ -42,13 +42,31 @@ def target_logits(model: torch.nn.Module, kind: str, batch: dict[str, torch.Tens
 
 
 def target_loss(model: torch.nn.Module, kind: str, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
-    """Summed cross-entropy over target tokens, and the number of target tokens (prompt tokens carry no loss)."""
+    """Summed cross-entropy over target tokens, and the number of target tokens (prompt tokens carry no loss).
+
+    With `row_weights` in the batch (class-weighted training, see `train.example_weights`), each row's tokens count
+    that many times in the sum; the caller divides by the matching weighted count (`weighted_targets`).
+    """
     logits = target_logits(model, kind, batch)
     labels = batch["labels"]
-    loss = torch.nn.functional.cross_entropy(
-        logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE, reduction="sum"
+    flat = labels.reshape(-1)
+    if "row_weights" not in batch:
+        loss = torch.nn.functional.cross_entropy(
+            logits.float().reshape(-1, logits.shape[-1]), flat, ignore_index=IGNORE, reduction="sum"
+        )
+        return loss, int((labels != IGNORE).sum())
+    per_token = torch.nn.functional.cross_entropy(
+        logits.float().reshape(-1, logits.shape[-1]), flat, ignore_index=IGNORE, reduction="none"
     )
+    loss = (per_token.view(labels.shape) * batch["row_weights"][:, None]).sum()
     return loss, int((labels != IGNORE).sum())
+
+
+def weighted_targets(batch: dict[str, torch.Tensor]) -> float:
+    """The target tokens of a batch, each row's counted `row_weights` times (plain count without weights)."""
+    tokens = (batch["labels"] != IGNORE).sum(-1).float()
+    weights = batch.get("row_weights")
+    return float(tokens.sum() if weights is None else (tokens * weights).sum())
 
 
 def right_padded_ok(model: torch.nn.Module, kind: str, items: Sequence[Encoded]) -> bool:

@@ -26,9 +26,18 @@ from tqdm.auto import tqdm
 from peftlab import __version__
 from peftlab.checkpoint import CHECKPOINT, TrainState, load_checkpoint, save_checkpoint, trainable_state
 from peftlab.config import RunConfig, save_config
-from peftlab.data import Encoded, PromptFormat, budget_groups, collate, encode, few_shot_demos, token_batches
+from peftlab.data import (
+    Encoded,
+    PromptFormat,
+    budget_groups,
+    collate,
+    encode,
+    example_weights,
+    few_shot_demos,
+    token_batches,
+)
 from peftlab.errors import PeftlabError
-from peftlab.evaluate import batch_tokens, evaluate, mean_loss, right_padded_ok, target_loss
+from peftlab.evaluate import batch_tokens, evaluate, mean_loss, right_padded_ok, target_loss, weighted_targets
 from peftlab.io import write_json, write_jsonl
 from peftlab.memory import enable_checkpointing, lean_swiglu
 from peftlab.methods import apply_method, count_params, get_method
@@ -110,7 +119,7 @@ class NonFiniteLoss(PeftlabError):
 
 def train_step(model, micro: list[dict], kind: str, accelerator, params, optimizer, scheduler, max_grad_norm) -> float:
     """One optimizer step over `micro` micro-batches; returns the mean loss per target token."""
-    n_tok = sum(int((b["labels"] != -100).sum()) for b in micro)
+    n_tok = sum(weighted_targets(b) for b in micro)
     loss_sum = 0.0
     for i, batch in enumerate(micro):
         batch = {k: v.to(accelerator.device) for k, v in batch.items()}
@@ -164,6 +173,7 @@ def fit(
     raw = accelerator.unwrap_model(model)
     # Unmasked right-padded rows where the model allows: SDPA's causal kernel, no key/value copies per head.
     right = right_padded_ok(raw, loaded.kind, train)
+    weights = example_weights(task, fmt, train, tc.class_balance)
     s = TrainState()
     ckpt = run_dir / CHECKPOINT
     if tc.resume and ckpt.exists():
@@ -188,6 +198,9 @@ def fit(
             batch_rows = shard[start : start + tc.grad_accum]
             pieces = [p for idx in batch_rows for p in split_rows(train, idx, tc.micro_tokens)]
             micro = [collate([train[i] for i in piece], loaded.kind, pad, right_padded=right) for piece in pieces]
+            if weights is not None:
+                for piece, batch in zip(pieces, micro, strict=True):
+                    batch["row_weights"] = torch.tensor([weights[i] for i in piece])
             loss = train_step(model, micro, loaded.kind, accelerator, params, optimizer, scheduler, tc.max_grad_norm)
             if not math.isfinite(loss):
                 raise NonFiniteLoss(f"loss became {loss} at step {s.step + 1}; lower train.lr (now {lr})")
