@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from peftlab.config import load_config, save_config
@@ -96,3 +98,22 @@ def test_activation_checkpointing_takes_a_bool_or_a_mode(value, want):
 def test_unknown_checkpointing_mode_is_an_error():
     with pytest.raises(PeftlabError, match="must be false, true, selective or full, got 'some'"):
         load_config(None, ["train.activation_checkpointing=some"])
+
+
+EXAMPLES = sorted((Path(__file__).resolve().parents[1] / "examples").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=[p.name for p in EXAMPLES])
+def test_every_example_opens_with_its_command_and_loads(path):
+    """Docs and code in step: each example names the command that runs it, and that command's loader accepts it."""
+    from peftlab.study import load_study
+
+    command = path.read_text().splitlines()[0]
+    assert command.startswith("# ") and f"examples/{path.name}" in command
+    verb = command.split(f"examples/{path.name}")[0].split()[-1]
+    if verb in ("train", "cv"):
+        load_config(path)
+    else:
+        assert verb in ("compare", "sweep"), command
+        _, runs = load_study(path)
+        assert runs or verb == "sweep"
