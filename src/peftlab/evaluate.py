@@ -44,7 +44,7 @@ def target_logits(model: torch.nn.Module, kind: str, batch: dict[str, torch.Tens
 def target_loss(model: torch.nn.Module, kind: str, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
     """Summed cross-entropy over target tokens, and the number of target tokens (prompt tokens carry no loss).
 
-    With `row_weights` in the batch (class-weighted training, see `train.example_weights`), each row's tokens count
+    With `row_weights` in the batch (class-weighted training, see `data.example_weights`), each row's tokens count
     that many times in the sum; the caller divides by the matching weighted count (`weighted_targets`).
     """
     logits = target_logits(model, kind, batch)
