@@ -76,6 +76,16 @@ def cross_validate(x: np.ndarray, y: np.ndarray, folds, labels, c: float, balanc
             "macro_f1": statistics.fmean(macro_f1), "f1_std": statistics.stdev(macro_f1)}
 
 
+def repeated_folds(examples, repeats: int) -> list[tuple[list[int], list[int]]]:
+    """(train, test) example indices of `peftlab cv`'s 10 folds (`kfold_examples`), for fold seeds 0..repeats-1."""
+    index = {ex.id: i for i, ex in enumerate(examples)}
+    folds = []
+    for seed, fold in itertools.product(range(repeats), range(10)):
+        split = kfold_examples(examples, 10, fold, seed)
+        folds.append(([index[e.id] for e in split["train"]], [index[e.id] for e in split["test"]]))
+    return folds
+
+
 def candidates(feats: dict[str, torch.Tensor], layers: list[int]) -> dict[str, np.ndarray]:
     """Named feature matrices: each layer's mean and last-token states, the label log-probs, and a few mixes."""
     out: dict[str, np.ndarray] = {"label log-probs (zero-shot; fitted: a prior correction)": feats["lp"].numpy()}
@@ -110,11 +120,7 @@ def main() -> None:
         torch.save(feats, args.cache)
     extracted = time.perf_counter() - started
     y = np.array([task.labels.index(ex.target) for ex in examples])
-    index = {ex.id: i for i, ex in enumerate(examples)}
-    folds = []
-    for seed, fold in itertools.product(range(args.repeats), range(10)):
-        split = kfold_examples(examples, 10, fold, seed)
-        folds.append(([index[e.id] for e in split["train"]], [index[e.id] for e in split["test"]]))
+    folds = repeated_folds(examples, args.repeats)
     rows = []
     for (name, x), c, balance in itertools.product(candidates(feats, args.layers).items(), args.c, args.balance):
         rows.append((name, c, balance, cross_validate(x, y, folds, task.labels, c, balance)))

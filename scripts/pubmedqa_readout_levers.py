@@ -24,7 +24,6 @@ Each extra feature pass is cached under runs/, so reruns only fit.
 from __future__ import annotations
 
 import argparse
-import itertools
 import statistics
 import sys
 import time
@@ -35,12 +34,12 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from pubmedqa_feature_levers import cross_validate  # noqa: E402  (a sibling script, not a package)
+from pubmedqa_feature_levers import cross_validate, repeated_folds  # noqa: E402  (a sibling script, not a package)
 
 from peftlab.data import Encoded, PromptFormat, class_weights, collate, encode, token_batches  # noqa: E402
 from peftlab.metrics import classification_metrics  # noqa: E402
 from peftlab.models import load_model  # noqa: E402
-from peftlab.tasks import DEFAULT_DATA, get_task, kfold_examples  # noqa: E402
+from peftlab.tasks import DEFAULT_DATA, get_task  # noqa: E402
 
 MODEL = "smollm2-135m-instruct"
 
@@ -184,11 +183,7 @@ def main() -> None:
     task = get_task("pubmedqa")
     examples = task.load(Path(DEFAULT_DATA[task.name]))
     y = np.array([task.labels.index(ex.target) for ex in examples])
-    index = {ex.id: i for i, ex in enumerate(examples)}
-    folds = []
-    for seed, fold in itertools.product(range(args.repeats), range(10)):
-        split = kfold_examples(examples, 10, fold, seed)
-        folds.append(([index[e.id] for e in split["train"]], [index[e.id] for e in split["test"]]))
+    folds = repeated_folds(examples, args.repeats)
     started = time.perf_counter()
     base = torch.load("runs/pubmedqa-features.pt", weights_only=True)  # scripts/pubmedqa_feature_levers.py
     spans = cached(Path("runs/pubmedqa-qfeatures.pt"), lambda: span_pass(task, examples))
