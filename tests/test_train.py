@@ -166,6 +166,7 @@ def test_class_balance_weighs_every_class_alike(tiny_causal):
     assert example_weights(get_task("dialogsum"), fmt, items, 1.0) is None
 
 
+@torch.no_grad()
 def test_weighted_target_loss_is_the_weighted_sum(tiny_causal):
     from transformers import AutoModelForCausalLM
 
