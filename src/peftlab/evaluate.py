@@ -49,17 +49,12 @@ def target_loss(model: torch.nn.Module, kind: str, batch: dict[str, torch.Tensor
     """
     logits = target_logits(model, kind, batch)
     labels = batch["labels"]
-    flat = labels.reshape(-1)
-    if "row_weights" not in batch:
-        loss = torch.nn.functional.cross_entropy(
-            logits.float().reshape(-1, logits.shape[-1]), flat, ignore_index=IGNORE, reduction="sum"
-        )
-        return loss, int((labels != IGNORE).sum())
     per_token = torch.nn.functional.cross_entropy(
-        logits.float().reshape(-1, logits.shape[-1]), flat, ignore_index=IGNORE, reduction="none"
-    )
-    loss = (per_token.view(labels.shape) * batch["row_weights"][:, None]).sum()
-    return loss, int((labels != IGNORE).sum())
+        logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE, reduction="none"
+    ).view(labels.shape)
+    if "row_weights" in batch:
+        per_token = per_token * batch["row_weights"][:, None]
+    return per_token.sum(), int((labels != IGNORE).sum())
 
 
 def weighted_targets(batch: dict[str, torch.Tensor]) -> float:
