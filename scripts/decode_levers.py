@@ -1,6 +1,6 @@
 """Ablation of the greedy decoder's levers on DialogSum, measured side by side in one process.
 
-    .venv/bin/python scripts/decode_levers.py --n 64 --repeats 2
+    .venv/bin/python scripts/decode_levers.py --n 64 --repeats 2 [--only "variant,variant"]
 
 Each variant turns one lever of `peftlab.decode` off and decodes the same n prompts (60 new tokens); variants run
 interleaved, `--repeats` times, and the best time of each is kept, so a background hiccup hurts one sample, not one
@@ -26,6 +26,7 @@ VARIANTS = {
     "compact at every finished row": {"COMPACT_FRACTION": 10**9},
     "decode attention over the whole padded cache": {"DECODE_GROUPS": 1},
     "prefill groups of 4096 tokens": {"prefill_tokens": 4096},
+    "prefill's last layer at every position": {"window_kwargs": lambda model, positions: {}},
 }
 
 
@@ -64,7 +65,12 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument("--n", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--only", default="", help="comma-separated variants to run beside 'all levers'")
     args = parser.parse_args()
+    chosen = {"all levers", *filter(None, args.only.split(","))}
+    unknown = chosen - set(VARIANTS)
+    if unknown:
+        parser.error(f"unknown variants {sorted(unknown)}; choose from {sorted(VARIANTS)}")
     fmt, items, _ = encode_dialogsum(args.model, args.n, 1024)
     model = load_model(args.model, device="cpu", dtype=torch.float32).model.eval()
     prompts = sorted((e.prompt_ids for e in items), key=len)
@@ -75,6 +81,8 @@ def main() -> None:
         timed_decode(model, prompts[:4], stops, pad)  # warm-up: first-call allocations and kernel selection
         for _ in range(args.repeats):
             for name, changes in VARIANTS.items():
+                if name not in chosen:
+                    continue
                 changes = dict(changes)
                 budget = changes.pop("prefill_tokens", None)  # an argument, not a module setting; None: the default
                 with patched(changes):

@@ -116,7 +116,7 @@ def test_export_gguf_untied_head(tmp_path):
     _check_gguf(run, export_gguf(run, tmp_path / "gguf" / "untied.gguf"), untied=True)
 
 
-def test_export_gguf_f16_is_close_and_smaller(lora_run, tmp_path):
+def test_export_gguf_f16_holds_the_rounded_weights_and_is_smaller(lora_run, tmp_path):
     from transformers import AutoModelForCausalLM
 
     f32 = export_gguf(lora_run, tmp_path / "f32.gguf")
@@ -126,7 +126,12 @@ def test_export_gguf_f16_is_close_and_smaller(lora_run, tmp_path):
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=f16.name, dtype=torch.float32)
     with torch.no_grad():
         ids = _inputs(ref.tokenizer)
-        torch.testing.assert_close(loaded(ids).logits, ref.model(ids).logits, atol=2e-2, rtol=2e-2)
+        # The file must hold the merged weights rounded to f16 (matrices; norms stay f32), nothing else. How far
+        # that rounding moves the logits depends on the trained weights, so the reference is rounded the same way.
+        for p in ref.model.parameters():
+            if p.dim() > 1:
+                p.copy_(p.half().float())
+        torch.testing.assert_close(loaded(ids).logits, ref.model(ids).logits, atol=1e-4, rtol=1e-4)
 
 
 def test_permute_is_what_transformers_undoes():

@@ -8,7 +8,7 @@ from conftest import DIALOGSUM
 
 from peftlab.data import PromptFormat, collate, encode
 from peftlab.evaluate import target_loss
-from peftlab.memory import enable_checkpointing, lean_swiglu, swiglu
+from peftlab.memory import enable_checkpointing, fused_rmsnorm, lean_swiglu, swiglu
 from peftlab.models import load_model
 from peftlab.tasks import get_task
 
@@ -37,6 +37,7 @@ def _grads(path, method: str, mode=None, lean=False) -> torch.Tensor:
         enable_checkpointing(loaded.model, mode)
     if lean:
         assert lean_swiglu(loaded.model) == loaded.model.config.num_hidden_layers
+        assert fused_rmsnorm(loaded.model) == 2 * loaded.model.config.num_hidden_layers + 1  # two a layer, one final
     model = loaded.model
     if method == "lora":
         torch.manual_seed(0)
@@ -56,3 +57,30 @@ def test_levers_keep_the_gradients(tiny_causal, method, mode, lean):
     got = _grads(tiny_causal, method, mode, lean)
     assert want.abs().sum() > 0
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+
+
+class GemmaStyleRMSNorm(torch.nn.Module):
+    """Scales by (1 + weight), as Gemma's norms do: not what `F.rms_norm` computes."""
+
+    def __init__(self, size: int):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.randn(size))
+        self.variance_epsilon = 1e-6
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (1 + self.weight) * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+
+
+def test_fused_rmsnorm_changes_only_norms_it_reproduces():
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    llama = LlamaRMSNorm(16, eps=1e-5)
+    with torch.no_grad():
+        llama.weight.normal_()
+    model = torch.nn.ModuleList([llama, GemmaStyleRMSNorm(16)])
+    x = torch.randn(2, 5, 16)
+    want = [m(x) for m in model]
+    assert fused_rmsnorm(model) == 1
+    assert "forward" in vars(llama) and "forward" not in vars(model[1])
+    for m, w in zip(model, want, strict=True):
+        torch.testing.assert_close(m(x), w)

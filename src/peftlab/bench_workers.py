@@ -130,7 +130,7 @@ def run_ref(spec: dict) -> dict:
 
 def _peftlab_model(spec: dict):
     from peftlab.config import load_config
-    from peftlab.memory import enable_checkpointing, lean_swiglu
+    from peftlab.memory import enable_checkpointing, fused_rmsnorm, lean_swiglu
     from peftlab.methods import apply_method
     from peftlab.tasks import get_task
 
@@ -147,6 +147,7 @@ def _peftlab_model(spec: dict):
     torch.manual_seed(spec["seed"])  # the same seed the reference uses before get_peft_model
     enable_checkpointing(loaded.model, cfg.train.activation_checkpointing)
     lean_swiglu(loaded.model)
+    fused_rmsnorm(loaded.model)
     return cfg, loaded, task, apply_method(loaded, task, cfg.method), base_params
 
 
@@ -168,27 +169,30 @@ def run_peftlab(spec: dict) -> dict:
 
 
 def run_check(spec: dict) -> dict:
-    """Five AdamW steps of peftlab's loss (its own batch layout) on exactly the reference's first five batches."""
-    from peftlab.data import collate
-    from peftlab.evaluate import right_padded_ok, target_loss
+    """Five AdamW steps of peftlab's own `train_step` (its batch layout, pieces and shared prefix) on exactly the
+    reference's first five batches."""
+    from accelerate import Accelerator
 
-    _, loaded, _, model, _ = _peftlab_model(spec)
+    from peftlab.evaluate import right_padded_ok
+    from peftlab.train import shares_prefix, split_rows, step_inputs, train_step
+
+    cfg, loaded, _, model, _ = _peftlab_model(spec)
     items = _items(spec)
     right = right_padded_ok(model, loaded.kind, items)  # the layout peftlab's own loop trains with
+    share = shares_prefix(cfg, right)
     checksum = _trainable_checksum(model)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=spec["lr"], betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)  # constant, as the reference's
+    accelerator = Accelerator(cpu=True)
     model.train()
     losses = []
     for idx in spec["batches"]:
-        batch = collate([items[i] for i in idx], loaded.kind, loaded.tokenizer.pad_token_id, right_padded=right)
-        loss, n_tokens = target_loss(model, loaded.kind, batch)
-        (loss / n_tokens).backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(float(loss) / n_tokens)
-    return {"losses": losses, "init_checksum": checksum}
+        pieces = split_rows(items, idx, cfg.train.micro_tokens)
+        micro, prefix_ids = step_inputs(items, pieces, loaded.kind, loaded.tokenizer.pad_token_id, right, share)
+        losses.append(train_step(model, micro, loaded.kind, accelerator, params, optimizer, scheduler, 1.0,
+                                 prefix_ids))
+    return {"losses": losses, "init_checksum": checksum, "shared_prefix": share}
 
 
 @torch.inference_mode()

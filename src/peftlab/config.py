@@ -87,6 +87,9 @@ class TrainConfig:
     micro_tokens: int = _f(512, "forward/backward a batch in pieces of at most this many padded tokens: the same "
                                  "gradients, activation memory bounded by the piece (0: never split)")
     grad_accum: int = _f(1, "batches per optimizer step")
+    shared_prefix: bool = _f(True, "run the prompt opening that all rows of a step share (system turn, fixed "
+                                   "instruction) once per step instead of once per row: same gradients, less work "
+                                   "(single process, right-padded text rows, no activation checkpointing)")
     class_balance: float = _f(0.0, "classification tasks: weight each example's loss by (n / (k * count of its "
                                    "class)) ** this; 0 unweighted, 1 fully balanced, 0.5 square-root weights")
     max_grad_norm: float = _f(1.0, "gradient clipping norm (0 turns it off)")

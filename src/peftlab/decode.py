@@ -24,8 +24,6 @@ how to splice their virtual tokens and images in.
 
 from __future__ import annotations
 
-import contextlib
-import inspect
 from collections.abc import Sequence
 
 import torch
@@ -35,7 +33,8 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from peftlab.data import budget_groups, forward_tokens
-from peftlab.models import takes_unmasked_rows
+from peftlab.lastlayer import window_kwargs
+from peftlab.models import cache_kwarg, sdpa_variant, takes_unmasked_rows
 
 
 class BufferLayer(DynamicLayer):
@@ -118,26 +117,6 @@ def row_groups(lengths: torch.Tensor, width: int, n_groups: int | None = None) -
     return [(a, b, width - int(lengths[a:b].max())) for a, b in zip(bounds, bounds[1:], strict=False) if b > a]
 
 
-@contextlib.contextmanager
-def _grouped_attention(model):
-    """Switch the model to `grouped_sdpa` for the decode steps when it runs SDPA; yield whether it did."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    if getattr(base.config, "_attn_implementation", None) != "sdpa":
-        yield False
-        return
-    base.set_attn_implementation(GROUPED_ATTENTION)
-    try:
-        yield True
-    finally:
-        base.set_attn_implementation("sdpa")
-
-
-def _cache_kwarg(model) -> str:
-    """The forward argument that takes the KV cache: `cache` in recent transformers, `past_key_values` before."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
-
-
 def left_padded(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Token ids and attention mask of `prompts`, padded on the left to the longest."""
     width = max(len(p) for p in prompts)
@@ -187,7 +166,8 @@ def _prefill_right(model, rows, pad_id: int, width: int, cache, device):
     for row, p in enumerate(rows):
         ids[row, : len(p)] = torch.tensor(p, dtype=torch.long)
     last = (lengths - 1)[:, None].to(device)
-    out = model(input_ids=ids.to(device), use_cache=True, logits_to_keep=last, **{_cache_kwarg(model): cache})
+    out = model(input_ids=ids.to(device), use_cache=True, logits_to_keep=last, **{cache_kwarg(model): cache},
+                **window_kwargs(model, last))
     source = (torch.arange(width) - (width - lengths)[:, None]).clamp(min=0)
     return out.logits[:, -1], source.to(device)
 
@@ -197,7 +177,7 @@ def _prefill_left(model, rows, pad_id: int, width: int, cache, device):
     ids, mask = left_padded(rows, pad_id)
     position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
     out = model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=position_ids.to(device),
-                use_cache=True, logits_to_keep=1, **{_cache_kwarg(model): cache})
+                use_cache=True, logits_to_keep=1, **{cache_kwarg(model): cache})
     shift = width - ids.shape[1]  # the group is already right-aligned; move it to the merged width
     source = (torch.arange(width) - shift).clamp(min=0).expand(len(rows), width)
     return out.logits[:, -1], source.to(device)
@@ -237,7 +217,7 @@ def greedy_decode(
     width = max(len(p) for p in prompts)
     prefill_tokens = prefill_tokens or forward_tokens(device)
     token, cache, mask = _prefill(model, prompts, pad_id, width + max_new_tokens, prefill_tokens, device)
-    with _grouped_attention(model) as grouped:
+    with sdpa_variant(model, GROUPED_ATTENTION) as grouped:
         return _decode_steps(model, token, cache, mask, max_new_tokens, stop_ids, width, grouped)
 
 
@@ -245,7 +225,7 @@ def _decode_steps(model, token, cache, mask, max_new_tokens: int, stop_ids, widt
     """The decode loop after prefill: one token per running row per step, finished rows compacted away."""
     device = token.device
     stops = torch.tensor(sorted(stop_ids), device=device)
-    cache_kw = _cache_kwarg(model)
+    cache_kw = cache_kwarg(model)
     outputs: list[list[int]] = [[] for _ in range(len(token))]
     active = torch.arange(len(token), device=device)  # original row of each batch row
     running = torch.ones(len(token), dtype=torch.bool, device=device)  # batch rows still generating

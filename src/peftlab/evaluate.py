@@ -15,8 +15,10 @@ from tqdm.auto import tqdm
 
 from peftlab.data import IGNORE, Encoded, PromptFormat, budget_groups, collate, forward_tokens, token_batches
 from peftlab.decode import greedy_decode, kv_cache_tokens, left_padded
+from peftlab.lastlayer import window_kwargs
 from peftlab.metrics import per_example_rouge1
 from peftlab.models import takes_unmasked_rows
+from peftlab.shared_prefix import SharedPrefix
 from peftlab.tasks import Example, Task
 
 
@@ -26,13 +28,21 @@ def is_prompt_learning(model: torch.nn.Module) -> bool:
     return bool(config is not None and config.is_prompt_learning)
 
 
-def target_logits(model: torch.nn.Module, kind: str, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Logits at the positions that predict the target tokens only: shape (batch, target_len, vocab)."""
+def target_logits(
+    model: torch.nn.Module, kind: str, batch: dict[str, torch.Tensor], prefix: SharedPrefix | None = None
+) -> torch.Tensor:
+    """Logits at the positions that predict the target tokens only: shape (batch, target_len, vocab).
+
+    With `prefix`, the rows are the step's rows without their shared opening, which enters as a KV cache.
+    """
     labels = batch["labels"]
     if kind == "seq2seq":
         return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=labels).logits
     if "label_positions" in batch:  # the right-padded, unmasked layout (`data.collate_causal_right`)
-        return model(input_ids=batch["input_ids"], logits_to_keep=batch["label_positions"]).logits
+        positions = batch["label_positions"]
+        past = {} if prefix is None else {prefix.cache_kwarg: prefix.cache(len(batch["input_ids"]))}
+        return model(input_ids=batch["input_ids"], logits_to_keep=positions, **past,
+                     **window_kwargs(model, positions)).logits
     # Everything but labels and positions goes in: ids and mask, plus a vision-language model's image tensors.
     kwargs = {k: v for k, v in batch.items() if k not in ("labels", "position_ids", "row_weights")}
     if not is_prompt_learning(model) and "position_ids" in batch:  # Qwen2-VL's batches leave them to the model
@@ -41,13 +51,16 @@ def target_logits(model: torch.nn.Module, kind: str, batch: dict[str, torch.Tens
     return model(**kwargs, logits_to_keep=labels.shape[1]).logits
 
 
-def target_loss(model: torch.nn.Module, kind: str, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+def target_loss(
+    model: torch.nn.Module, kind: str, batch: dict[str, torch.Tensor], prefix: SharedPrefix | None = None
+) -> tuple[torch.Tensor, int]:
     """Summed cross-entropy over target tokens, and the number of target tokens (prompt tokens carry no loss).
 
     With `row_weights` in the batch (class-weighted training, see `data.example_weights`), each row's tokens count
-    that many times in the sum; the caller divides by the matching weighted count (`weighted_targets`).
+    that many times in the sum; the caller divides by the matching weighted count (`weighted_targets`). `prefix`:
+    as in `target_logits`.
     """
-    logits = target_logits(model, kind, batch)
+    logits = target_logits(model, kind, batch, prefix)
     labels = batch["labels"]
     per_token = torch.nn.functional.cross_entropy(
         logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE, reduction="none"

@@ -1,9 +1,11 @@
-"""Activation memory in training: what backward keeps, and two ways to keep less without changing the gradients.
+"""Activation memory in training: what backward keeps, and ways to keep less without changing the gradients.
 
 Training memory is the weights plus the activations autograd keeps for backward, and on a small model the
 activations dominate: about 1 MB per token for SmolLM2-135M in fp32. `train.micro_tokens` bounds how many tokens
 are in flight at once; the levers here shrink what each token costs:
 
+- `fused_rmsnorm`: torch's fused RMSNorm in place of the five ops a Llama-style norm module spells out, which
+  autograd keeps and differentiates one by one.
 - `lean_swiglu`: the gated MLP (`down(silu(gate(x)) * up(x))`) normally keeps gate(x), up(x) *and* silu(gate(x))
   for backward. A fused product keeps the first two and recomputes the SiLU in backward, which the SiLU's own
   backward does anyway. A fifth of the activation memory goes, for an elementwise op's worth of extra work.
@@ -31,10 +33,11 @@ class _SwiGLU(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         gate, up = ctx.saved_tensors
-        sig = torch.sigmoid(gate)
-        grad_up = grad * gate * sig if ctx.needs_input_grad[1] else None
-        # d silu(x)/dx = sig(x) * (1 + x * (1 - sig(x))): the formula of torch's own SiLU backward
-        grad_gate = grad * up * sig * (1 + gate * (1 - sig)) if ctx.needs_input_grad[0] else None
+        grad_up = grad * F.silu(gate) if ctx.needs_input_grad[1] else None
+        # torch's own fused SiLU derivative: one pass over the tensor. Spelled out in elementwise ops, the same
+        # formula (sig * (1 + x * (1 - sig))) made six temporaries and cost 5.6x as much (1.95 against 0.35 ms
+        # for 514 tokens x 1536), 3.5% of a LoRA training step.
+        grad_gate = torch.ops.aten.silu_backward(grad * up, gate) if ctx.needs_input_grad[0] else None
         return grad_gate, grad_up
 
 
@@ -68,6 +71,44 @@ def lean_swiglu(model: torch.nn.Module) -> int:
             changed += 1
     return changed
 
+
+
+def _fused_rmsnorm_forward(self, x: torch.Tensor) -> torch.Tensor:
+    if x.dtype == torch.float32:
+        return F.rms_norm(x, self.weight.shape, self.weight, self.variance_epsilon)
+    # Lower precision: normalise in fp32 and scale in the input's dtype, as the module itself does.
+    return self.weight * F.rms_norm(x.float(), self.weight.shape, None, self.variance_epsilon).to(x.dtype)
+
+
+def _same_as_fused(module: torch.nn.Module) -> bool:
+    """Whether this norm module computes exactly what `F.rms_norm` does, checked on a random input.
+
+    A check of the output, not the class name: Gemma's norms scale by (1 + weight), and a model may bring its own.
+    """
+    weight = getattr(module, "weight", None)
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 1 or not hasattr(module, "variance_epsilon"):
+        return False
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, weight.shape[0], generator=generator).to(device=weight.device, dtype=weight.dtype)
+    with torch.no_grad():
+        want, got = module(x), _fused_rmsnorm_forward(module, x)
+    tol = 1e-5 if weight.dtype == torch.float32 else 2e-2
+    return want.shape == got.shape and torch.allclose(want, got, rtol=tol, atol=tol)
+
+
+def fused_rmsnorm(model: torch.nn.Module) -> int:
+    """Give every Llama-style RMSNorm in `model` torch's fused `rms_norm`; returns how many were changed.
+
+    The module spells the norm out in five ops (pow, mean, add, rsqrt, two products), so autograd keeps their
+    results and runs five backward kernels; the fused op keeps its input and one scale per row. Same outputs (checked
+    per module before it is changed), less memory and a faster backward.
+    """
+    changed = 0
+    for module in model.modules():
+        if type(module).__name__.endswith("RMSNorm") and _same_as_fused(module):
+            module.forward = types.MethodType(_fused_rmsnorm_forward, module)
+            changed += 1
+    return changed
 
 # Ops whose outputs selective checkpointing keeps: the matmuls and attention, which cost far more to recompute than
 # to store. Everything else in a layer (norms, rotary embedding, SiLU, products, residual adds) is recomputed.

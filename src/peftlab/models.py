@@ -7,6 +7,7 @@ and every later load reads that folder (under 2 s). Any local folder holding a H
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
 import inspect
@@ -23,6 +24,7 @@ from typing import Literal
 import torch
 
 from peftlab.errors import PeftlabError, unknown_name
+from peftlab.lastlayer import window
 
 ModelKind = Literal["causal", "seq2seq"]
 
@@ -242,6 +244,7 @@ def load_model(
     auto = AutoModelForSeq2SeqLM if kind == "seq2seq" else AutoModelForCausalLM
     model = from_local(auto, path, dev, dtype, allow_pickle, placement)
     if kind == "causal":
+        window(model)  # the last layer can run only where logits are wanted, when a caller says where (lastlayer)
         model.register_forward_pre_hook(_pad_aware_positions, with_kwargs=True)
         # peft warns that it drops position ids for prompt learning; the hook above recomputes them, so it is noise.
         warnings.filterwarnings("ignore", message="Position ids are not supported for parameter efficient tuning")
@@ -267,6 +270,29 @@ def _pad_aware_positions(module, args, kwargs):
         return None
     positions = (mask.long().cumsum(-1) - 1).clamp(min=0)[:, -tokens.shape[1] :]
     return args, {**kwargs, "position_ids": positions}
+
+
+@contextlib.contextmanager
+def sdpa_variant(model: torch.nn.Module, name: str):
+    """Run a model that uses SDPA with the registered attention function `name` instead; yield whether it does.
+
+    Models on another attention implementation (eager, flash) are left as they are.
+    """
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if getattr(base.config, "_attn_implementation", None) != "sdpa":
+        yield False
+        return
+    base.set_attn_implementation(name)
+    try:
+        yield True
+    finally:
+        base.set_attn_implementation("sdpa")
+
+
+def cache_kwarg(model: torch.nn.Module) -> str:
+    """The forward argument that takes a KV cache: `cache` in recent transformers, `past_key_values` before."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
 
 
 def takes_unmasked_rows(model: torch.nn.Module) -> bool:

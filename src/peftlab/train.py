@@ -17,6 +17,7 @@ import platform
 import random
 import resource
 import time
+from collections.abc import Sequence
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -39,9 +40,10 @@ from peftlab.data import (
 from peftlab.errors import PeftlabError
 from peftlab.evaluate import batch_tokens, evaluate, mean_loss, right_padded_ok, target_loss, weighted_targets
 from peftlab.io import write_json, write_jsonl
-from peftlab.memory import enable_checkpointing, lean_swiglu
+from peftlab.memory import enable_checkpointing, fused_rmsnorm, lean_swiglu
 from peftlab.methods import apply_method, count_params, get_method
-from peftlab.models import LoadedModel, load_model
+from peftlab.models import LoadedModel, cache_kwarg, load_model, sdpa_variant
+from peftlab.shared_prefix import PREFIX_ATTENTION, SharedPrefix, shared_length, strip
 from peftlab.tasks import DEFAULT_DATA, Example, Task, get_task, kfold_examples, split_examples
 
 
@@ -117,17 +119,52 @@ class NonFiniteLoss(PeftlabError):
     pass
 
 
-def train_step(model, micro: list[dict], kind: str, accelerator, params, optimizer, scheduler, max_grad_norm) -> float:
-    """One optimizer step over `micro` micro-batches; returns the mean loss per target token."""
+def shares_prefix(cfg: RunConfig, right_padded: bool, world: int = 1) -> bool:
+    """Whether training runs each step's shared prompt opening once (`train.shared_prefix`, where it can).
+
+    The prefix's backward runs after the last micro-batch's, where a data-parallel wrapper has already
+    all-reduced, and transformers turns the KV cache off under activation checkpointing.
+    """
+    tc = cfg.train
+    return tc.shared_prefix and right_padded and world == 1 and tc.activation_checkpointing in (False, "off")
+
+
+def step_inputs(
+    items: list[Encoded], pieces: list[list[int]], kind: str, pad: int, right: bool, share: bool
+) -> tuple[list[dict], list[int]]:
+    """One step's micro-batches (one per piece of row indices) and the prompt opening they share (maybe none).
+
+    With `share`, the rows lose the opening that all of them start with (`prefix.shared_length`): it runs once,
+    in `train_step`, as a KV cache in front of every micro-batch.
+    """
+    rows = [items[i] for piece in pieces for i in piece]
+    n = shared_length(rows) if share else 0
+    micro = [collate(strip([items[i] for i in piece], n), kind, pad, right_padded=right) for piece in pieces]
+    return micro, rows[0].prompt_ids[:n]
+
+
+def train_step(
+    model, micro: list[dict], kind: str, accelerator, params, optimizer, scheduler, max_grad_norm,
+    prefix_ids: Sequence[int] = (),
+) -> float:
+    """One optimizer step over `micro` micro-batches; returns the mean loss per target token.
+
+    `prefix_ids`: the prompt opening the micro-batches' rows were cut from (`step_inputs`); it runs once here.
+    """
     n_tok = sum(weighted_targets(b) for b in micro)
     loss_sum = 0.0
-    for i, batch in enumerate(micro):
-        batch = {k: v.to(accelerator.device) for k, v in batch.items()}
-        # Gradients are all-reduced once per optimizer step, not once per micro-batch.
-        with accelerator.no_sync(model) if i < len(micro) - 1 else nullcontext():
-            loss, _ = target_loss(model, kind, batch)
-            accelerator.backward(loss / n_tok)
-        loss_sum += float(loss.detach())
+    raw = accelerator.unwrap_model(model)
+    with sdpa_variant(raw, PREFIX_ATTENTION) if prefix_ids else nullcontext():
+        prefix = SharedPrefix(raw, prefix_ids, cache_kwarg(raw)) if prefix_ids else None
+        for i, batch in enumerate(micro):
+            batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+            # Gradients are all-reduced once per optimizer step, not once per micro-batch.
+            with accelerator.no_sync(model) if i < len(micro) - 1 else nullcontext():
+                loss, _ = target_loss(model, kind, batch, prefix)
+                accelerator.backward(loss / n_tok)
+            loss_sum += float(loss.detach())
+        if prefix is not None:
+            prefix.backward()
     if not math.isfinite(loss_sum):
         optimizer.zero_grad(set_to_none=True)
         return loss_sum
@@ -173,6 +210,7 @@ def fit(
     raw = accelerator.unwrap_model(model)
     # Unmasked right-padded rows where the model allows: SDPA's causal kernel, no key/value copies per head.
     right = right_padded_ok(raw, loaded.kind, train)
+    share = shares_prefix(cfg, right, world)
     weights = example_weights(task, fmt, train, tc.class_balance)
     s = TrainState()
     ckpt = run_dir / CHECKPOINT
@@ -197,15 +235,16 @@ def fit(
             # Pieces under a token budget bound the activation memory; the step's gradient is the same.
             batch_rows = shard[start : start + tc.grad_accum]
             pieces = [p for idx in batch_rows for p in split_rows(train, idx, tc.micro_tokens)]
-            micro = [collate([train[i] for i in piece], loaded.kind, pad, right_padded=right) for piece in pieces]
+            micro, prefix_ids = step_inputs(train, pieces, loaded.kind, pad, right, share)
             if weights is not None:
                 for piece, batch in zip(pieces, micro, strict=True):
                     batch["row_weights"] = torch.tensor([weights[i] for i in piece])
-            loss = train_step(model, micro, loaded.kind, accelerator, params, optimizer, scheduler, tc.max_grad_norm)
+            loss = train_step(model, micro, loaded.kind, accelerator, params, optimizer, scheduler, tc.max_grad_norm,
+                              prefix_ids)
             if not math.isfinite(loss):
                 raise NonFiniteLoss(f"loss became {loss} at step {s.step + 1}; lower train.lr (now {lr})")
             dt = time.perf_counter() - t0
-            step_tokens = sum(batch_tokens(b) for b in micro) * world
+            step_tokens = (sum(batch_tokens(b) for b in micro) + len(prefix_ids) * sum(map(len, pieces))) * world
             s.step, s.start, s.last_loss = s.step + 1, start + tc.grad_accum, loss
             s.tokens, s.seconds = s.tokens + step_tokens, s.seconds + dt
             entry = {
@@ -348,6 +387,7 @@ def run_training(cfg: RunConfig, on_epoch_end=None) -> Path:
             accelerator.init_trackers(cfg.name)
     enable_checkpointing(loaded.model, cfg.train.activation_checkpointing)
     lean_swiglu(loaded.model)  # the gated MLPs keep two tensors for backward, not three: same gradients
+    fused_rmsnorm(loaded.model)  # one fused kernel per norm instead of five ops: same outputs
     model = apply_method(loaded, task, cfg.method)
     trainable, total = count_params(model)
     summary: dict = {
