@@ -27,6 +27,7 @@ VARIANTS = {
     "decode attention over the whole padded cache": {"DECODE_GROUPS": 1},
     "prefill groups of 4096 tokens": {"prefill_tokens": 4096},
     "prefill's last layer at every position": {"window_kwargs": lambda model, positions: {}},
+    "prompts' shared opening run in every group": {"opening_length": lambda prompts: 0},
 }
 
 

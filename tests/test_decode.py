@@ -10,6 +10,7 @@ from peftlab.data import PromptFormat, budget_groups, encode
 from peftlab.decode import greedy_decode
 from peftlab.evaluate import _decodes_fast, generate
 from peftlab.models import load_model
+from peftlab.shared_prefix import SharedPrefix
 from peftlab.tasks import get_task
 
 
@@ -132,3 +133,19 @@ def test_kv_cache_tokens_is_a_byte_budget(sharp):
     per_token = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * (cfg.hidden_size // cfg.num_attention_heads) * 4
     assert kv_cache_tokens(model, 10 * per_token) == 10
     assert kv_cache_tokens(model) == 2 * 1024**3 // per_token
+
+
+def test_prompts_shared_opening_runs_once_and_changes_no_token(sharp, monkeypatch):
+    import peftlab.decode as decode
+    from peftlab.shared_prefix import opening_length
+
+    loaded, fmt, _, prompts = sharp
+    pad = fmt.tokenizer.pad_token_id
+    opening = list(range(20, 32))  # 12 tokens every prompt starts with, as a system turn would be
+    with_opening = [opening + p for p in prompts]
+    assert opening_length(with_opening) >= len(opening)
+    built = []
+    monkeypatch.setattr(decode, "SharedPrefix", lambda *a: built.append(a[1]) or SharedPrefix(*a))
+    expected = _reference(loaded.model, with_opening, 10, set(), pad)
+    assert greedy_decode(loaded.model, with_opening, 10, [], pad, prefill_tokens=400) == expected
+    assert len(built) == 1 and list(built[0][: len(opening)]) == opening

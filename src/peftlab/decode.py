@@ -24,7 +24,9 @@ how to splice their virtual tokens and images in.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
+from functools import partial
 
 import torch
 from transformers import AttentionInterface
@@ -35,6 +37,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from peftlab.data import budget_groups, forward_tokens
 from peftlab.lastlayer import window_kwargs
 from peftlab.models import cache_kwarg, sdpa_variant, takes_unmasked_rows
+from peftlab.shared_prefix import PREFIX_ATTENTION, SharedPrefix, opening_length
 
 
 class BufferLayer(DynamicLayer):
@@ -139,11 +142,16 @@ def _prefill(model, prompts, pad_id: int, capacity: int, max_tokens: int, device
     n_layers = model.config.get_text_config().num_hidden_layers
     merged = Cache(layers=[BufferLayer(capacity) for _ in range(n_layers)])
     first: list[torch.Tensor] = []
-    run_group = _prefill_right if takes_unmasked_rows(model) else _prefill_left
+    right = takes_unmasked_rows(model)
+    # The opening all prompts share (chat template, instruction) runs once; each group starts from its cache.
+    skip = opening_length(prompts) if right else 0
+    opening = SharedPrefix(model, prompts[0][:skip], cache_kwarg(model)) if skip else None
+    run_group = partial(_prefill_right, skip=skip) if right else _prefill_left
     for group in budget_groups([len(p) for p in prompts], max_tokens):
         rows = [prompts[i] for i in group]
-        cache = Cache(layers=[DynamicLayer() for _ in range(n_layers)])
-        logits, source = run_group(model, rows, pad_id, width, cache, device)
+        cache = opening.cache(len(rows)) if opening else Cache(layers=[DynamicLayer() for _ in range(n_layers)])
+        with sdpa_variant(model, PREFIX_ATTENTION) if opening else contextlib.nullcontext():
+            logits, source = run_group(model, rows, pad_id, width, cache, device)
         first.append(logits.argmax(-1))
         for buffer, cached in zip(merged.layers, cache.layers, strict=True):
             if not buffer.is_initialized:
@@ -155,17 +163,18 @@ def _prefill(model, prompts, pad_id: int, capacity: int, max_tokens: int, device
     return torch.cat(first), merged, mask.to(device)
 
 
-def _prefill_right(model, rows, pad_id: int, width: int, cache, device):
+def _prefill_right(model, rows, pad_id: int, width: int, cache, device, skip: int = 0):
     """Right-padded rows with no mask: SDPA's causal kernel on grouped key/value heads (`models.takes_unmasked_rows`).
 
-    Returns each row's next-token logits and, for every column of the merged cache, the cached column it copies:
-    row r's token j lands at column width - len(r) + j. Columns left of a row's start copy anything; they are masked.
+    With `skip`, `cache` already holds the rows' shared first `skip` tokens and only the rest run. Returns each row's
+    next-token logits and, for every column of the merged cache, the cached column it copies: row r's token j
+    lands at column width - len(r) + j. Columns left of a row's start copy anything; they are masked.
     """
     lengths = torch.tensor([len(p) for p in rows])
-    ids = torch.full((len(rows), int(lengths.max())), pad_id, dtype=torch.long)
+    ids = torch.full((len(rows), int(lengths.max()) - skip), pad_id, dtype=torch.long)
     for row, p in enumerate(rows):
-        ids[row, : len(p)] = torch.tensor(p, dtype=torch.long)
-    last = (lengths - 1)[:, None].to(device)
+        ids[row, : len(p) - skip] = torch.tensor(p[skip:], dtype=torch.long)
+    last = (lengths - skip - 1)[:, None].to(device)
     out = model(input_ids=ids.to(device), use_cache=True, logits_to_keep=last, **{cache_kwarg(model): cache},
                 **window_kwargs(model, last))
     source = (torch.arange(width) - (width - lengths)[:, None]).clamp(min=0)

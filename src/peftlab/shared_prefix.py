@@ -43,15 +43,20 @@ def common_prefix(rows: Sequence[Sequence[int]]) -> int:
     return shortest
 
 
-def shared_length(items: Sequence[Encoded]) -> int:
-    """How many leading prompt tokens one step's rows can share (0: not worth it).
+def opening_length(prompts: Sequence[Sequence[int]]) -> int:
+    """How many leading tokens the prompts can share (0: not worth it).
 
-    Every row keeps at least one prompt token of its own: the one whose logits predict its first target.
+    Every prompt keeps at least one token of its own: the one whose logits predict what follows it.
     """
-    if len(items) < 2:
+    if len(prompts) < 2:
         return 0
-    n = min(common_prefix([e.prompt_ids for e in items]), min(len(e.prompt_ids) for e in items) - 1)
+    n = min(common_prefix(prompts), min(len(p) for p in prompts) - 1)
     return n if n >= MIN_PREFIX else 0
+
+
+def shared_length(items: Sequence[Encoded]) -> int:
+    """How many leading prompt tokens one step's rows can share (`opening_length` of their prompts)."""
+    return opening_length([e.prompt_ids for e in items])
 
 
 def strip(items: Sequence[Encoded], n: int) -> list[Encoded]:
@@ -83,7 +88,10 @@ AttentionMaskInterface.register(PREFIX_ATTENTION, sdpa_mask)
 
 
 class SharedPrefix:
-    """One step's shared prefix: its forward (at construction), the caches micro-batches read, its backward."""
+    """One step's shared prefix: its forward (at construction), the caches micro-batches read, its backward.
+
+    Generation's prefill uses it too, under no-grad: the prompts' common opening runs once for all groups.
+    """
 
     def __init__(self, model, prefix_ids: Sequence[int], cache_kwarg: str):
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
