@@ -7,6 +7,8 @@
 - **masked prefill**: a padding mask forces SDPA's masked kernel, which copies each key/value head for every query
   head it serves. Here a group is right-padded and runs unmasked (the causal kernel, key/value heads read in
   place), and its states are moved to the left-padded decode layout afterwards;
+- **repeated openings**: every prompt starts with the same chat-template turn and instruction. Here that opening
+  runs once (`shared_prefix.SharedPrefix`) and each prefill group starts from its cached keys and values;
 - **finished rows**: a row that has emitted its stop token keeps being computed until the whole batch stops. Here
   finished rows leave the batch (and the KV cache) once they are an eighth of it;
 - **cache growth**: the default cache concatenates every new key onto the old ones, copying the whole cache at
