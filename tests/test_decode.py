@@ -149,3 +149,17 @@ def test_prompts_shared_opening_runs_once_and_changes_no_token(sharp, monkeypatc
     expected = _reference(loaded.model, with_opening, 10, set(), pad)
     assert greedy_decode(loaded.model, with_opening, 10, [], pad, prefill_tokens=400) == expected
     assert len(built) == 1 and list(built[0][: len(opening)]) == opening
+
+
+@pytest.mark.parametrize("keep", [[0, 2, 3, 6], [1, 2, 3, 4, 5, 6, 7], [0, 1, 2], [5, 1, 3]])
+def test_cache_compaction_keeps_the_chosen_rows_in_order(keep):
+    from peftlab.decode import BufferLayer
+
+    layer = BufferLayer(capacity=6)
+    keys, values = torch.randn(8, 2, 4, 3), torch.randn(8, 2, 4, 3)
+    layer.update(keys, values)
+    layer.batch_select_indices(torch.tensor(keep))
+    torch.testing.assert_close(layer.keys, keys[keep], rtol=0, atol=0)
+    torch.testing.assert_close(layer.values, values[keep], rtol=0, atol=0)
+    layer.update(torch.ones(len(keep), 2, 1, 3), torch.zeros(len(keep), 2, 1, 3))  # decoding goes on after it
+    assert layer.keys.shape == (len(keep), 2, 5, 3) and bool((layer.keys[:, :, 4] == 1).all())

@@ -10,7 +10,7 @@ import torch
 from peftlab.data import Encoded
 from peftlab.models import load_model
 from peftlab.shared_prefix import MIN_PREFIX, common_prefix, shared_length, strip
-from peftlab.train import step_inputs, train_step
+from peftlab.step import step_inputs, train_step
 
 
 def test_common_prefix():

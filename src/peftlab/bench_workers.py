@@ -174,7 +174,7 @@ def run_check(spec: dict) -> dict:
     from accelerate import Accelerator
 
     from peftlab.evaluate import right_padded_ok
-    from peftlab.train import shares_prefix, split_rows, step_inputs, train_step
+    from peftlab.step import shares_prefix, split_rows, step_inputs, train_step
 
     cfg, loaded, _, model, _ = _peftlab_model(spec)
     items = _items(spec)

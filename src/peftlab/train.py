@@ -5,9 +5,10 @@
 
 A plain loop rather than `transformers.Trainer`, because the speed tricks live in the batch layout: rows
 right-padded with no attention mask (SDPA's causal kernel), the LM head only at target positions, length-bucketed
-batches sized by tokens, and pieces of at most `train.micro_tokens` for backward. Prompt-learning methods and
-vision-language models keep the masked layout with left-padded prompts (`data.collate_causal`). Run it
-data-parallel unchanged with `accelerate launch` (or `torchrun` on CPU).
+batches sized by tokens, pieces of at most `train.micro_tokens` for backward, and the prompt opening all rows of a
+step share run once (`step.train_step`). Prompt-learning methods and vision-language models keep the masked layout
+with left-padded prompts (`data.collate_causal`). Run it data-parallel unchanged with `accelerate launch` (or
+`torchrun` on CPU).
 """
 
 from __future__ import annotations
@@ -17,8 +18,6 @@ import platform
 import random
 import resource
 import time
-from collections.abc import Sequence
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -30,20 +29,18 @@ from peftlab.config import RunConfig, save_config
 from peftlab.data import (
     Encoded,
     PromptFormat,
-    budget_groups,
-    collate,
     encode,
     example_weights,
     few_shot_demos,
     token_batches,
 )
 from peftlab.errors import PeftlabError
-from peftlab.evaluate import batch_tokens, evaluate, mean_loss, right_padded_ok, target_loss, weighted_targets
+from peftlab.evaluate import batch_tokens, evaluate, mean_loss, right_padded_ok
 from peftlab.io import write_json, write_jsonl
 from peftlab.memory import enable_checkpointing, fused_rmsnorm, lean_swiglu
 from peftlab.methods import apply_method, count_params, get_method
-from peftlab.models import LoadedModel, cache_kwarg, load_model, sdpa_variant
-from peftlab.shared_prefix import PREFIX_ATTENTION, SharedPrefix, shared_length, strip
+from peftlab.models import LoadedModel, load_model
+from peftlab.step import shares_prefix, split_rows, step_inputs, train_step
 from peftlab.tasks import DEFAULT_DATA, Example, Task, get_task, kfold_examples, split_examples
 
 
@@ -90,18 +87,6 @@ def content_free_items(cfg: RunConfig, task: Task, fmt: PromptFormat, train, sho
     return encode_split(cfg, task, fmt, examples, shots)
 
 
-def split_rows(items: list[Encoded], idx: list[int], max_tokens: int) -> list[list[int]]:
-    """Split one batch's rows into length-sorted pieces of at most `max_tokens` padded tokens (one row may exceed it).
-
-    The loss is summed over every piece and divided by the batch's target tokens, so the gradient is the batch's;
-    only the activations kept for backward shrink, to those of one piece. Sorting keeps the padding in a piece small.
-    """
-    if not max_tokens:
-        return [idx]
-    rows = sorted(idx, key=lambda i: items[i].length)
-    return [[rows[j] for j in g] for g in budget_groups([items[i].length for i in rows], max_tokens)]
-
-
 def peak_rss_mb() -> float:
     """Peak resident memory of this process (ru_maxrss is in KiB on Linux)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -117,63 +102,6 @@ def _scheduler(cfg: RunConfig, optimizer, total_steps: int):
 
 class NonFiniteLoss(PeftlabError):
     pass
-
-
-def shares_prefix(cfg: RunConfig, right_padded: bool, world: int = 1) -> bool:
-    """Whether training runs each step's shared prompt opening once (`train.shared_prefix`, where it can).
-
-    The prefix's backward runs after the last micro-batch's, where a data-parallel wrapper has already
-    all-reduced, and transformers turns the KV cache off under activation checkpointing.
-    """
-    tc = cfg.train
-    return tc.shared_prefix and right_padded and world == 1 and tc.activation_checkpointing in (False, "off")
-
-
-def step_inputs(
-    items: list[Encoded], pieces: list[list[int]], kind: str, pad: int, right: bool, share: bool
-) -> tuple[list[dict], list[int]]:
-    """One step's micro-batches (one per piece of row indices) and the prompt opening they share (maybe none).
-
-    With `share`, the rows lose the opening that all of them start with (`prefix.shared_length`): it runs once,
-    in `train_step`, as a KV cache in front of every micro-batch.
-    """
-    rows = [items[i] for piece in pieces for i in piece]
-    n = shared_length(rows) if share else 0
-    micro = [collate(strip([items[i] for i in piece], n), kind, pad, right_padded=right) for piece in pieces]
-    return micro, rows[0].prompt_ids[:n]
-
-
-def train_step(
-    model, micro: list[dict], kind: str, accelerator, params, optimizer, scheduler, max_grad_norm,
-    prefix_ids: Sequence[int] = (),
-) -> float:
-    """One optimizer step over `micro` micro-batches; returns the mean loss per target token.
-
-    `prefix_ids`: the prompt opening the micro-batches' rows were cut from (`step_inputs`); it runs once here.
-    """
-    n_tok = sum(weighted_targets(b) for b in micro)
-    loss_sum = 0.0
-    raw = accelerator.unwrap_model(model)
-    with sdpa_variant(raw, PREFIX_ATTENTION) if prefix_ids else nullcontext():
-        prefix = SharedPrefix(raw, prefix_ids, cache_kwarg(raw)) if prefix_ids else None
-        for i, batch in enumerate(micro):
-            batch = {k: v.to(accelerator.device) for k, v in batch.items()}
-            # Gradients are all-reduced once per optimizer step, not once per micro-batch.
-            with accelerator.no_sync(model) if i < len(micro) - 1 else nullcontext():
-                loss, _ = target_loss(model, kind, batch, prefix)
-                accelerator.backward(loss / n_tok)
-            loss_sum += float(loss.detach())
-        if prefix is not None:
-            prefix.backward()
-    if not math.isfinite(loss_sum):
-        optimizer.zero_grad(set_to_none=True)
-        return loss_sum
-    if max_grad_norm:
-        accelerator.clip_grad_norm_(params, max_grad_norm)
-    optimizer.step()
-    scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
-    return loss_sum / n_tok
 
 
 def fit(

@@ -1,0 +1,31 @@
+"""One optimizer step's pieces: rows split under the token budget, and when the shared prefix may be used."""
+
+from __future__ import annotations
+
+import pytest
+
+from peftlab.config import load_config
+from peftlab.data import Encoded
+from peftlab.step import shares_prefix, split_rows
+
+
+def test_split_rows_sorts_and_keeps_each_piece_under_the_budget():
+    items = [Encoded(str(i), [1] * n, [2] * 4) for i, n in enumerate([300, 20, 150, 90, 600])]
+    pieces = split_rows(items, [0, 1, 2, 3, 4], 512)
+    assert sorted(i for p in pieces for i in p) == [0, 1, 2, 3, 4]
+    flat = [i for p in pieces for i in p]
+    assert [items[i].length for i in flat] == sorted(items[i].length for i in flat)
+    for piece in pieces:  # padded tokens: rows x the longest; a single row may exceed the budget on its own
+        assert len(piece) == 1 or len(piece) * max(items[i].length for i in piece) <= 512
+    assert split_rows(items, [4, 0], 0) == [[4, 0]]  # 0: never split
+
+
+@pytest.mark.parametrize("overrides,right,world,expected", [
+    ([], True, 1, True),
+    (["train.shared_prefix=false"], True, 1, False),
+    ([], False, 1, False),  # left-padded layouts (prompt learning, vision-language models)
+    ([], True, 2, False),  # data-parallel: the prefix's backward would come after the all-reduce
+    (["train.activation_checkpointing=selective"], True, 1, False),  # transformers turns the KV cache off
+])
+def test_shares_prefix_only_where_it_is_exact(overrides, right, world, expected):
+    assert shares_prefix(load_config(None, overrides), right, world) is expected
