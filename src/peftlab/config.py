@@ -88,8 +88,9 @@ class TrainConfig:
                                  "gradients, activation memory bounded by the piece (0: never split)")
     grad_accum: int = _f(1, "batches per optimizer step")
     shared_prefix: bool = _f(True, "run the prompt opening that all rows of a step share (system turn, fixed "
-                                   "instruction) once per step instead of once per row: same gradients, less work "
-                                   "(single process, right-padded text rows, no activation checkpointing)")
+                                   "instruction) once per step instead of once per row: same gradients (with "
+                                   "dropout, one mask for the opening per step), less work (single process, "
+                                   "right-padded text rows, no activation checkpointing)")
     class_balance: float = _f(0.0, "classification tasks: weight each example's loss by (n / (k * count of its "
                                    "class)) ** this; 0 unweighted, 1 fully balanced, 0.5 square-root weights")
     max_grad_norm: float = _f(1.0, "gradient clipping norm (0 turns it off)")

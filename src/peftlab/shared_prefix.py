@@ -11,9 +11,12 @@ follows them, so within one step, with the weights fixed, their states are the s
 4. one backward at the end of the step sends that sum through the prefix's graph.
 
 The loss and every gradient are those of running each row whole; only the prefix's repeated forward and backward
-go. It needs the unmasked right-padded layout (`data.collate_causal_right`), a KV cache in training (so no
-activation checkpointing, where transformers turns the cache off) and one process (a data-parallel wrapper
-all-reduces at the last micro-batch's backward, before the prefix's own).
+go. One difference with dropout on (LoRA's `method.dropout`): the prefix's tokens draw one dropout mask per step,
+shared by the step's rows, where whole rows would each draw their own.
+
+It needs the unmasked right-padded layout (`data.collate_causal_right`), a KV cache in training (so no activation
+checkpointing, where transformers turns the cache off) and one process (a data-parallel wrapper all-reduces at the
+last micro-batch's backward, before the prefix's own).
 """
 
 from __future__ import annotations
