@@ -18,14 +18,15 @@ import types
 
 import torch
 import torch.nn.functional as F
+from transformers.models.llama.modeling_llama import rotate_half
 
 WINDOWED = "_peftlab_full_forward"  # set on a layer whose forward has been replaced (keeps the original)
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotary position embedding, as Llama applies it (`apply_rotary_pos_emb`, one tensor)."""
-    half = x.shape[-1] // 2
-    return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
+    """Llama's rotary position embedding of one tensor (its `apply_rotary_pos_emb` takes queries and keys at the
+    same positions; here the queries cover fewer)."""
+    return x * cos + rotate_half(x) * sin
 
 
 def _window_forward(self, hidden_states, attention_mask=None, position_ids=None, past_key_values=None,
