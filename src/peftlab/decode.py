@@ -149,18 +149,18 @@ def _prefill(model, prompts, pad_id: int, capacity: int, max_tokens: int, device
     skip = opening_length(prompts) if right else 0
     opening = SharedPrefix(model, prompts[0][:skip], cache_kwarg(model)) if skip else None
     run_group = partial(_prefill_right, skip=skip) if right else _prefill_left
-    for group in budget_groups([len(p) for p in prompts], max_tokens):
-        rows = [prompts[i] for i in group]
-        cache = opening.cache(len(rows)) if opening else Cache(layers=[DynamicLayer() for _ in range(n_layers)])
-        with sdpa_variant(model, PREFIX_ATTENTION) if opening else contextlib.nullcontext():
+    with sdpa_variant(model, PREFIX_ATTENTION) if opening else contextlib.nullcontext():
+        for group in budget_groups([len(p) for p in prompts], max_tokens):
+            rows = [prompts[i] for i in group]
+            cache = opening.cache(len(rows)) if opening else Cache(layers=[DynamicLayer() for _ in range(n_layers)])
             logits, source = run_group(model, rows, pad_id, width, cache, device)
-        first.append(logits.argmax(-1))
-        for buffer, cached in zip(merged.layers, cache.layers, strict=True):
-            if not buffer.is_initialized:
-                buffer.allocate(len(prompts), cached.keys)
-            b, h, _, d = cached.keys.shape
-            index = source[:, None, :, None].expand(b, h, width, d)
-            buffer.write_rows(group[0], cached.keys.gather(2, index), cached.values.gather(2, index))
+            first.append(logits.argmax(-1))
+            for buffer, cached in zip(merged.layers, cache.layers, strict=True):
+                if not buffer.is_initialized:
+                    buffer.allocate(len(prompts), cached.keys)
+                b, h, _, d = cached.keys.shape
+                index = source[:, None, :, None].expand(b, h, width, d)
+                buffer.write_rows(group[0], cached.keys.gather(2, index), cached.values.gather(2, index))
     _, mask = left_padded(prompts, pad_id)
     return torch.cat(first), merged, mask.to(device)
 
