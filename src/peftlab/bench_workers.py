@@ -192,7 +192,7 @@ def run_check(spec: dict) -> dict:
         micro, prefix_ids = step_inputs(items, pieces, loaded.kind, loaded.tokenizer.pad_token_id, right, share)
         losses.append(train_step(model, micro, loaded.kind, accelerator, params, optimizer, scheduler, 1.0,
                                  prefix_ids))
-    return {"losses": losses, "init_checksum": checksum, "shared_prefix": share}
+    return {"losses": losses, "init_checksum": checksum}
 
 
 @torch.inference_mode()
