@@ -3,16 +3,21 @@
 `model.generate` on a left-padded batch spends its time in places that do not change the answer:
 
 - **padding**: one batch pads every prompt to its longest, so a wide batch is mostly pad tokens. Here prompts are
-  prefilled in length-sorted groups under a token budget, and only then merged into one wide decode batch;
+  prefilled packed end to end, a token budget's worth per forward with no pad token at all (`packed_sdpa` keeps
+  each prompt's attention to itself), and only then merged into one wide decode batch;
 - **masked prefill**: a padding mask forces SDPA's masked kernel, which copies each key/value head for every query
-  head it serves. Here a group is right-padded and runs unmasked (the causal kernel, key/value heads read in
-  place), and its states are moved to the left-padded decode layout afterwards;
+  head it serves. Here each packed prompt's attention reads the key/value heads in place, and its states are
+  copied to the left-padded decode layout afterwards. Models on another attention implementation run
+  right-padded groups unmasked instead, and models that cannot take per-row logit positions left-padded ones;
 - **repeated openings**: every prompt starts with the same chat-template turn and instruction. Here that opening
   runs once (`shared_prefix.SharedPrefix`) and each prefill group starts from its cached keys and values;
 - **finished rows**: a row that has emitted its stop token keeps being computed until the whole batch stops. Here
   finished rows leave the batch (and the KV cache) once they are an eighth of it;
 - **cache growth**: the default cache concatenates every new key onto the old ones, copying the whole cache at
   every step. Here each layer writes into a buffer sized once for the longest possible sequence;
+- **a wide LM head**: the 49k-column head of a 64-row decode step is the slowest matmul shape there is (one
+  GEMM writing a 12 MB block of logits). Here it runs in slices of `HEAD_COLUMNS` columns, the same dot products
+  (`column_blocks`);
 - **padded attention**: one decode batch is left-padded to its longest prompt, and reading the KV cache is most of
   a decode step's attention time (memory-bound: one query per row). Here attention runs per group of
   length-sorted rows, each over only the cache columns some row of the group has filled (`grouped_sdpa`), while
@@ -27,10 +32,12 @@ how to splice their virtual tokens and images in.
 from __future__ import annotations
 
 import contextlib
+import itertools
 from collections.abc import Sequence
 from functools import partial
 
 import torch
+import torch.nn.functional as F
 from transformers import AttentionInterface
 from transformers.cache_utils import Cache, DynamicLayer
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -39,7 +46,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from peftlab.data import budget_groups, forward_tokens
 from peftlab.lastlayer import window_kwargs
 from peftlab.models import cache_kwarg, sdpa_variant, takes_unmasked_rows
-from peftlab.shared_prefix import PREFIX_ATTENTION, SharedPrefix, opening_length
+from peftlab.shared_prefix import SharedPrefix, opening_length
 
 
 class BufferLayer(DynamicLayer):
@@ -58,11 +65,20 @@ class BufferLayer(DynamicLayer):
         self.buf_k = like.new_empty(rows, h, self.capacity, d)
         self.buf_v = like.new_empty(rows, h, self.capacity, d)
 
-    def write_rows(self, start: int, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        """Prefill: put a group's states, already in the merged layout, into rows start.. of the buffer."""
-        end, width = start + key_states.shape[0], key_states.shape[-2]
-        self.buf_k[start:end, :, :width] = key_states
-        self.buf_v[start:end, :, :width] = value_states
+    def write_row(self, row: int, pieces: Sequence[tuple[torch.Tensor, torch.Tensor]], width: int) -> None:
+        """Prefill: lay one prompt's (keys, values) pieces end to end in buffer row `row`, ending at column `width`.
+
+        The columns left of the prompt are zeroed: they are masked, but a stale non-finite value there would still
+        turn a masked score into NaN.
+        """
+        col = width - sum(k.shape[-2] for k, _ in pieces)
+        self.buf_k[row, :, :col].zero_()
+        self.buf_v[row, :, :col].zero_()
+        for keys, values in pieces:
+            n = keys.shape[-2]
+            self.buf_k[row, :, col : col + n] = keys
+            self.buf_v[row, :, col : col + n] = values
+            col += n
         self.length = width
         self.keys, self.values = self.buf_k[:, :, :width], self.buf_v[:, :, :width]
 
@@ -113,6 +129,42 @@ def grouped_sdpa(module, query, key, value, attention_mask, row_groups=None, **k
 AttentionInterface.register(GROUPED_ATTENTION, grouped_sdpa)
 AttentionMaskInterface.register(GROUPED_ATTENTION, sdpa_mask)
 
+PACKED_ATTENTION = "peftlab_packed_sdpa"
+PACK_PREFILL = True  # prefill packs prompts end to end (see packed_sdpa); else right-pads them per group
+
+
+def packed_sdpa(module, query, key, value, attention_mask, scaling=None, row_spans=None, prefix: int = 0, **kwargs):
+    """SDPA over prompts packed end to end in one sequence: each attends to the `prefix` cached columns and itself.
+
+    `row_spans` lists each prompt's (start, end) among the packed queries; its keys are the cached prefix followed
+    by its own columns. Packing leaves no padding for the matmuls to compute; attention runs per prompt, so none
+    sees another. Without `row_spans` (the opening's own forward) this is plain SDPA.
+    """
+    if row_spans is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
+    window = kwargs.get("sliding_window") or getattr(module, "sliding_window", None)
+    outputs = []
+    for start, end in row_spans:
+        cols = slice(prefix + start, prefix + end)
+        k = torch.cat([key[:, :, :prefix], key[:, :, cols]], dim=2) if prefix else key[:, :, cols]
+        v = torch.cat([value[:, :, :prefix], value[:, :, cols]], dim=2) if prefix else value[:, :, cols]
+        mask = _prefix_causal_mask(end - start, prefix, window, query.device) if prefix or window else None
+        outputs.append(F.scaled_dot_product_attention(query[:, :, start:end], k, v, attn_mask=mask,
+                                                      is_causal=mask is None, scale=scaling,
+                                                      enable_gqa=query.shape[1] != key.shape[1]))
+    return torch.cat(outputs, dim=2).transpose(1, 2).contiguous(), None
+
+
+def _prefix_causal_mask(n: int, prefix: int, window: int | None, device) -> torch.Tensor:
+    """Which of `prefix + n` keys each of `n` queries (at positions prefix..) sees: causal, within `window`."""
+    keys, queries = torch.arange(prefix + n, device=device), torch.arange(prefix, prefix + n, device=device)[:, None]
+    mask = keys <= queries
+    return mask & (keys > queries - window) if window else mask
+
+
+AttentionInterface.register(PACKED_ATTENTION, packed_sdpa)
+AttentionMaskInterface.register(PACKED_ATTENTION, lambda *args, **kwargs: None)  # packed_sdpa masks each row
+
 
 def row_groups(lengths: torch.Tensor, width: int, n_groups: int | None = None) -> list[tuple[int, int, int]]:
     """Split the rows into up to `n_groups` (default `DECODE_GROUPS`) consecutive groups of near-equal size; each
@@ -134,9 +186,9 @@ def left_padded(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Te
 
 
 def _prefill(model, prompts, pad_id: int, capacity: int, max_tokens: int, device):
-    """Run the prompts through the model in length-sorted groups; return (next tokens, merged cache, mask).
+    """Run the prompts through the model in groups; return (next tokens, merged cache, mask).
 
-    Every group's keys and values are moved to the right edge of the widest prompt and stacked into one cache, so
+    Every group's keys and values are copied to the right edge of the widest prompt in one preallocated cache, so
     the decode steps run all rows in one batch behind a mask of their left padding. Positions are counted from
     each row's first real token, so a row's states are the ones it would get alone.
     """
@@ -148,29 +200,62 @@ def _prefill(model, prompts, pad_id: int, capacity: int, max_tokens: int, device
     # The opening all prompts share (chat template, instruction) runs once; each group starts from its cache.
     skip = opening_length(prompts) if right else 0
     opening = SharedPrefix(model, prompts[0][:skip], cache_kwarg(model)) if skip else None
-    run_group = partial(_prefill_right, skip=skip) if right else _prefill_left
-    with sdpa_variant(model, PREFIX_ATTENTION) if opening else contextlib.nullcontext():
-        for group in budget_groups([len(p) for p in prompts], max_tokens):
+    pack = right and PACK_PREFILL
+    with sdpa_variant(model, PACKED_ATTENTION) if pack else contextlib.nullcontext(False) as packed:
+        run_group = partial(_prefill_packed if packed else _prefill_right, skip=skip) if right else _prefill_left
+        lengths = [len(p) - skip for p in prompts]
+        groups = packed_groups(lengths, max_tokens) if packed else budget_groups(lengths, max_tokens)
+        for group in groups:
             rows = [prompts[i] for i in group]
-            cache = opening.cache(len(rows)) if opening else Cache(layers=[DynamicLayer() for _ in range(n_layers)])
-            logits, source = run_group(model, rows, pad_id, width, cache, device)
+            cache = Cache(layers=[DynamicLayer() for _ in range(n_layers)])
+            if opening:
+                cache = opening.cache(1 if packed else len(rows))
+            logits, plan = run_group(model, rows, pad_id, cache, device)
             first.append(logits.argmax(-1))
             for buffer, cached in zip(merged.layers, cache.layers, strict=True):
                 if not buffer.is_initialized:
                     buffer.allocate(len(prompts), cached.keys)
-                b, h, _, d = cached.keys.shape
-                index = source[:, None, :, None].expand(b, h, width, d)
-                buffer.write_rows(group[0], cached.keys.gather(2, index), cached.values.gather(2, index))
+                for row, segments in zip(group, plan, strict=True):
+                    pieces = [(cached.keys[b, :, a : a + n], cached.values[b, :, a : a + n]) for b, a, n in segments]
+                    buffer.write_row(row, pieces, width)
     _, mask = left_padded(prompts, pad_id)
     return torch.cat(first), merged, mask.to(device)
 
 
-def _prefill_right(model, rows, pad_id: int, width: int, cache, device, skip: int = 0):
+def packed_groups(lengths: Sequence[int], max_tokens: int) -> list[list[int]]:
+    """Consecutive groups of positions in `lengths` whose summed length stays within `max_tokens` (packed rows)."""
+    groups: list[list[int]] = [[]]
+    total = 0
+    for i, n in enumerate(lengths):
+        if groups[-1] and total + n > max_tokens:
+            groups.append([])
+            total = 0
+        groups[-1].append(i)
+        total += n
+    return groups
+
+
+def _prefill_packed(model, rows, pad_id: int, cache, device, skip: int = 0):
+    """The rows end to end in one sequence, no padding: each row attends to the cached opening and to itself
+    (`packed_sdpa`). Returns each row's next-token logits and where its keys and values lie in the group's cache,
+    as (batch row, first column, length) segments."""
+    own = [p[skip:] for p in rows]
+    ends = list(itertools.accumulate(len(p) for p in own))
+    spans = list(zip([0, *ends[:-1]], ends, strict=True))
+    ids = torch.tensor([[t for p in own for t in p]], device=device)
+    positions = torch.tensor([[skip + j for p in own for j in range(len(p))]], device=device)
+    last = torch.tensor([end - 1 for end in ends], device=device)
+    out = model(input_ids=ids, position_ids=positions, use_cache=True, logits_to_keep=last,
+                **{cache_kwarg(model): cache}, row_spans=spans, prefix=skip)
+    opening = [(0, 0, skip)] if skip else []
+    return out.logits[0], [[*opening, (0, skip + a, b - a)] for a, b in spans]
+
+
+def _prefill_right(model, rows, pad_id: int, cache, device, skip: int = 0):
     """Right-padded rows with no mask: SDPA's causal kernel on grouped key/value heads (`models.takes_unmasked_rows`).
 
     With `skip`, `cache` already holds the rows' shared first `skip` tokens and only the rest run. Returns each row's
-    next-token logits and, for every column of the merged cache, the cached column it copies: row r's token j
-    lands at column width - len(r) + j. Columns left of a row's start copy anything; they are masked.
+    next-token logits and where its keys and values lie in the group's cache (see `_prefill_packed`).
     """
     lengths = torch.tensor([len(p) for p in rows])
     ids = torch.full((len(rows), int(lengths.max()) - skip), pad_id, dtype=torch.long)
@@ -179,19 +264,16 @@ def _prefill_right(model, rows, pad_id: int, width: int, cache, device, skip: in
     last = (lengths - skip - 1)[:, None].to(device)
     out = model(input_ids=ids.to(device), use_cache=True, logits_to_keep=last, **{cache_kwarg(model): cache},
                 **window_kwargs(model, last))
-    source = (torch.arange(width) - (width - lengths)[:, None]).clamp(min=0)
-    return out.logits[:, -1], source.to(device)
+    return out.logits[:, -1], [[(r, 0, len(p))] for r, p in enumerate(rows)]
 
 
-def _prefill_left(model, rows, pad_id: int, width: int, cache, device):
+def _prefill_left(model, rows, pad_id: int, cache, device):
     """Left-padded rows behind an attention mask, for models that cannot take per-row logit positions."""
     ids, mask = left_padded(rows, pad_id)
     position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
     out = model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=position_ids.to(device),
                 use_cache=True, logits_to_keep=1, **{cache_kwarg(model): cache})
-    shift = width - ids.shape[1]  # the group is already right-aligned; move it to the merged width
-    source = (torch.arange(width) - shift).clamp(min=0).expand(len(rows), width)
-    return out.logits[:, -1], source.to(device)
+    return out.logits[:, -1], [[(r, ids.shape[1] - len(p), len(p))] for r, p in enumerate(rows)]
 
 
 KV_CACHE_BYTES = 2 * 1024**3  # the decode cache one generation batch may fill (see kv_cache_tokens)
@@ -211,6 +293,36 @@ def kv_cache_tokens(model, budget_bytes: int = KV_CACHE_BYTES) -> int:
     return max(budget_bytes // per_token, 1)
 
 
+HEAD_COLUMNS = 4096  # the LM head runs in slices of this many vocabulary columns (see column_blocks)
+
+
+def _sliced_linear(weight: torch.Tensor, bias: torch.Tensor | None, x: torch.Tensor, width: int) -> torch.Tensor:
+    blocks = [F.linear(x, weight[i : i + width], None if bias is None else bias[i : i + width])
+              for i in range(0, weight.shape[0], width)]
+    return torch.cat(blocks, dim=-1)
+
+
+@contextlib.contextmanager
+def column_blocks(model, width: int | None = None):
+    """Run the model's LM head in slices of `width` output columns (default `HEAD_COLUMNS`).
+
+    Each logit is the same dot product over the same hidden state, so the logits are the same; only the GEMM's
+    shape changes. On this CPU a 64 x 576 x 49,152 head ran 27.6 against 33.1 ms in 4096-column slices, because a
+    slice's output block stays in cache. Only a plain `nn.Linear` head is sliced (a LoRA-wrapped head is not).
+    """
+    head = model.get_output_embeddings()
+    width = width or HEAD_COLUMNS
+    # A forward already replaced on the instance (accelerate's offload hooks) is left alone.
+    if type(head) is not torch.nn.Linear or head.out_features <= width or "forward" in vars(head):
+        yield
+        return
+    head.forward = partial(_sliced_linear, head.weight, head.bias, width=width)
+    try:
+        yield
+    finally:
+        del head.forward
+
+
 COMPACT_FRACTION = 8  # finished rows leave the batch once they are 1/8 of it (see greedy_decode)
 
 
@@ -227,9 +339,10 @@ def greedy_decode(
     device = next(model.parameters()).device
     width = max(len(p) for p in prompts)
     prefill_tokens = prefill_tokens or forward_tokens(device)
-    token, cache, mask = _prefill(model, prompts, pad_id, width + max_new_tokens, prefill_tokens, device)
-    with sdpa_variant(model, GROUPED_ATTENTION) as grouped:
-        return _decode_steps(model, token, cache, mask, max_new_tokens, stop_ids, width, grouped)
+    with column_blocks(model):
+        token, cache, mask = _prefill(model, prompts, pad_id, width + max_new_tokens, prefill_tokens, device)
+        with sdpa_variant(model, GROUPED_ATTENTION) as grouped:
+            return _decode_steps(model, token, cache, mask, max_new_tokens, stop_ids, width, grouped)
 
 
 def _decode_steps(model, token, cache, mask, max_new_tokens: int, stop_ids, width: int, grouped: bool):
