@@ -40,6 +40,7 @@ def test_bench_eval_smoke_batched_generation_is_identical(tmp_path):
     result = json.loads(out.read_text())
     assert result["mismatches"] == [], result["mismatches"]
     assert result["baseline_s"] > 0 and result["peftlab_s"] > 0 and result["scored"] == 10
+    assert len(result["peftlab_rounds_s"]) == 4  # peftlab timed after each of the loop's four blocks
 
 
 def test_results_file_gets_a_header_once_and_dated_sections(tmp_path):

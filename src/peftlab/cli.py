@@ -288,6 +288,7 @@ def bench_eval(
     results: Annotated[Path | None, typer.Option(help="markdown file to append to (default bench/RESULTS.md)")] = None,
     smoke: Annotated[bool, typer.Option(help="tiny random model, small n; writes no results file")] = False,
     json_out: Annotated[Path | None, typer.Option("--json", help="also write the raw numbers as JSON")] = None,
+    rounds: Annotated[int, typer.Option(help="blocks of the one-at-a-time loop, each followed by a peftlab run")] = 4,
 ) -> None:
     """Generation and scoring speed: peftlab's batched generate against one-at-a-time model.generate."""
     from peftlab.bench import DEFAULT_RESULTS
@@ -296,7 +297,7 @@ def bench_eval(
     if smoke:
         n, max_new_tokens, score_n = min(n, 6), min(max_new_tokens, 8), min(score_n, 10)
     run_eval_bench(model, n, max_new_tokens, results if results or smoke else DEFAULT_RESULTS, smoke=smoke,
-                   json_out=json_out, score_n=score_n)
+                   json_out=json_out, score_n=score_n, rounds=rounds)
 
 
 def main() -> None:
