@@ -17,6 +17,7 @@ import time
 import torch
 
 import peftlab.decode as decode
+import peftlab.kvcache as kvcache
 from peftlab.bench import encode_dialogsum, machine_line
 from peftlab.models import load_model
 
@@ -24,7 +25,7 @@ VARIANTS = {
     "all levers": {},
     "masked left-padded prefill": {"takes_unmasked_rows": lambda model: False},
     "compact at every finished row": {"COMPACT_FRACTION": 10**9},
-    "decode attention over the whole padded cache": {"DECODE_GROUPS": 1},
+    "decode attention over the whole padded cache": {"kvcache.DECODE_GROUPS": 1},
     "prefill groups of 4096 tokens": {"prefill_tokens": 4096},
     "prefill's last layer at every position": {"window_kwargs": lambda model, positions: {}},
     "prompts' shared opening run in every group": {"opening_length": lambda prompts: 0},
@@ -33,16 +34,22 @@ VARIANTS = {
 }
 
 
+def _target(name: str):
+    """(module, attribute) for a variant's setting: `decode`'s own, or `kvcache.NAME` for the cache module's."""
+    module, _, attr = name.rpartition(".")
+    return (kvcache if module == "kvcache" else decode), attr
+
+
 @contextlib.contextmanager
 def patched(changes: dict):
-    old = {k: getattr(decode, k) for k in changes}
+    old = {k: getattr(*_target(k)) for k in changes}
     for k, v in changes.items():
-        setattr(decode, k, v)
+        setattr(*_target(k), v)
     try:
         yield
     finally:
         for k, v in old.items():
-            setattr(decode, k, v)
+            setattr(*_target(k), v)
 
 
 def timed_decode(model, prompts, stops, pad, prefill_tokens: int | None = None) -> tuple[float, float, list]:

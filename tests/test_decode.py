@@ -85,6 +85,7 @@ def test_every_prefill_and_compaction_variant_equals_generate(sharp, monkeypatch
     """The packed prefill, the unmasked right-padded one, the masked left-padded one (for models without per-row
     logit positions) and rows that finish but stay in the batch for a while all pick the tokens `generate` picks."""
     import peftlab.decode as decode
+    import peftlab.kvcache as kvcache
 
     loaded, fmt, _, prompts = sharp
     pad = fmt.tokenizer.pad_token_id
@@ -96,7 +97,7 @@ def test_every_prefill_and_compaction_variant_equals_generate(sharp, monkeypatch
     if variant == "idle-rows":  # finished rows leave only when all have finished
         monkeypatch.setattr(decode, "COMPACT_FRACTION", 1)
     if variant.startswith("attention-"):  # groups of several rows cropped to their longest; or one uncropped group
-        monkeypatch.setattr(decode, "DECODE_GROUPS", 3 if variant == "attention-groups-3" else 1)
+        monkeypatch.setattr(kvcache, "DECODE_GROUPS", 3 if variant == "attention-groups-3" else 1)
     if variant == "head-in-slices":  # the tiny vocabulary in uneven slices, the last one short
         monkeypatch.setattr(decode, "HEAD_COLUMNS", 97)
     stop = _reference(loaded.model, prompts, 14, set(), pad)[0][3]
@@ -105,7 +106,7 @@ def test_every_prefill_and_compaction_variant_equals_generate(sharp, monkeypatch
 
 
 def test_row_groups_keep_each_groups_longest_prompt():
-    from peftlab.decode import row_groups
+    from peftlab.kvcache import row_groups
 
     lengths = torch.tensor([3, 5, 6, 9, 10, 20])
     assert row_groups(lengths, 20, 3) == [(0, 2, 15), (2, 4, 11), (4, 6, 0)]
@@ -114,18 +115,18 @@ def test_row_groups_keep_each_groups_longest_prompt():
 
 def test_decode_attention_runs_cropped_groups_and_restores_sdpa(sharp, monkeypatch):
     """The decode steps really take the grouped path (keys narrower than the cache), and the model is left on SDPA."""
-    import peftlab.decode as decode
+    import peftlab.kvcache as kvcache
 
     loaded, fmt, _, prompts = sharp
     widths = []
-    plain = decode.sdpa_attention_forward
+    plain = kvcache.sdpa_attention_forward
 
     def spy(module, query, key, *args, **kwargs):
         if query.shape[2] == 1:
             widths.append(key.shape[2])
         return plain(module, query, key, *args, **kwargs)
 
-    monkeypatch.setattr(decode, "sdpa_attention_forward", spy)
+    monkeypatch.setattr(kvcache, "sdpa_attention_forward", spy)
     greedy_decode(loaded.model, prompts, 3, [], fmt.tokenizer.pad_token_id)
     longest = max(len(p) for p in prompts)
     assert min(widths) <= len(prompts[0]) + 2 < longest  # the shortest prompt's group skips the others' columns
@@ -133,7 +134,7 @@ def test_decode_attention_runs_cropped_groups_and_restores_sdpa(sharp, monkeypat
 
 
 def test_kv_cache_tokens_is_a_byte_budget(sharp):
-    from peftlab.decode import kv_cache_tokens
+    from peftlab.kvcache import kv_cache_tokens
 
     model = sharp[0].model
     cfg = model.config  # tiny Llama: 2 key/value heads of hidden/heads each, fp32
@@ -160,7 +161,7 @@ def test_prompts_shared_opening_runs_once_and_changes_no_token(sharp, monkeypatc
 
 @pytest.mark.parametrize("keep", [[0, 2, 3, 6], [1, 2, 3, 4, 5, 6, 7], [0, 1, 2], [5, 1, 3]])
 def test_cache_compaction_keeps_the_chosen_rows_in_order(keep):
-    from peftlab.decode import BufferLayer
+    from peftlab.kvcache import BufferLayer
 
     layer = BufferLayer(capacity=6)
     keys, values = torch.randn(8, 2, 4, 3), torch.randn(8, 2, 4, 3)
@@ -192,7 +193,7 @@ def test_head_in_column_slices_gives_the_same_logits_and_is_restored(sharp):
 
 
 def test_prefill_rows_land_right_aligned_with_their_padding_zeroed():
-    from peftlab.decode import BufferLayer
+    from peftlab.kvcache import BufferLayer
 
     layer = BufferLayer(capacity=9)
     layer.allocate(4, torch.empty(1, 2, 1, 3))

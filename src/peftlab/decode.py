@@ -13,15 +13,13 @@
   runs once (`shared_prefix.SharedPrefix`) and each prefill group starts from its cached keys and values;
 - **finished rows**: a row that has emitted its stop token keeps being computed until the whole batch stops. Here
   finished rows leave the batch (and the KV cache) once they are an eighth of it;
-- **cache growth**: the default cache concatenates every new key onto the old ones, copying the whole cache at
-  every step. Here each layer writes into a buffer sized once for the longest possible sequence;
 - **a wide LM head**: the 49k-column head of a 64-row decode step is the slowest matmul shape there is (one
   GEMM writing a 12 MB block of logits). Here it runs in slices of `HEAD_COLUMNS` columns, the same dot products
   (`column_blocks`);
-- **padded attention**: one decode batch is left-padded to its longest prompt, and reading the KV cache is most of
-  a decode step's attention time (memory-bound: one query per row). Here attention runs per group of
-  length-sorted rows, each over only the cache columns some row of the group has filled (`grouped_sdpa`), while
-  the matmuls still see the whole batch.
+- **cache growth and padded attention**: the default cache concatenates every new key onto the old ones, and a
+  decode step's attention, which does little but read that cache, reads the left padding too. Here the cache is
+  preallocated, and attention runs per group of length-sorted rows over only the columns they filled
+  (`peftlab.kvcache`).
 
 The tokens are the ones greedy `generate` picks: the same argmax over the same logits, checked against
 `model.generate` in the tests and in `peftlab bench eval`. Only plain causal LMs (with or without LoRA, IA3 or full
@@ -41,93 +39,13 @@ import torch.nn.functional as F
 from transformers import AttentionInterface
 from transformers.cache_utils import Cache, DynamicLayer
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+from transformers.masking_utils import AttentionMaskInterface
 
 from peftlab.data import budget_groups, forward_tokens
+from peftlab.kvcache import GROUPED_ATTENTION, BufferLayer, row_groups
 from peftlab.lastlayer import window_kwargs
 from peftlab.models import cache_kwarg, sdpa_variant, takes_unmasked_rows
 from peftlab.shared_prefix import SharedPrefix, opening_length
-
-
-class BufferLayer(DynamicLayer):
-    """A KV-cache layer that writes into a preallocated buffer instead of concatenating at every step."""
-
-    def __init__(self, capacity: int):
-        super().__init__()
-        self.capacity = capacity
-        self.length = 0
-
-    def allocate(self, rows: int, like: torch.Tensor) -> None:
-        """Size the buffer for `rows` rows of `like`'s heads and head size. Left uninitialised: columns are read only
-        after they are written (prefill fills every column up to the prompt width, decode one more per step)."""
-        _, h, _, d = like.shape
-        self.device, self.is_initialized = like.device, True
-        self.buf_k = like.new_empty(rows, h, self.capacity, d)
-        self.buf_v = like.new_empty(rows, h, self.capacity, d)
-
-    def write_row(self, row: int, pieces: Sequence[tuple[torch.Tensor, torch.Tensor]], width: int) -> None:
-        """Prefill: lay one prompt's (keys, values) pieces end to end in buffer row `row`, ending at column `width`.
-
-        The columns left of the prompt are zeroed: they are masked, but a stale non-finite value there would still
-        turn a masked score into NaN.
-        """
-        col = width - sum(k.shape[-2] for k, _ in pieces)
-        self.buf_k[row, :, :col].zero_()
-        self.buf_v[row, :, :col].zero_()
-        for keys, values in pieces:
-            n = keys.shape[-2]
-            self.buf_k[row, :, col : col + n] = keys
-            self.buf_v[row, :, col : col + n] = values
-            col += n
-        self.length = width
-        self.keys, self.values = self.buf_k[:, :, :width], self.buf_v[:, :, :width]
-
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        if not self.is_initialized:
-            self.allocate(key_states.shape[0], key_states)
-        end = self.length + key_states.shape[-2]
-        self.buf_k[:, :, self.length : end] = key_states
-        self.buf_v[:, :, self.length : end] = value_states
-        self.length = end
-        self.keys, self.values = self.buf_k[:, :, :end], self.buf_v[:, :, :end]
-        return self.keys, self.values
-
-    def get_seq_length(self) -> int:
-        return self.length
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        if self.is_initialized:
-            self.buf_k, self.buf_v = self.buf_k[indices], self.buf_v[indices]
-            self.keys, self.values = self.buf_k[:, :, : self.length], self.buf_v[:, :, : self.length]
-
-
-GROUPED_ATTENTION = "peftlab_grouped_sdpa"
-DECODE_GROUPS = 8  # decode attention runs in up to this many groups of length-sorted rows (see grouped_sdpa)
-
-
-def grouped_sdpa(module, query, key, value, attention_mask, row_groups=None, **kwargs):
-    """SDPA over groups of rows, each group over only the cache columns that hold some of its rows' tokens.
-
-    `row_groups` is a list of (first row, end row, first column). The left-padded cache is as wide as the batch's
-    longest prompt, and a decode step's attention does little but read that cache, so the columns that are padding
-    for every row of a group are worth skipping. They are masked anyway, so their softmax weight is exactly zero
-    and the rows' results stay the same. Without `row_groups` (prefill, training) this is plain SDPA.
-    """
-    if row_groups is None or query.shape[2] != 1:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
-    outputs = []
-    for start, end, first in row_groups:
-        mask = attention_mask
-        if mask is not None:
-            mask = (mask if mask.shape[0] == 1 else mask[start:end])[..., first:]
-        out, _ = sdpa_attention_forward(module, query[start:end], key[start:end, :, first:],
-                                        value[start:end, :, first:], mask, **kwargs)
-        outputs.append(out)
-    return torch.cat(outputs), None
-
-
-AttentionInterface.register(GROUPED_ATTENTION, grouped_sdpa)
-AttentionMaskInterface.register(GROUPED_ATTENTION, sdpa_mask)
 
 PACKED_ATTENTION = "peftlab_packed_sdpa"
 PACK_PREFILL = True  # prefill packs prompts end to end (see packed_sdpa); else right-pads them per group
@@ -164,14 +82,6 @@ def _prefix_causal_mask(n: int, prefix: int, window: int | None, device) -> torc
 
 AttentionInterface.register(PACKED_ATTENTION, packed_sdpa)
 AttentionMaskInterface.register(PACKED_ATTENTION, lambda *args, **kwargs: None)  # packed_sdpa masks each row
-
-
-def row_groups(lengths: torch.Tensor, width: int, n_groups: int | None = None) -> list[tuple[int, int, int]]:
-    """Split the rows into up to `n_groups` (default `DECODE_GROUPS`) consecutive groups of near-equal size; each
-    keeps the cache columns from its longest prompt's first token on."""
-    n_groups = min(n_groups or DECODE_GROUPS, len(lengths))
-    bounds = torch.linspace(0, len(lengths), n_groups + 1).round().long().tolist()
-    return [(a, b, width - int(lengths[a:b].max())) for a, b in zip(bounds, bounds[1:], strict=False) if b > a]
 
 
 def left_padded(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -274,23 +184,6 @@ def _prefill_left(model, rows, pad_id: int, cache, device):
     out = model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=position_ids.to(device),
                 use_cache=True, logits_to_keep=1, **{cache_kwarg(model): cache})
     return out.logits[:, -1], [[(r, ids.shape[1] - len(p), len(p))] for r, p in enumerate(rows)]
-
-
-KV_CACHE_BYTES = 2 * 1024**3  # the decode cache one generation batch may fill (see kv_cache_tokens)
-
-
-def kv_cache_tokens(model, budget_bytes: int = KV_CACHE_BYTES) -> int:
-    """How many cached tokens (rows x width) fit in `budget_bytes` of keys and values for this model.
-
-    A byte budget, not a fixed token count: SmolLM2-135M caches 45 KB per token (30 layers x 3 key/value heads x 64
-    x 2 x fp32), so 2 GB holds 64 dialogues of 500-token prompts in one batch; a fixed 32k tokens split them into a
-    batch of 63 and one of a single row, whose 60 weight-bound steps cost 4% of the whole run.
-    """
-    cfg = model.config.get_text_config()
-    heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    per_token = 2 * cfg.num_hidden_layers * heads * head_dim * next(model.parameters()).element_size()
-    return max(budget_bytes // per_token, 1)
 
 
 HEAD_COLUMNS = 4096  # the LM head runs in slices of this many vocabulary columns (see column_blocks)

@@ -14,7 +14,8 @@ import torch
 from tqdm.auto import tqdm
 
 from peftlab.data import IGNORE, Encoded, PromptFormat, budget_groups, collate, forward_tokens, token_batches
-from peftlab.decode import greedy_decode, kv_cache_tokens, left_padded
+from peftlab.decode import greedy_decode, left_padded
+from peftlab.kvcache import kv_cache_tokens
 from peftlab.lastlayer import window_kwargs
 from peftlab.metrics import per_example_rouge1
 from peftlab.models import takes_unmasked_rows
@@ -166,7 +167,7 @@ def generate(
     """Greedy generation in length-sorted batches with the KV cache; returns texts in the order of `items`.
 
     Causal text models decode through `peftlab.decode.greedy_decode` (up to `max_rows` rows and `max_tokens` cached
-    tokens per batch, by default as many as 2 GB of keys and values hold: `decode.kv_cache_tokens`; finished rows
+    tokens per batch, by default as many as 2 GB of keys and values hold: `kvcache.kv_cache_tokens`; finished rows
     leave the batch). Seq2seq, prompt-learning and vision-language models go through
     `model.generate` on left-padded batches of 16.
     """
