@@ -30,7 +30,6 @@ VARIANTS = {
     "prefill's last layer at every position": {"window_kwargs": lambda model, positions: {}},
     "prompts' shared opening run in every group": {"opening_length": lambda prompts: 0},
     "LM head as one GEMM": {"HEAD_COLUMNS": 10**9},
-    "prefill right-padded per group (not packed)": {"PACK_PREFILL": False},
 }
 
 

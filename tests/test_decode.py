@@ -76,22 +76,20 @@ def test_generate_uses_the_fast_path_for_lora_and_keeps_generate_for_prompt_tuni
     assert len(generate(prompt, fmt, items[:2], max_new_tokens=4, progress=False)) == 2
 
 
-VARIANTS = ["packed-prefill", "right-padded-prefill", "left-padded-prefill", "idle-rows", "attention-groups-3",
+VARIANTS = ["right-padded-prefill", "left-padded-prefill", "idle-rows", "attention-groups-3",
             "attention-whole-cache", "head-in-slices"]
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_every_prefill_and_compaction_variant_equals_generate(sharp, monkeypatch, variant):
-    """The packed prefill, the unmasked right-padded one, the masked left-padded one (for models without per-row
-    logit positions) and rows that finish but stay in the batch for a while all pick the tokens `generate` picks."""
+    """The unmasked right-padded prefill, the masked left-padded one (for models without per-row logit positions),
+    rows that finish but stay in the batch for a while and the sliced LM head all pick the tokens `generate` picks."""
     import peftlab.decode as decode
     import peftlab.kvcache as kvcache
 
     loaded, fmt, _, prompts = sharp
     pad = fmt.tokenizer.pad_token_id
     assert decode.takes_unmasked_rows(loaded.model)
-    if variant == "right-padded-prefill":
-        monkeypatch.setattr(decode, "PACK_PREFILL", False)
     if variant == "left-padded-prefill":
         monkeypatch.setattr(decode, "takes_unmasked_rows", lambda model: False)
     if variant == "idle-rows":  # finished rows leave only when all have finished
@@ -200,48 +198,9 @@ def test_prefill_rows_land_right_aligned_with_their_padding_zeroed():
     layer.buf_k.fill_(float("nan"))  # what a reused allocation may hold
     layer.buf_v.fill_(float("nan"))
     keys, values = torch.randn(2, 2, 6, 3), torch.randn(2, 2, 6, 3)
-    layer.write_row(2, [(keys[0, :, :5], values[0, :, :5])], width=7)
-    layer.write_row(3, [(keys[1, :, :1], values[1, :, :1]), (keys[1, :, 3:6], values[1, :, 3:6])], width=7)
+    layer.write_row(2, keys[0, :, :5], values[0, :, :5], width=7)
+    layer.write_row(3, keys[1, :, 2:6], values[1, :, 2:6], width=7)
     torch.testing.assert_close(layer.keys[2, :, 2:], keys[0, :, :5], rtol=0, atol=0)
-    torch.testing.assert_close(layer.values[3, :, 3:], values[1, :, [0, 3, 4, 5]], rtol=0, atol=0)
+    torch.testing.assert_close(layer.values[3, :, 3:], values[1, :, 2:6], rtol=0, atol=0)
     assert bool((layer.keys[2, :, :2] == 0).all()) and bool((layer.values[3, :, :3] == 0).all())
     assert layer.keys.shape == (4, 2, 7, 3) and not layer.keys[2:].isnan().any()
-
-
-def test_packed_groups_fill_a_token_budget_in_order():
-    from peftlab.decode import packed_groups
-
-    assert packed_groups([3, 4, 2, 5, 9, 1], 8) == [[0, 1], [2, 3], [4], [5]]
-    assert packed_groups([10], 4) == [[0]]
-
-
-def test_prefill_packs_prompts_without_padding(sharp, monkeypatch):
-    import peftlab.decode as decode
-
-    loaded, fmt, _, prompts = sharp
-    shapes = []
-    run = decode._prefill_packed
-
-    def spy(model, rows, *args, **kwargs):
-        shapes.append(sum(len(r) for r in rows) - len(rows) * kwargs.get("skip", 0))
-        return run(model, rows, *args, **kwargs)
-
-    monkeypatch.setattr(decode, "_prefill_packed", spy)
-    seen = []
-    hook = loaded.model.register_forward_pre_hook(lambda m, a, kw: seen.append(tuple(kw["input_ids"].shape)),
-                                                  with_kwargs=True)
-    try:
-        greedy_decode(loaded.model, prompts, 2, [], fmt.tokenizer.pad_token_id, prefill_tokens=400)
-    finally:
-        hook.remove()
-    assert len(shapes) > 2 and [s for s in seen if s[1] > 1] == [(1, n) for n in shapes]
-
-
-def test_prefix_causal_mask_with_and_without_a_window():
-    from peftlab.decode import _prefix_causal_mask
-
-    mask = _prefix_causal_mask(3, 2, None, "cpu")
-    assert mask.tolist() == [[True, True, True, False, False], [True, True, True, True, False], [True] * 5]
-    windowed = _prefix_causal_mask(3, 2, 2, "cpu")  # a query sees itself and the one key before it
-    assert windowed.tolist() == [[False, True, True, False, False], [False, False, True, True, False],
-                                 [False, False, False, True, True]]

@@ -3,12 +3,10 @@
 `model.generate` on a left-padded batch spends its time in places that do not change the answer:
 
 - **padding**: one batch pads every prompt to its longest, so a wide batch is mostly pad tokens. Here prompts are
-  prefilled packed end to end, a token budget's worth per forward with no pad token at all (`packed_sdpa` keeps
-  each prompt's attention to itself), and only then merged into one wide decode batch;
+  prefilled in length-sorted groups under a token budget, and only then merged into one wide decode batch;
 - **masked prefill**: a padding mask forces SDPA's masked kernel, which copies each key/value head for every query
-  head it serves. Here each packed prompt's attention reads the key/value heads in place, and its states are
-  copied to the left-padded decode layout afterwards. Models on another attention implementation run
-  right-padded groups unmasked instead, and models that cannot take per-row logit positions left-padded ones;
+  head it serves. Here a group is right-padded and runs unmasked (the causal kernel, key/value heads read in
+  place), and its states are copied to the left-padded decode layout afterwards;
 - **repeated openings**: every prompt starts with the same chat-template turn and instruction. Here that opening
   runs once (`shared_prefix.SharedPrefix`) and each prefill group starts from its cached keys and values;
 - **finished rows**: a row that has emitted its stop token keeps being computed until the whole batch stops. Here
@@ -30,58 +28,18 @@ how to splice their virtual tokens and images in.
 from __future__ import annotations
 
 import contextlib
-import itertools
 from collections.abc import Sequence
 from functools import partial
 
 import torch
 import torch.nn.functional as F
-from transformers import AttentionInterface
 from transformers.cache_utils import Cache, DynamicLayer
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.masking_utils import AttentionMaskInterface
 
 from peftlab.data import budget_groups, forward_tokens
 from peftlab.kvcache import GROUPED_ATTENTION, BufferLayer, row_groups
 from peftlab.lastlayer import window_kwargs
 from peftlab.models import cache_kwarg, sdpa_variant, takes_unmasked_rows
-from peftlab.shared_prefix import SharedPrefix, opening_length
-
-PACKED_ATTENTION = "peftlab_packed_sdpa"
-PACK_PREFILL = True  # prefill packs prompts end to end (see packed_sdpa); else right-pads them per group
-
-
-def packed_sdpa(module, query, key, value, attention_mask, scaling=None, row_spans=None, prefix: int = 0, **kwargs):
-    """SDPA over prompts packed end to end in one sequence: each attends to the `prefix` cached columns and itself.
-
-    `row_spans` lists each prompt's (start, end) among the packed queries; its keys are the cached prefix followed
-    by its own columns. Packing leaves no padding for the matmuls to compute; attention runs per prompt, so none
-    sees another. Without `row_spans` (the opening's own forward) this is plain SDPA.
-    """
-    if row_spans is None:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
-    window = kwargs.get("sliding_window") or getattr(module, "sliding_window", None)
-    outputs = []
-    for start, end in row_spans:
-        cols = slice(prefix + start, prefix + end)
-        k = torch.cat([key[:, :, :prefix], key[:, :, cols]], dim=2) if prefix else key[:, :, cols]
-        v = torch.cat([value[:, :, :prefix], value[:, :, cols]], dim=2) if prefix else value[:, :, cols]
-        mask = _prefix_causal_mask(end - start, prefix, window, query.device) if prefix or window else None
-        outputs.append(F.scaled_dot_product_attention(query[:, :, start:end], k, v, attn_mask=mask,
-                                                      is_causal=mask is None, scale=scaling,
-                                                      enable_gqa=query.shape[1] != key.shape[1]))
-    return torch.cat(outputs, dim=2).transpose(1, 2).contiguous(), None
-
-
-def _prefix_causal_mask(n: int, prefix: int, window: int | None, device) -> torch.Tensor:
-    """Which of `prefix + n` keys each of `n` queries (at positions prefix..) sees: causal, within `window`."""
-    keys, queries = torch.arange(prefix + n, device=device), torch.arange(prefix, prefix + n, device=device)[:, None]
-    mask = keys <= queries
-    return mask & (keys > queries - window) if window else mask
-
-
-AttentionInterface.register(PACKED_ATTENTION, packed_sdpa)
-AttentionMaskInterface.register(PACKED_ATTENTION, lambda *args, **kwargs: None)  # packed_sdpa masks each row
+from peftlab.shared_prefix import PREFIX_ATTENTION, SharedPrefix, opening_length
 
 
 def left_padded(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -110,62 +68,27 @@ def _prefill(model, prompts, pad_id: int, capacity: int, max_tokens: int, device
     # The opening all prompts share (chat template, instruction) runs once; each group starts from its cache.
     skip = opening_length(prompts) if right else 0
     opening = SharedPrefix(model, prompts[0][:skip], cache_kwarg(model)) if skip else None
-    pack = right and PACK_PREFILL
-    with sdpa_variant(model, PACKED_ATTENTION) if pack else contextlib.nullcontext(False) as packed:
-        run_group = partial(_prefill_packed if packed else _prefill_right, skip=skip) if right else _prefill_left
-        lengths = [len(p) - skip for p in prompts]
-        groups = packed_groups(lengths, max_tokens) if packed else budget_groups(lengths, max_tokens)
-        for group in groups:
+    run_group = partial(_prefill_right, skip=skip) if right else _prefill_left
+    with sdpa_variant(model, PREFIX_ATTENTION) if opening else contextlib.nullcontext():
+        for group in budget_groups([len(p) for p in prompts], max_tokens):
             rows = [prompts[i] for i in group]
-            cache = Cache(layers=[DynamicLayer() for _ in range(n_layers)])
-            if opening:
-                cache = opening.cache(1 if packed else len(rows))
-            logits, plan = run_group(model, rows, pad_id, cache, device)
+            cache = opening.cache(len(rows)) if opening else Cache(layers=[DynamicLayer() for _ in range(n_layers)])
+            logits, spans = run_group(model, rows, pad_id, cache, device)
             first.append(logits.argmax(-1))
             for buffer, cached in zip(merged.layers, cache.layers, strict=True):
                 if not buffer.is_initialized:
                     buffer.allocate(len(prompts), cached.keys)
-                for row, segments in zip(group, plan, strict=True):
-                    pieces = [(cached.keys[b, :, a : a + n], cached.values[b, :, a : a + n]) for b, a, n in segments]
-                    buffer.write_row(row, pieces, width)
+                for row, (b, a, n) in zip(group, spans, strict=True):
+                    buffer.write_row(row, cached.keys[b, :, a : a + n], cached.values[b, :, a : a + n], width)
     _, mask = left_padded(prompts, pad_id)
     return torch.cat(first), merged, mask.to(device)
-
-
-def packed_groups(lengths: Sequence[int], max_tokens: int) -> list[list[int]]:
-    """Consecutive groups of positions in `lengths` whose summed length stays within `max_tokens` (packed rows)."""
-    groups: list[list[int]] = [[]]
-    total = 0
-    for i, n in enumerate(lengths):
-        if groups[-1] and total + n > max_tokens:
-            groups.append([])
-            total = 0
-        groups[-1].append(i)
-        total += n
-    return groups
-
-
-def _prefill_packed(model, rows, pad_id: int, cache, device, skip: int = 0):
-    """The rows end to end in one sequence, no padding: each row attends to the cached opening and to itself
-    (`packed_sdpa`). Returns each row's next-token logits and where its keys and values lie in the group's cache,
-    as (batch row, first column, length) segments."""
-    own = [p[skip:] for p in rows]
-    ends = list(itertools.accumulate(len(p) for p in own))
-    spans = list(zip([0, *ends[:-1]], ends, strict=True))
-    ids = torch.tensor([[t for p in own for t in p]], device=device)
-    positions = torch.tensor([[skip + j for p in own for j in range(len(p))]], device=device)
-    last = torch.tensor([end - 1 for end in ends], device=device)
-    out = model(input_ids=ids, position_ids=positions, use_cache=True, logits_to_keep=last,
-                **{cache_kwarg(model): cache}, row_spans=spans, prefix=skip)
-    opening = [(0, 0, skip)] if skip else []
-    return out.logits[0], [[*opening, (0, skip + a, b - a)] for a, b in spans]
 
 
 def _prefill_right(model, rows, pad_id: int, cache, device, skip: int = 0):
     """Right-padded rows with no mask: SDPA's causal kernel on grouped key/value heads (`models.takes_unmasked_rows`).
 
     With `skip`, `cache` already holds the rows' shared first `skip` tokens and only the rest run. Returns each row's
-    next-token logits and where its keys and values lie in the group's cache (see `_prefill_packed`).
+    next-token logits and where its keys and values lie in the group's cache: (batch row, first column, length).
     """
     lengths = torch.tensor([len(p) for p in rows])
     ids = torch.full((len(rows), int(lengths.max()) - skip), pad_id, dtype=torch.long)
@@ -174,7 +97,7 @@ def _prefill_right(model, rows, pad_id: int, cache, device, skip: int = 0):
     last = (lengths - skip - 1)[:, None].to(device)
     out = model(input_ids=ids.to(device), use_cache=True, logits_to_keep=last, **{cache_kwarg(model): cache},
                 **window_kwargs(model, last))
-    return out.logits[:, -1], [[(r, 0, len(p))] for r, p in enumerate(rows)]
+    return out.logits[:, -1], [(r, 0, len(p)) for r, p in enumerate(rows)]
 
 
 def _prefill_left(model, rows, pad_id: int, cache, device):
@@ -183,7 +106,7 @@ def _prefill_left(model, rows, pad_id: int, cache, device):
     position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
     out = model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=position_ids.to(device),
                 use_cache=True, logits_to_keep=1, **{cache_kwarg(model): cache})
-    return out.logits[:, -1], [[(r, ids.shape[1] - len(p), len(p))] for r, p in enumerate(rows)]
+    return out.logits[:, -1], [(r, ids.shape[1] - len(p), len(p)) for r, p in enumerate(rows)]
 
 
 HEAD_COLUMNS = 4096  # the LM head runs in slices of this many vocabulary columns (see column_blocks)

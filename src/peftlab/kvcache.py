@@ -15,8 +15,6 @@ step's new key is then a strided write into every row. bench/RESULTS.md has the 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 from transformers import AttentionInterface
 from transformers.cache_utils import DynamicLayer
@@ -46,20 +44,15 @@ class BufferLayer(DynamicLayer):
     def _refresh(self) -> None:
         self.keys, self.values = self.buf_k[:, :, : self.length], self.buf_v[:, :, : self.length]
 
-    def write_row(self, row: int, pieces: Sequence[tuple[torch.Tensor, torch.Tensor]], width: int) -> None:
-        """Prefill: lay one prompt's (keys, values) pieces end to end in buffer row `row`, ending at column `width`.
-
-        The columns left of the prompt are zeroed: they are masked, but a stale non-finite value there would still
-        turn a masked score into NaN.
-        """
-        col = width - sum(k.shape[-2] for k, _ in pieces)
+    def write_row(self, row: int, keys: torch.Tensor, values: torch.Tensor, width: int) -> None:
+        """Prefill: put one prompt's (heads, length, head size) keys and values in buffer row `row`, ending at column
+        `width`. The columns left of the prompt are zeroed: they are masked, but a stale non-finite value there would
+        still turn a masked score into NaN."""
+        col = width - keys.shape[-2]
         self.buf_k[row, :, :col].zero_()
         self.buf_v[row, :, :col].zero_()
-        for keys, values in pieces:
-            n = keys.shape[-2]
-            self.buf_k[row, :, col : col + n] = keys
-            self.buf_v[row, :, col : col + n] = values
-            col += n
+        self.buf_k[row, :, col:width] = keys
+        self.buf_v[row, :, col:width] = values
         self.length = width
         self._refresh()
 
