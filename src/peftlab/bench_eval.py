@@ -91,7 +91,8 @@ def compare_generation(loaded, fmt, items, max_new_tokens: int, rounds: int = 4)
         baseline += one_at_a_time(loaded.model, fmt, items[a:b], max_new_tokens)
         t1 = time.perf_counter()
         runs.append(generate(loaded.model, fmt, items, max_new_tokens, progress=False))
-        baseline_s, rounds_s = baseline_s + t1 - t0, [*rounds_s, time.perf_counter() - t1]
+        rounds_s.append(time.perf_counter() - t1)
+        baseline_s += t1 - t0
     peftlab_s = sum(rounds_s) / len(rounds_s)
     mismatches = [
         {"id": e.id, "round": r, "one_at_a_time": a, "peftlab": batched[i]}

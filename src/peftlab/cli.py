@@ -288,7 +288,7 @@ def bench_eval(
     results: Annotated[Path | None, typer.Option(help="markdown file to append to (default bench/RESULTS.md)")] = None,
     smoke: Annotated[bool, typer.Option(help="tiny random model, small n; writes no results file")] = False,
     json_out: Annotated[Path | None, typer.Option("--json", help="also write the raw numbers as JSON")] = None,
-    rounds: Annotated[int, typer.Option(help="blocks of the one-at-a-time loop, each followed by a peftlab run")] = 4,
+    rounds: Annotated[int, typer.Option(min=1, help="blocks of the one-at-a-time loop, each then a peftlab run")] = 4,
 ) -> None:
     """Generation and scoring speed: peftlab's batched generate against one-at-a-time model.generate."""
     from peftlab.bench import DEFAULT_RESULTS
