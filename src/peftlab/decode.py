@@ -78,7 +78,7 @@ def _prefill(model, prompts, pad_id: int, capacity: int, max_tokens: int, device
             for buffer, cached in zip(merged.layers, cache.layers, strict=True):
                 if not buffer.is_initialized:
                     buffer.allocate(len(prompts), cached.keys)
-                for row, (b, a, n) in zip(group, spans, strict=True):
+                for b, (row, (a, n)) in enumerate(zip(group, spans, strict=True)):
                     buffer.write_row(row, cached.keys[b, :, a : a + n], cached.values[b, :, a : a + n], width)
     _, mask = left_padded(prompts, pad_id)
     return torch.cat(first), merged, mask.to(device)
@@ -88,7 +88,7 @@ def _prefill_right(model, rows, pad_id: int, cache, device, skip: int = 0):
     """Right-padded rows with no mask: SDPA's causal kernel on grouped key/value heads (`models.takes_unmasked_rows`).
 
     With `skip`, `cache` already holds the rows' shared first `skip` tokens and only the rest run. Returns each row's
-    next-token logits and where its keys and values lie in the group's cache: (batch row, first column, length).
+    next-token logits and where each row's keys and values lie in its cache row: (first column, length).
     """
     lengths = torch.tensor([len(p) for p in rows])
     ids = torch.full((len(rows), int(lengths.max()) - skip), pad_id, dtype=torch.long)
@@ -97,7 +97,7 @@ def _prefill_right(model, rows, pad_id: int, cache, device, skip: int = 0):
     last = (lengths - skip - 1)[:, None].to(device)
     out = model(input_ids=ids.to(device), use_cache=True, logits_to_keep=last, **{cache_kwarg(model): cache},
                 **window_kwargs(model, last))
-    return out.logits[:, -1], [(r, 0, len(p)) for r, p in enumerate(rows)]
+    return out.logits[:, -1], [(0, len(p)) for p in rows]
 
 
 def _prefill_left(model, rows, pad_id: int, cache, device):
@@ -106,7 +106,7 @@ def _prefill_left(model, rows, pad_id: int, cache, device):
     position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
     out = model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=position_ids.to(device),
                 use_cache=True, logits_to_keep=1, **{cache_kwarg(model): cache})
-    return out.logits[:, -1], [(r, ids.shape[1] - len(p), len(p)) for r, p in enumerate(rows)]
+    return out.logits[:, -1], [(ids.shape[1] - len(p), len(p)) for p in rows]
 
 
 HEAD_COLUMNS = 4096  # the LM head runs in slices of this many vocabulary columns (see column_blocks)
