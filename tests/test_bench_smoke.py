@@ -27,6 +27,7 @@ def test_bench_train_smoke_matches_reference_losses(tmp_path):
     assert row["same_init"], "the reference and peftlab did not start from the same adapter weights"
     assert row["ref_rows_read"] == 8 and row["peftlab_steps"] == 4  # n=8, batch 2: every row, one epoch
     assert len(row["losses_ref"]) == len(row["losses_peftlab"]) == 4
+    assert len(row["ref_rounds_s"]) == len(row["peftlab_rounds_s"]) == 2  # each side run twice, AB then BA
     # peftlab's batch layout (left-padded prompts, LM head on targets only) must give the reference's losses
     assert row["max_rel_diff"] <= 1e-3, (row["losses_ref"], row["losses_peftlab"])
     assert not (tmp_path / "bench" / "RESULTS.md").exists()  # --smoke writes no results file unless asked

@@ -97,34 +97,55 @@ def run_worker(role: str, spec: dict, tmp: Path) -> dict:
     return json.loads(out_file.read_text())
 
 
-def bench_method(method: str, base_spec: dict, tmp: Path) -> dict:
+def timed_sides(spec: dict, tmp: Path, rounds: int) -> tuple[list[dict], list[dict]]:
+    """Run the reference (A) and peftlab (B) `rounds` times each, in the order AB BA AB BA ...
+
+    The machine's speed drifts by 10-20% within minutes here. Alternating which side goes first cancels a steady
+    drift out of the ratio of the two sides' mean times; timed once each, back to back, the later side takes all of it.
+    """
+    refs, ours = [], []
+    for r in range(rounds):
+        for role in ("ref", "peftlab") if r % 2 == 0 else ("peftlab", "ref"):
+            (refs if role == "ref" else ours).append(run_worker(role, spec, tmp))
+    return refs, ours
+
+
+def bench_method(method: str, base_spec: dict, tmp: Path, rounds: int = 2) -> dict:
     """Reference, math check and peftlab for one method; returns one table row's numbers."""
     from peftlab.methods import get_method
 
     spec = {**base_spec, "method": method, "lr": get_method(method).default_lr}
-    ref = run_worker("ref", spec, tmp)
+    refs, ours = timed_sides(spec, tmp, rounds)
+    ref = refs[0]  # every round trains the same seeded epoch: same batches, same losses
     check = run_worker("check", {**spec, "batches": ref["batches"]}, tmp)
-    ours = run_worker("peftlab", spec, tmp)
+    ref_s = sum(r["seconds"] for r in refs) / rounds
+    ours_s = sum(r["seconds"] for r in ours) / rounds
     diffs = [abs(a - b) / max(abs(a), 1e-12) for a, b in zip(ref["losses"], check["losses"], strict=False)]
     tokens = base_spec["real_tokens"]
     return {
         "method": method,
-        "ref_tok_s": tokens / ref["seconds"],
-        "peftlab_tok_s": tokens / ours["seconds"],
-        "ratio": ref["seconds"] / ours["seconds"],
-        "peftlab_gflops": FLOPS_PER_PARAM[method] * ours["base_params"] * tokens / ours["seconds"] / 1e9,
-        "ref_rss_mb": ref["peak_rss_mb"],
-        "peftlab_rss_mb": ours["peak_rss_mb"],
+        "ref_tok_s": tokens / ref_s,
+        "peftlab_tok_s": tokens / ours_s,
+        "ratio": ref_s / ours_s,
+        "peftlab_gflops": FLOPS_PER_PARAM[method] * ours[0]["base_params"] * tokens / ours_s / 1e9,
+        "ref_rss_mb": max(r["peak_rss_mb"] for r in refs),
+        "peftlab_rss_mb": max(r["peak_rss_mb"] for r in ours),
         "losses_ref": ref["losses"],
         "losses_peftlab": check["losses"],
         "max_rel_diff": max(diffs) if diffs else float("nan"),
         "same_init": abs(ref["init_checksum"] - check["init_checksum"]) <= 1e-9 * max(ref["init_checksum"], 1.0),
-        "ref_seconds": ref["seconds"],
-        "peftlab_seconds": ours["seconds"],
-        "peftlab_step_seconds": ours["step_seconds"],
+        "ref_seconds": ref_s,
+        "peftlab_seconds": ours_s,
+        "ref_rounds_s": [r["seconds"] for r in refs],
+        "peftlab_rounds_s": [r["seconds"] for r in ours],
+        "peftlab_step_seconds": ours[0]["step_seconds"],
         "ref_rows_read": ref["rows_read"],
-        "peftlab_steps": ours["steps"],
+        "peftlab_steps": ours[0]["steps"],
     }
+
+
+def _seconds(values: list[float]) -> str:
+    return " + ".join(f"{v:.1f}" for v in values) + " s"
 
 
 def _losses(values: list[float]) -> str:
@@ -171,7 +192,7 @@ def append_results(path: Path, title: str, body: str) -> None:
 
 def run_train_bench(
     model: str, methods: list[str], n: int, max_length: int, batch: int, results: Path | None,
-    smoke: bool = False, json_out: Path | None = None, micro_tokens: int | None = None,
+    smoke: bool = False, json_out: Path | None = None, micro_tokens: int | None = None, rounds: int = 2,
 ) -> list[dict]:
     """Benchmark each method; print the table, append it to `results` (if given) and return the rows."""
     unknown = [m for m in methods if m not in FLOPS_PER_PARAM]
@@ -191,11 +212,12 @@ def run_train_bench(
         infer_rss = run_worker("infer", spec, tmp)["peak_rss_mb"]
         rows = []
         for method in methods:
-            rows.append(bench_method(method, spec, tmp))
-            print(f"{method}: reference {rows[-1]['ref_seconds']:.1f} s, peftlab {rows[-1]['peftlab_seconds']:.1f} s",
-                  flush=True)
+            rows.append(bench_method(method, spec, tmp, rounds))
+            r = rows[-1]
+            print(f"{method}: reference {_seconds(r['ref_rounds_s'])}, peftlab {_seconds(r['peftlab_rounds_s'])} "
+                  f"(rounds in ABBA order)", flush=True)
     label = "tiny random model" if smoke else Path(model).name
-    title = f"Training throughput: {label}, n={n}, max_length={max_length}, batch={batch}"
+    title = f"Training throughput: {label}, n={n}, max_length={max_length}, batch={batch}, rounds={rounds}"
     if micro_tokens is not None:
         title += f", micro_tokens={micro_tokens}"
     report_train(rows, sgemm, infer_rss, title, results, json_out)

@@ -266,6 +266,7 @@ def bench_train(
     smoke: Annotated[bool, typer.Option(help="tiny random model, n=8, batch 2; writes no results file")] = False,
     json_out: Annotated[Path | None, typer.Option("--json", help="also write the raw numbers as JSON")] = None,
     micro_tokens: Annotated[int | None, typer.Option(help="peftlab train.micro_tokens (default: config)")] = None,
+    rounds: Annotated[int, typer.Option(min=1, help="runs of each side, in the order AB BA ...; times are means")] = 2,
 ) -> None:
     """Training tokens/s, memory and loss agreement of peftlab against transformers.Trainer + peft."""
     from peftlab.bench import DEFAULT_RESULTS, run_train_bench
@@ -276,7 +277,7 @@ def bench_train(
         n, batch = min(n, 8), min(batch, 2)
     run_train_bench(model, [m.strip() for m in methods.split(",") if m.strip()], n, max_length, batch,
                     results if results or smoke else DEFAULT_RESULTS, smoke=smoke, json_out=json_out,
-                    micro_tokens=micro_tokens)
+                    micro_tokens=micro_tokens, rounds=rounds)
 
 
 @bench_app.command("eval")
