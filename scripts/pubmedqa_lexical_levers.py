@@ -1,0 +1,115 @@
+"""Does a bag of words carry what the frozen model's states miss on PubMedQA? Repeated 10-fold CV.
+
+    .venv/bin/python scripts/pubmedqa_feature_levers.py                 # SmolLM2 feature cache first (~6 min)
+    .venv/bin/python scripts/pubmedqa_feature_levers.py --model gemma-3-270m --layers 12 \\
+        --cache runs/pubmedqa-features-gemma.pt                         # Gemma cache (optional: its rows are skipped)
+    .venv/bin/python scripts/pubmedqa_lexical_levers.py                 # the rows below, about a minute
+
+The linear head on SmolLM2's layer-20 states plateaus near 0.54 / 0.43. Abstracts that answer "no" often say so in
+words ("no significant difference", "did not"), which a mean over 400 token states may blur. This script scores:
+
+- a TF-IDF logistic regression on the question and context words alone;
+- late fusion: one head per feature set (SmolLM2 layer-20 mean, Gemma-3-270M last-token layer 12, TF-IDF), their
+  log-probabilities summed, at three class weightings, since fusion moves accuracy and macro-F1 differently.
+
+Same folds (`peftlab cv`'s, 3 fold seeds), same standardised, class-weighted L2 logistic regression as
+`scripts/pubmedqa_feature_levers.py`. The TF-IDF vocabulary is fitted on each fold's training questions only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from pubmedqa_feature_levers import repeated_folds  # noqa: E402  (a sibling script, not a package)
+
+from peftlab.data import class_weights  # noqa: E402
+from peftlab.metrics import classification_metrics  # noqa: E402
+from peftlab.tasks import DEFAULT_DATA, get_task  # noqa: E402
+
+# A head: (train indices, test indices) -> (train matrix, test matrix), and its L2 strength C.
+Head = tuple[Callable[[np.ndarray, np.ndarray], tuple], float]
+
+
+def standardised(x: np.ndarray) -> Callable:
+    def split(train, test):
+        mean, scale = x[train].mean(0), x[train].std(0) + 1e-6
+        return (x[train] - mean) / scale, (x[test] - mean) / scale
+    return split
+
+
+def tfidf(texts: list[str]) -> Callable:
+    from sklearn.feature_extraction.text import TfidfVectorizer
+
+    def split(train, test):
+        vectorizer = TfidfVectorizer(min_df=2, sublinear_tf=True)  # vocabulary from the training questions only
+        return vectorizer.fit_transform([texts[i] for i in train]), vectorizer.transform([texts[i] for i in test])
+    return split
+
+
+def fused_cv(heads: list[Head], y: np.ndarray, folds, labels, balance: float) -> tuple[list, np.ndarray]:
+    """Each head fitted per fold; the prediction is the argmax of their summed log-probabilities.
+    Returns the per-fold (accuracy, macro-F1) and the confusion matrix pooled over every fold."""
+    from sklearn.linear_model import LogisticRegression
+    from threadpoolctl import threadpool_limits
+
+    scores, confusion = [], np.zeros((3, 3), dtype=int)
+    for train, test in folds:
+        train, test = np.array(train), np.array(test)
+        logp = np.zeros((len(test), 3))
+        for split, c in heads:
+            x_train, x_test = split(train, test)
+            clf = LogisticRegression(C=c, class_weight=class_weights(torch.from_numpy(y[train]), 3, balance),
+                                     max_iter=3000)
+            with threadpool_limits(1):  # small fits: two BLAS threads fight each other (see heads.fit_logistic)
+                clf.fit(x_train, y[train])
+            logp += np.log(clf.predict_proba(x_test) + 1e-9)
+        predicted = logp.argmax(1)
+        np.add.at(confusion, (y[test], predicted), 1)
+        m = classification_metrics([labels[i] for i in predicted], [labels[i] for i in y[test]], labels)
+        scores.append((m["accuracy"], m["macro_f1"]))
+    return scores, confusion
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    task = get_task("pubmedqa")
+    examples = task.load(Path(DEFAULT_DATA[task.name]))
+    y = np.array([task.labels.index(ex.target) for ex in examples])
+    folds = repeated_folds(examples, args.repeats)
+    texts = [ex.inputs["question"] + " " + ex.inputs["context"] for ex in examples]
+    smol = standardised(torch.load("runs/pubmedqa-features.pt", weights_only=True)["mean"][20].numpy())
+    words = tfidf(texts)
+    rows: list[tuple[str, float, list[Head]]] = [(f"TF-IDF words, C={c}", 0.5, [(words, c)]) for c in (1, 3, 10)]
+    rows.append(("SmolLM2 mean L20 (the recipe's features), C=0.01", 0.5, [(smol, 0.01)]))
+    rows += [(f"SmolLM2 mean L20 + TF-IDF, class weights {b}", b, [(smol, 0.01), (words, 3)]) for b in (0.5, 1.0)]
+    gemma = Path("runs/pubmedqa-features-gemma.pt")
+    if gemma.is_file():
+        g12 = standardised(torch.load(gemma, weights_only=True)["last"][12].numpy())
+        rows += [(f"SmolLM2 mean L20 + Gemma last-token L12 + TF-IDF, class weights {b}", b,
+                  [(smol, 0.01), (g12, 0.003), (words, 3)]) for b in (0.5, 0.75, 1.0)]
+    started = time.perf_counter()
+    lines = ["| readout (heads' log-probabilities summed) | accuracy | std | macro-F1 | std | pooled confusion "
+             "(rows = gold yes/no/maybe) |", "|---|---|---|---|---|---|"]
+    for name, balance, heads in rows:
+        scores, confusion = fused_cv(heads, y, folds, task.labels, balance)
+        acc, f1 = zip(*scores, strict=True)
+        lines.append(f"| {name} | {statistics.fmean(acc):.3f} | {statistics.stdev(acc):.3f} | "
+                     f"{statistics.fmean(f1):.3f} | {statistics.stdev(f1):.3f} | {confusion.tolist()} |")
+        print(lines[-1], flush=True)
+    print(f"\npubmedqa, {args.repeats} x 10 folds, {time.perf_counter() - started:.0f} s of fits\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
