@@ -32,6 +32,16 @@ def test_pubmedqa_binary_drops_maybe():
     assert len(binary) == sum(ex.target != "maybe" for ex in full) < 500
 
 
+def test_pubmedqa_explain_trains_on_the_answer_then_the_conclusion():
+    plain, explain = get_task("pubmedqa"), get_task("pubmedqa-explain")
+    examples = explain.load(PUBMEDQA)
+    assert examples == plain.load(PUBMEDQA)  # same questions, labels and folds; only the training text differs
+    ex = examples[0]
+    assert explain.train_target(ex) == f"{ex.target}. {ex.extra['long_answer']}" and ex.extra["long_answer"]
+    assert plain.train_target is None and explain.labels == plain.labels and explain.templates == plain.templates
+    assert explain.train_target(Example("x", {}, "no", ("no",), extra={"long_answer": " "})) == "no"
+
+
 def test_dialogsum_single_summary():
     examples = get_task("dialogsum").load(DIALOGSUM)
     assert len(examples) == 500

@@ -166,6 +166,14 @@ def test_class_balance_weighs_every_class_alike(tiny_causal):
     assert example_weights(get_task("dialogsum"), fmt, items, 1.0) is None
 
 
+def test_class_balance_reads_an_explained_target_by_its_answer_word(tiny_causal):
+    task, fmt, examples, items = _pubmedqa_items(tiny_causal)
+    explain = get_task("pubmedqa-explain")
+    explained = [encode(explain, ex, fmt, 512) for ex in examples]
+    assert all(len(e.target_ids) > len(i.target_ids) for e, i in zip(explained, items, strict=True))
+    assert example_weights(explain, fmt, explained, 1.0) == example_weights(task, fmt, items, 1.0)
+
+
 @torch.no_grad()
 def test_weighted_target_loss_is_the_weighted_sum(tiny_causal):
     from transformers import AutoModelForCausalLM

@@ -123,7 +123,9 @@ def encode(
 ) -> Encoded:
     """Encode one example; if it is too long, cut the task's context field, never the question or the target."""
     tpl = task.template(template)
-    target_ids = fmt.target_ids(example.target if target is None else target)
+    if target is None:
+        target = task.train_target(example) if task.train_target else example.target
+    target_ids = fmt.target_ids(target)
     inputs = dict(example.inputs)
     ids, media = fmt.encode_prompt(tpl.render(inputs), shots, example.image)
     over = len(ids) + len(target_ids) - max_length
@@ -305,15 +307,29 @@ def example_weights(task: Task, fmt: PromptFormat, items: list[Encoded], power: 
 
     A run that learns the label prior instead of the task collapses to the majority answer (naive LoRA on PubMedQA
     answered "yes" 498 times of 500); weighting the loss makes every class pull as hard (power 1) or part way
-    (0.5). The class of an item is read off its target tokens; items whose target is no label word weigh 1.
+    (0.5). The class of an item is the label word its target begins with; items whose target begins with none weigh 1.
     None when there is nothing to weight (power 0, or not a classification task).
     """
     if not power or task.kind != "classification" or not task.labels:
         return None
-    label_of = {tuple(fmt.target_ids(label)): k for k, label in enumerate(task.labels)}
-    classes = [label_of.get(tuple(e.target_ids)) for e in items]
+    classes = [_label_of(task, fmt, e.target_ids) for e in items]
     known = torch.tensor([c for c in classes if c is not None], dtype=torch.long)
     if len(known) == 0:
         return None
     weights = class_weights(known, len(task.labels), power)
     return [1.0 if c is None else weights[c] for c in classes]
+
+
+def _label_of(task: Task, fmt: PromptFormat, target_ids: Sequence[int]) -> int | None:
+    """The index of the one label whose whole target is `target_ids`, or else whose word begins it (an answer
+    followed by its reasoning, `Task.train_target`); None if no label, or more than one, fits."""
+    target = tuple(target_ids)
+    whole = [k for k, label in enumerate(task.labels) if tuple(fmt.target_ids(label)) == target]
+    if whole:
+        return whole[0]
+    begins = []
+    for k, label in enumerate(task.labels):
+        word = tuple(fmt.label_ids(label))
+        if target[: len(word)] == word:
+            begins.append(k)
+    return begins[0] if len(begins) == 1 else None

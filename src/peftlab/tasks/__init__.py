@@ -16,6 +16,7 @@ from peftlab.tasks.base import SPLITS, Example, Task, Template, kfold_examples, 
 TASKS: dict[str, Callable[[], Task]] = {
     "pubmedqa": pubmedqa.make_task,
     "pubmedqa-binary": partial(pubmedqa.make_task, "pubmedqa-binary", ("yes", "no")),
+    "pubmedqa-explain": partial(pubmedqa.make_task, "pubmedqa-explain", explain=True),
     "dialogsum": dialogsum.make_task,
     "scienceqa": scienceqa.make_task,
     "scienceqa-explain": partial(scienceqa.make_task, "scienceqa-explain", explain=True),
@@ -25,6 +26,7 @@ TASKS: dict[str, Callable[[], Task]] = {
 DEFAULT_DATA: dict[str, str] = {
     "pubmedqa": "data/pubmedqa/pqal_trainval.json",
     "pubmedqa-binary": "data/pubmedqa/pqal_trainval.json",
+    "pubmedqa-explain": "data/pubmedqa/pqal_trainval.json",
     "dialogsum": "data/dialogsum/dev.jsonl",
     "scienceqa": "data/scienceqa-synthetic/problems.json",  # synthetic: generated shapes, not ScienceQA's questions
     "scienceqa-explain": "data/scienceqa-synthetic/problems.json",

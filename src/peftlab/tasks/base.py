@@ -58,6 +58,9 @@ class Task:
     context_field: str | None = None
     max_new_tokens: int = 64
     description: str = ""
+    # What training teaches the model to write, when more than the target: pubmedqa-explain's answer word followed by
+    # the abstract's conclusion. Scoring still reads the label word (or the references) alone.
+    train_target: Callable[[Example], str] | None = None
 
     def template(self, index: int) -> Template:
         if not 0 <= index < len(self.templates):

@@ -2,7 +2,9 @@
 
 Reads the dataset's original JSON, `{pmid: {QUESTION, CONTEXTS, final_decision, LONG_ANSWER, ...}}`. The model is
 scored by comparing its likelihood of each label word right after the prompt, in one forward pass: free generation
-would have to be parsed, and small models wander. `pubmedqa-binary` drops the "maybe" items.
+would have to be parsed, and small models wander. `pubmedqa-binary` drops the "maybe" items. `pubmedqa-explain`
+trains on the answer word followed by LONG_ANSWER, the abstract's conclusion, as an auxiliary target; the prompt and
+the scoring stay those of `pubmedqa`, so the conclusion is never an input.
 """
 
 from __future__ import annotations
@@ -71,7 +73,13 @@ def _score(labels: tuple[str, ...], predictions, references) -> dict:
     return classification_metrics(predictions, [r[0] for r in references], labels)
 
 
-def make_task(name: str = "pubmedqa", labels: tuple[str, ...] = LABELS) -> Task:
+def explained(example: Example) -> str:
+    """The answer word, then the abstract's conclusion: "no. The effect was not significant ..."."""
+    conclusion = example.extra.get("long_answer", "").strip()
+    return f"{example.target}. {conclusion}" if conclusion else example.target
+
+
+def make_task(name: str = "pubmedqa", labels: tuple[str, ...] = LABELS, explain: bool = False) -> Task:
     return Task(
         name=name,
         kind="classification",
@@ -82,5 +90,7 @@ def make_task(name: str = "pubmedqa", labels: tuple[str, ...] = LABELS) -> Task:
         labels=labels,
         context_field="context",
         max_new_tokens=2,
-        description="PubMedQA PQA-L, " + "/".join(labels) + ", label-word scoring",
+        description="PubMedQA PQA-L, " + "/".join(labels) + ", label-word scoring"
+        + (", trained on the answer and the abstract's conclusion" if explain else ""),
+        train_target=explained if explain else None,
     )
