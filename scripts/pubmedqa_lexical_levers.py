@@ -10,7 +10,10 @@ words ("no significant difference", "did not"), which a mean over 400 token stat
 
 - a TF-IDF logistic regression on the question and context words alone;
 - late fusion: one head per feature set (SmolLM2 layer-20 mean, Gemma-3-270M last-token layer 12, TF-IDF), their
-  log-probabilities summed, at three class weightings, since fusion moves accuracy and macro-F1 differently.
+  log-probabilities summed, at three class weightings, since fusion moves accuracy and macro-F1 differently;
+- a proxy for retrieved few-shot demos: the majority label of the k training questions nearest to each test
+  question (TF-IDF cosine, or cosine of the centred layer-20 states). Demos retrieved that way can only pass on
+  the answer as far as the neighbours' labels carry it.
 
 Same folds (`peftlab cv`'s, 3 fold seeds), same standardised, class-weighted L2 logistic regression as
 `scripts/pubmedqa_feature_levers.py`. The TF-IDF vocabulary is fitted on each fold's training questions only.
@@ -19,6 +22,7 @@ Same folds (`peftlab cv`'s, 3 fold seeds), same standardised, class-weighted L2 
 from __future__ import annotations
 
 import argparse
+import itertools
 import statistics
 import sys
 import time
@@ -79,6 +83,29 @@ def fused_cv(heads: list[Head], y: np.ndarray, folds, labels, balance: float) ->
     return scores, confusion
 
 
+def neighbour_cv(similarity: Callable, y: np.ndarray, folds, labels, k: int) -> list:
+    """Per-fold (accuracy, macro-F1) of predicting the majority label among the k most similar training questions;
+    `similarity(train, test)` is the (test x train) similarity matrix."""
+    scores = []
+    for train, test in folds:
+        train, test = np.array(train), np.array(test)
+        nearest = np.argsort(-similarity(train, test), axis=1)[:, :k]
+        predicted = [np.bincount(y[train][row], minlength=3).argmax() for row in nearest]  # ties: the lower label
+        m = classification_metrics([labels[i] for i in predicted], [labels[i] for i in y[test]], labels)
+        scores.append((m["accuracy"], m["macro_f1"]))
+    return scores
+
+
+def cosine(split: Callable) -> Callable:
+    def similarity(train, test):
+        a, b = split(train, test)
+        if hasattr(a, "toarray"):  # TF-IDF rows are already unit length
+            return (b @ a.T).toarray()
+        a, b = a / np.linalg.norm(a, axis=1, keepdims=True), b / np.linalg.norm(b, axis=1, keepdims=True)
+        return b @ a.T
+    return similarity
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=3)
@@ -106,6 +133,12 @@ def main() -> None:
         acc, f1 = zip(*scores, strict=True)
         lines.append(f"| {name} | {statistics.fmean(acc):.3f} | {statistics.stdev(acc):.3f} | "
                      f"{statistics.fmean(f1):.3f} | {statistics.stdev(f1):.3f} | {confusion.tolist()} |")
+        print(lines[-1], flush=True)
+    for (name, split), k in itertools.product((("TF-IDF", words), ("SmolLM2 mean L20", smol)), (1, 3, 5)):
+        acc, f1 = zip(*neighbour_cv(cosine(split), y, folds, task.labels, k), strict=True)
+        lines.append(f"| majority label of the {k} nearest training questions ({name} cosine) | "
+                     f"{statistics.fmean(acc):.3f} | {statistics.stdev(acc):.3f} | {statistics.fmean(f1):.3f} | "
+                     f"{statistics.stdev(f1):.3f} | |")
         print(lines[-1], flush=True)
     print(f"\npubmedqa, {args.repeats} x 10 folds, {time.perf_counter() - started:.0f} s of fits\n")
     print("\n".join(lines))
