@@ -64,8 +64,8 @@ EVAL_CASES = [
      "error: {tmp}/nope.json: no such data file (set data.path)"),
     ("unknown task",
      lambda t, m: ["--task", "pubmed", "--data", str(t / "x")],
-     "error: unknown task 'pubmed'; valid: <path/to/task.yaml>, dialogsum, pubmedqa, pubmedqa-binary, pubmedqa-explain, "
-     "scienceqa, scienceqa-explain"),
+     "error: unknown task 'pubmed'; valid: <path/to/task.yaml>, dialogsum, pubmedqa, pubmedqa-binary, "
+     "pubmedqa-explain, scienceqa, scienceqa-explain"),
     ("unknown model",
      lambda t, m: ["--task", "pubmedqa", "--data", str(_pubmedqa_file(t)), "--model", "smollm9"],
      "error: unknown model 'smollm9'; valid: <a local model folder>, gemma-3-270m, smollm2-135m-instruct"),
