@@ -15,11 +15,18 @@ import contextlib
 import time
 
 import torch
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 import peftlab.decode as decode
 import peftlab.kvcache as kvcache
 from peftlab.bench import encode_dialogsum, machine_line
 from peftlab.models import load_model
+
+
+def sdpa_only(*args, **kwargs):
+    """Each row group's decode attention through transformers' SDPA path, as before `single_query_attention`."""
+    return sdpa_attention_forward(*args, **kwargs)[0]
+
 
 VARIANTS = {
     "all levers": {},
@@ -30,6 +37,8 @@ VARIANTS = {
     "prefill's last layer at every position": {"window_kwargs": lambda model, positions: {}},
     "prompts' shared opening run in every group": {"opening_length": lambda prompts: 0},
     "LM head as one GEMM": {"HEAD_COLUMNS": 10**9},
+    "decode attention through SDPA's CPU kernel": {"kvcache.GROUP_ATTENTION": sdpa_only},
+    "decode attention in 4 row groups": {"kvcache.DECODE_GROUPS": 4},
 }
 
 

@@ -117,18 +117,41 @@ def test_decode_attention_runs_cropped_groups_and_restores_sdpa(sharp, monkeypat
 
     loaded, fmt, _, prompts = sharp
     widths = []
-    plain = kvcache.sdpa_attention_forward
+    plain = kvcache.GROUP_ATTENTION
 
     def spy(module, query, key, *args, **kwargs):
-        if query.shape[2] == 1:
-            widths.append(key.shape[2])
+        widths.append(key.shape[2])
         return plain(module, query, key, *args, **kwargs)
 
-    monkeypatch.setattr(kvcache, "sdpa_attention_forward", spy)
+    monkeypatch.setattr(kvcache, "GROUP_ATTENTION", spy)
     greedy_decode(loaded.model, prompts, 3, [], fmt.tokenizer.pad_token_id)
     longest = max(len(p) for p in prompts)
     assert min(widths) <= len(prompts[0]) + 2 < longest  # the shortest prompt's group skips the others' columns
     assert loaded.model.config._attn_implementation == "sdpa"
+
+
+@pytest.mark.parametrize("mask_kind", ["bool", "additive", "none"])
+def test_single_query_attention_equals_sdpa(mask_kind):
+    """One query per row, 9 query heads over 3 key/value heads, left padding masked: the two-GEMM form gives SDPA's
+    output, in SDPA's output layout."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from peftlab.kvcache import single_query_attention
+
+    class Attention:
+        num_key_value_groups, is_causal, training = 3, True, False
+
+    torch.manual_seed(0)
+    rows, columns = 5, 23
+    query = torch.randn(rows, 9, 1, 16)
+    key, value = torch.randn(rows, 3, columns, 16), torch.randn(rows, 3, columns, 16)
+    attend = torch.arange(columns)[None] >= torch.tensor([0, 4, 9, 15, 22])[:, None]  # each row's left padding
+    mask = {"bool": attend[:, None, None], "none": None,
+            "additive": torch.zeros(rows, 1, 1, columns).masked_fill(~attend[:, None, None], float("-inf"))}[mask_kind]
+    want, _ = sdpa_attention_forward(Attention(), query, key, value, mask, scaling=0.3, dropout=0.0)
+    got = single_query_attention(Attention(), query, key, value, mask, scaling=0.3, dropout=0.0)
+    assert got.shape == want.shape == (rows, 1, 9, 16)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
 def test_kv_cache_tokens_is_a_byte_budget(sharp):

@@ -16,8 +16,8 @@
   (`column_blocks`);
 - **cache growth and padded attention**: the default cache concatenates every new key onto the old ones, and a
   decode step's attention, which does little but read that cache, reads the left padding too. Here the cache is
-  preallocated, and attention runs per group of length-sorted rows over only the columns they filled
-  (`peftlab.kvcache`).
+  preallocated, and attention runs per group of length-sorted rows over only the columns they filled, on a CPU
+  as two GEMMs shaped for a single query (`peftlab.kvcache`).
 
 The tokens are the ones greedy `generate` picks: the same argmax over the same logits, checked against
 `model.generate` in the tests and in `peftlab bench eval`. Only plain causal LMs (with or without LoRA, IA3 or full

@@ -6,7 +6,9 @@ DialogSum rows, 30 MB a layer, more than the layer's weights. Two things here ke
 - **`BufferLayer`**: each layer's cache is one buffer sized once for the longest possible sequence, written in
   place (the default cache concatenates, copying the whole cache at every step);
 - **`grouped_sdpa`**: the batch is left-padded to its longest prompt, so attention runs per group of length-sorted
-  rows, each over only the columns some row of the group has filled.
+  rows, each over only the columns some row of the group has filled;
+- **`single_query_attention`**: on the CPU, each group's attention is two GEMMs shaped for one query per row, with
+  the cache as the streaming side: 1.6-1.8 against 2.0-2.2 ms a layer for SDPA's CPU kernel at 64 rows.
 
 Keys stored transposed, (rows, heads, head size, columns), read 2.0 against 2.5 ms a layer in a microbenchmark of
 this attention as two batched matmuls, but whole decoding was no faster (0.170 against 0.160 s per dialogue): each
@@ -100,6 +102,28 @@ def row_groups(lengths: torch.Tensor, width: int, n_groups: int | None = None) -
     return [(a, b, width - int(lengths[a:b].max())) for a, b in zip(bounds, bounds[1:], strict=False) if b > a]
 
 
+def single_query_attention(module, query, key, value, mask, scaling=None, dropout=0.0, **kwargs):
+    """A decode step's attention on the CPU, softmax(q k^T) v as SDPA computes it, in two GEMMs for one query a row.
+
+    Each key/value head serves `g` query heads, so a row's scores for one head are a (columns x g) product.
+    Computed as keys @ queries^T, the long cached operand streams through the GEMM as it is; SDPA's CPU kernel
+    reads the same cache at 13-15 GB/s, this product at about 20-24, as fast as `p @ values` (bench/RESULTS.md).
+    Anything else (a mask per head, dropout, soft-capped logits, another device) goes to SDPA unchanged.
+    """
+    n, heads, q_len, d = query.shape
+    kv = key.shape[1]
+    if (query.device.type != "cpu" or q_len != 1 or heads % kv or dropout or kwargs.get("softcap")
+            or (mask is not None and mask.shape[1] != 1)):
+        return sdpa_attention_forward(module, query, key, value, mask, scaling=scaling, dropout=dropout, **kwargs)[0]
+    q = query.view(n, kv, heads // kv, d)
+    scores = torch.matmul(key, q.transpose(-1, -2)).transpose(-1, -2).contiguous()  # (n, kv, g, columns)
+    scores.mul_(d**-0.5 if scaling is None else scaling)
+    if mask is not None:
+        scores = scores.masked_fill_(~mask, float("-inf")) if mask.dtype == torch.bool else scores.add_(mask)
+    out = torch.matmul(scores.softmax(-1), value)  # (n, kv, g, d)
+    return out.view(n, 1, heads, d)  # (rows, query length, heads, head size), as sdpa_attention_forward returns
+
+
 def grouped_sdpa(module, query, key, value, attention_mask, row_groups=None, **kwargs):
     """SDPA over groups of rows, each group over only the cache columns that hold some of its rows' tokens.
 
@@ -115,11 +139,12 @@ def grouped_sdpa(module, query, key, value, attention_mask, row_groups=None, **k
         mask = attention_mask
         if mask is not None:
             mask = (mask if mask.shape[0] == 1 else mask[start:end])[..., first:]
-        out, _ = sdpa_attention_forward(module, query[start:end], key[start:end, :, first:],
-                                        value[start:end, :, first:], mask, **kwargs)
-        outputs.append(out)
+        outputs.append(GROUP_ATTENTION(module, query[start:end], key[start:end, :, first:],
+                                       value[start:end, :, first:], mask, **kwargs))
     return torch.cat(outputs), None
 
+
+GROUP_ATTENTION = single_query_attention  # each row group's decode attention (scripts/decode_levers.py swaps it)
 
 AttentionInterface.register(GROUPED_ATTENTION, grouped_sdpa)
 AttentionMaskInterface.register(GROUPED_ATTENTION, sdpa_mask)
