@@ -86,6 +86,14 @@ def repeated_folds(examples, repeats: int) -> list[tuple[list[int], list[int]]]:
     return folds
 
 
+def task_folds(task_name: str, repeats: int):
+    """The task, its shipped examples, their label indices and `repeated_folds` of them."""
+    task = get_task(task_name)
+    examples = task.load(Path(DEFAULT_DATA[task.name]))
+    y = np.array([task.labels.index(ex.target) for ex in examples])
+    return task, examples, y, repeated_folds(examples, repeats)
+
+
 def candidates(feats: dict[str, torch.Tensor], layers: list[int]) -> dict[str, np.ndarray]:
     """Named feature matrices: each layer's mean and last-token states, the label log-probs, and a few mixes."""
     out: dict[str, np.ndarray] = {"label log-probs (zero-shot; fitted: a prior correction)": feats["lp"].numpy()}
@@ -109,8 +117,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--cache", type=Path, default=Path("runs/pubmedqa-features.pt"))
     args = parser.parse_args()
-    task = get_task(args.task)
-    examples = task.load(Path(DEFAULT_DATA[task.name]))
+    task, examples, y, folds = task_folds(args.task, args.repeats)
     started = time.perf_counter()
     if args.cache.is_file():
         feats = torch.load(args.cache, weights_only=True)
@@ -119,8 +126,6 @@ def main() -> None:
         args.cache.parent.mkdir(parents=True, exist_ok=True)
         torch.save(feats, args.cache)
     extracted = time.perf_counter() - started
-    y = np.array([task.labels.index(ex.target) for ex in examples])
-    folds = repeated_folds(examples, args.repeats)
     rows = []
     for (name, x), c, balance in itertools.product(candidates(feats, args.layers).items(), args.c, args.balance):
         rows.append((name, c, balance, cross_validate(x, y, folds, task.labels, c, balance)))

@@ -33,11 +33,10 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from pubmedqa_feature_levers import repeated_folds  # noqa: E402  (a sibling script, not a package)
+from pubmedqa_feature_levers import task_folds  # noqa: E402  (a sibling script, not a package)
 
 from peftlab.data import class_weights  # noqa: E402
 from peftlab.metrics import classification_metrics  # noqa: E402
-from peftlab.tasks import DEFAULT_DATA, get_task  # noqa: E402
 
 # A head: (train indices, test indices) -> (train matrix, test matrix), and its L2 strength C.
 Head = tuple[Callable[[np.ndarray, np.ndarray], tuple], float]
@@ -110,10 +109,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
-    task = get_task("pubmedqa")
-    examples = task.load(Path(DEFAULT_DATA[task.name]))
-    y = np.array([task.labels.index(ex.target) for ex in examples])
-    folds = repeated_folds(examples, args.repeats)
+    task, examples, y, folds = task_folds("pubmedqa", args.repeats)
     texts = [ex.inputs["question"] + " " + ex.inputs["context"] for ex in examples]
     smol = standardised(torch.load("runs/pubmedqa-features.pt", weights_only=True)["mean"][20].numpy())
     words = tfidf(texts)

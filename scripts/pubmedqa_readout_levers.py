@@ -34,12 +34,11 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from pubmedqa_feature_levers import cross_validate, repeated_folds  # noqa: E402  (a sibling script, not a package)
+from pubmedqa_feature_levers import cross_validate, task_folds  # noqa: E402  (a sibling script, not a package)
 
 from peftlab.data import Encoded, PromptFormat, class_weights, collate, encode, token_batches  # noqa: E402
 from peftlab.metrics import classification_metrics  # noqa: E402
 from peftlab.models import load_model  # noqa: E402
-from peftlab.tasks import DEFAULT_DATA, get_task  # noqa: E402
 
 MODEL = "smollm2-135m-instruct"
 
@@ -180,10 +179,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
-    task = get_task("pubmedqa")
-    examples = task.load(Path(DEFAULT_DATA[task.name]))
-    y = np.array([task.labels.index(ex.target) for ex in examples])
-    folds = repeated_folds(examples, args.repeats)
+    task, examples, y, folds = task_folds("pubmedqa", args.repeats)
     started = time.perf_counter()
     base = torch.load("runs/pubmedqa-features.pt", weights_only=True)  # scripts/pubmedqa_feature_levers.py
     spans = cached(Path("runs/pubmedqa-qfeatures.pt"), lambda: span_pass(task, examples))
