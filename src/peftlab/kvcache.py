@@ -1,14 +1,14 @@
 """The decode KV cache and the attention that reads it (`peftlab.decode`'s decode steps).
 
 A decode step computes one query per row, so its attention does little but stream the cache from memory: for 64
-DialogSum rows, 30 MB a layer, more than the layer's weights. Two things here keep that stream short:
+DialogSum rows, 30 MB a layer, more than the layer's weights. Three things here keep that stream short and fast:
 
 - **`BufferLayer`**: each layer's cache is one buffer sized once for the longest possible sequence, written in
   place (the default cache concatenates, copying the whole cache at every step);
 - **`grouped_sdpa`**: the batch is left-padded to its longest prompt, so attention runs per group of length-sorted
   rows, each over only the columns some row of the group has filled;
 - **`single_query_attention`**: on the CPU, each group's attention is two GEMMs shaped for one query per row, with
-  the cache as the streaming side: 1.6-1.8 against 2.0-2.2 ms a layer for SDPA's CPU kernel at 64 rows.
+  the cache as the streaming side: 1.7-1.8 against 2.1-2.2 ms a layer for SDPA's CPU kernel at 64 rows.
 
 Keys stored transposed, (rows, heads, head size, columns), read 2.0 against 2.5 ms a layer in a microbenchmark of
 this attention as two batched matmuls, but whole decoding was no faster (0.170 against 0.160 s per dialogue): each
