@@ -28,6 +28,18 @@ def sdpa_only(*args, **kwargs):
     return sdpa_attention_forward(*args, **kwargs)[0]
 
 
+def move_rows_up(self, indices: torch.Tensor) -> None:
+    """Finished-row compaction in place: each kept row (indices increasing) copied up over the columns written so
+    far, where `BufferLayer` gathers every column into new buffers."""
+    if self.is_initialized:
+        for new, old in enumerate(indices.tolist()):
+            if new != old:
+                self.buf_k[new, :, : self.length] = self.buf_k[old, :, : self.length]
+                self.buf_v[new, :, : self.length] = self.buf_v[old, :, : self.length]
+        self.buf_k, self.buf_v = self.buf_k[: len(indices)], self.buf_v[: len(indices)]
+        self._refresh()
+
+
 VARIANTS = {
     "all levers": {},
     "masked left-padded prefill": {"takes_unmasked_rows": lambda model: False},
@@ -39,13 +51,20 @@ VARIANTS = {
     "LM head as one GEMM": {"HEAD_COLUMNS": 10**9},
     "decode attention through SDPA's CPU kernel": {"kvcache.GROUP_ATTENTION": sdpa_only},
     "decode attention in 4 row groups": {"kvcache.DECODE_GROUPS": 4},
+    "finished rows moved up in place": {"kvcache.BufferLayer.batch_select_indices": move_rows_up},
 }
 
 
 def _target(name: str):
-    """(module, attribute) for a variant's setting: `decode`'s own, or `kvcache.NAME` for the cache module's."""
-    module, _, attr = name.rpartition(".")
-    return (kvcache if module == "kvcache" else decode), attr
+    """(owner, attribute) for a variant's setting: `decode`'s own, or under `kvcache.` the cache module's; a dotted
+    path (`kvcache.BufferLayer.batch_select_indices`) reaches into a class."""
+    *path, attr = name.split(".")
+    owner = decode
+    if path and path[0] == "kvcache":
+        owner, path = kvcache, path[1:]
+    for part in path:
+        owner = getattr(owner, part)
+    return owner, attr
 
 
 @contextlib.contextmanager

@@ -8,7 +8,7 @@ DialogSum rows, 30 MB a layer, more than the layer's weights. Three things here 
 - **`grouped_sdpa`**: the batch is left-padded to its longest prompt, so attention runs per group of length-sorted
   rows, each over only the columns some row of the group has filled;
 - **`single_query_attention`**: on the CPU, each group's attention is two GEMMs shaped for one query per row, with
-  the cache as the streaming side: 1.7-1.8 against 2.1-2.2 ms a layer for SDPA's CPU kernel at 64 rows.
+  the cache as the streaming side (`scripts/decode_microbench.py`; decoding 3-6% faster, bench/RESULTS.md).
 
 Keys stored transposed, (rows, heads, head size, columns), read 2.0 against 2.5 ms a layer in a microbenchmark of
 this attention as two batched matmuls, but whole decoding was no faster (0.170 against 0.160 s per dialogue): each
@@ -106,8 +106,8 @@ def single_query_attention(module, query, key, value, mask, scaling=None, dropou
     """A decode step's attention on the CPU, softmax(q k^T) v as SDPA computes it, in two GEMMs for one query a row.
 
     Each key/value head serves `g` query heads, so a row's scores for one head are a (columns x g) product.
-    Computed as keys @ queries^T, the long cached operand streams through the GEMM as it is; SDPA's CPU kernel
-    reads the same cache at 13-15 GB/s, this product at about 20-24, as fast as `p @ values` (bench/RESULTS.md).
+    Computed as keys @ queries^T, the long cached operand streams through the GEMM as it is: about 19-24 GB/s,
+    where SDPA's CPU kernel reads the whole attention's cache at 10-12 (`scripts/decode_microbench.py`).
     Anything else (a mask per head, dropout, soft-capped logits, another device) goes to SDPA unchanged.
     """
     n, heads, q_len, d = query.shape
