@@ -312,7 +312,9 @@ def example_weights(task: Task, fmt: PromptFormat, items: list[Encoded], power: 
     """
     if not power or task.kind != "classification" or not task.labels:
         return None
-    classes = [_label_of(task, fmt, e.target_ids) for e in items]
+    whole = {tuple(fmt.target_ids(label)): k for k, label in enumerate(task.labels)}
+    words = [tuple(fmt.label_ids(label)) for label in task.labels]
+    classes = [_label_of(tuple(e.target_ids), whole, words) for e in items]
     known = torch.tensor([c for c in classes if c is not None], dtype=torch.long)
     if len(known) == 0:
         return None
@@ -320,16 +322,10 @@ def example_weights(task: Task, fmt: PromptFormat, items: list[Encoded], power: 
     return [1.0 if c is None else weights[c] for c in classes]
 
 
-def _label_of(task: Task, fmt: PromptFormat, target_ids: Sequence[int]) -> int | None:
-    """The index of the one label whose whole target is `target_ids`, or else whose word begins it (an answer
-    followed by its reasoning, `Task.train_target`); None if no label, or more than one, fits."""
-    target = tuple(target_ids)
-    whole = [k for k, label in enumerate(task.labels) if tuple(fmt.target_ids(label)) == target]
-    if whole:
-        return whole[0]
-    begins = []
-    for k, label in enumerate(task.labels):
-        word = tuple(fmt.label_ids(label))
-        if target[: len(word)] == word:
-            begins.append(k)
+def _label_of(target: tuple[int, ...], whole: dict[tuple[int, ...], int], words: list[tuple[int, ...]]) -> int | None:
+    """The class whose whole target (label word and end of turn) is `target`, or else the one class whose label word
+    begins it (an answer followed by its reasoning, `Task.train_target`); None if none, or more than one, fits."""
+    if target in whole:
+        return whole[target]
+    begins = [k for k, word in enumerate(words) if target[: len(word)] == word]
     return begins[0] if len(begins) == 1 else None

@@ -118,8 +118,10 @@ def single_query_attention(module, query, key, value, mask, scaling=None, dropou
     q = query.view(n, kv, heads // kv, d)
     scores = torch.matmul(key, q.transpose(-1, -2)).transpose(-1, -2).contiguous()  # (n, kv, g, columns)
     scores.mul_(d**-0.5 if scaling is None else scaling)
-    if mask is not None:
-        scores = scores.masked_fill_(~mask, float("-inf")) if mask.dtype == torch.bool else scores.add_(mask)
+    if mask is not None and mask.dtype == torch.bool:
+        scores.masked_fill_(~mask, float("-inf"))
+    elif mask is not None:
+        scores.add_(mask)
     out = torch.matmul(scores.softmax(-1), value)  # (n, kv, g, d)
     return out.view(n, 1, heads, d)  # (rows, query length, heads, head size), as sdpa_attention_forward returns
 
