@@ -2,24 +2,28 @@
 
     .venv/bin/python scripts/decode_levers.py --n 64 --repeats 2 [--only "variant,variant"]
 
-Each variant turns one lever of `peftlab.decode` off and decodes the same n prompts (60 new tokens); variants run
-interleaved, `--repeats` times, and the best time of each is kept, so a background hiccup hurts one sample, not one
-variant. Prints seconds per dialogue split into prefill and decode, each variant's ratio to the full decoder, and
-whether its outputs equal the full decoder's. bench/RESULTS.md records the outcome next to the prediction.
+Each variant turns one lever of `peftlab.decode` off, or tries one the decoder does not use, and decodes the same n
+prompts (60 new tokens); variants run interleaved, `--repeats` times, and the best time of each is kept, so a
+background hiccup hurts one sample, not one variant. Prints seconds per dialogue split into prefill and decode,
+each variant's ratio to the full decoder, and whether its outputs equal the full decoder's. bench/RESULTS.md
+records the outcome next to the prediction.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import time
 
 import torch
+import torch.nn.functional as F
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 import peftlab.decode as decode
 import peftlab.kvcache as kvcache
 from peftlab.bench import encode_dialogsum, machine_line
+from peftlab.memory import fused_rmsnorm
 from peftlab.models import load_model
 
 
@@ -40,6 +44,51 @@ def move_rows_up(self, indices: torch.Tensor) -> None:
         self._refresh()
 
 
+def _weights_first(module: torch.nn.Linear, x: torch.Tensor, width: int | None = None, few: int = 128) -> torch.Tensor:
+    """`module(x)` as (W @ x^T)^T over at most `few` rows (the head in `width`-column slices), else `F.linear`."""
+    rows = x.reshape(-1, x.shape[-1])
+    slices = module.weight.split(width or module.weight.shape[0])
+    if rows.shape[0] > few:
+        out = torch.cat([F.linear(rows, w) for w in slices], dim=-1)
+    else:  # one slice is not concatenated: a copy per linear cost more than the layout saved
+        xt = rows.t()
+        out = (torch.cat([w @ xt for w in slices]) if len(slices) > 1 else slices[0] @ xt).t().contiguous()
+    out = out if module.bias is None else out + module.bias
+    return out.reshape(*x.shape[:-1], module.weight.shape[0])
+
+
+@contextlib.contextmanager
+def weights_first_linears(model, width: int | None = None, few: int = 128):
+    """In place of `decode.column_blocks`: every plain linear weights-first on at most `few` rows, the LM head
+    also sliced."""
+    head = model.get_output_embeddings()
+    linears = [m for m in model.modules() if type(m) is torch.nn.Linear and "forward" not in vars(m)]
+    for m in linears:
+        m.forward = functools.partial(_weights_first, m, width=(width or decode.HEAD_COLUMNS) if m is head else None,
+                                      few=few)
+    try:
+        yield
+    finally:
+        for m in linears:
+            del m.forward
+
+
+COLUMN_BLOCKS = decode.column_blocks  # the decoder's own, for variants that replace it and still want it
+
+
+@contextlib.contextmanager
+def blocks_and_fused_norms(model):
+    """The decoder's LM-head slices, and `memory.fused_rmsnorm`'s norms for as long as the decoding lasts."""
+    with COLUMN_BLOCKS(model):
+        fused_rmsnorm(model)
+        try:
+            yield
+        finally:
+            for module in model.modules():
+                if type(module).__name__.endswith("RMSNorm"):
+                    vars(module).pop("forward", None)
+
+
 VARIANTS = {
     "all levers": {},
     "masked left-padded prefill": {"takes_unmasked_rows": lambda model: False},
@@ -52,6 +101,9 @@ VARIANTS = {
     "decode attention through SDPA's CPU kernel": {"kvcache.GROUP_ATTENTION": sdpa_only},
     "decode attention in 4 row groups": {"kvcache.DECODE_GROUPS": 4},
     "finished rows moved up in place": {"kvcache.BufferLayer.batch_select_indices": move_rows_up},
+    "RMSNorm fused (F.rms_norm) while decoding": {"column_blocks": blocks_and_fused_norms},
+    "linears weights-first on at most 128 rows": {"column_blocks": weights_first_linears},
+    "linears weights-first on at most 8 rows": {"column_blocks": functools.partial(weights_first_linears, few=8)},
 }
 
 

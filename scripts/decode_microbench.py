@@ -10,6 +10,8 @@ loops over 30 distinct layers' tensors, so the cache is read from memory as in d
   and 4 for the latter), in GB/s of cache read; beside them what the memory allows, `sum` over the same slices,
   and keys @ queries^T alone;
 - projections: q/k/v and gate/up as separate GEMMs against one fused GEMM each, at 64, 32, 8 and 1 rows;
+- weights first: a layer's seven linears as `F.linear(x, W)` against (W @ x^T)^T (`decode.decode_linears`), and
+  the LM head whole, in 4096-column slices, and weights-first in slices, at 64, 32, 16 and 4 rows;
 - compaction: the finished rows' removal as a gather of all columns into new buffers against moving the kept rows
   up in place over the written columns.
 """
@@ -107,6 +109,52 @@ def projections(repeats: int) -> None:
             show(f"{rows} rows, fused", per_layer(fused, [(x, w) for w in weights], repeats))
 
 
+def weights_first(repeats: int) -> None:
+    shapes = [(576, 576), (192, 576), (192, 576), (576, 576), (1536, 576), (1536, 576), (576, 1536)]
+    weights = [[torch.randn(n, k) for n, k in shapes] for _ in range(LAYERS)]
+    head = torch.randn(49152, 576)
+    flush = torch.empty(64 * 2**20 // 4)  # 64 MB written between head calls, so the head comes from memory
+
+    def layer(fn):
+        return lambda x576, x1536, ws: [fn(x1536 if w.shape[1] == 1536 else x576, w) for w in ws]
+
+    def linear(x, w):
+        return F.linear(x, w)
+
+    def left(x, w):
+        return (w @ x.t()).t()
+
+    def head_runs(fn, x):
+        times = []
+        for _ in range(repeats):
+            flush.fill_(1.0)
+            t0 = time.perf_counter()
+            fn(x)
+            times.append((time.perf_counter() - t0) * 1e3)
+        return times
+
+    heads = {
+        "F.linear, whole": lambda x: F.linear(x, head),
+        "F.linear, 4096-column slices": lambda x: torch.cat([F.linear(x, w) for w in head.split(4096)], -1),
+        "weights first, 4096-column slices": lambda x: torch.cat([w @ x.t() for w in head.split(4096)]).t(),
+    }
+    print("\n| a layer's seven linears | ms per layer |\n|---|---|")
+    with torch.inference_mode():
+        for rows in (64, 32, 16, 4):
+            x576, x1536 = torch.randn(rows, 576), torch.randn(rows, 1536)
+            for got, want in zip(layer(left)(x576, x1536, weights[0]), layer(linear)(x576, x1536, weights[0]),
+                                 strict=True):
+                torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)  # another summation order
+            args = [(x576, x1536, ws) for ws in weights]
+            show(f"{rows} rows, F.linear(x, W)", per_layer(layer(linear), args, repeats))
+            show(f"{rows} rows, (W @ x^T)^T", per_layer(layer(left), args, repeats))
+        print("\n| LM head, 49,152 x 576 | ms per call |\n|---|---|")
+        for rows in (64, 32, 16, 4):
+            x = torch.randn(rows, 576)
+            for name, fn in heads.items():
+                show(f"{rows} rows, {name}", head_runs(fn, x))
+
+
 def compaction(repeats: int) -> None:
     written = 420
     keep = torch.arange(ROWS)[torch.arange(ROWS) % 8 != 3]  # every eighth row finished
@@ -137,6 +185,7 @@ def main() -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     attention(args.repeats)
     projections(args.repeats)
+    weights_first(args.repeats)
     compaction(args.repeats)
 
 
