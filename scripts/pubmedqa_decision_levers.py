@@ -34,28 +34,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from pubmedqa_feature_levers import task_folds  # noqa: E402  (sibling scripts, not a package)
-from pubmedqa_lexical_levers import Head, standardised, tfidf  # noqa: E402
+from pubmedqa_lexical_levers import Head, fused_logp, standardised, tfidf  # noqa: E402
 
-from peftlab.data import class_weights  # noqa: E402
 from peftlab.metrics import classification_metrics  # noqa: E402
 
 GRID = np.linspace(-2.0, 3.0, 26)  # offsets tried for "no" and for "maybe", in nats
-
-
-def fused_logp(heads: list[Head], y: np.ndarray, train: np.ndarray, test: np.ndarray, balance: float) -> np.ndarray:
-    """Summed log-probabilities on `test` of the heads fitted on `train`."""
-    from sklearn.linear_model import LogisticRegression
-    from threadpoolctl import threadpool_limits
-
-    logp = np.zeros((len(test), 3))
-    for split, c in heads:
-        x_train, x_test = split(train, test)
-        clf = LogisticRegression(C=c, class_weight=class_weights(torch.from_numpy(y[train]), 3, balance),
-                                 max_iter=3000)
-        with threadpool_limits(1):  # small fits: two BLAS threads fight each other (see heads.fit_logistic)
-            clf.fit(x_train, y[train])
-        logp += np.log(clf.predict_proba(x_test) + 1e-9)
-    return logp
 
 
 def out_of_fold_logp(heads: list[Head], y: np.ndarray, train: np.ndarray, balance: float) -> np.ndarray:

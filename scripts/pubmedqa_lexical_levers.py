@@ -58,24 +58,29 @@ def tfidf(texts: list[str]) -> Callable:
     return split
 
 
-def fused_cv(heads: list[Head], y: np.ndarray, folds, labels, balance: float) -> tuple[list, np.ndarray]:
-    """Each head fitted per fold; the prediction is the argmax of their summed log-probabilities.
-    Returns the per-fold (accuracy, macro-F1) and the confusion matrix pooled over every fold."""
+def fused_logp(heads: list[Head], y: np.ndarray, train: np.ndarray, test: np.ndarray, balance: float) -> np.ndarray:
+    """Summed log-probabilities on `test` of the heads fitted on `train`."""
     from sklearn.linear_model import LogisticRegression
     from threadpoolctl import threadpool_limits
 
+    logp = np.zeros((len(test), 3))
+    for split, c in heads:
+        x_train, x_test = split(train, test)
+        clf = LogisticRegression(C=c, class_weight=class_weights(torch.from_numpy(y[train]), 3, balance),
+                                 max_iter=3000)
+        with threadpool_limits(1):  # small fits: two BLAS threads fight each other (see heads.fit_logistic)
+            clf.fit(x_train, y[train])
+        logp += np.log(clf.predict_proba(x_test) + 1e-9)
+    return logp
+
+
+def fused_cv(heads: list[Head], y: np.ndarray, folds, labels, balance: float) -> tuple[list, np.ndarray]:
+    """Each head fitted per fold; the prediction is the argmax of their summed log-probabilities.
+    Returns the per-fold (accuracy, macro-F1) and the confusion matrix pooled over every fold."""
     scores, confusion = [], np.zeros((3, 3), dtype=int)
     for train, test in folds:
         train, test = np.array(train), np.array(test)
-        logp = np.zeros((len(test), 3))
-        for split, c in heads:
-            x_train, x_test = split(train, test)
-            clf = LogisticRegression(C=c, class_weight=class_weights(torch.from_numpy(y[train]), 3, balance),
-                                     max_iter=3000)
-            with threadpool_limits(1):  # small fits: two BLAS threads fight each other (see heads.fit_logistic)
-                clf.fit(x_train, y[train])
-            logp += np.log(clf.predict_proba(x_test) + 1e-9)
-        predicted = logp.argmax(1)
+        predicted = fused_logp(heads, y, train, test, balance).argmax(1)
         np.add.at(confusion, (y[test], predicted), 1)
         m = classification_metrics([labels[i] for i in predicted], [labels[i] for i in y[test]], labels)
         scores.append((m["accuracy"], m["macro_f1"]))

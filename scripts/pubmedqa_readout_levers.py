@@ -92,8 +92,14 @@ def long_answer_pass(examples, layer: int = 20) -> torch.Tensor:
     """Layer-`layer` mean-pooled states of each question's LONG_ANSWER (its conclusion), as a chat prompt."""
     loaded = load_model(MODEL, device="cpu")
     fmt = PromptFormat(loaded.tokenizer, loaded.kind, loaded.chat)
-    probe = [Encoded(ex.id, fmt.encode_prompt("Conclusion: " + ex.extra["long_answer"])[0], [0]) for ex in examples]
-    model = loaded.model.eval()
+    return conclusion_features([ex.extra["long_answer"] for ex in examples], loaded.model, fmt, layer)
+
+
+@torch.inference_mode()
+def conclusion_features(texts: list[str], model, fmt: PromptFormat, layer: int = 20) -> torch.Tensor:
+    """Layer-`layer` mean-pooled states of each "Conclusion: <text>", as a chat prompt."""
+    probe = [Encoded(str(i), fmt.encode_prompt("Conclusion: " + t)[0], [0]) for i, t in enumerate(texts)]
+    model = model.eval()
     feats = torch.zeros(len(probe), model.config.hidden_size)
     for idx in token_batches(probe, 1024, max_rows=32):
         b = collate([probe[i] for i in idx], "causal", fmt.tokenizer.pad_token_id)
