@@ -30,11 +30,9 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from pubmedqa_feature_levers import task_folds  # noqa: E402  (sibling scripts, not a package)
-from pubmedqa_lexical_levers import Head, fused_logp, standardised, tfidf  # noqa: E402
+from pubmedqa_lexical_levers import Head, feature_splits, fused_logp  # noqa: E402  (a sibling script)
 
 from peftlab.metrics import classification_metrics  # noqa: E402
 
@@ -94,17 +92,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
-    task, examples, y, folds = task_folds("pubmedqa", args.repeats)
-    texts = [ex.inputs["question"] + " " + ex.inputs["context"] for ex in examples]
-    smol = standardised(torch.load("runs/pubmedqa-features.pt", weights_only=True)["mean"][20].numpy())
-    words = tfidf(texts)
+    task, y, folds, smol, words, g12 = feature_splits(args.repeats)
     rows: list[tuple[str, float, list[Head]]] = [
         ("SmolLM2 mean L20 (the recipe's features)", 0.5, [(smol, 0.01)]),
         ("SmolLM2 mean L20 + TF-IDF", 0.5, [(smol, 0.01), (words, 3)]),
     ]
-    gemma = Path("runs/pubmedqa-features-gemma.pt")
-    if gemma.is_file():
-        g12 = standardised(torch.load(gemma, weights_only=True)["last"][12].numpy())
+    if g12 is not None:
         rows.append(("SmolLM2 mean L20 + Gemma last-token L12 + TF-IDF", 0.5, [(smol, 0.01), (g12, 0.003),
                                                                                  (words, 3)]))
     started = time.perf_counter()

@@ -110,20 +110,26 @@ def cosine(split: Callable) -> Callable:
     return similarity
 
 
+def feature_splits(repeats: int):
+    """(task, label indices, folds, SmolLM2 layer-20 means, TF-IDF words, Gemma last-token layer 12 or None when
+    its cache is missing): the feature sets the lever scripts' heads read, each as a per-fold split."""
+    task, examples, y, folds = task_folds("pubmedqa", repeats)
+    smol = standardised(torch.load("runs/pubmedqa-features.pt", weights_only=True)["mean"][20].numpy())
+    words = tfidf([ex.inputs["question"] + " " + ex.inputs["context"] for ex in examples])
+    gemma = Path("runs/pubmedqa-features-gemma.pt")
+    g12 = standardised(torch.load(gemma, weights_only=True)["last"][12].numpy()) if gemma.is_file() else None
+    return task, y, folds, smol, words, g12
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
-    task, examples, y, folds = task_folds("pubmedqa", args.repeats)
-    texts = [ex.inputs["question"] + " " + ex.inputs["context"] for ex in examples]
-    smol = standardised(torch.load("runs/pubmedqa-features.pt", weights_only=True)["mean"][20].numpy())
-    words = tfidf(texts)
+    task, y, folds, smol, words, g12 = feature_splits(args.repeats)
     rows: list[tuple[str, float, list[Head]]] = [(f"TF-IDF words, C={c}", 0.5, [(words, c)]) for c in (1, 3, 10)]
     rows.append(("SmolLM2 mean L20 (the recipe's features), C=0.01", 0.5, [(smol, 0.01)]))
     rows += [(f"SmolLM2 mean L20 + TF-IDF, class weights {b}", b, [(smol, 0.01), (words, 3)]) for b in (0.5, 1.0)]
-    gemma = Path("runs/pubmedqa-features-gemma.pt")
-    if gemma.is_file():
-        g12 = standardised(torch.load(gemma, weights_only=True)["last"][12].numpy())
+    if g12 is not None:
         rows += [(f"SmolLM2 mean L20 + Gemma last-token L12 + TF-IDF, class weights {b}", b,
                   [(smol, 0.01), (g12, 0.003), (words, 3)]) for b in (0.5, 0.75, 1.0)]
     started = time.perf_counter()
