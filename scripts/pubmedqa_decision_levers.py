@@ -24,7 +24,6 @@ The test questions never choose anything.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -32,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from pubmedqa_lexical_levers import Head, feature_splits, fused_logp  # noqa: E402  (a sibling script)
+from pubmedqa_lexical_levers import Head, feature_splits, fused_logp, score_cells  # noqa: E402  (a sibling script)
 
 from peftlab.metrics import classification_metrics  # noqa: E402
 
@@ -105,10 +104,8 @@ def main() -> None:
              "confusion (rows = gold yes/no/maybe) |", "|---|---|---|---|---|---|---|"]
     for name, balance, heads in rows:
         for rule, (scores, confusion) in offset_cv(heads, y, folds, task.labels, balance).items():
-            acc, f1 = zip(*scores, strict=True)
             rule_name = rule if rule == "argmax" else f"offsets chosen for {rule}"
-            lines.append(f"| {name} | {rule_name} | {statistics.fmean(acc):.3f} | {statistics.stdev(acc):.3f} | "
-                         f"{statistics.fmean(f1):.3f} | {statistics.stdev(f1):.3f} | {confusion.tolist()} |")
+            lines.append(f"| {name} | {rule_name} | {score_cells(scores)} | {confusion.tolist()} |")
             print(lines[-1], flush=True)
     print(f"\npubmedqa, {args.repeats} x 10 folds, {time.perf_counter() - started:.0f} s of fits\n")
     print("\n".join(lines))

@@ -100,6 +100,13 @@ def neighbour_cv(similarity: Callable, y: np.ndarray, folds, labels, k: int) -> 
     return scores
 
 
+def score_cells(scores: list) -> str:
+    """Table cells for per-fold (accuracy, macro-F1) pairs: mean and spread of each."""
+    acc, f1 = zip(*scores, strict=True)
+    return (f"{statistics.fmean(acc):.3f} | {statistics.stdev(acc):.3f} | {statistics.fmean(f1):.3f} | "
+            f"{statistics.stdev(f1):.3f}")
+
+
 def cosine(split: Callable) -> Callable:
     def similarity(train, test):
         a, b = split(train, test)
@@ -137,15 +144,12 @@ def main() -> None:
              "(rows = gold yes/no/maybe) |", "|---|---|---|---|---|---|"]
     for name, balance, heads in rows:
         scores, confusion = fused_cv(heads, y, folds, task.labels, balance)
-        acc, f1 = zip(*scores, strict=True)
-        lines.append(f"| {name} | {statistics.fmean(acc):.3f} | {statistics.stdev(acc):.3f} | "
-                     f"{statistics.fmean(f1):.3f} | {statistics.stdev(f1):.3f} | {confusion.tolist()} |")
+        lines.append(f"| {name} | {score_cells(scores)} | {confusion.tolist()} |")
         print(lines[-1], flush=True)
     for (name, split), k in itertools.product((("TF-IDF", words), ("SmolLM2 mean L20", smol)), (1, 3, 5)):
-        acc, f1 = zip(*neighbour_cv(cosine(split), y, folds, task.labels, k), strict=True)
+        scores = neighbour_cv(cosine(split), y, folds, task.labels, k)
         lines.append(f"| majority label of the {k} nearest training questions ({name} cosine) | "
-                     f"{statistics.fmean(acc):.3f} | {statistics.stdev(acc):.3f} | {statistics.fmean(f1):.3f} | "
-                     f"{statistics.stdev(f1):.3f} | |")
+                     f"{score_cells(scores)} | |")
         print(lines[-1], flush=True)
     print(f"\npubmedqa, {args.repeats} x 10 folds, {time.perf_counter() - started:.0f} s of fits\n")
     print("\n".join(lines))

@@ -33,7 +33,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from pubmedqa_feature_levers import cross_validate, task_folds  # noqa: E402  (sibling scripts, not a package)
-from pubmedqa_lexical_levers import fused_cv, standardised  # noqa: E402
+from pubmedqa_lexical_levers import fused_cv, score_cells, standardised  # noqa: E402
 from pubmedqa_readout_levers import conclusion_features  # noqa: E402
 
 from peftlab.data import PromptFormat, encode  # noqa: E402
@@ -80,9 +80,7 @@ def main() -> None:
     lines = ["| readout (square-root class weights) | accuracy | std | macro-F1 | std |", "|---|---|---|---|---|"]
 
     def row(name: str, scores: list) -> None:
-        acc, f1 = zip(*scores, strict=True)
-        lines.append(f"| {name} | {statistics.fmean(acc):.3f} | {statistics.stdev(acc):.3f} | "
-                     f"{statistics.fmean(f1):.3f} | {statistics.stdev(f1):.3f} |")
+        lines.append(f"| {name} | {score_cells(scores)} |")
         print(lines[-1], flush=True)
 
     def linear(name: str, x: np.ndarray, c: float) -> None:
