@@ -50,7 +50,8 @@ def _weights_first(module: torch.nn.Linear, x: torch.Tensor, width: int | None =
     slices = module.weight.split(width or module.weight.shape[0])
     if rows.shape[0] > few:
         out = torch.cat([F.linear(rows, w) for w in slices], dim=-1)
-    else:  # one slice is not concatenated: a copy per linear cost more than the layout saved
+    else:  # a lone slice goes uncopied (torch.cat copies even one tensor); the product goes back to row-major,
+        # since the ops after a linear ran slower on the transposed view than the copy costs
         xt = rows.t()
         out = (torch.cat([w @ xt for w in slices]) if len(slices) > 1 else slices[0] @ xt).t().contiguous()
     out = out if module.bias is None else out + module.bias
