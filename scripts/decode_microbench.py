@@ -10,8 +10,9 @@ loops over 30 distinct layers' tensors, so the cache is read from memory as in d
   and 4 for the latter), in GB/s of cache read; beside them what the memory allows, `sum` over the same slices,
   and keys @ queries^T alone;
 - projections: q/k/v and gate/up as separate GEMMs against one fused GEMM each, at 64, 32, 8 and 1 rows;
-- weights first: a layer's seven linears as `F.linear(x, W)` against (W @ x^T)^T (`decode.decode_linears`), and
-  the LM head whole, in 4096-column slices, and weights-first in slices, at 64, 32, 16 and 4 rows;
+- weights first: a layer's seven linears as `F.linear(x, W)` against (W @ x^T)^T (left transposed; the
+  "linears weights-first" variants of `scripts/decode_levers.py` copy it back to row-major), and the LM head
+  whole, in 4096-column slices, and weights-first in slices, at 64, 32, 16 and 4 rows;
 - compaction: the finished rows' removal as a gather of all columns into new buffers against moving the kept rows
   up in place over the written columns.
 """
