@@ -1,7 +1,7 @@
 """Does SmolLM2's own written conclusion help it answer PubMedQA? Repeated 10-fold CV.
 
     .venv/bin/python scripts/pubmedqa_feature_levers.py                 # SmolLM2 feature cache first (~6 min)
-    .venv/bin/python scripts/pubmedqa_selfexplain_levers.py             # generation and rows below, ~8 min
+    .venv/bin/python scripts/pubmedqa_selfexplain_levers.py             # generation and rows below, ~7 min
 
 Hypothesis, written before the run: the abstract's own conclusion (LONG_ANSWER) carries the answer far better than
 the mean-pooled context (0.677 / 0.524 against 0.541 / 0.426, docs/results.md), but it is not a test-time input.
