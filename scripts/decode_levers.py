@@ -79,7 +79,8 @@ COLUMN_BLOCKS = decode.column_blocks  # the decoder's own, for variants that rep
 
 @contextlib.contextmanager
 def blocks_and_fused_norms(model):
-    """The decoder's LM-head slices, and `memory.fused_rmsnorm`'s norms for as long as the decoding lasts."""
+    """The decoder's LM-head slices, and `memory.fused_rmsnorm`'s norms for as long as the decoding lasts (the
+    script's model is freshly loaded, so no norm had a replaced forward before)."""
     with COLUMN_BLOCKS(model):
         fused_rmsnorm(model)
         try:
