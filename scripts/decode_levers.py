@@ -106,6 +106,7 @@ VARIANTS = {
     "RMSNorm fused (F.rms_norm) while decoding": {"column_blocks": blocks_and_fused_norms},
     "linears weights-first on at most 128 rows": {"column_blocks": weights_first_linears},
     "linears weights-first on at most 8 rows": {"column_blocks": functools.partial(weights_first_linears, few=8)},
+    "decode steps through the model's forward": {"lean_step": lambda model: None},
 }
 
 

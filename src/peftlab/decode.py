@@ -17,7 +17,10 @@
 - **cache growth and padded attention**: the default cache concatenates every new key onto the old ones, and a
   decode step's attention, which does little but read that cache, reads the left padding too. Here the cache is
   preallocated, and attention runs per group of length-sorted rows over only the columns they filled, on a CPU
-  as two GEMMs shaped for a single query (`peftlab.kvcache`).
+  as two GEMMs shaped for a single query (`peftlab.kvcache`);
+- **the generic forward**: a decode step's matrix products are small, so the model's forward machinery (a 4D mask
+  built every step, keyword dispatch and output records in every layer) is a visible share of the step. For
+  Llama-type layers the step runs the same modules layer by layer instead (`peftlab.decode_step`).
 
 The tokens are the ones greedy `generate` picks: the same argmax over the same logits, checked against
 `model.generate` in the tests and in `peftlab bench eval`. Only plain causal LMs (with or without LoRA, IA3 or full
@@ -36,6 +39,7 @@ import torch.nn.functional as F
 from transformers.cache_utils import Cache, DynamicLayer
 
 from peftlab.data import budget_groups, forward_tokens
+from peftlab.decode_step import lean_step
 from peftlab.kvcache import GROUPED_ATTENTION, BufferLayer, row_groups
 from peftlab.lastlayer import window_kwargs
 from peftlab.models import cache_kwarg, sdpa_variant, takes_unmasked_rows
@@ -158,30 +162,39 @@ def greedy_decode(
     with column_blocks(model):
         token, cache, mask = _prefill(model, prompts, pad_id, width + max_new_tokens, prefill_tokens, device)
         with sdpa_variant(model, GROUPED_ATTENTION) as grouped:
-            return _decode_steps(model, token, cache, mask, max_new_tokens, stop_ids, width, grouped)
+            step = (grouped and lean_step(model)) or _forward_step(model, grouped)
+            return _decode_steps(step, token, cache, mask, max_new_tokens, stop_ids, width)
 
 
-def _decode_steps(model, token, cache, mask, max_new_tokens: int, stop_ids, width: int, grouped: bool):
+def _forward_step(model, grouped: bool):
+    """A decode step through `model(...)`, for models `decode_step.lean_step` does not cover (same signature)."""
+    cache_kw = cache_kwarg(model)
+
+    def step(token, position, mask, cache, groups) -> torch.Tensor:
+        extra = {"row_groups": groups} if grouped else {}
+        out = model(input_ids=token[:, None], attention_mask=mask, position_ids=position[:, None], use_cache=True,
+                    **{cache_kw: cache}, **extra)
+        return out.logits[:, -1]
+
+    return step
+
+
+def _decode_steps(step, token, cache, mask, max_new_tokens: int, stop_ids, width: int):
     """The decode loop after prefill: one token per running row per step, finished rows compacted away."""
     device = token.device
     stops = torch.tensor(sorted(stop_ids), device=device)
-    cache_kw = cache_kwarg(model)
     outputs: list[list[int]] = [[] for _ in range(len(token))]
     active = torch.arange(len(token), device=device)  # original row of each batch row
     running = torch.ones(len(token), dtype=torch.bool, device=device)  # batch rows still generating
     position = mask.sum(-1)  # the next position of each row, counted from its first real token
     lengths = position.clone()  # prompt lengths, for the attention groups
-
-    def attention_kwargs() -> dict:
-        return {"row_groups": row_groups(lengths, width)} if grouped else {}
-
-    extra = attention_kwargs()
-    for step in range(max_new_tokens):
+    groups = row_groups(lengths, width)
+    for i in range(max_new_tokens):
         running &= ~torch.isin(token, stops)
         for row, tok in zip(active[running].tolist(), token[running].tolist(), strict=True):
             outputs[row].append(tok)
         n_running = int(running.sum())
-        if step == max_new_tokens - 1 or n_running == 0:
+        if i == max_new_tokens - 1 or n_running == 0:
             break
         # Finished rows leave the batch and the cache once they are an eighth of it. Removing rows copies the
         # whole cache, so dropping each as it stops costs more than computing a few idle rows for a few steps.
@@ -190,9 +203,7 @@ def _decode_steps(model, token, cache, mask, max_new_tokens: int, stop_ids, widt
             active, token, mask, position = active[keep], token[keep], mask[keep], position[keep]
             running, lengths = running[keep], lengths[keep]
             cache.batch_select_indices(keep)
-            extra = attention_kwargs()
+            groups = row_groups(lengths, width)
         mask = torch.cat([mask, mask.new_ones(len(active), 1)], dim=-1)
-        out = model(input_ids=token[:, None], attention_mask=mask, position_ids=position[:, None], use_cache=True,
-                    **{cache_kw: cache}, **extra)
-        token, position = out.logits[:, -1].argmax(-1), position + 1
+        token, position = step(token, position, mask, cache, groups).argmax(-1), position + 1
     return outputs
