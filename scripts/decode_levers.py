@@ -19,6 +19,7 @@ import time
 import torch
 import torch.nn.functional as F
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 import peftlab.decode as decode
 import peftlab.kvcache as kvcache
@@ -91,6 +92,37 @@ def blocks_and_fused_norms(model):
                     vars(module).pop("forward", None)
 
 
+def _llama_layer(layer, hidden, rope, cache_layer, mask, groups) -> torch.Tensor:
+    """`LlamaDecoderLayer.forward` for one new token per row, its modules called as the layer calls them."""
+    attn = layer.self_attn
+    x = layer.input_layernorm(hidden)
+    heads = (x.shape[0], 1, -1, attn.head_dim)  # (rows, 1 token, heads, head size), then heads first
+    q, k = (proj(x).view(heads).transpose(1, 2) for proj in (attn.q_proj, attn.k_proj))
+    q, k = apply_rotary_pos_emb(q, k, *rope)
+    keys, values = cache_layer.update(k, attn.v_proj(x).view(heads).transpose(1, 2))
+    out, _ = kvcache.grouped_sdpa(attn, q, keys, values, mask, row_groups=groups, scaling=attn.scaling)
+    hidden = hidden + attn.o_proj(out.reshape(x.shape[0], 1, -1))
+    return hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+
+
+def layer_by_layer_step(model, grouped: bool):
+    """In place of `decode.decode_step`: the step without the model's forward machinery (a 4D mask built every
+    step; keyword dispatch and output records in every layer). The mask is made boolean once a step and the
+    attention goes straight to `kvcache.grouped_sdpa`. Llama layers only (the script's SmolLM2)."""
+    assert grouped, "the layer-by-layer step runs the grouped attention only"
+    inner = model.model
+
+    def step(token, position, mask, cache, groups) -> torch.Tensor:
+        hidden = inner.embed_tokens(token[:, None])
+        rope = inner.rotary_emb(hidden, position[:, None])
+        mask = mask.bool()[:, None, None, :]
+        for layer, cache_layer in zip(inner.layers, cache.layers, strict=True):
+            hidden = _llama_layer(layer, hidden, rope, cache_layer, mask, groups)
+        return model.lm_head(inner.norm(hidden))[:, -1]
+
+    return step
+
+
 VARIANTS = {
     "all levers": {},
     "masked left-padded prefill": {"takes_unmasked_rows": lambda model: False},
@@ -106,7 +138,7 @@ VARIANTS = {
     "RMSNorm fused (F.rms_norm) while decoding": {"column_blocks": blocks_and_fused_norms},
     "linears weights-first on at most 128 rows": {"column_blocks": weights_first_linears},
     "linears weights-first on at most 8 rows": {"column_blocks": functools.partial(weights_first_linears, few=8)},
-    "decode steps through the model's forward": {"lean_step": lambda model: None},
+    "decode steps layer by layer (Llama layers)": {"decode_step": layer_by_layer_step},
 }
 
 

@@ -43,16 +43,16 @@ from peftlab.models import load_model  # noqa: E402
 MODEL = "smollm2-135m-instruct"
 
 
-def question_starts(task, examples, fmt) -> tuple[list, list[int]]:
-    """Encoded prompts (template 0, 512 tokens) and where each one's question begins.
+def question_starts(task, examples, fmt, max_length: int = 512) -> tuple[list, list[int]]:
+    """Encoded prompts (template 0, `max_length` tokens) and where each one's question begins.
 
     The start is where the prompt's tokens first differ from the same prompt with a marker for the question, so
     it holds for any template that puts the question after the context.
     """
     items, starts = [], []
     for ex in examples:
-        e = encode(task, ex, fmt, 512, 0)
-        marked = encode(task, replace(ex, inputs={**ex.inputs, "question": "\u00a7\u00a7 marker"}), fmt, 512, 0)
+        e = encode(task, ex, fmt, max_length, 0)
+        marked = encode(task, replace(ex, inputs={**ex.inputs, "question": "\u00a7\u00a7 marker"}), fmt, max_length, 0)
         n = 0
         while e.prompt_ids[n] == marked.prompt_ids[n]:
             n += 1

@@ -77,7 +77,7 @@ def test_generate_uses_the_fast_path_for_lora_and_keeps_generate_for_prompt_tuni
 
 
 VARIANTS = ["right-padded-prefill", "left-padded-prefill", "idle-rows", "attention-groups-3",
-            "attention-whole-cache", "head-in-slices", "model-forward-step"]
+            "attention-whole-cache", "head-in-slices"]
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -98,8 +98,6 @@ def test_every_prefill_and_compaction_variant_equals_generate(sharp, monkeypatch
         monkeypatch.setattr(kvcache, "DECODE_GROUPS", 3 if variant == "attention-groups-3" else 1)
     if variant == "head-in-slices":  # the tiny vocabulary in uneven slices, the last one short
         monkeypatch.setattr(decode, "HEAD_COLUMNS", 97)
-    if variant == "model-forward-step":  # each decode step through `model(...)`, not `decode_step.lean_step`
-        monkeypatch.setattr(decode, "lean_step", lambda model: None)
     stop = _reference(loaded.model, prompts, 14, set(), pad)[0][3]
     expected = _reference(loaded.model, prompts, 14, {stop}, pad)
     assert greedy_decode(loaded.model, prompts, 14, [stop], pad, prefill_tokens=400) == expected

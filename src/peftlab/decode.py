@@ -17,10 +17,7 @@
 - **cache growth and padded attention**: the default cache concatenates every new key onto the old ones, and a
   decode step's attention, which does little but read that cache, reads the left padding too. Here the cache is
   preallocated, and attention runs per group of length-sorted rows over only the columns they filled, on a CPU
-  as two GEMMs shaped for a single query (`peftlab.kvcache`);
-- **the generic forward**: a decode step's matrix products are small, so the model's forward machinery (a 4D mask
-  built every step, keyword dispatch and output records in every layer) is a visible share of the step. For
-  Llama-type layers the step runs the same modules layer by layer instead (`peftlab.decode_step`).
+  as two GEMMs shaped for a single query (`peftlab.kvcache`).
 
 The tokens are the ones greedy `generate` picks: the same argmax over the same logits, checked against
 `model.generate` in the tests and in `peftlab bench eval`. Only plain causal LMs (with or without LoRA, IA3 or full
@@ -39,7 +36,6 @@ import torch.nn.functional as F
 from transformers.cache_utils import Cache, DynamicLayer
 
 from peftlab.data import budget_groups, forward_tokens
-from peftlab.decode_step import lean_step
 from peftlab.kvcache import GROUPED_ATTENTION, BufferLayer, row_groups
 from peftlab.lastlayer import window_kwargs
 from peftlab.models import cache_kwarg, sdpa_variant, takes_unmasked_rows
@@ -162,12 +158,17 @@ def greedy_decode(
     with column_blocks(model):
         token, cache, mask = _prefill(model, prompts, pad_id, width + max_new_tokens, prefill_tokens, device)
         with sdpa_variant(model, GROUPED_ATTENTION) as grouped:
-            step = (grouped and lean_step(model)) or _forward_step(model, grouped)
+            step = decode_step(model, grouped)
             return _decode_steps(step, token, cache, mask, max_new_tokens, stop_ids, width)
 
 
-def _forward_step(model, grouped: bool):
-    """A decode step through `model(...)`, for models `decode_step.lean_step` does not cover (same signature)."""
+def decode_step(model, grouped: bool):
+    """`step(token, position, mask, cache, groups) -> next-token logits`: one decode step through `model(...)`.
+
+    `token` and `position` are (rows,), `mask` the (rows, columns) padding mask including the new column, `groups`
+    `kvcache.row_groups`, passed to the attention when it is the grouped one. (`scripts/decode_levers.py` measures
+    a step written out layer by layer against it.)
+    """
     cache_kw = cache_kwarg(model)
 
     def step(token, position, mask, cache, groups) -> torch.Tensor:

@@ -1,0 +1,206 @@
+"""How the frozen layer-20 states are pooled, and how much of the abstract they see: PubMedQA by repeated 10-fold CV.
+
+    .venv/bin/python scripts/pubmedqa_pooling_levers.py        # two feature passes (~6 min here), then the fits
+
+The recipe's head (`examples/pubmedqa-best.yaml`) reads SmolLM2's layer-20 states mean-pooled over a prompt cut to
+512 tokens. Two things about that were never measured:
+
+- **the cut**: `data.encode` shortens a long context from its end, and a PubMedQA context ends with its RESULTS
+  section, the part that says what was found. Here the prompts are also encoded whole (`--max-length`, default
+  1024, cuts none of the 500);
+- **the pooling**: a mean over 400 tokens weighs the background sentence as much as "did not differ
+  significantly". Here the same states are also pooled over the context's last part, by max as well as mean, and
+  by a learned attention: one scoring vector over the token states, softmax over the prompt, then the linear head,
+  both trained per fold with the head's class weights and an L2 penalty matching its C.
+
+Every readout is scored on `peftlab cv`'s folds (3 fold seeds x 10), by the same standardised, square-root-weighted
+logistic regression as `pubmedqa_feature_levers.py` where it is linear. The passes are cached under runs/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from pubmedqa_feature_levers import cross_validate, task_folds  # noqa: E402  (a sibling script, not a package)
+from pubmedqa_readout_levers import question_starts  # noqa: E402
+
+from peftlab.data import Encoded, PromptFormat, class_weights, collate, encode, token_batches  # noqa: E402
+from peftlab.metrics import classification_metrics  # noqa: E402
+from peftlab.models import load_model  # noqa: E402
+
+MODEL = "smollm2-135m-instruct"
+LAYER = 20
+
+
+@torch.inference_mode()
+def token_pass(task, examples, max_length: int) -> dict:
+    """Layer-`LAYER` states of every prompt token (fp16, one tensor per question), and where each question begins.
+
+    Only the first `LAYER` decoder layers run: a hook takes the last one's output, so the rest are dropped.
+    """
+    loaded = load_model(MODEL, device="cpu")
+    fmt = PromptFormat(loaded.tokenizer, loaded.kind, loaded.chat)
+    if max_length == 512:
+        items, starts = [encode(task, ex, fmt, 512, 0) for ex in examples], [0] * len(examples)
+    else:
+        items, starts = question_starts(task, examples, fmt, max_length)
+    probe = [Encoded(e.id, e.prompt_ids, [0]) for e in items]
+    model = loaded.model.eval()
+    model.model.layers = model.model.layers[:LAYER]
+    captured = {}
+    model.model.layers[-1].register_forward_hook(lambda mod, args, out: captured.update(h=out))
+    states: list[torch.Tensor | None] = [None] * len(items)
+    done, started = 0, time.perf_counter()
+    for idx in token_batches(probe, 1024, max_rows=32):
+        b = collate([probe[i] for i in idx], "causal", fmt.tokenizer.pad_token_id)
+        model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], position_ids=b["position_ids"],
+              logits_to_keep=1)
+        h = captured["h"][0] if isinstance(captured["h"], tuple) else captured["h"]
+        for r, i in enumerate(idx):  # rows are left-padded
+            states[i] = h[r, h.shape[1] - len(items[i].prompt_ids) :].half().clone()
+        done += len(idx)
+        print(f"{max_length}-token pass: {done}/{len(items)} ({time.perf_counter() - started:.0f} s)", flush=True)
+    return {"states": states, "starts": starts, "cut": [e.truncated for e in items]}
+
+
+def pooled(states: list[torch.Tensor], spans=None, how: str = "mean") -> np.ndarray:
+    """Each question's states pooled over `spans` (first, end) (default: the whole prompt) by mean or max."""
+    out = []
+    for k, s in enumerate(states):
+        part = s[slice(*spans[k])] if spans else s
+        out.append(part.float().mean(0) if how == "mean" else part.float().amax(0))
+    return torch.stack(out).numpy()
+
+
+def tail_spans(starts: list[int], fraction: float) -> list[tuple[int, int]]:
+    """The last `fraction` of each context (the tokens before its question)."""
+    return [(int(q * (1 - fraction)), q) for q in starts]
+
+
+def attention_pooling_cv(states, y, folds, labels, c: float, score_l2: float, steps: int = 60) -> dict:
+    """A learned attention pooling and linear head per fold; mean and spread of test accuracy and macro-F1.
+
+    softmax over the prompt of (standardised state . w), the pooled state through a linear head. w starts at 0,
+    which is mean pooling, so the fit starts from the recipe's readout. The head's penalty is the logistic
+    regression's at `c` (sklearn's C: sum of losses + |W|^2 / 2C); `score_l2` holds w near mean pooling.
+    The questions' tokens are packed end to end (no padding), a segment id per token.
+    """
+    accuracy, macro_f1 = [], []
+    for train, test in folds:
+        real = torch.cat([states[i] for i in train]).float()
+        mean, std = real.mean(0), real.std(0) + 1e-6
+        del real
+        fit = _fit_attention(_packed(states, train, mean, std), torch.from_numpy(y[train]), c, score_l2, steps)
+        with torch.no_grad():
+            predicted = fit(_packed(states, test, mean, std)).argmax(-1).tolist()
+        m = classification_metrics([labels[i] for i in predicted], [labels[i] for i in y[test]], labels)
+        accuracy.append(m["accuracy"])
+        macro_f1.append(m["macro_f1"])
+    return {"accuracy": statistics.fmean(accuracy), "acc_std": statistics.stdev(accuracy),
+            "macro_f1": statistics.fmean(macro_f1), "f1_std": statistics.stdev(macro_f1)}
+
+
+def _packed(states, rows, mean, std) -> tuple[torch.Tensor, torch.Tensor]:
+    """(standardised tokens of `rows` end to end, the position in `rows` of each token's question)."""
+    x = (torch.cat([states[i] for i in rows]).float() - mean) / std
+    segment = torch.cat([torch.full((len(states[i]),), k) for k, i in enumerate(rows)])
+    return x, segment
+
+
+def _fit_attention(packed, y, c: float, score_l2: float, steps: int):
+    """Full-batch L-BFGS on the class-weighted loss; returns packed tokens -> logits."""
+    weights = class_weights(y, 3, 0.5)
+    sample_w = torch.tensor([weights[int(k)] for k in y])
+    w = torch.zeros(packed[0].shape[-1], requires_grad=True)
+    head = torch.nn.Linear(packed[0].shape[-1], 3)
+    torch.nn.init.zeros_(head.weight)
+    torch.nn.init.zeros_(head.bias)
+
+    def logits(tokens):
+        x, segment = tokens
+        n = int(segment[-1]) + 1
+        scores = x @ w
+        top = torch.full((n,), float("-inf")).scatter_reduce(0, segment, scores.detach(), "amax")
+        e = (scores - top[segment]).exp()  # a softmax within each question, shifted by its own max
+        total = torch.zeros(n).index_add(0, segment, e)
+        pooled = torch.zeros(n, x.shape[1]).index_add(0, segment, e[:, None] * x) / total[:, None]
+        return head(pooled)
+
+    opt = torch.optim.LBFGS([w, *head.parameters()], max_iter=steps, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = (torch.nn.functional.cross_entropy(logits(packed), y, reduction="none") * sample_w).sum()
+        loss = loss + head.weight.square().sum() / (2 * c) + score_l2 * w.square().sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return logits
+
+
+def cached(path: Path, make):
+    if path.is_file():
+        return torch.load(path, weights_only=True)
+    value = make()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(value, path)
+    return value
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--max-length", type=int, default=1024)
+    args = parser.parse_args()
+    task, examples, y, folds = task_folds("pubmedqa", args.repeats)
+    started = time.perf_counter()
+    cut = cached(Path("runs/pubmedqa-tokens-L20-512.pt"), lambda: token_pass(task, examples, 512))
+    whole = cached(Path(f"runs/pubmedqa-tokens-L20-{args.max_length}.pt"),
+                   lambda: token_pass(task, examples, args.max_length))
+    passes = time.perf_counter() - started
+    lengths = [len(s) for s in whole["states"]]
+    print(f"feature passes {passes:.0f} s (0 when cached); prompts cut at 512: {sum(map(bool, cut['cut']))}; "
+          f"at {args.max_length}: {sum(map(bool, whole['cut']))}; whole prompts {min(lengths)}-{max(lengths)} "
+          f"tokens, mean {statistics.fmean(lengths):.0f}", flush=True)
+    lines = ["| readout | accuracy | std | macro-F1 | std |", "|---|---|---|---|---|"]
+
+    def row(name: str, s: dict) -> None:
+        scores = f"{s['accuracy']:.3f} | {s['acc_std']:.3f} | {s['macro_f1']:.3f} | {s['f1_std']:.3f}"
+        lines.append(f"| {name} | {scores} |")
+        print(lines[-1], flush=True)
+
+    def linear(name: str, x: np.ndarray, c: float = 0.01, some=None) -> None:
+        row(f"{name}, C={c}", cross_validate(x, y, some or folds, task.labels, c, 0.5))
+
+    states, starts = whole["states"], whole["starts"]
+    linear("mean L20, prompt cut at 512 tokens (the recipe)", pooled(cut["states"]))
+    mean = pooled(states)
+    linear(f"mean L20, whole prompt ({args.max_length})", mean)
+    for fraction in (0.5, 0.25):
+        tail = pooled(states, tail_spans(starts, fraction))
+        linear(f"mean L20 over the context's last {fraction:.0%}", tail)
+        linear(f"whole-prompt mean + mean over the context's last {fraction:.0%}", np.concatenate([mean, tail], 1),
+               0.003)
+    linear("whole-prompt mean + max", np.concatenate([mean, pooled(states, how="max")], 1), 0.003)
+    linear(f"mean L20, whole prompt ({args.max_length}), 10 folds", mean, some=folds[:10])
+    for score_l2 in (1.0, 100.0):  # one fold seed (10 folds): each fit passes over 200k token states per step
+        t0 = time.perf_counter()
+        fit = attention_pooling_cv(states, y, folds[:10], task.labels, 0.01, score_l2)
+        row(f"learned attention pooling, head C=0.01, scoring-vector L2 {score_l2} (10 folds, "
+            f"{time.perf_counter() - t0:.0f} s)", fit)
+    print(f"\npubmedqa, {MODEL}, {args.repeats} x 10 folds, {time.perf_counter() - started:.0f} s in all "
+          f"({passes:.0f} s feature passes)\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
