@@ -3,10 +3,10 @@
     .venv/bin/python scripts/decode_levers.py --n 64 --repeats 2 [--only "variant,variant"]
 
 Each variant turns one lever of `peftlab.decode` off, or tries one the decoder does not use, and decodes the same n
-prompts (60 new tokens); variants run interleaved, `--repeats` times, and the best time of each is kept, so a
-background hiccup hurts one sample, not one variant. Prints seconds per dialogue split into prefill and decode,
-each variant's ratio to the full decoder, and whether its outputs equal the full decoder's. bench/RESULTS.md
-records the outcome next to the prediction.
+prompts (60 new tokens); variants run interleaved, `--repeats` times (in reverse order every other time), and the
+best time of each is kept, so a background hiccup hurts one sample, not one variant. Prints seconds per dialogue
+split into prefill and decode, each variant's ratio to the full decoder, and whether its outputs equal the full
+decoder's. bench/RESULTS.md records the outcome next to the prediction.
 """
 
 from __future__ import annotations
@@ -203,11 +203,12 @@ def main() -> None:
     outputs: dict[str, list] = {}
     with torch.inference_mode():
         timed_decode(model, prompts[:4], stops, pad)  # warm-up: first-call allocations and kernel selection
-        for _ in range(args.repeats):
-            for name, changes in VARIANTS.items():
-                if name not in chosen:
-                    continue
-                changes = dict(changes)
+        names = [name for name in VARIANTS if name in chosen]
+        for repeat in range(args.repeats):
+            # Every other repeat runs the variants in reverse: on a drifting machine the slot in a round was seen
+            # to matter by 10% (bench/RESULTS.md, 2026-12-04), so each variant takes each slot.
+            for name in names if repeat % 2 == 0 else names[::-1]:
+                changes = dict(VARIANTS[name])
                 budget = changes.pop("prefill_tokens", None)  # an argument, not a module setting; None: the default
                 with patched(changes):
                     pre, total, outputs[name] = timed_decode(model, prompts, stops, pad, budget)
