@@ -88,19 +88,20 @@ def tail_spans(starts: list[int], fraction: float) -> list[tuple[int, int]]:
 def attention_pooling_cv(states, y, folds, labels, c: float, score_l2: float, steps: int = 60) -> dict:
     """A learned attention pooling and linear head per fold; mean and spread of test accuracy and macro-F1.
 
-    softmax over the prompt of (standardised state . w), the pooled state through a linear head. w starts at 0,
-    which is mean pooling, so the fit starts from the recipe's readout. The head's penalty is the logistic
-    regression's at `c` (sklearn's C: sum of losses + |W|^2 / 2C); `score_l2` holds w near mean pooling.
-    The questions' tokens are packed end to end (no padding), a segment id per token.
+    softmax over the prompt of (standardised state . w), the pooled state standardised as the linear rows' mean
+    pools are, then the linear head. w starts at 0, which is the mean pool, so the fit starts from the recipe's
+    readout. The head's penalty is the logistic regression's at `c` (sklearn's C: sum of weighted losses +
+    |W|^2 / 2C); `score_l2` holds w near mean pooling. Tokens are packed end to end, a question index per token.
     """
     accuracy, macro_f1 = [], []
     for train, test in folds:
-        real = torch.cat([states[i] for i in train]).float()
-        mean, std = real.mean(0), real.std(0) + 1e-6
-        del real
-        fit = _fit_attention(_packed(states, train, mean, std), torch.from_numpy(y[train]), c, score_l2, steps)
+        tokens = torch.cat([states[i] for i in train]).float()
+        means = torch.stack([states[i].float().mean(0) for i in train])
+        scale = (tokens.std(0) + 1e-6, means.mean(0), means.std(0) + 1e-6)  # tokens' std; the mean pools' mean, std
+        del tokens
+        fit = _fit_attention(_packed(states, train), torch.from_numpy(y[train]), scale, c, score_l2, steps)
         with torch.no_grad():
-            predicted = fit(_packed(states, test, mean, std)).argmax(-1).tolist()
+            predicted = fit(_packed(states, test)).argmax(-1).tolist()
         m = classification_metrics([labels[i] for i in predicted], [labels[i] for i in y[test]], labels)
         accuracy.append(m["accuracy"])
         macro_f1.append(m["macro_f1"])
@@ -108,15 +109,16 @@ def attention_pooling_cv(states, y, folds, labels, c: float, score_l2: float, st
             "macro_f1": statistics.fmean(macro_f1), "f1_std": statistics.stdev(macro_f1)}
 
 
-def _packed(states, rows, mean, std) -> tuple[torch.Tensor, torch.Tensor]:
-    """(standardised tokens of `rows` end to end, the position in `rows` of each token's question)."""
-    x = (torch.cat([states[i] for i in rows]).float() - mean) / std
+def _packed(states, rows) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the tokens of `rows` end to end, the position in `rows` of each token's question)."""
+    x = torch.cat([states[i] for i in rows]).float()
     segment = torch.cat([torch.full((len(states[i]),), k) for k, i in enumerate(rows)])
     return x, segment
 
 
-def _fit_attention(packed, y, c: float, score_l2: float, steps: int):
+def _fit_attention(packed, y, scale, c: float, score_l2: float, steps: int):
     """Full-batch L-BFGS on the class-weighted loss; returns packed tokens -> logits."""
+    token_std, pool_mean, pool_std = scale
     weights = class_weights(y, 3, 0.5)
     sample_w = torch.tensor([weights[int(k)] for k in y])
     w = torch.zeros(packed[0].shape[-1], requires_grad=True)
@@ -127,12 +129,12 @@ def _fit_attention(packed, y, c: float, score_l2: float, steps: int):
     def logits(tokens):
         x, segment = tokens
         n = int(segment[-1]) + 1
-        scores = x @ w
+        scores = x @ (w / token_std)  # standardised states . w, less a constant a softmax ignores
         top = torch.full((n,), float("-inf")).scatter_reduce(0, segment, scores.detach(), "amax")
         e = (scores - top[segment]).exp()  # a softmax within each question, shifted by its own max
         total = torch.zeros(n).index_add(0, segment, e)
         pooled = torch.zeros(n, x.shape[1]).index_add(0, segment, e[:, None] * x) / total[:, None]
-        return head(pooled)
+        return head((pooled - pool_mean) / pool_std)
 
     opt = torch.optim.LBFGS([w, *head.parameters()], max_iter=steps, line_search_fn="strong_wolfe")
 
