@@ -92,16 +92,25 @@ def attention_pooling_cv(states, y, folds, labels, c: float, score_l2: float, st
     pools are, then the linear head. w starts at 0, which is the mean pool, so the fit starts from the recipe's
     readout. The head's penalty is the logistic regression's at `c` (sklearn's C: sum of weighted losses +
     |W|^2 / 2C); `score_l2` holds w near mean pooling. Tokens are packed end to end, a question index per token.
+    The joint fit stops after `steps` L-BFGS iterations, short of the head's optimum, so the head is then refitted
+    to convergence (sklearn, as the linear rows) on the states pooled with the learned w.
     """
+    from sklearn.linear_model import LogisticRegression
+    from threadpoolctl import threadpool_limits
+
     accuracy, macro_f1 = [], []
     for train, test in folds:
         tokens = torch.cat([states[i] for i in train]).float()
         means = torch.stack([states[i].float().mean(0) for i in train])
         scale = (tokens.std(0) + 1e-6, means.mean(0), means.std(0) + 1e-6)  # tokens' std; the mean pools' mean, std
         del tokens
-        fit = _fit_attention(_packed(states, train), torch.from_numpy(y[train]), scale, c, score_l2, steps)
+        pool = _fit_attention(_packed(states, train), torch.from_numpy(y[train]), scale, c, score_l2, steps)
         with torch.no_grad():
-            predicted = fit(_packed(states, test)).argmax(-1).tolist()
+            x_train, x_test = pool(_packed(states, train)).numpy(), pool(_packed(states, test)).numpy()
+        mean, std = x_train.mean(0), x_train.std(0) + 1e-6
+        head = LogisticRegression(C=c, class_weight=class_weights(torch.from_numpy(y[train]), 3, 0.5), max_iter=3000)
+        with threadpool_limits(1):
+            predicted = head.fit((x_train - mean) / std, y[train]).predict((x_test - mean) / std)
         m = classification_metrics([labels[i] for i in predicted], [labels[i] for i in y[test]], labels)
         accuracy.append(m["accuracy"])
         macro_f1.append(m["macro_f1"])
@@ -117,7 +126,7 @@ def _packed(states, rows) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _fit_attention(packed, y, scale, c: float, score_l2: float, steps: int):
-    """Full-batch L-BFGS on the class-weighted loss; returns packed tokens -> logits."""
+    """Full-batch L-BFGS on the class-weighted loss; returns packed tokens -> states pooled with the learned w."""
     token_std, pool_mean, pool_std = scale
     weights = class_weights(y, 3, 0.5)
     sample_w = torch.tensor([weights[int(k)] for k in y])
@@ -126,15 +135,17 @@ def _fit_attention(packed, y, scale, c: float, score_l2: float, steps: int):
     torch.nn.init.zeros_(head.weight)
     torch.nn.init.zeros_(head.bias)
 
-    def logits(tokens):
+    def pool(tokens):
         x, segment = tokens
         n = int(segment[-1]) + 1
         scores = x @ (w / token_std)  # standardised states . w, less a constant a softmax ignores
         top = torch.full((n,), float("-inf")).scatter_reduce(0, segment, scores.detach(), "amax")
         e = (scores - top[segment]).exp()  # a softmax within each question, shifted by its own max
         total = torch.zeros(n).index_add(0, segment, e)
-        pooled = torch.zeros(n, x.shape[1]).index_add(0, segment, e[:, None] * x) / total[:, None]
-        return head((pooled - pool_mean) / pool_std)
+        return torch.zeros(n, x.shape[1]).index_add(0, segment, e[:, None] * x) / total[:, None]
+
+    def logits(tokens):
+        return head((pool(tokens) - pool_mean) / pool_std)
 
     opt = torch.optim.LBFGS([w, *head.parameters()], max_iter=steps, line_search_fn="strong_wolfe")
 
@@ -146,7 +157,7 @@ def _fit_attention(packed, y, scale, c: float, score_l2: float, steps: int):
         return loss
 
     opt.step(closure)
-    return logits
+    return pool
 
 
 def cached(path: Path, make):
