@@ -205,8 +205,8 @@ def main() -> None:
         timed_decode(model, prompts[:4], stops, pad)  # warm-up: first-call allocations and kernel selection
         names = [name for name in VARIANTS if name in chosen]
         for repeat in range(args.repeats):
-            # Every other repeat runs the variants in reverse: on a drifting machine the slot in a round was seen
-            # to matter by 10% (bench/RESULTS.md, 2026-12-04), so each variant takes each slot.
+            # Every other repeat runs the variants in reverse: on a drifting machine a fixed order can favour one
+            # slot of a round, so each variant takes each slot.
             for name in names if repeat % 2 == 0 else names[::-1]:
                 changes = dict(VARIANTS[name])
                 budget = changes.pop("prefill_tokens", None)  # an argument, not a module setting; None: the default
