@@ -30,7 +30,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from pubmedqa_feature_levers import cross_validate, task_folds  # noqa: E402  (a sibling script, not a package)
-from pubmedqa_readout_levers import question_starts  # noqa: E402
+from pubmedqa_readout_levers import cached, question_starts  # noqa: E402
 
 from peftlab.data import Encoded, PromptFormat, class_weights, collate, encode, token_batches  # noqa: E402
 from peftlab.metrics import classification_metrics  # noqa: E402
@@ -158,15 +158,6 @@ def _fit_attention(packed, y, scale, c: float, score_l2: float, steps: int):
 
     opt.step(closure)
     return pool
-
-
-def cached(path: Path, make):
-    if path.is_file():
-        return torch.load(path, weights_only=True)
-    value = make()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(value, path)
-    return value
 
 
 def main() -> None:

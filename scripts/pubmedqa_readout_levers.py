@@ -111,9 +111,11 @@ def conclusion_features(texts: list[str], model, fmt: PromptFormat, layer: int =
 
 
 def cached(path: Path, make):
+    """The tensors saved at `path`, or `make()`'s, saved there first."""
     if path.is_file():
         return torch.load(path, weights_only=True)
     value = make()
+    path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(value, path)
     return value
 
