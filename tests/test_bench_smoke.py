@@ -46,9 +46,9 @@ def test_bench_eval_smoke_batched_generation_is_identical(tmp_path):
 
 def test_results_file_gets_a_header_once_and_dated_sections(tmp_path):
     row = {"method": "lora", "ref_tok_s": 100.0, "peftlab_tok_s": 250.0, "ratio": 2.5, "peftlab_gflops": 30.0,
-           "ref_rss_mb": 900.0, "peftlab_rss_mb": 700.0, "losses_ref": [2.0, 1.9], "losses_peftlab": [2.0, 1.9001],
+           "ref_peak_mb": 900.0, "peftlab_peak_mb": 700.0, "losses_ref": [2.0, 1.9], "losses_peftlab": [2.0, 1.9001],
            "max_rel_diff": 5e-5, "same_init": True}
-    table = markdown_table([row], sgemm=60.0, infer_rss=500.0)
+    table = markdown_table([row], sgemm=60.0, infer_mb=500.0)
     assert "| lora | 100 | 250 | 2.50x (>= 2.0x) | 30.0 | 50% (>= 60%) | 900 | 700 | 500 |" in table
     path = tmp_path / "RESULTS.md"
     append_results(path, "first", table)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from peftlab.errors import PeftlabError
-from peftlab.models import load_model, pick_device
+from peftlab.models import load_model, parse_dtype, pick_device
 
 
 def test_tiny_causal_loads_as_causal_chat(tiny_causal):
@@ -78,3 +78,11 @@ def test_pick_device():
     assert pick_device("auto").type in ("cpu", "cuda", "mps")
     if not torch.cuda.is_available():
         assert pick_device(None).type in ("cpu", "mps")
+
+
+def test_dtype_from_config_name(tiny_causal):
+    assert parse_dtype("auto") is None
+    loaded = load_model(str(tiny_causal), device="cpu", dtype=parse_dtype("bfloat16"))
+    assert next(loaded.model.parameters()).dtype == torch.bfloat16
+    with pytest.raises(PeftlabError, match="float32"):
+        parse_dtype("fp8")

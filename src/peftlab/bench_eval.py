@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from peftlab.bench import append_results, data_file, encode_dialogsum, machine_line, tiny_model
+from peftlab.bench import append_results, check_dtype, data_file, encode_dialogsum, machine_line, tiny_model
 
 TARGET_SPEEDUP = 5.0
 
@@ -27,7 +27,7 @@ def one_at_a_time(model, fmt, items, max_new_tokens: int) -> list[str]:
     tok = fmt.tokenizer
     outputs = []
     for e in items:
-        input_ids = torch.tensor([e.prompt_ids])
+        input_ids = torch.tensor([e.prompt_ids], device=model.device)
         out = model.generate(
             input_ids=input_ids,
             attention_mask=torch.ones_like(input_ids),
@@ -105,7 +105,12 @@ def compare_generation(loaded, fmt, items, max_new_tokens: int, rounds: int = 4)
 
 
 def eval_table(r: dict, n: int) -> str:
-    llama = "llama-cpp-python not installed: skipped" if r["llama_cpp_s"] is None else f"{r['llama_cpp_s']:.3f}"
+    if r["llama_cpp_s"] is not None:
+        llama = f"{r['llama_cpp_s']:.3f}"
+    elif r.get("device", "cpu") != "cpu":
+        llama = "not timed: llama.cpp runs on the CPU"
+    else:
+        llama = "llama-cpp-python not installed: skipped"
     rows = [
         ("one-at-a-time model.generate, s/dialogue", f"{r['baseline_s']:.3f}"),
         (f"peftlab.evaluate.generate, s/dialogue (mean of {len(r['peftlab_rounds_s'])} rounds)",
@@ -121,20 +126,23 @@ def eval_table(r: dict, n: int) -> str:
 
 def run_eval_bench(
     model: str, n: int, max_new_tokens: int, results: Path | None, smoke: bool = False, json_out: Path | None = None,
-    score_n: int = 100, rounds: int = 4,
+    score_n: int = 100, rounds: int = 4, device: str = "cpu", dtype: str = "float32",
 ) -> dict:
     """Run the evaluation benchmark; print the table, append it to `results` (if given) and return the numbers."""
-    from peftlab.models import load_model
+    from peftlab.models import DTYPES, load_model
 
+    check_dtype(dtype)
     with tempfile.TemporaryDirectory() as tmp:
         name = str(tiny_model(Path(tmp) / "tiny-llama")) if smoke else model
         fmt, items, _ = encode_dialogsum(name, n, 1024)
-        loaded = load_model(name, device="cpu", dtype=torch.float32)
+        loaded = load_model(name, device=device, dtype=DTYPES[dtype])
         loaded.model.eval()
         r = compare_generation(loaded, fmt, items, max_new_tokens, rounds)
-        r["llama_cpp_s"] = None if smoke else llama_cpp_seconds(model, fmt, items, max_new_tokens)
+        # llama.cpp runs on the CPU: timed only next to a CPU run, where the comparison means something.
+        r["device"], r["dtype"] = device, dtype
+        r["llama_cpp_s"] = None if smoke or device != "cpu" else llama_cpp_seconds(model, fmt, items, max_new_tokens)
         r["scoring_items_s"], r["scored"] = scoring_items_per_s(loaded, fmt, score_n)
-    print(machine_line())
+    print(machine_line(device))
     table = eval_table(r, n)
     print(table)
     for m in r["mismatches"]:
@@ -143,7 +151,9 @@ def run_eval_bench(
     if results is not None:
         label = "tiny random model" if smoke else Path(model).name
         title = f"Evaluation speed: {label}, n={n}, max_new_tokens={max_new_tokens}"
-        append_results(results, title, table)
+        if device != "cpu" or dtype != "float32":
+            title += f", {device} {dtype}"
+        append_results(results, title, table, device)
         print(f"appended to {results}")
     if json_out is not None:
         json_out.write_text(json.dumps(r))

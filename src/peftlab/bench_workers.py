@@ -37,6 +37,17 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1024 * 1024 if sys.platform == "darwin" else 1024)
 
 
+def peak_mb(spec: dict) -> float:
+    """The side's peak memory: allocated GPU memory on CUDA (what limits a GPU run), else the process's RSS."""
+    if spec.get("device", "cpu").startswith("cuda"):
+        return torch.cuda.max_memory_allocated() / 2**20
+    return peak_rss_mb()
+
+
+def _on_cpu(spec: dict) -> bool:
+    return spec.get("device", "cpu") == "cpu"
+
+
 def _items(spec: dict) -> list[Encoded]:
     return [Encoded(str(i), p, t) for i, (p, t) in enumerate(spec["items"])]
 
@@ -47,10 +58,10 @@ def _trainable_checksum(model: torch.nn.Module) -> float:
 
 
 def load(spec: dict):
-    """peftlab's model load, in fp32, on the CPU."""
-    from peftlab.models import load_model
+    """peftlab's model load on the spec's device and dtype (fp32 on the CPU by default)."""
+    from peftlab.models import DTYPES, load_model
 
-    loaded = load_model(spec["model"], device="cpu", dtype=torch.float32)
+    loaded = load_model(spec["model"], device=spec.get("device", "cpu"), dtype=DTYPES[spec.get("dtype", "float32")])
     quantizer = getattr(loaded.model, "hf_quantizer", None)
     if quantizer is not None:
         # The converted packaged model still carries its GGUF marker although its weights are plain fp32, and
@@ -110,7 +121,7 @@ def run_ref(spec: dict) -> dict:
         args = TrainingArguments(
             output_dir=tmp, per_device_train_batch_size=spec["batch"], num_train_epochs=1, learning_rate=spec["lr"],
             lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0, logging_steps=1,
-            save_strategy="no", report_to=[], use_cpu=True, seed=spec["seed"], dataloader_num_workers=0,
+            save_strategy="no", report_to=[], use_cpu=_on_cpu(spec), seed=spec["seed"], dataloader_num_workers=0,
             disable_tqdm=True,
         )
         trainer = Trainer(model=model, args=args, train_dataset=dataset, data_collator=collator,
@@ -125,7 +136,7 @@ def run_ref(spec: dict) -> dict:
         batches.append(dataset.seen[start : start + size])
         start += size
     return {"seconds": seconds, "losses": losses[:CHECK_STEPS], "batches": batches, "init_checksum": checksum,
-            "rows_read": len(dataset.seen), "peak_rss_mb": peak_rss_mb()}
+            "rows_read": len(dataset.seen), "peak_mb": peak_mb(spec)}
 
 
 def _peftlab_model(spec: dict):
@@ -135,7 +146,7 @@ def _peftlab_model(spec: dict):
     from peftlab.tasks import get_task
 
     cfg = load_config(None, base={
-        "model": {"name": spec["model"], "device": "cpu"},
+        "model": {"name": spec["model"], "device": spec.get("device", "cpu"), "dtype": spec.get("dtype", "float32")},
         "method": {"name": spec["method"], "dropout": 0.0},
         "train": {"lr": spec["lr"], "schedule": "constant", "warmup_ratio": 0.0, "batch_size": spec["batch"],
                   "batch_tokens": spec["batch"] * spec["max_length"], "epochs": 1, "eval_every_epoch": False,
@@ -162,10 +173,11 @@ def run_peftlab(spec: dict) -> dict:
     fmt = PromptFormat(loaded.tokenizer, loaded.kind, loaded.chat)
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
-        summary = fit(cfg, model, loaded, task, fmt, _items(spec), [], [], Path(tmp), Accelerator(cpu=True))
+        summary = fit(cfg, model, loaded, task, fmt, _items(spec), [], [], Path(tmp),
+                      Accelerator(cpu=_on_cpu(spec)))
         seconds = time.perf_counter() - t0
     return {"seconds": seconds, "step_seconds": summary["train_seconds"], "steps": summary["train_steps"],
-            "base_params": base_params, "peak_rss_mb": peak_rss_mb()}
+            "base_params": base_params, "peak_mb": peak_mb(spec)}
 
 
 def run_check(spec: dict) -> dict:
@@ -184,7 +196,7 @@ def run_check(spec: dict) -> dict:
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=spec["lr"], betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)  # constant, as the reference's
-    accelerator = Accelerator(cpu=True)
+    accelerator = Accelerator(cpu=_on_cpu(spec))
     model.train()
     losses = []
     for idx in spec["batches"]:
@@ -203,7 +215,7 @@ def run_infer(spec: dict) -> dict:
     loaded = load(spec)
     longest = sorted(_items(spec), key=lambda e: e.length)[-spec["batch"] :]
     target_logits(loaded.model.eval(), loaded.kind, collate(longest, loaded.kind, loaded.tokenizer.pad_token_id))
-    return {"peak_rss_mb": peak_rss_mb()}
+    return {"peak_mb": peak_mb(spec)}
 
 
 ROLES = {"ref": run_ref, "peftlab": run_peftlab, "check": run_check, "infer": run_infer}

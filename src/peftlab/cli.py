@@ -267,6 +267,8 @@ def bench_train(
     json_out: Annotated[Path | None, typer.Option("--json", help="also write the raw numbers as JSON")] = None,
     micro_tokens: Annotated[int | None, typer.Option(help="peftlab train.micro_tokens (default: config)")] = None,
     rounds: Annotated[int, typer.Option(min=1, help="runs of each side, in the order AB BA ...; times are means")] = 2,
+    device: Annotated[str, typer.Option(help="cpu, or cuda to benchmark a GPU")] = "cpu",
+    dtype: Annotated[str, typer.Option(help="float32, or bfloat16 (peftlab's default on a GPU)")] = "float32",
 ) -> None:
     """Training tokens/s, memory and loss agreement of peftlab against transformers.Trainer + peft."""
     from peftlab.bench import DEFAULT_RESULTS, run_train_bench
@@ -277,7 +279,7 @@ def bench_train(
         n, batch = min(n, 8), min(batch, 2)
     run_train_bench(model, [m.strip() for m in methods.split(",") if m.strip()], n, max_length, batch,
                     results if results or smoke else DEFAULT_RESULTS, smoke=smoke, json_out=json_out,
-                    micro_tokens=micro_tokens, rounds=rounds)
+                    micro_tokens=micro_tokens, rounds=rounds, device=device, dtype=dtype)
 
 
 @bench_app.command("eval")
@@ -290,6 +292,8 @@ def bench_eval(
     smoke: Annotated[bool, typer.Option(help="tiny random model, small n; writes no results file")] = False,
     json_out: Annotated[Path | None, typer.Option("--json", help="also write the raw numbers as JSON")] = None,
     rounds: Annotated[int, typer.Option(min=1, help="blocks of the one-at-a-time loop, each then a peftlab run")] = 4,
+    device: Annotated[str, typer.Option(help="cpu, or cuda to benchmark a GPU")] = "cpu",
+    dtype: Annotated[str, typer.Option(help="float32, or bfloat16 (peftlab's default on a GPU)")] = "float32",
 ) -> None:
     """Generation and scoring speed: peftlab's batched generate against one-at-a-time model.generate."""
     from peftlab.bench import DEFAULT_RESULTS
@@ -298,7 +302,7 @@ def bench_eval(
     if smoke:
         n, max_new_tokens, score_n = min(n, 6), min(max_new_tokens, 8), min(score_n, 10)
     run_eval_bench(model, n, max_new_tokens, results if results or smoke else DEFAULT_RESULTS, smoke=smoke,
-                   json_out=json_out, score_n=score_n, rounds=rounds)
+                   json_out=json_out, score_n=score_n, rounds=rounds, device=device, dtype=dtype)
 
 
 def main() -> None:

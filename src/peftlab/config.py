@@ -28,6 +28,8 @@ def _f(default: Any, help: str, **kw: Any) -> Any:
 class ModelConfig:
     name: str = _f("smollm2-135m-instruct", "packaged model name (see `peftlab models`) or a local HF folder")
     device: str = _f("auto", "auto (cuda > mps > cpu), cpu, cuda, cuda:1, mps")
+    dtype: str = _f("auto", "weights' dtype: auto (bfloat16 on a GPU that has it, else float32), float32, bfloat16, "
+                            "float16")
     chat: bool | None = _f(None, "use the chat template; default: when the tokenizer has one")
     allow_pickle: bool = _f(False, "allow .bin/.pt pickled weights (they can run code when loaded)")
 

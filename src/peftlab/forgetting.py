@@ -98,10 +98,11 @@ def measure_base(cfg: RunConfig, model, fmt: PromptFormat, suite: Suite, trained
     if hasattr(model, "disable_adapter"):
         with model.disable_adapter():
             return measure(model, fmt, suite)
-    from peftlab.models import load_model
+    from peftlab.models import load_model, parse_dtype
 
     device = str(next(model.parameters()).device)
-    base = load_model(cfg.model.name, device=device, chat=cfg.model.chat, allow_pickle=cfg.model.allow_pickle)
+    base = load_model(cfg.model.name, device=device, dtype=parse_dtype(cfg.model.dtype), chat=cfg.model.chat,
+                      allow_pickle=cfg.model.allow_pickle)
     return measure(base.model, fmt, suite)
 
 

@@ -145,6 +145,18 @@ def default_dtype(device: torch.device) -> torch.dtype:
     return torch.float32
 
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def parse_dtype(name: str) -> torch.dtype | None:
+    """A dtype from its config name; None for "auto" (the device's default, see `default_dtype`)."""
+    if name == "auto":
+        return None
+    if name not in DTYPES:
+        raise unknown_name("dtype", name, ["auto", *DTYPES])
+    return DTYPES[name]
+
+
 def _check_weights_are_safe(path: Path, allow_pickle: bool) -> None:
     if allow_pickle or any(path.glob("*.safetensors")):
         return

@@ -39,7 +39,7 @@ from peftlab.evaluate import batch_tokens, evaluate, mean_loss, right_padded_ok
 from peftlab.io import write_json, write_jsonl
 from peftlab.memory import enable_checkpointing, fused_rmsnorm, lean_swiglu
 from peftlab.methods import apply_method, count_params, get_method
-from peftlab.models import LoadedModel, load_model
+from peftlab.models import LoadedModel, load_model, parse_dtype
 from peftlab.step import shares_prefix, split_rows, step_inputs, train_step
 from peftlab.tasks import DEFAULT_DATA, Example, Task, get_task, kfold_examples, split_examples
 
@@ -292,6 +292,7 @@ def run_training(cfg: RunConfig, on_epoch_end=None) -> Path:
     loaded = load_model(
         cfg.model.name,
         device=str(accelerator.device) if cfg.model.device == "auto" else cfg.model.device,
+        dtype=parse_dtype(cfg.model.dtype),
         chat=cfg.model.chat,
         allow_pickle=cfg.model.allow_pickle,
         quantize=cfg.method.quant if method.quantized else None,
