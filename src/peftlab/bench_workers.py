@@ -214,7 +214,8 @@ def run_infer(spec: dict) -> dict:
     from peftlab.evaluate import target_logits
     loaded = load(spec)
     longest = sorted(_items(spec), key=lambda e: e.length)[-spec["batch"] :]
-    target_logits(loaded.model.eval(), loaded.kind, collate(longest, loaded.kind, loaded.tokenizer.pad_token_id))
+    batch = collate(longest, loaded.kind, loaded.tokenizer.pad_token_id)
+    target_logits(loaded.model.eval(), loaded.kind, {k: v.to(loaded.model.device) for k, v in batch.items()})
     return {"peak_mb": peak_mb(spec)}
 
 
