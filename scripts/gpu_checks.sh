@@ -22,6 +22,11 @@
 #    - lora-5ep-cb1 (lr 1e-4, 5 epochs, balanced): 0.52 / 0.42.
 #    A fold's runs land in OUT_DIR/runs/<config>/fold-<k>/; OUT_DIR/cv-summary.txt holds the mean over the folds
 #    that finished (all ten, when the time allows).
+#
+# First run, 2026-12-04 on an H200 (bench/RESULTS.md, docs/results.md): the model converted in 33 s; bench train
+# ran out of its limit after LoRA (each worker process took 25-40 s to start: install carried wheels WITHOUT pip's
+# --no-compile, or every process compiles transformers again); bench eval took 118 s; the grid finished 3 folds in
+# all, its training at 2,000-2,900 tokens/s per process in 512-token pieces (now whole batches on a GPU).
 set -u
 out=$(realpath -m "$1")
 budget=${2:-560}
@@ -40,7 +45,7 @@ stage() {  # stage NAME SECONDS COMMAND...: run with a limit, log to OUT_DIR/NAM
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 stage convert 120 "$py" -c "from peftlab.models import resolve_model_dir; print(resolve_model_dir('smollm2-135m-instruct'))"
-stage bench-train 170 "$py" -m peftlab bench train --device cuda --dtype bfloat16 --rounds 1 \
+stage bench-train 240 "$py" -m peftlab bench train --device cuda --dtype bfloat16 --rounds 1 \
     --results "$out/RESULTS-gpu.md" --json "$out/bench-train.json"
 stage bench-eval 130 "$py" -m peftlab bench eval --device cuda --dtype bfloat16 --rounds 2 \
     --results "$out/RESULTS-gpu.md" --json "$out/bench-eval.json"

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from peftlab.config import load_config
 from peftlab.data import Encoded
-from peftlab.step import shares_prefix, split_rows
+from peftlab.step import micro_tokens, shares_prefix, split_rows
 
 
 def test_split_rows_sorts_and_keeps_each_piece_under_the_budget():
@@ -29,3 +30,9 @@ def test_split_rows_sorts_and_keeps_each_piece_under_the_budget():
 ])
 def test_shares_prefix_only_where_it_is_exact(overrides, right, world, expected):
     assert shares_prefix(load_config(None, overrides), right, world) is expected
+
+
+def test_micro_tokens_default_depends_on_the_device():
+    assert micro_tokens(None, "cpu") == 512  # pieces that keep a layer's activations in cache
+    assert micro_tokens(None, torch.device("cuda")) == 0  # a GPU takes each batch whole
+    assert micro_tokens(256, "cuda") == 256 and micro_tokens(0, "cpu") == 0  # a set value always wins

@@ -186,7 +186,7 @@ def run_check(spec: dict) -> dict:
     from accelerate import Accelerator
 
     from peftlab.evaluate import right_padded_ok
-    from peftlab.step import shares_prefix, split_rows, step_inputs, train_step
+    from peftlab.step import micro_tokens, shares_prefix, split_rows, step_inputs, train_step
 
     cfg, loaded, _, model, _ = _peftlab_model(spec)
     items = _items(spec)
@@ -200,7 +200,7 @@ def run_check(spec: dict) -> dict:
     model.train()
     losses = []
     for idx in spec["batches"]:
-        pieces = split_rows(items, idx, cfg.train.micro_tokens)
+        pieces = split_rows(items, idx, micro_tokens(cfg.train.micro_tokens, accelerator.device))
         micro, prefix_ids = step_inputs(items, pieces, loaded.kind, loaded.tokenizer.pad_token_id, right, share)
         losses.append(train_step(model, micro, loaded.kind, accelerator, params, optimizer, scheduler, 1.0,
                                  prefix_ids))

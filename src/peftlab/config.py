@@ -86,8 +86,9 @@ class TrainConfig:
     warmup_ratio: float = _f(0.06, "fraction of steps spent warming up")
     batch_size: int = _f(8, "max examples per batch")
     batch_tokens: int = _f(4096, "max padded tokens per batch (time scales with tokens, not rows)")
-    micro_tokens: int = _f(512, "forward/backward a batch in pieces of at most this many padded tokens: the same "
-                                 "gradients, activation memory bounded by the piece (0: never split)")
+    micro_tokens: int | None = _f(None, "forward/backward a batch in pieces of at most this many padded tokens: "
+                                        "the same gradients, activation memory bounded by the piece (0: never "
+                                        "split); default: 512 on a CPU, whole batches on a GPU")
     grad_accum: int = _f(1, "batches per optimizer step")
     shared_prefix: bool = _f(True, "run the prompt opening that all rows of a step share (system turn, fixed "
                                    "instruction) once per step instead of once per row: same gradients (with "
@@ -224,7 +225,7 @@ def validate(cfg: RunConfig) -> RunConfig:
         raise PeftlabError(f"train.lr must be positive, got {t.lr}")
     if t.epochs < 1 or t.batch_size < 1 or t.grad_accum < 1 or t.batch_tokens < 1:
         raise PeftlabError("train.epochs, train.batch_size, train.grad_accum and train.batch_tokens must be >= 1")
-    if t.micro_tokens < 0:
+    if t.micro_tokens is not None and t.micro_tokens < 0:
         raise PeftlabError(f"train.micro_tokens must be >= 0 (0: never split a batch), got {t.micro_tokens}")
     if t.class_balance < 0:
         raise PeftlabError(f"train.class_balance must be >= 0 (0: unweighted, 1: balanced), got {t.class_balance}")

@@ -40,7 +40,7 @@ from peftlab.io import write_json, write_jsonl
 from peftlab.memory import enable_checkpointing, fused_rmsnorm, lean_swiglu
 from peftlab.methods import apply_method, count_params, get_method
 from peftlab.models import LoadedModel, load_model, parse_dtype
-from peftlab.step import shares_prefix, split_rows, step_inputs, train_step
+from peftlab.step import micro_tokens, shares_prefix, split_rows, step_inputs, train_step
 from peftlab.tasks import DEFAULT_DATA, Example, Task, get_task, kfold_examples, split_examples
 
 
@@ -139,6 +139,7 @@ def fit(
     # Unmasked right-padded rows where the model allows: SDPA's causal kernel, no key/value copies per head.
     right = right_padded_ok(raw, loaded.kind, train)
     share = shares_prefix(cfg, right, world)
+    piece_tokens = micro_tokens(tc.micro_tokens, accelerator.device)
     weights = example_weights(task, fmt, train, tc.class_balance)
     s = TrainState()
     ckpt = run_dir / CHECKPOINT
@@ -162,7 +163,7 @@ def fit(
             t0 = time.perf_counter()
             # Pieces under a token budget bound the activation memory; the step's gradient is the same.
             batch_rows = shard[start : start + tc.grad_accum]
-            pieces = [p for idx in batch_rows for p in split_rows(train, idx, tc.micro_tokens)]
+            pieces = [p for idx in batch_rows for p in split_rows(train, idx, piece_tokens)]
             micro, prefix_ids = step_inputs(train, pieces, loaded.kind, pad, right, share)
             if weights is not None:
                 for piece, batch in zip(pieces, micro, strict=True):
