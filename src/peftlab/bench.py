@@ -242,8 +242,10 @@ def run_train_bench(
         for method in methods:
             rows.append(bench_method(method, spec, tmp, rounds))
             r = rows[-1]
+            # The steps' own time against fit()'s whole: what is left is setup (on a GPU, first-use kernel loads).
             print(f"{method}: reference {_seconds(r['ref_rounds_s'])}, peftlab {_seconds(r['peftlab_rounds_s'])} "
-                  f"(rounds in ABBA order)", flush=True)
+                  f"(rounds in ABBA order; peftlab's first round {r['peftlab_step_seconds']:.1f} s in its "
+                  f"{r['peftlab_steps']} steps)", flush=True)
     label = "tiny random model" if smoke else Path(model).name
     title = f"Training throughput: {label}, n={n}, max_length={max_length}, batch={batch}, rounds={rounds}"
     if micro_tokens is not None:
