@@ -32,6 +32,13 @@ def test_shares_prefix_only_where_it_is_exact(overrides, right, world, expected)
     assert shares_prefix(load_config(None, overrides), right, world) is expected
 
 
+def test_shared_prefix_default_depends_on_the_device():
+    cfg = load_config(None, [])
+    assert shares_prefix(cfg, True, 1, "cpu") is True
+    assert shares_prefix(cfg, True, 1, torch.device("cuda")) is False  # one more pass of launches on a GPU
+    assert shares_prefix(load_config(None, ["train.shared_prefix=true"]), True, 1, "cuda") is True  # set wins
+
+
 def test_micro_tokens_default_depends_on_the_device():
     assert micro_tokens(None, "cpu") == 512  # pieces that keep a layer's activations in cache
     assert micro_tokens(None, torch.device("cuda")) == 0  # a GPU takes each batch whole

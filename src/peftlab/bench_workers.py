@@ -191,7 +191,7 @@ def run_check(spec: dict) -> dict:
     cfg, loaded, _, model, _ = _peftlab_model(spec)
     items = _items(spec)
     right = right_padded_ok(model, loaded.kind, items)  # the layout peftlab's own loop trains with
-    share = shares_prefix(cfg, right)
+    share = shares_prefix(cfg, right, device=spec.get("device", "cpu"))
     checksum = _trainable_checksum(model)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=spec["lr"], betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)

@@ -90,10 +90,11 @@ class TrainConfig:
                                         "the same gradients, activation memory bounded by the piece (0: never "
                                         "split); default: 512 on a CPU, whole batches on a GPU")
     grad_accum: int = _f(1, "batches per optimizer step")
-    shared_prefix: bool = _f(True, "run the prompt opening that all rows of a step share (system turn, fixed "
-                                   "instruction) once per step instead of once per row: same gradients (with "
-                                   "dropout, one mask for the opening per step), less work (single process, "
-                                   "right-padded text rows, no activation checkpointing)")
+    shared_prefix: bool | None = _f(None, "run the prompt opening that all rows of a step share (system turn, "
+                                          "fixed instruction) once per step instead of once per row: same gradients "
+                                          "(with dropout, one mask for the opening per step), less work (single "
+                                          "process, right-padded text rows, no activation checkpointing); default: "
+                                          "on a CPU, off on a GPU (there it is one more pass of kernel launches)")
     class_balance: float = _f(0.0, "classification tasks: weight each example's loss by (n / (k * count of its "
                                    "class)) ** this; 0 unweighted, 1 fully balanced, 0.5 square-root weights")
     max_grad_norm: float = _f(1.0, "gradient clipping norm (0 turns it off)")

@@ -46,14 +46,17 @@ def micro_tokens(setting: int | None, device) -> int:
     return 512 if torch.device(device).type == "cpu" else 0
 
 
-def shares_prefix(cfg: RunConfig, right_padded: bool, world: int = 1) -> bool:
+def shares_prefix(cfg: RunConfig, right_padded: bool, world: int = 1, device="cpu") -> bool:
     """Whether training runs each step's shared prompt opening once (`train.shared_prefix`, where it can).
 
     The prefix's backward runs after the last micro-batch's, where a data-parallel wrapper has already
-    all-reduced, and transformers turns the KV cache off under activation checkpointing.
+    all-reduced, and transformers turns the KV cache off under activation checkpointing. Unset, it is on for a
+    CPU, which saves the opening's FLOPs, and off for a GPU: there a small model's step costs its kernel launches,
+    and the prefix is one more pass of them.
     """
     tc = cfg.train
-    return tc.shared_prefix and right_padded and world == 1 and tc.activation_checkpointing in (False, "off")
+    wanted = tc.shared_prefix if tc.shared_prefix is not None else torch.device(device).type == "cpu"
+    return wanted and right_padded and world == 1 and tc.activation_checkpointing in (False, "off")
 
 
 def step_inputs(

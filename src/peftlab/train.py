@@ -138,7 +138,7 @@ def fit(
     raw = accelerator.unwrap_model(model)
     # Unmasked right-padded rows where the model allows: SDPA's causal kernel, no key/value copies per head.
     right = right_padded_ok(raw, loaded.kind, train)
-    share = shares_prefix(cfg, right, world)
+    share = shares_prefix(cfg, right, world, accelerator.device)
     piece_tokens = micro_tokens(tc.micro_tokens, accelerator.device)
     weights = example_weights(task, fmt, train, tc.class_balance)
     s = TrainState()
