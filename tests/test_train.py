@@ -4,6 +4,7 @@ are reproducible."""
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -15,10 +16,10 @@ from peftlab.config import load_config
 from peftlab.data import PromptFormat, collate, encode, example_weights
 from peftlab.evaluate import label_scores, target_loss, weighted_targets
 from peftlab.io import read_json
-from peftlab.methods import METHODS
+from peftlab.methods import METHODS, get_method
 from peftlab.models import load_tokenizer
 from peftlab.tasks import get_task
-from peftlab.train import encode_split, load_splits, run_training
+from peftlab.train import encode_split, load_splits, precision, run_training
 
 # QLoRA (a quantized base, bitsandbytes) and the linear head (no gradient loop) have their own tests in
 # tests/test_qlora.py and tests/test_heads.py.
@@ -199,3 +200,28 @@ def test_class_balance_changes_training(tiny_causal, tmp_path):
                                      "train.class_balance=1.0"))
     assert train_losses(plain) != train_losses(weighted)
     assert load_config(weighted / "config.yaml").train.class_balance == 1.0
+
+
+def test_precision_keeps_fp32_weights_for_full_fine_tuning_on_a_gpu(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    full, lora = get_method("full"), get_method("lora")
+    auto = load_config(None, [])
+    assert precision(auto, full, "cuda") == (torch.float32, "bf16")  # bf16 weights would not take AdamW's steps
+    assert precision(auto, lora, "cuda") == (None, "no")  # bf16 base, fp32 adapters: as before
+    assert precision(auto, full, "cpu") == (None, "no")
+    assert precision(load_config(None, ["model.dtype=bfloat16"]), full, "cuda") == (torch.bfloat16, "no")  # as told
+    assert precision(load_config(None, ["train.mixed_precision=bf16"]), lora, "cpu") == (torch.float32, "bf16")
+
+
+def test_full_fine_tuning_under_bf16_autocast_moves_fp32_weights(tiny_causal, tmp_path):
+    from safetensors.torch import load_file
+
+    run = run_training(tiny_cfg(tiny_causal, "full", tmp_path, "mixed", PUBMEDQA, "train.mixed_precision=bf16",
+                                "train.lr=1e-4"))
+    base = load_file(tiny_causal / "model.safetensors")
+    trained = load_file(next((run / "model").glob("*.safetensors")))
+    assert {t.dtype for t in trained.values()} == {torch.float32}
+    moved = [bool((trained[k] != base[k]).any()) for k in base if k in trained and base[k].dtype == torch.float32]
+    assert sum(moved) > 0.8 * len(moved), f"only {sum(moved)} of {len(moved)} weight tensors changed"
+    assert math.isfinite(train_losses(run)[-1])

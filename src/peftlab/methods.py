@@ -125,6 +125,11 @@ class Method:
     # A method outside peft and the gradient loop (the linear head): builds its model, fits it, saves it.
     build: Callable[[LoadedModel, Task, MethodConfig], torch.nn.Module] | None = None
 
+    @property
+    def trains_base(self) -> bool:
+        """Whether the base model's own weights train (full fine-tuning), not an adapter or head beside them."""
+        return self.trains and self.peft_config is None and self.build is None
+
 
 METHODS: dict[str, Method] = {
     m.name: m

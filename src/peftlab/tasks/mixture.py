@@ -99,11 +99,9 @@ def sample_train(parts: list[Part], fmt: PromptFormat, max_length: int, seed: in
 
 def run_mixture_training(cfg: RunConfig, on_epoch_end=None) -> Path:
     """Train one run on the mixture and write a normal run folder (same files as `train.run_training`)."""
-    from accelerate import Accelerator
-
     from peftlab.methods import apply_method, count_params, get_method
     from peftlab.models import load_model
-    from peftlab.train import fit, seed_everything
+    from peftlab.train import accelerator_and_dtype, fit, seed_everything
 
     started = time.perf_counter()
     method = get_method(cfg.method.name)
@@ -111,10 +109,9 @@ def run_mixture_training(cfg: RunConfig, on_epoch_end=None) -> Path:
         raise PeftlabError("a mixture trains on gold targets, without few-shot demos or the brittleness probe")
     seed_everything(cfg.train.seed)
     parts = load_parts(cfg, parse_mixture(cfg))
-    accelerator = Accelerator(cpu=cfg.model.device == "cpu", log_with=cfg.train.report_to or None,
-                              project_dir=str(cfg.run_dir))
-    device = str(accelerator.device) if cfg.model.device == "auto" else cfg.model.device
-    loaded = load_model(cfg.model.name, device=device, chat=cfg.model.chat, allow_pickle=cfg.model.allow_pickle)
+    accelerator, device, dtype = accelerator_and_dtype(cfg, method)
+    loaded = load_model(cfg.model.name, device=device, dtype=dtype, chat=cfg.model.chat,
+                        allow_pickle=cfg.model.allow_pickle)
     fmt = PromptFormat.for_model(loaded)
     train, counts = sample_train(parts, fmt, cfg.data.max_length, cfg.data.seed)
     enc = {(p.key, s): [encode(p.task, ex, fmt, cfg.data.max_length, p.entry.templates[0]) for ex in p.splits[s]]
