@@ -93,7 +93,7 @@ CONFIG_CASES = [
      "micro_tokens, mixed_precision, patience, report_to, resume, schedule, seed, shared_prefix, threads, "
      "warmup_ratio, weight_decay"),
     ("unknown mixed precision", {"mixed_precision": "fp8"},
-     "error: train.mixed_precision must be auto, no, bf16 or fp16, got 'fp8'"),
+     "error: train.mixed_precision must be auto, no or bf16, got 'fp8'"),
     ("negative class balance", {"class_balance": -0.5},
      "error: train.class_balance must be >= 0 (0: unweighted, 1: balanced), got -0.5"),
     ("negative learning rate", {"lr": -0.001}, "error: train.lr must be positive, got -0.001"),

@@ -18,8 +18,9 @@ from peftlab.evaluate import label_scores, target_loss, weighted_targets
 from peftlab.io import read_json
 from peftlab.methods import METHODS, get_method
 from peftlab.models import load_tokenizer
+from peftlab.runtime import precision
 from peftlab.tasks import get_task
-from peftlab.train import encode_split, load_splits, precision, run_training
+from peftlab.train import encode_split, load_splits, run_training
 
 # QLoRA (a quantized base, bitsandbytes) and the linear head (no gradient loop) have their own tests in
 # tests/test_qlora.py and tests/test_heads.py.
@@ -207,11 +208,12 @@ def test_precision_keeps_fp32_weights_for_full_fine_tuning_on_a_gpu(monkeypatch)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
     full, lora = get_method("full"), get_method("lora")
     auto = load_config(None, [])
-    assert precision(auto, full, "cuda") == (torch.float32, "bf16")  # bf16 weights would not take AdamW's steps
-    assert precision(auto, lora, "cuda") == (None, "no")  # bf16 base, fp32 adapters: as before
-    assert precision(auto, full, "cpu") == (None, "no")
-    assert precision(load_config(None, ["model.dtype=bfloat16"]), full, "cuda") == (torch.bfloat16, "no")  # as told
-    assert precision(load_config(None, ["train.mixed_precision=bf16"]), lora, "cpu") == (torch.float32, "bf16")
+    bf16 = torch.bfloat16
+    assert precision(auto, full, "cuda") == (torch.float32, bf16)  # bf16 weights would not take AdamW's steps
+    assert precision(auto, lora, "cuda") == (None, None)  # bf16 base, fp32 adapters: as before
+    assert precision(auto, full, "cpu") == (None, None)
+    assert precision(load_config(None, ["model.dtype=bfloat16"]), full, "cuda") == (bf16, None)  # as told
+    assert precision(load_config(None, ["train.mixed_precision=bf16"]), lora, "cpu") == (torch.float32, bf16)
 
 
 def test_full_fine_tuning_under_bf16_autocast_moves_fp32_weights(tiny_causal, tmp_path):
@@ -225,3 +227,6 @@ def test_full_fine_tuning_under_bf16_autocast_moves_fp32_weights(tiny_causal, tm
     moved = [bool((trained[k] != base[k]).any()) for k in base if k in trained and base[k].dtype == torch.float32]
     assert sum(moved) > 0.8 * len(moved), f"only {sum(moved)} of {len(moved)} weight tensors changed"
     assert math.isfinite(train_losses(run)[-1])
+    fp32 = run_training(tiny_cfg(tiny_causal, "full", tmp_path, "fp32", PUBMEDQA, "train.lr=1e-4"))
+    assert train_losses(run)[0] != train_losses(fp32)[0]  # the forward really ran in bf16
+    assert train_losses(run)[0] == pytest.approx(train_losses(fp32)[0], rel=2e-2)

@@ -90,9 +90,8 @@ class TrainConfig:
                                         "the same gradients, activation memory bounded by the piece (0: never "
                                         "split); default: 512 on a CPU, whole batches on a GPU")
     grad_accum: int = _f(1, "batches per optimizer step")
-    mixed_precision: str = _f("auto", "autocast over fp32 weights: auto (bf16 for full fine-tuning on a GPU with "
-                                      "model.dtype auto: AdamW's small steps round away in bf16 weights), no, bf16, "
-                                      "fp16")
+    mixed_precision: str = _f("auto", "bf16 autocast over fp32 weights: auto (for full fine-tuning on a GPU with "
+                                      "model.dtype auto: AdamW's small steps round away in bf16 weights), no, bf16")
     shared_prefix: bool | None = _f(None, "run the prompt opening that all rows of a step share (system turn, "
                                           "fixed instruction) once per step instead of once per row: same gradients "
                                           "(with dropout, one mask for the opening per step), less work (single "
@@ -229,8 +228,8 @@ def validate(cfg: RunConfig) -> RunConfig:
         raise PeftlabError(f"train.lr must be positive, got {t.lr}")
     if t.epochs < 1 or t.batch_size < 1 or t.grad_accum < 1 or t.batch_tokens < 1:
         raise PeftlabError("train.epochs, train.batch_size, train.grad_accum and train.batch_tokens must be >= 1")
-    if t.mixed_precision not in ("auto", "no", "bf16", "fp16"):
-        raise PeftlabError(f"train.mixed_precision must be auto, no, bf16 or fp16, got '{t.mixed_precision}'")
+    if t.mixed_precision not in ("auto", "no", "bf16"):
+        raise PeftlabError(f"train.mixed_precision must be auto, no or bf16, got '{t.mixed_precision}'")
     if t.micro_tokens is not None and t.micro_tokens < 0:
         raise PeftlabError(f"train.micro_tokens must be >= 0 (0: never split a batch), got {t.micro_tokens}")
     if t.class_balance < 0:

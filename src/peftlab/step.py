@@ -75,22 +75,29 @@ def step_inputs(
 
 def train_step(
     model, micro: list[dict], kind: str, accelerator, params, optimizer, scheduler, max_grad_norm,
-    prefix_ids: Sequence[int] = (),
+    prefix_ids: Sequence[int] = (), autocast: torch.dtype | None = None,
 ) -> float:
     """One optimizer step over `micro` micro-batches; returns the mean loss per target token.
 
     `prefix_ids`: the prompt opening the micro-batches' rows were cut from (`step_inputs`); it runs once here.
+    `autocast`: the dtype the forward passes compute in (`runtime.precision`); backward follows the forward's dtypes.
     """
     n_tok = sum(weighted_targets(b) for b in micro)
     loss_sum = 0.0
     raw = accelerator.unwrap_model(model)
+
+    def forward_dtype():
+        return torch.autocast(accelerator.device.type, dtype=autocast) if autocast is not None else nullcontext()
+
     with sdpa_variant(raw, PREFIX_ATTENTION) if prefix_ids else nullcontext():
-        prefix = SharedPrefix(raw, prefix_ids, cache_kwarg(raw)) if prefix_ids else None
+        with forward_dtype():
+            prefix = SharedPrefix(raw, prefix_ids, cache_kwarg(raw)) if prefix_ids else None
         for i, batch in enumerate(micro):
             batch = {k: v.to(accelerator.device) for k, v in batch.items()}
             # Gradients are all-reduced once per optimizer step, not once per micro-batch.
             with accelerator.no_sync(model) if i < len(micro) - 1 else nullcontext():
-                loss, _ = target_loss(model, kind, batch, prefix)
+                with forward_dtype():
+                    loss, _ = target_loss(model, kind, batch, prefix)
                 accelerator.backward(loss / n_tok)
             loss_sum += float(loss.detach())
         if prefix is not None:

@@ -14,17 +14,12 @@ with left-padded prompts (`data.collate_causal`). Run it data-parallel unchanged
 from __future__ import annotations
 
 import math
-import platform
-import random
-import resource
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 from tqdm.auto import tqdm
 
-from peftlab import __version__
 from peftlab.checkpoint import CHECKPOINT, TrainState, load_checkpoint, save_checkpoint, trainable_state
 from peftlab.config import RunConfig, save_config
 from peftlab.data import (
@@ -40,17 +35,10 @@ from peftlab.evaluate import batch_tokens, evaluate, mean_loss, right_padded_ok
 from peftlab.io import write_json, write_jsonl
 from peftlab.memory import enable_checkpointing, fused_rmsnorm, lean_swiglu
 from peftlab.methods import apply_method, count_params, get_method
-from peftlab.models import LoadedModel, load_model, parse_dtype, pick_device
+from peftlab.models import LoadedModel, load_model
+from peftlab.runtime import accelerator_and_dtype, peak_rss_mb, precision, seed_everything, versions
 from peftlab.step import micro_tokens, shares_prefix, split_rows, step_inputs, train_step
 from peftlab.tasks import DEFAULT_DATA, Example, Task, get_task, kfold_examples, split_examples
-
-if TYPE_CHECKING:
-    import accelerate
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    torch.manual_seed(seed)
 
 
 def load_splits(cfg: RunConfig, task: Task) -> dict[str, list[Example]]:
@@ -89,11 +77,6 @@ def content_free_items(cfg: RunConfig, task: Task, fmt: PromptFormat, train, sho
         for i, text in enumerate(CONTENT_FREE)
     ]
     return encode_split(cfg, task, fmt, examples, shots)
-
-
-def peak_rss_mb() -> float:
-    """Peak resident memory of this process (ru_maxrss is in KiB on Linux)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _scheduler(cfg: RunConfig, optimizer, total_steps: int):
@@ -144,6 +127,7 @@ def fit(
     right = right_padded_ok(raw, loaded.kind, train)
     share = shares_prefix(cfg, right, world, accelerator.device)
     piece_tokens = micro_tokens(tc.micro_tokens, accelerator.device)
+    _, autocast = precision(cfg, get_method(cfg.method.name), accelerator.device.type)
     weights = example_weights(task, fmt, train, tc.class_balance)
     s = TrainState()
     ckpt = run_dir / CHECKPOINT
@@ -173,7 +157,7 @@ def fit(
                 for piece, batch in zip(pieces, micro, strict=True):
                     batch["row_weights"] = torch.tensor([weights[i] for i in piece])
             loss = train_step(model, micro, loaded.kind, accelerator, params, optimizer, scheduler, tc.max_grad_norm,
-                              prefix_ids)
+                              prefix_ids, autocast)
             if not math.isfinite(loss):
                 raise NonFiniteLoss(f"loss became {loss} at step {s.step + 1}; lower train.lr (now {lr})")
             dt = time.perf_counter() - t0
@@ -272,35 +256,6 @@ def save_trained(model, loaded: LoadedModel, method: str, run_dir: Path) -> int:
     if method == "full":  # a vision-language model's processor holds its tokenizer and image settings
         (loaded.processor or loaded.tokenizer).save_pretrained(out)
     return sum(f.stat().st_size for f in out.rglob("*") if f.is_file() and f.suffix == ".safetensors")
-
-
-def precision(cfg: RunConfig, method, device_type: str) -> tuple[torch.dtype | None, str]:
-    """The weights' dtype (None: the device's default) and accelerate's mixed precision for a run.
-
-    bf16 weights are peftlab's GPU default, and adapters train well over them (peft keeps adapter weights in fp32).
-    Full fine-tuning would update the bf16 weights themselves: an AdamW step at a fine-tuning learning rate is
-    under half a bf16 ulp of most weights and rounds away (ten steps at lr 2e-5 changed 9% of a 576 x 576 matrix
-    of 0.05-scale bf16 weights, by one ulp each). So on a GPU, with `model.dtype: auto`, full fine-tuning keeps
-    fp32 weights and computes in bf16 autocast, as `transformers.Trainer`'s `bf16=True` does.
-    """
-    dtype = parse_dtype(cfg.model.dtype)
-    mixed = cfg.train.mixed_precision
-    if mixed == "auto":
-        bf16_gpu = device_type == "cuda" and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-        mixed = "bf16" if dtype is None and method.trains_base and bf16_gpu else "no"
-    if mixed != "no" and dtype is None:
-        dtype = torch.float32  # autocast computes in 16 bits; the weights the optimizer updates stay fp32
-    return dtype, mixed
-
-
-def accelerator_and_dtype(cfg: RunConfig, method) -> tuple[accelerate.Accelerator, str, torch.dtype | None]:
-    """The run's Accelerator, the device to load the model on, and the weights' dtype (see `precision`)."""
-    from accelerate import Accelerator
-
-    dtype, mixed = precision(cfg, method, pick_device(cfg.model.device).type)
-    accelerator = Accelerator(cpu=cfg.model.device == "cpu", mixed_precision=mixed,
-                              log_with=cfg.train.report_to or None, project_dir=str(cfg.run_dir))
-    return accelerator, str(accelerator.device) if cfg.model.device == "auto" else cfg.model.device, dtype
 
 
 def run_training(cfg: RunConfig, on_epoch_end=None) -> Path:
@@ -419,23 +374,6 @@ def _finish(cfg, model, loaded, task, fmt, splits, enc, run_dir, summary, traina
         "wall_seconds": time.perf_counter() - started,
         "truncated_examples": truncated,
         "metrics": metrics,
-        "versions": _versions(),
+        "versions": versions(),
     }
     write_json(run_dir / "result.json", result)  # written last: its presence marks the run complete
-
-
-def _versions() -> dict:
-    import accelerate
-    import peft
-    import transformers
-
-    return {
-        "peftlab": __version__,
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "peft": peft.__version__,
-        "accelerate": accelerate.__version__,
-        "python": platform.python_version(),
-        "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
-        "threads": torch.get_num_threads(),
-    }

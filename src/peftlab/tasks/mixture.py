@@ -101,7 +101,8 @@ def run_mixture_training(cfg: RunConfig, on_epoch_end=None) -> Path:
     """Train one run on the mixture and write a normal run folder (same files as `train.run_training`)."""
     from peftlab.methods import apply_method, count_params, get_method
     from peftlab.models import load_model
-    from peftlab.train import accelerator_and_dtype, fit, seed_everything
+    from peftlab.runtime import accelerator_and_dtype, seed_everything
+    from peftlab.train import fit
 
     started = time.perf_counter()
     method = get_method(cfg.method.name)
@@ -159,7 +160,8 @@ def _finish(cfg: RunConfig, model, loaded, fmt: PromptFormat, parts: list[Part],
     from peftlab.experiments import run_experiments
     from peftlab.io import write_json, write_jsonl
     from peftlab.methods import get_method
-    from peftlab.train import _versions, peak_rss_mb, save_trained
+    from peftlab.runtime import peak_rss_mb, versions
+    from peftlab.train import save_trained
 
     metrics, rows = _evaluate_parts(model, fmt, parts, enc)
     metrics.update(run_experiments(cfg, model, fmt, parts[0].task, parts[0].splits, cfg.run_dir))
@@ -178,6 +180,6 @@ def _finish(cfg: RunConfig, model, loaded, fmt: PromptFormat, parts: list[Part],
         **{k: v for k, v in summary.items() if k != "best_val_metrics"},
         "peak_rss_mb": peak_rss_mb(), "wall_seconds": time.perf_counter() - started,
         "truncated_examples": sum(e.truncated > 0 for items in enc.values() for e in items),
-        "train_mix": info["train_mix"], "metrics": metrics, "versions": _versions(),
+        "train_mix": info["train_mix"], "metrics": metrics, "versions": versions(),
     }
     write_json(cfg.run_dir / "result.json", result)  # written last: its presence marks the run complete
