@@ -39,7 +39,8 @@ def micro_tokens(setting: int | None, device) -> int:
 
     On a CPU, 512-token pieces keep a layer's activations in cache and bound memory (LoRA peak RSS 1.48x inference,
     bench/RESULTS.md). On a GPU a piece is a full set of kernel launches: SmolLM2's 4096-token PubMedQA batches in
-    512-token pieces trained at about 2,200 tokens/s on an H200 (2026-12-04), so a GPU takes each batch whole.
+    512-token pieces trained at 2,000-2,900 tokens/s per run on an H200 shared by six runs (2026-12-04), so a GPU
+    takes each batch whole.
     """
     if setting is not None:
         return setting
