@@ -73,18 +73,15 @@ def ordinal_probs(score: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
     return cumulative[:, 1:] - cumulative[:, :-1]
 
 
-def ordinal_cv(x: np.ndarray, y: np.ndarray, folds, labels, c: float, balance: float) -> dict:
-    """Mean and spread of test accuracy and macro-F1 of the ordinal head, plus how often it answers each label."""
-    to_rank = torch.tensor([ORDER.index(label) for label in labels])
+def score_folds(x: np.ndarray, y: np.ndarray, folds, labels, predict) -> dict:
+    """Mean and spread of test accuracy and macro-F1, and how often each label was answered, over the folds.
+
+    `predict(x_train, y_train, x_test)` fits on one fold's standardised training features and returns labels.
+    """
     accuracy, macro_f1, answered = [], [], {label: 0 for label in ORDER}
     for train, test in folds:
         mean, scale = x[train].mean(0), x[train].std(0) + 1e-6
-        xt = torch.from_numpy((x[train] - mean) / scale).double()
-        weights = class_weights(torch.from_numpy(y[train]), len(labels), balance)
-        sample_w = torch.tensor([weights[int(k)] for k in y[train]], dtype=torch.float64)
-        w, theta = fit_ordinal(xt, to_rank[torch.from_numpy(y[train])], sample_w, c)
-        probs = ordinal_probs(torch.from_numpy((x[test] - mean) / scale).double() @ w, theta)
-        predicted = [ORDER[int(k)] for k in probs.argmax(1)]
+        predicted = predict((x[train] - mean) / scale, y[train], (x[test] - mean) / scale)
         for p in predicted:
             answered[p] += 1
         m = classification_metrics(predicted, [labels[i] for i in y[test]], labels)
@@ -92,28 +89,34 @@ def ordinal_cv(x: np.ndarray, y: np.ndarray, folds, labels, c: float, balance: f
         macro_f1.append(m["macro_f1"])
     return {"accuracy": statistics.fmean(accuracy), "acc_std": statistics.stdev(accuracy),
             "macro_f1": statistics.fmean(macro_f1), "f1_std": statistics.stdev(macro_f1), "answered": answered}
+
+
+def ordinal_cv(x: np.ndarray, y: np.ndarray, folds, labels, c: float, balance: float) -> dict:
+    """The ordinal head, scored by `score_folds`."""
+    to_rank = torch.tensor([ORDER.index(label) for label in labels])
+
+    def predict(x_train, y_train, x_test) -> list[str]:
+        weights = class_weights(torch.from_numpy(y_train), len(labels), balance)
+        sample_w = torch.tensor([weights[int(k)] for k in y_train], dtype=torch.float64)
+        w, theta = fit_ordinal(torch.from_numpy(x_train).double(), to_rank[torch.from_numpy(y_train)], sample_w, c)
+        probs = ordinal_probs(torch.from_numpy(x_test).double() @ w, theta)
+        return [ORDER[int(k)] for k in probs.argmax(1)]
+
+    return score_folds(x, y, folds, labels, predict)
 
 
 def lda_cv(x: np.ndarray, y: np.ndarray, folds, labels, balance: float) -> dict:
-    """Shrinkage LDA (Ledoit-Wolf), class priors the class-weighted ones; mean and spread, answers per label."""
+    """Shrinkage LDA (Ledoit-Wolf), class priors the class-weighted ones, scored by `score_folds`."""
     from sklearn.discriminant_analysis import LinearDiscriminantAnalysis
 
-    accuracy, macro_f1, answered = [], [], {label: 0 for label in ORDER}
-    for train, test in folds:
-        mean, scale = x[train].mean(0), x[train].std(0) + 1e-6
-        counts = np.bincount(y[train], minlength=len(labels)).astype(float)
-        weights = class_weights(torch.from_numpy(y[train]), len(labels), balance)
+    def predict(x_train, y_train, x_test) -> list[str]:
+        counts = np.bincount(y_train, minlength=len(labels)).astype(float)
+        weights = class_weights(torch.from_numpy(y_train), len(labels), balance)
         priors = counts * np.array([weights[k] for k in range(len(labels))])
         lda = LinearDiscriminantAnalysis(solver="lsqr", shrinkage="auto", priors=priors / priors.sum())
-        lda.fit((x[train] - mean) / scale, y[train])
-        predicted = [labels[i] for i in lda.predict((x[test] - mean) / scale)]
-        for p in predicted:
-            answered[p] += 1
-        m = classification_metrics(predicted, [labels[i] for i in y[test]], labels)
-        accuracy.append(m["accuracy"])
-        macro_f1.append(m["macro_f1"])
-    return {"accuracy": statistics.fmean(accuracy), "acc_std": statistics.stdev(accuracy),
-            "macro_f1": statistics.fmean(macro_f1), "f1_std": statistics.stdev(macro_f1), "answered": answered}
+        return [labels[i] for i in lda.fit(x_train, y_train).predict(x_test)]
+
+    return score_folds(x, y, folds, labels, predict)
 
 
 def main() -> None:

@@ -203,6 +203,31 @@ def test_class_balance_changes_training(tiny_causal, tmp_path):
     assert load_config(weighted / "config.yaml").train.class_balance == 1.0
 
 
+def test_bf16_weights_lose_adamw_steps_at_a_fine_tuning_lr():
+    """The premise of `runtime.precision`: in bf16, most weights never take a small AdamW step."""
+    torch.manual_seed(0)
+    w = (torch.randn(576, 576) * 0.05).bfloat16().requires_grad_()
+    before = w.detach().clone()
+    optimizer = torch.optim.AdamW([w], lr=2e-5, weight_decay=0.0)
+    for _ in range(10):
+        (w.float().sum() * torch.randn(())).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    moved = (w.detach() != before).float().mean().item()
+    assert moved < 0.2, moved  # 9% here: only the smallest weights, whose ulp is under the step
+
+
+def test_adapters_train_in_fp32_over_a_bf16_base(tiny_causal):
+    """Why only full fine-tuning needs autocast on a GPU: peft keeps every adapter's weights in fp32."""
+    from peftlab.methods import apply_method
+    from peftlab.models import load_model
+
+    for name in ("lora", "ia3", "prompt-tuning", "prefix-tuning", "p-tuning"):
+        loaded = load_model(str(tiny_causal), device="cpu", dtype=torch.bfloat16)
+        model = apply_method(loaded, get_task("pubmedqa"), load_config(None, [f"method.name={name}"]).method)
+        assert {p.dtype for p in model.parameters() if p.requires_grad} == {torch.float32}, name
+
+
 def test_precision_keeps_fp32_weights_for_full_fine_tuning_on_a_gpu(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
