@@ -93,7 +93,10 @@ def finetune(base, probe: dict, items: list[Encoded], y: torch.Tensor, pad_id: i
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 5) * max(0.0, 1 - s / steps))
     model.train()
     losses, gen = [], torch.Generator().manual_seed(seed)
-    for _ in range(args.epochs):
+    started = time.perf_counter()
+    for epoch in range(args.epochs):
+        if epoch:
+            print(f"  epoch {epoch}: mean loss {np.mean(losses):.3f}, {time.perf_counter() - started:.0f} s")
         order = torch.randperm(len(items), generator=gen).tolist()
         for start in range(0, len(order), args.batch):
             rows = order[start : start + args.batch]
@@ -107,7 +110,7 @@ def finetune(base, probe: dict, items: list[Encoded], y: torch.Tensor, pad_id: i
                 # the batch's class-weighted mean, however it is cut into pieces
                 loss = torch.nn.functional.cross_entropy(logits, y[part], weight=weights, reduction="sum") / total
                 loss.backward()
-                loss_sum += float(loss)
+                loss_sum += loss.item()
             opt.step()
             sched.step()
             losses.append(loss_sum)
