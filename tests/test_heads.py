@@ -106,3 +106,42 @@ def test_linear_head_run_fits_saves_and_beats_chance_on_its_train_split(tiny_cau
     metrics, _ = evaluate(head, fmt, task, train, encode_split(cfg, task, fmt, train), progress=False)
     majority = max(sum(ex.target == label for ex in train) for label in task.labels) / len(train)
     assert metrics["accuracy"] > majority + 0.1
+
+
+def test_text_heads_add_their_logprobs_to_the_hidden_state_head(tiny_causal, tmp_path):
+    from peftlab.data import PromptFormat
+    from peftlab.evaluate import label_scores
+    from peftlab.heads import fit_head
+    from peftlab.text_features import example_text
+    from peftlab.train import encode_split, load_splits
+
+    cfg = tiny_cfg(tiny_causal, "linear-head", tmp_path, "text", PUBMEDQA, "data.limit_train=40", "data.limit_eval=10",
+                   "method.head_layer=1", "method.head_text=[reported-statistics,word-pairs]", "data.max_length=256")
+    run_dir = run_training(cfg)
+    result = json.loads((run_dir / "result.json").read_text())
+    saved = json.loads((run_dir / "head" / "text_heads.json").read_text())
+    assert [h["name"] for h in saved] == ["reported-statistics", "word-pairs"]
+    files = ("head.safetensors", "text_heads.json")
+    assert result["adapter_bytes"] == sum((run_dir / "head" / f).stat().st_size for f in files)
+
+    task, loaded = get_task("pubmedqa"), load_model(str(tiny_causal), device="cpu")
+    fmt = PromptFormat(loaded.tokenizer, loaded.kind, loaded.chat)
+    splits = load_splits(cfg, task)
+    head = build(loaded, task, cfg.method)
+    fit_head(cfg, head, task, fmt, encode_split(cfg, task, fmt, splits["train"]), splits["train"])
+    test = splits["test"]
+    items = encode_split(cfg, task, fmt, test)
+    fused = label_scores(head, fmt, items, task.labels, progress=False, examples=test)
+    texts = [example_text(ex) for ex in test]
+    hidden_only = fused - sum(h.logprobs(texts) for h in head.text_heads)
+    text_heads, head.text_heads = head.text_heads, []
+    assert torch.allclose(hidden_only, label_scores(head, fmt, items, task.labels, progress=False), atol=1e-5)
+    head.text_heads = text_heads
+    with pytest.raises(PeftlabError, match="pass examples"):
+        label_scores(head, fmt, items, task.labels, progress=False)
+
+
+def test_an_unknown_text_feature_set_fails_before_the_feature_pass(tiny_causal):
+    loaded = load_model(str(tiny_causal), device="cpu")
+    with pytest.raises(PeftlabError, match="unknown text feature set"):
+        build(loaded, get_task("pubmedqa"), MethodConfig(name="linear-head", head_text=["bigrams"]))

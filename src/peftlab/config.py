@@ -71,6 +71,8 @@ class MethodConfig:
     head_c: float = _f(0.1, "linear-head: inverse L2 strength of the logistic regression (smaller = stronger)")
     class_balance: float = _f(0.5, "linear-head: class weights (n / (k * count)) ** this; 1 balanced, 0 unweighted "
                                   "(gradient methods: train.class_balance)")
+    head_text: list[str] = _f([], "linear-head: text feature sets (words, word-pairs, reported-statistics), each "
+                                  "with its own regression, log-probabilities added to the hidden-state head's")
     quant: str = _f("nf4", "qlora: how bitsandbytes quantizes the frozen base: nf4, fp4 (4-bit) or int8 (8-bit)")
     vision: list[str] = _f([], "vision-language models: also adapt these parts: tower, projector (default: "
                                "the language model only)")

@@ -113,11 +113,14 @@ def mean_loss(model, kind: str, items: Sequence[Encoded], pad_id: int, max_token
 @torch.inference_mode()
 def label_scores(
     model, fmt: PromptFormat, items: Sequence[Encoded], labels: Sequence[str], max_tokens: int | None = None,
-    progress=True,
+    progress=True, examples: Sequence[Example] | None = None,
 ) -> torch.Tensor:
-    """Log-likelihood of each label after each prompt: shape (len(items), len(labels))."""
+    """Log-likelihood of each label after each prompt: shape (len(items), len(labels)).
+
+    `examples`, the items' source examples, are read only by a classifier head with text features.
+    """
     if hasattr(model, "label_logprobs"):  # a classifier head (linear-head) scores its labels directly
-        return model.label_logprobs(items, fmt.tokenizer.pad_token_id, progress)
+        return model.label_logprobs(items, fmt.tokenizer.pad_token_id, progress, examples=examples)
     label_ids = [fmt.label_ids(label) for label in labels]
     single = all(len(ids) == 1 for ids in label_ids) and len({ids[0] for ids in label_ids}) == len(labels)
     # With distinct one-token labels, one pass over the prompts decides; otherwise score each label's tokens in full.
@@ -248,7 +251,7 @@ def evaluate(
     model.eval()
     references = [ex.references for ex in examples]
     if task.kind == "classification":
-        scores = label_scores(model, fmt, items, task.labels, max_tokens, progress)
+        scores = label_scores(model, fmt, items, task.labels, max_tokens, progress, examples=examples)
         raw = scores
         if content_free:
             bias = label_scores(model, fmt, content_free, task.labels, max_tokens, progress=False)

@@ -6,8 +6,10 @@ strong check on the gradient methods: a LoRA run that cannot beat a linear read-
 the label prior, not the task.
 
 The features are the prompt's hidden states at one layer, mean-pooled over its tokens. Middle layers carry more
-task signal than the last one, which is shaped for next-token prediction. The head answers `evaluate`'s label scoring
-directly, so the results table, the brittleness probe and the report treat it like any other method.
+task signal than the last one, which is shaped for next-token prediction. With `method.head_text`, feature sets that
+read the example's words (`peftlab.text_features`) each get a regression of their own, and their class
+log-probabilities are added to the hidden-state head's. The head answers `evaluate`'s label scoring directly, so the
+results table, the brittleness probe and the report treat it like any other method.
 """
 
 from __future__ import annotations
@@ -23,10 +25,12 @@ from peftlab.config import MethodConfig, RunConfig
 from peftlab.data import Encoded, PromptFormat, class_weights, collate, forward_tokens, token_batches
 from peftlab.errors import PeftlabError
 from peftlab.models import LoadedModel
-from peftlab.tasks import Task
+from peftlab.tasks import Example, Task
+from peftlab.text_features import TextHead, example_text, feature_set
 
 HEAD_FILE = "head.safetensors"
 HEAD_META = "head.json"
+TEXT_HEADS = "text_heads.json"
 # Frozen features depend only on (model, layer, prompt tokens): cross-validation folds share them in one process.
 _FEATURES: dict[tuple, torch.Tensor] = {}
 
@@ -50,6 +54,7 @@ class LinearHead(torch.nn.Module):
         self.register_buffer("mean", torch.zeros(hidden_size))
         self.register_buffer("scale", torch.ones(hidden_size))
         self.linear = torch.nn.Linear(hidden_size, len(labels))
+        self.text_heads: list[TextHead] = []  # fitted by fit_head when method.head_text names feature sets
 
     def _decoder_layers(self) -> torch.nn.ModuleList:
         layers = getattr(getattr(self.base, "model", None), "layers", None)
@@ -85,10 +90,20 @@ class LinearHead(torch.nn.Module):
         """Class log-probabilities, shape (batch, labels)."""
         return self.class_logprobs(self.features(input_ids, attention_mask, position_ids))
 
-    def label_logprobs(self, items: Sequence[Encoded], pad_id: int, progress: bool = True) -> torch.Tensor:
-        """What `evaluate.label_scores` asks of any model: per-item label log-likelihoods, from cached features."""
+    def label_logprobs(self, items: Sequence[Encoded], pad_id: int, progress: bool = True,
+                       examples: Sequence[Example] | None = None) -> torch.Tensor:
+        """What `evaluate.label_scores` asks of any model: per-item label log-likelihoods, from cached features.
+
+        The text heads, if any, add their log-probabilities; they read `examples`, the items' source examples.
+        """
         with torch.inference_mode():
-            return self.class_logprobs(extract(self, items, pad_id, progress).to(self.mean.device)).cpu()
+            scores = self.class_logprobs(extract(self, items, pad_id, progress).to(self.mean.device)).cpu()
+        if self.text_heads:
+            if examples is None or len(examples) != len(items):
+                raise PeftlabError("linear-head with text features scores examples, not bare prompts: pass examples")
+            texts = [example_text(ex) for ex in examples]
+            scores = scores + sum(h.logprobs(texts) for h in self.text_heads)
+        return scores
 
 
 def build(loaded: LoadedModel, task: Task, cfg: MethodConfig) -> LinearHead:
@@ -99,6 +114,8 @@ def build(loaded: LoadedModel, task: Task, cfg: MethodConfig) -> LinearHead:
         raise PeftlabError(f"linear-head supports decoder-only models; {loaded.name} is {loaded.kind}")
     for p in loaded.model.parameters():
         p.requires_grad_(False)
+    for name in cfg.head_text:
+        feature_set(name)  # an unknown name fails here, before the feature pass
     head = LinearHead(loaded.model, cfg.head_layer, task.labels, loaded.model.config.hidden_size, loaded.name)
     return head.to(next(loaded.model.parameters()).device)
 
@@ -157,6 +174,9 @@ def fit_head(cfg: RunConfig, head: LinearHead, task: Task, fmt: PromptFormat, tr
     y = torch.tensor([task.labels.index(ex.target) for ex in train_examples])
     fitted = fit_logistic(x, y, len(task.labels), cfg.method.head_c, cfg.method.class_balance)
     head.load_state_dict(fitted, strict=False)
+    texts = [example_text(ex) for ex in train_examples]
+    head.text_heads = [TextHead(feature_set(name), len(task.labels)).fit(texts, y, cfg.method.class_balance)
+                       for name in cfg.method.head_text]
     seconds = time.perf_counter() - started
     tokens = sum(len(e.prompt_ids) for e in train)
     return {"train_steps": 0, "train_seconds": seconds, "tokens_per_s": tokens / seconds, "last_train_loss": None,
@@ -164,13 +184,18 @@ def fit_head(cfg: RunConfig, head: LinearHead, task: Task, fmt: PromptFormat, tr
 
 
 def save_head(head: LinearHead, model_name: str, run_dir: Path) -> int:
-    """Write the head (safetensors) and what it was fitted on; returns bytes on disk."""
+    """Write the head (safetensors), its text heads (JSON) and what it was fitted on; returns bytes on disk."""
     from safetensors.torch import save_file
 
     out = run_dir / "head"
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v.contiguous() for k, v in head.state_dict().items() if not k.startswith("base.")}
     save_file(state, str(out / HEAD_FILE))
-    meta = {"method": "linear-head", "base_model": model_name, "layer": head.layer, "labels": list(head.labels)}
+    meta = {"method": "linear-head", "base_model": model_name, "layer": head.layer, "labels": list(head.labels),
+            "text_heads": [h.features.name for h in head.text_heads]}
     (out / HEAD_META).write_text(json.dumps(meta, indent=2) + "\n")
-    return (out / HEAD_FILE).stat().st_size
+    files = [out / HEAD_FILE]
+    if head.text_heads:
+        files.append(out / TEXT_HEADS)
+        files[-1].write_text(json.dumps([h.state() for h in head.text_heads]))
+    return sum(f.stat().st_size for f in files)
