@@ -91,7 +91,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
-    task, y, folds, smol, words, g12 = feature_splits(args.repeats)
+    task, y, folds, smol, words, g12, _ = feature_splits(args.repeats)
     rows: list[tuple[str, float, list[Head]]] = [
         ("SmolLM2 mean L20 (the recipe's features)", 0.5, [(smol, 0.01)]),
         ("SmolLM2 mean L20 + TF-IDF", 0.5, [(smol, 0.01), (words, 3)]),

@@ -11,12 +11,16 @@ words ("no significant difference", "did not"), which a mean over 400 token stat
 - a TF-IDF logistic regression on the question and context words alone;
 - late fusion: one head per feature set (SmolLM2 layer-20 mean, Gemma-3-270M last-token layer 12, TF-IDF), their
   log-probabilities summed, at three class weightings, since fusion moves accuracy and macro-F1 differently;
+- the results the abstract reports, in a handful of counts (`peftlab.text_features`, "reported-statistics"):
+  p-values below and above 0.05, "no significant", "did not differ" and the like, alone and beside the other heads;
+  and TF-IDF over word pairs, which keeps "no significant" whole where single words split it;
 - a proxy for retrieved few-shot demos: the majority label of the k training questions nearest to each test
   question (TF-IDF cosine, or cosine of the centred layer-20 states). Demos retrieved that way can only pass on
   the answer as far as the neighbours' labels carry it.
 
 Same folds (`peftlab cv`'s, 3 fold seeds), same standardised, class-weighted L2 logistic regression as
-`scripts/pubmedqa_feature_levers.py`. The TF-IDF vocabulary is fitted on each fold's training questions only.
+`scripts/pubmedqa_feature_levers.py`. Every text featurizer (`peftlab.text_features`, the code
+`linear-head`'s `method.head_text` runs) is fitted on each fold's training questions only.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ from pubmedqa_feature_levers import task_folds  # noqa: E402  (a sibling script,
 
 from peftlab.data import class_weights  # noqa: E402
 from peftlab.metrics import classification_metrics  # noqa: E402
+from peftlab.text_features import FEATURE_SETS, example_text  # noqa: E402
 
 # A head: (train indices, test indices) -> (train matrix, test matrix), and its L2 strength C.
 Head = tuple[Callable[[np.ndarray, np.ndarray], tuple], float]
@@ -49,12 +54,11 @@ def standardised(x: np.ndarray) -> Callable:
     return split
 
 
-def tfidf(texts: list[str]) -> Callable:
-    from sklearn.feature_extraction.text import TfidfVectorizer
-
+def featurized(texts: list[str], make: Callable) -> Callable:
+    """A per-fold split of a `peftlab.text_features` featurizer, fitted on the fold's training texts only."""
     def split(train, test):
-        vectorizer = TfidfVectorizer(min_df=2, sublinear_tf=True)  # vocabulary from the training questions only
-        return vectorizer.fit_transform([texts[i] for i in train]), vectorizer.transform([texts[i] for i in test])
+        featurizer = make()
+        return featurizer.fit_transform([texts[i] for i in train]), featurizer.transform([texts[i] for i in test])
     return split
 
 
@@ -119,23 +123,32 @@ def cosine(split: Callable) -> Callable:
 
 def feature_splits(repeats: int):
     """(task, label indices, folds, SmolLM2 layer-20 means, TF-IDF words, Gemma last-token layer 12 or None when
-    its cache is missing): the feature sets the lever scripts' heads read, each as a per-fold split."""
+    its cache is missing, the examples): the feature sets the lever scripts' heads read, each as a per-fold split."""
     task, examples, y, folds = task_folds("pubmedqa", repeats)
     smol = standardised(torch.load("runs/pubmedqa-features.pt", weights_only=True)["mean"][20].numpy())
-    words = tfidf([ex.inputs["question"] + " " + ex.inputs["context"] for ex in examples])
+    words = featurized([example_text(ex) for ex in examples], FEATURE_SETS["words"].make)
     gemma = Path("runs/pubmedqa-features-gemma.pt")
     g12 = standardised(torch.load(gemma, weights_only=True)["last"][12].numpy()) if gemma.is_file() else None
-    return task, y, folds, smol, words, g12
+    return task, y, folds, smol, words, g12, examples
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
-    task, y, folds, smol, words, g12 = feature_splits(args.repeats)
+    task, y, folds, smol, words, g12, examples = feature_splits(args.repeats)
+    texts = [example_text(ex) for ex in examples]
+    stats, pairs = (featurized(texts, FEATURE_SETS[name].make) for name in ("reported-statistics", "word-pairs"))
     rows: list[tuple[str, float, list[Head]]] = [(f"TF-IDF words, C={c}", 0.5, [(words, c)]) for c in (1, 3, 10)]
     rows.append(("SmolLM2 mean L20 (the recipe's features), C=0.01", 0.5, [(smol, 0.01)]))
     rows += [(f"SmolLM2 mean L20 + TF-IDF, class weights {b}", b, [(smol, 0.01), (words, 3)]) for b in (0.5, 1.0)]
+    rows += [(f"reported statistics, C={c}", 0.5, [(stats, c)]) for c in (0.1, 1)]
+    rows += [(f"TF-IDF words and word pairs, C={c}", 0.5, [(pairs, c)]) for c in (3, 10)]
+    rows += [(f"SmolLM2 mean L20 + reported statistics, class weights {b}", b, [(smol, 0.01), (stats, 0.1)])
+             for b in (0.5, 1.0)]
+    for (name, tf), b in itertools.product((("words", words), ("word pairs", pairs)), (0.5, 0.75, 0.875, 1.0)):
+        rows.append((f"SmolLM2 mean L20 + TF-IDF {name} + reported statistics, class weights {b}", b,
+                     [(smol, 0.01), (tf, 3), (stats, 0.1)]))
     if g12 is not None:
         rows += [(f"SmolLM2 mean L20 + Gemma last-token L12 + TF-IDF, class weights {b}", b,
                   [(smol, 0.01), (g12, 0.003), (words, 3)]) for b in (0.5, 0.75, 1.0)]
