@@ -121,6 +121,9 @@ def test_text_heads_add_their_logprobs_to_the_hidden_state_head(tiny_causal, tmp
     result = json.loads((run_dir / "result.json").read_text())
     saved = json.loads((run_dir / "head" / "text_heads.json").read_text())
     assert [h["name"] for h in saved] == ["reported-statistics", "word-pairs"]
+    # The text heads' coefficients count as trainable parameters beside the hidden head's 3 x 32 + 3.
+    text_params = sum(len(h["coef"]) * len(h["coef"][0]) + len(h["intercept"]) for h in saved)
+    assert result["trainable_params"] == 3 * 32 + 3 + text_params > 3 * 32 + 3 + 3 * 7
     files = ("head.safetensors", "text_heads.json")
     assert result["adapter_bytes"] == sum((run_dir / "head" / f).stat().st_size for f in files)
 

@@ -135,6 +135,11 @@ class TextHead:
         out[:, torch.from_numpy(self.model.classes_)] = torch.from_numpy(np.log(proba + 1e-12)).float()
         return out
 
+    @property
+    def n_params(self) -> int:
+        """Fitted coefficients and intercepts: the set's share of the head's trainable parameters."""
+        return self.model.coef_.size + self.model.intercept_.size
+
     def state(self) -> dict:
         """What `heads.save_head` writes for this set: the fitted featurizer and the regression's coefficients."""
         return {"name": self.features.name, "c": self.features.c, "classes": self.model.classes_.tolist(),

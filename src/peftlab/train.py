@@ -318,6 +318,7 @@ def run_training(cfg: RunConfig, on_epoch_end=None) -> Path:
             from peftlab.heads import fit_head
 
             summary = fit_head(cfg, model, task, fmt, enc["train"], train_examples)
+            trainable += sum(h.n_params for h in model.text_heads)  # fitted outside torch, so not counted above
         else:
             summary = fit(
                 cfg, model, loaded, task, fmt, enc["train"], enc["val"], splits["val"], run_dir, accelerator,
