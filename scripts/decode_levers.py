@@ -18,7 +18,6 @@ import time
 
 import torch
 import torch.nn.functional as F
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 import peftlab.decode as decode
@@ -26,11 +25,6 @@ import peftlab.kvcache as kvcache
 from peftlab.bench import encode_dialogsum, machine_line
 from peftlab.memory import fused_rmsnorm
 from peftlab.models import load_model
-
-
-def sdpa_only(*args, **kwargs):
-    """Each row group's decode attention through transformers' SDPA path, as before `single_query_attention`."""
-    return sdpa_attention_forward(*args, **kwargs)[0]
 
 
 def move_rows_up(self, indices: torch.Tensor) -> None:
@@ -132,7 +126,8 @@ VARIANTS = {
     "prefill's last layer at every position": {"window_kwargs": lambda model, positions: {}},
     "prompts' shared opening run in every group": {"opening_length": lambda prompts: 0},
     "LM head as one GEMM": {"HEAD_COLUMNS": 10**9},
-    "decode attention through SDPA's CPU kernel": {"kvcache.GROUP_ATTENTION": sdpa_only},
+    "decode attention through SDPA's CPU kernel": {"kvcache.GROUP_ATTENTION": kvcache.sdpa_kernel_attention},
+    "decode attention as two single-query GEMMs": {"kvcache.GROUP_ATTENTION": kvcache.single_query_attention},
     "decode attention in 4 row groups": {"kvcache.DECODE_GROUPS": 4},
     "finished rows moved up in place": {"kvcache.BufferLayer.batch_select_indices": move_rows_up},
     "RMSNorm fused (F.rms_norm) while decoding": {"column_blocks": blocks_and_fused_norms},

@@ -154,6 +154,22 @@ def test_single_query_attention_equals_sdpa(mask_kind):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
+def test_decode_attention_is_chosen_by_the_cpus_vector_width():
+    """Two GEMMs on AVX2, SDPA's kernel on AVX-512 (bench/RESULTS.md); both return SDPA's output layout."""
+    from peftlab.kvcache import group_attention, sdpa_kernel_attention, single_query_attention
+
+    assert group_attention("AVX2") is single_query_attention
+    assert group_attention("DEFAULT") is single_query_attention
+    assert group_attention("AVX512") is sdpa_kernel_attention
+
+    class Attention:
+        num_key_value_groups, is_causal, training = 3, True, False
+
+    query, key, value = torch.randn(4, 9, 1, 16), torch.randn(4, 3, 11, 16), torch.randn(4, 3, 11, 16)
+    torch.testing.assert_close(sdpa_kernel_attention(Attention(), query, key, value, None, dropout=0.0),
+                               single_query_attention(Attention(), query, key, value, None, dropout=0.0))
+
+
 def test_kv_cache_tokens_is_a_byte_budget(sharp):
     from peftlab.kvcache import kv_cache_tokens
 
