@@ -8,19 +8,26 @@ import torch
 
 from peftlab.errors import PeftlabError
 from peftlab.tasks import Example
-from peftlab.text_features import RESULT_PATTERNS, ReportedStatistics, TextHead, example_text, feature_set
+from peftlab.text_features import (
+    RESULT_PATTERNS,
+    TextHead,
+    example_text,
+    feature_set,
+    reported_statistics,
+    result_counts,
+)
 
 
 def test_reported_statistics_count_each_kind_of_result_phrase():
     text = ("Mortality was lower (p < 0.01) and stays improved (P=0.003); length of stay did not differ "
             "(p = 0.41), no significant difference in cost (p>0.2). Rates were similar.")
-    counts = dict(zip(RESULT_PATTERNS, np.expm1(ReportedStatistics().counts([text])[0]).round(), strict=True))
+    counts = dict(zip(RESULT_PATTERNS, np.expm1(result_counts([text])[0]).round(), strict=True))
     assert counts == {"p below 0.05": 2, "p at or above 0.05": 2, "not significant": 1, "significant": 0,
                       "no difference": 1, "similar": 1, "increase or decrease": 2}
 
 
 def test_reported_statistics_standardise_on_the_texts_they_were_fitted_on():
-    stats = ReportedStatistics()
+    stats = reported_statistics()
     train = stats.fit_transform(["p < 0.01", "p = 0.3 and p = 0.5", "no numbers"])
     assert np.allclose(train.mean(0), 0, atol=1e-9)
     # A new text is scaled by the training texts' mean and spread, not its own.

@@ -23,7 +23,7 @@ from peftlab.data import class_weights
 from peftlab.errors import PeftlabError
 from peftlab.tasks import Example
 
-# Phrases that report a result, counted per text (`ReportedStatistics`). In PubMedQA's 500 trainval questions a
+# Phrases that report a result, counted per text (`result_counts`). In PubMedQA's 500 trainval questions a
 # "no" abstract reports a p-value at or above 0.05, or "no significant" difference, about twice as often as a "yes"
 # one. The patterns were written from how abstracts report results, not fitted.
 RESULT_PATTERNS = {
@@ -37,27 +37,23 @@ RESULT_PATTERNS = {
 }
 
 
-class ReportedStatistics:
-    """log(1 + count) of each `RESULT_PATTERNS` phrase in each text, standardised on the texts it was fitted on."""
+def result_counts(texts: Sequence[str]) -> np.ndarray:
+    """log(1 + count) of each `RESULT_PATTERNS` phrase in each text."""
+    patterns = [re.compile(p) for p in RESULT_PATTERNS.values()]
+    return np.log1p(np.array([[len(p.findall(t)) for p in patterns] for t in texts], dtype=np.float64))
 
-    def __init__(self) -> None:
-        self.patterns = [re.compile(p) for p in RESULT_PATTERNS.values()]
-        self.mean: np.ndarray | None = None
-        self.scale: np.ndarray | None = None
 
-    def counts(self, texts: Sequence[str]) -> np.ndarray:
-        return np.log1p(np.array([[len(p.findall(t)) for p in self.patterns] for t in texts], dtype=np.float64))
+def reported_statistics():
+    """`result_counts`, standardised on the texts it is fitted on (a scikit-learn pipeline)."""
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import FunctionTransformer, StandardScaler
 
-    def fit_transform(self, texts: Sequence[str]) -> np.ndarray:
-        x = self.counts(texts)
-        self.mean, self.scale = x.mean(0), x.std(0) + 1e-6
-        return (x - self.mean) / self.scale
+    return make_pipeline(FunctionTransformer(result_counts), StandardScaler())
 
-    def transform(self, texts: Sequence[str]) -> np.ndarray:
-        return (self.counts(texts) - self.mean) / self.scale
 
-    def state(self) -> dict:
-        return {"patterns": RESULT_PATTERNS, "mean": self.mean.tolist(), "scale": self.scale.tolist()}
+def _counts_state(pipeline) -> dict:
+    scaler = pipeline[-1]
+    return {"patterns": RESULT_PATTERNS, "mean": scaler.mean_.tolist(), "scale": scaler.scale_.tolist()}
 
 
 def _tfidf(ngrams: tuple[int, int]) -> Callable:
@@ -90,7 +86,7 @@ FEATURE_SETS = {
         FeatureSet("words", _tfidf((1, 1)), 3.0, _tfidf_state, "TF-IDF over single words (min_df 2, sublinear tf)"),
         FeatureSet("word-pairs", _tfidf((1, 2)), 3.0, _tfidf_state,
                    "TF-IDF over words and adjacent word pairs, which keep 'no significant' whole"),
-        FeatureSet("reported-statistics", ReportedStatistics, 0.1, ReportedStatistics.state,
+        FeatureSet("reported-statistics", reported_statistics, 0.1, _counts_state,
                    "counts of result phrases: p-values below and above 0.05, (not) significant, no difference, ..."),
     )
 }
