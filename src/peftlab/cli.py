@@ -14,6 +14,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from peftlab.allocator import reuse_freed_memory
 from peftlab.errors import NotSupported, PeftlabError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.splitlines()[0] if __doc__ else None)
@@ -307,6 +308,7 @@ def bench_eval(
 
 def main() -> None:
     """Entry point: run the app, turning user errors into one-line messages with exit code 2 (or 3, see above)."""
+    reuse_freed_memory()  # freed activations serve the next ones instead of going back to the kernel (see allocator)
     try:
         app(standalone_mode=False)
     except PeftlabError as err:
