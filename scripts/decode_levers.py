@@ -22,6 +22,7 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 import peftlab.decode as decode
 import peftlab.kvcache as kvcache
+from peftlab.allocator import reuse_freed_memory
 from peftlab.bench import encode_dialogsum, machine_line
 from peftlab.memory import fused_rmsnorm
 from peftlab.models import load_model
@@ -186,6 +187,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--only", default="", help="comma-separated variants to run beside 'all levers'")
     args = parser.parse_args()
+    reuse_freed_memory()  # as `peftlab`'s CLI runs (peftlab.allocator)
     chosen = {"all levers", *filter(None, args.only.split(","))}
     unknown = chosen - set(VARIANTS)
     if unknown:

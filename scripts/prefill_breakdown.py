@@ -23,6 +23,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 import peftlab.decode as decode
+from peftlab.allocator import reuse_freed_memory
 from peftlab.bench import encode_dialogsum, machine_line, sgemm_gflops
 from peftlab.data import forward_tokens
 from peftlab.models import load_model
@@ -72,6 +73,7 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
+    reuse_freed_memory()  # as `peftlab`'s CLI runs (peftlab.allocator)
 
     fmt, items, _ = encode_dialogsum(args.model, args.n, 1024)
     model = load_model(args.model).model.eval()

@@ -49,3 +49,14 @@ def test_reuse_freed_memory_reports_success_and_is_set_once():
 def test_reuse_freed_memory_does_nothing_off_linux(monkeypatch):
     monkeypatch.setattr(sys, "platform", "darwin")
     assert reuse_freed_memory.__wrapped__() is False
+
+
+def test_the_cli_sets_it_before_running_a_command(monkeypatch):
+    import peftlab.cli
+
+    calls = []
+    monkeypatch.setattr(peftlab.cli, "reuse_freed_memory", lambda: calls.append(True))
+    monkeypatch.setattr(sys, "argv", ["peftlab", "--help"])
+    with pytest.raises(SystemExit):
+        peftlab.cli.main()
+    assert calls == [True]

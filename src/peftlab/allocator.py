@@ -24,9 +24,10 @@ MMAP_THRESHOLD_MAX = 32 * 1024**2
 def reuse_freed_memory() -> bool:
     """Serve blocks up to 32 MB from the heap and never trim it; True if glibc took both settings.
 
-    Decoding 64 DialogSum dialogues ran 0.370 against 0.386-0.390 s per dialogue with it (bench/RESULTS.md). The
-    price: the process keeps its peak heap until it exits. `peftlab`'s CLI sets it as it starts (`cli.main`); a
-    script of your own can call it first thing. Elsewhere than glibc (macOS, musl) it does nothing.
+    Generating for 64 DialogSum dialogues on a 2-core Intel Xeon ran 0.373 against 0.389 s per dialogue with it,
+    best of six runs a side (`scripts/allocator_levers.py`, bench/RESULTS.md). The price: the process keeps its
+    peak heap until it exits. `peftlab`'s CLI sets it as it starts (`cli.main`); a script of your own can call it
+    first thing. Elsewhere than glibc (macOS, musl) it does nothing.
     """
     if not sys.platform.startswith("linux"):
         return False
