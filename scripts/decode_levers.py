@@ -27,7 +27,6 @@ from peftlab.allocator import reuse_freed_memory
 from peftlab.bench import encode_dialogsum, machine_line
 from peftlab.memory import fused_rmsnorm
 from peftlab.models import load_model
-from peftlab.shared_prefix import PREFIX_ATTENTION
 
 
 def move_rows_up(self, indices: torch.Tensor) -> None:
@@ -137,7 +136,6 @@ VARIANTS = {
     "linears weights-first on at most 128 rows": {"column_blocks": weights_first_linears},
     "linears weights-first on at most 8 rows": {"column_blocks": functools.partial(weights_first_linears, few=8)},
     "decode steps layer by layer (Llama layers)": {"decode_step": layer_by_layer_step},
-    "prefill behind the opening through a causal mask": {"PREFILL_ATTENTION": PREFIX_ATTENTION},
     "decode mask as booleans (SDPA converts it in every call)": {"kvcache.DECODE_MASK": sdpa_mask},
 }
 

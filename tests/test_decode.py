@@ -196,43 +196,6 @@ def test_prompts_shared_opening_runs_once_and_changes_no_token(sharp, monkeypatc
     assert len(built) == 1 and list(built[0][: len(opening)]) == opening
 
 
-def test_rows_behind_the_opening_prefill_on_the_causal_kernel(sharp, monkeypatch):
-    import peftlab.decode as decode
-    from peftlab.shared_prefix import opening_length
-
-    loaded, fmt, _, prompts = sharp
-    pad = fmt.tokenizer.pad_token_id
-    with_opening = [list(range(20, 32)) + p for p in prompts]
-    calls = []
-    sdpa = torch.nn.functional.scaled_dot_product_attention
-
-    def spy(q, k, v, attn_mask=None, is_causal=False, **kwargs):
-        calls.append((q.shape[2], k.shape[2], is_causal, attn_mask is not None))
-        return sdpa(q, k, v, attn_mask=attn_mask, is_causal=is_causal, **kwargs)
-
-    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
-    monkeypatch.setattr(decode, "_decode_steps", lambda *a: [])  # the prefill's calls only
-    greedy_decode(loaded.model, with_opening, 10, [], pad, prefill_tokens=400)
-    groups = len(budget_groups([len(p) for p in with_opening], 400))
-    multi = [c for c in calls if c[0] > 1]
-    # Every layer but the windowed last one runs the rows as whole causal sequences (opening queries in front).
-    skip = opening_length(with_opening)
-    behind = [c for c in multi if c[2] and not c[3] and c[0] == c[1] > skip]
-    n_layers = loaded.model.config.num_hidden_layers
-    assert len(behind) == groups * (n_layers - 1)
-    assert sum(c[3] for c in multi) <= groups  # only the last layer's window, behind its own mask
-    assert not any(hasattr(m, decode.OPENING_QUERY) for m in loaded.model.modules())
-
-
-def test_opening_mask_is_none_only_for_plain_causal_order():
-    from peftlab.decode import opening_mask
-
-    shape = {"batch_size": 2, "q_length": 3, "kv_length": 5, "q_offset": 2}
-    assert opening_mask(**shape) is None
-    assert opening_mask(**shape, attention_mask=torch.tensor([[0, 1, 1, 1, 1], [1] * 5])) is not None
-    assert opening_mask(**shape, local_size=2) is not None
-
-
 @pytest.mark.parametrize("keep", [[0, 2, 3, 6], [1, 2, 3, 4, 5, 6, 7], [0, 1, 2], [5, 1, 3]])
 def test_cache_compaction_keeps_the_chosen_rows_in_order(keep):
     from peftlab.kvcache import BufferLayer

@@ -33,16 +33,13 @@ from functools import partial
 
 import torch
 import torch.nn.functional as F
-from transformers import AttentionInterface
 from transformers.cache_utils import Cache, DynamicLayer
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.masking_utils import AttentionMaskInterface, causal_mask_function, sdpa_mask
 
 from peftlab.data import budget_groups, forward_tokens
 from peftlab.kvcache import GROUPED_ATTENTION, BufferLayer, row_groups
 from peftlab.lastlayer import window_kwargs
 from peftlab.models import cache_kwarg, sdpa_variant, takes_unmasked_rows
-from peftlab.shared_prefix import SharedPrefix, opening_length, prefix_sdpa
+from peftlab.shared_prefix import PREFIX_ATTENTION, SharedPrefix, opening_length
 
 
 def left_padded(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -70,9 +67,9 @@ def _prefill(model, prompts, pad_id: int, capacity: int, max_tokens: int, device
     right = takes_unmasked_rows(model)
     # The opening all prompts share (chat template, instruction) runs once; each group starts from its cache.
     skip = opening_length(prompts) if right else 0
+    opening = SharedPrefix(model, prompts[0][:skip], cache_kwarg(model)) if skip else None
     run_group = partial(_prefill_right, skip=skip) if right else _prefill_left
-    with opening_attention(model) if skip else contextlib.nullcontext():
-        opening = SharedPrefix(model, prompts[0][:skip], cache_kwarg(model)) if skip else None
+    with sdpa_variant(model, PREFIX_ATTENTION) if opening else contextlib.nullcontext():
         for group in budget_groups([len(p) for p in prompts], max_tokens):
             rows = [prompts[i] for i in group]
             cache = opening.cache(len(rows)) if opening else Cache(layers=[DynamicLayer() for _ in range(n_layers)])
@@ -110,62 +107,6 @@ def _prefill_left(model, rows, pad_id: int, cache, device):
     out = model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=position_ids.to(device),
                 use_cache=True, logits_to_keep=1, **{cache_kwarg(model): cache})
     return out.logits[:, -1], [(ids.shape[1] - len(p), len(p)) for p in rows]
-
-
-OPENING_QUERY = "_peftlab_opening_query"  # an attention module's queries of the shared opening, during a prefill
-
-
-def causal_opening_sdpa(module, query, key, value, attention_mask, **kwargs):
-    """Prefill attention for rows behind the prompts' shared opening, on SDPA's causal kernel.
-
-    Such rows have more keys (opening and own) than queries (own only). SDPA's `is_causal` cannot say that, since
-    its diagonal starts at the top left, so transformers builds a mask, and the masked kernel then computes every
-    query against every key, twice the causal work, after turning the boolean mask into floats in every layer.
-    Instead, the opening's own queries, kept from its forward, go in front of each row's: the rows become whole
-    causal sequences, the causal kernel runs with grouped key/value heads read in place, and the opening's
-    outputs are dropped. Each row's outputs are the same softmax over the same keys. A call with a mask (padding,
-    a windowed or packed layout: `opening_mask` keeps those) goes to `shared_prefix.prefix_sdpa` unchanged.
-    """
-    if attention_mask is not None:
-        return prefix_sdpa(module, query, key, value, attention_mask, **kwargs)
-    behind = key.shape[2] - query.shape[2]
-    if behind == 0:  # the opening's own forward (or rows with nothing cached): keep its queries
-        setattr(module, OPENING_QUERY, query)
-        return sdpa_attention_forward(module, query, key, value, None, **kwargs)
-    opening = getattr(module, OPENING_QUERY, None)
-    if opening is None or opening.shape[2] != behind:
-        raise RuntimeError(f"{behind} cached keys in front of the rows, but no opening of that length ran here")
-    query = torch.cat([opening.expand(query.shape[0], -1, -1, -1), query], dim=2)
-    out = F.scaled_dot_product_attention(query, key, value, is_causal=True, dropout_p=kwargs.get("dropout", 0.0),
-                                         scale=kwargs.get("scaling"), enable_gqa=query.shape[1] != key.shape[1])
-    return out[:, :, behind:].transpose(1, 2).contiguous(), None
-
-
-def opening_mask(attention_mask=None, mask_function=causal_mask_function, local_size=None, **kwargs):
-    """No mask where causal order is all there is: no padding, no sliding window, no packed or overlaid pattern
-    (`causal_opening_sdpa` then runs the causal kernel). Otherwise transformers' SDPA mask."""
-    if attention_mask is None and mask_function is causal_mask_function and local_size is None:
-        return None
-    return sdpa_mask(attention_mask=attention_mask, mask_function=mask_function, local_size=local_size, **kwargs)
-
-
-OPENING_ATTENTION = "peftlab_causal_opening"
-AttentionInterface.register(OPENING_ATTENTION, causal_opening_sdpa)
-AttentionMaskInterface.register(OPENING_ATTENTION, opening_mask)
-PREFILL_ATTENTION = OPENING_ATTENTION  # the attention of a prefill behind the opening (scripts/decode_levers.py)
-
-
-@contextlib.contextmanager
-def opening_attention(model):
-    """Run the shared opening's forward and then its rows' prefill with `PREFILL_ATTENTION`; drop the kept
-    queries afterwards."""
-    try:
-        with sdpa_variant(model, PREFILL_ATTENTION):
-            yield
-    finally:
-        for module in model.modules():
-            if hasattr(module, OPENING_QUERY):
-                delattr(module, OPENING_QUERY)
 
 
 HEAD_COLUMNS = 4096  # the LM head runs in slices of this many vocabulary columns (see column_blocks)
