@@ -29,16 +29,22 @@ from peftlab.memory import fused_rmsnorm
 from peftlab.models import load_model
 
 
-def move_rows_up(self, indices: torch.Tensor) -> None:
-    """Finished-row compaction in place: each kept row (indices increasing) copied up over the columns written so
-    far, where `BufferLayer` gathers every column into new buffers."""
+def gather_rows(self, indices: torch.Tensor) -> None:
+    """Finished-row compaction as `BufferLayer` did it before moving rows in place: every column of the kept rows
+    gathered into new buffers."""
     if self.is_initialized:
-        for new, old in enumerate(indices.tolist()):
-            if new != old:
-                self.buf_k[new, :, : self.length] = self.buf_k[old, :, : self.length]
-                self.buf_v[new, :, : self.length] = self.buf_v[old, :, : self.length]
-        self.buf_k, self.buf_v = self.buf_k[: len(indices)], self.buf_v[: len(indices)]
+        self.buf_k, self.buf_v = self.buf_k[indices], self.buf_v[indices]
+        self.first = [self.first[i] for i in indices.tolist()]
         self._refresh()
+
+
+_write_row = kvcache.BufferLayer.write_row
+
+
+def write_row_zeroed(self, row: int, keys: torch.Tensor, values: torch.Tensor, width: int) -> None:
+    """Prefill as `BufferLayer` did it before leaving padding untouched: each row's left padding zeroed as written."""
+    _write_row(self, row, keys, values, width)
+    self.expose(row, 0)
 
 
 def _weights_first(module: torch.nn.Linear, x: torch.Tensor, width: int | None = None, few: int = 128) -> torch.Tensor:
@@ -131,7 +137,8 @@ VARIANTS = {
     "decode attention through SDPA's CPU kernel": {"kvcache.GROUP_ATTENTION": kvcache.sdpa_kernel_attention},
     "decode attention as two single-query GEMMs": {"kvcache.GROUP_ATTENTION": kvcache.single_query_attention},
     "decode attention in 4 row groups": {"kvcache.DECODE_GROUPS": 4},
-    "finished rows moved up in place": {"kvcache.BufferLayer.batch_select_indices": move_rows_up},
+    "finished rows gathered into new buffers": {"kvcache.BufferLayer.batch_select_indices": gather_rows},
+    "left padding zeroed at prefill": {"kvcache.BufferLayer.write_row": write_row_zeroed},
     "RMSNorm fused (F.rms_norm) while decoding": {"column_blocks": blocks_and_fused_norms},
     "linears weights-first on at most 128 rows": {"column_blocks": weights_first_linears},
     "linears weights-first on at most 8 rows": {"column_blocks": functools.partial(weights_first_linears, few=8)},

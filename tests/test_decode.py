@@ -229,7 +229,7 @@ def test_head_in_column_slices_gives_the_same_logits_and_is_restored(sharp):
     torch.testing.assert_close(sliced, whole, rtol=0, atol=1e-6)
 
 
-def test_prefill_rows_land_right_aligned_with_their_padding_zeroed():
+def test_prefill_rows_land_right_aligned_with_their_padding_left_until_exposed():
     from peftlab.kvcache import BufferLayer
 
     layer = BufferLayer(capacity=9)
@@ -241,5 +241,54 @@ def test_prefill_rows_land_right_aligned_with_their_padding_zeroed():
     layer.write_row(3, keys[1, :, 2:6], values[1, :, 2:6], width=7)
     torch.testing.assert_close(layer.keys[2, :, 2:], keys[0, :, :5], rtol=0, atol=0)
     torch.testing.assert_close(layer.values[3, :, 3:], values[1, :, 2:6], rtol=0, atol=0)
-    assert bool((layer.keys[2, :, :2] == 0).all()) and bool((layer.values[3, :, :3] == 0).all())
-    assert layer.keys.shape == (4, 2, 7, 3) and not layer.keys[2:].isnan().any()
+    assert layer.keys.shape == (4, 2, 7, 3) and layer.keys[2, :, :2].isnan().all()  # padding not touched
+    layer.expose(2, 1)
+    layer.expose(3, 0)
+    assert bool((layer.keys[2, :, 1:2] == 0).all()) and layer.keys[2, :, :1].isnan().all()
+    assert bool((layer.values[3, :, :3] == 0).all()) and not layer.keys[3].isnan().any()
+    torch.testing.assert_close(layer.keys[2, :, 2:], keys[0, :, :5], rtol=0, atol=0)
+
+
+def test_in_place_compaction_keeps_what_each_row_can_be_read_from():
+    from peftlab.kvcache import BufferLayer
+
+    layer = BufferLayer(capacity=8)
+    layer.allocate(3, torch.empty(1, 1, 1, 2))
+    layer.buf_k.fill_(float("nan"))
+    layer.buf_v.fill_(float("nan"))
+    rows = [torch.randn(1, n, 2) for n in (2, 5, 3)]
+    for i, r in enumerate(rows):
+        layer.write_row(i, r, r, width=6)
+    layer.batch_select_indices(torch.tensor([1, 2]))  # row 0 leaves: 1 -> 0 and 2 -> 1, moved in place
+    # Row 0 now holds the 5-token row: finite from column 1. Row 1 holds the 3-token row from column 3 on, and left
+    # of it the moved-away row's columns 1-2, stale but finite: exposing it from column 1 zeroes nothing.
+    assert layer.first == [1, 1]
+    torch.testing.assert_close(layer.keys[0, :, 1:], rows[1], rtol=0, atol=0)
+    torch.testing.assert_close(layer.keys[1, :, 3:], rows[2], rtol=0, atol=0)
+    layer.expose(1, 0)
+    layer.expose(0, 0)
+    assert not layer.keys.isnan().any() and not layer.values.isnan().any()
+
+
+@pytest.mark.parametrize("n_groups", [1, 3])
+def test_greedy_decode_reads_no_unwritten_cache_memory(sharp, monkeypatch, n_groups):
+    """Buffers that start as NaN (as reused memory may) change no token: every column read was written or zeroed."""
+    import peftlab.kvcache as kvcache
+    from peftlab.kvcache import BufferLayer
+
+    monkeypatch.setattr(kvcache, "DECODE_GROUPS", n_groups)  # groups of rows of different lengths read padding
+
+    loaded, fmt, _, prompts = sharp
+    pad = fmt.tokenizer.pad_token_id
+    allocate = BufferLayer.allocate
+
+    def poisoned(self, rows, like):
+        allocate(self, rows, like)
+        self.buf_k.fill_(float("nan"))
+        self.buf_v.fill_(float("nan"))
+
+    monkeypatch.setattr(BufferLayer, "allocate", poisoned)
+    free = _reference(loaded.model, prompts, 12, set(), pad)
+    stop = free[0][2]  # rows stop at different steps, so compaction moves rows up
+    expected = _reference(loaded.model, prompts, 12, {stop}, pad)
+    assert greedy_decode(loaded.model, prompts, 12, [stop], pad, prefill_tokens=400) == expected

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from transformers.cache_utils import Cache, DynamicLayer
 
 from peftlab.data import budget_groups, forward_tokens
-from peftlab.kvcache import GROUPED_ATTENTION, BufferLayer, row_groups
+from peftlab.kvcache import GROUPED_ATTENTION, BufferLayer, expose, row_groups
 from peftlab.lastlayer import window_kwargs
 from peftlab.models import cache_kwarg, sdpa_variant, takes_unmasked_rows
 from peftlab.shared_prefix import PREFIX_ATTENTION, SharedPrefix, opening_length
@@ -159,7 +159,7 @@ def greedy_decode(
         token, cache, mask = _prefill(model, prompts, pad_id, width + max_new_tokens, prefill_tokens, device)
         with sdpa_variant(model, GROUPED_ATTENTION) as grouped:
             step = decode_step(model, grouped)
-            return _decode_steps(step, token, cache, mask, max_new_tokens, stop_ids, width)
+            return _decode_steps(step, token, cache, mask, max_new_tokens, stop_ids, width, grouped)
 
 
 def decode_step(model, grouped: bool):
@@ -180,7 +180,17 @@ def decode_step(model, grouped: bool):
     return step
 
 
-def _decode_steps(step, token, cache, mask, max_new_tokens: int, stop_ids, width: int):
+def _readable(cache, lengths: torch.Tensor, width: int, grouped: bool) -> list[tuple[int, int, int]]:
+    """The attention's row groups (`kvcache.row_groups`), with the cache zeroed wherever they read padding.
+
+    Prefill leaves each row's left padding unwritten, and the columns an attention reads must hold finite values
+    (`kvcache.BufferLayer.expose`). Without groups, attention reads every column."""
+    groups = row_groups(lengths, width)
+    expose(cache, groups if grouped else [(0, len(lengths), 0)])
+    return groups
+
+
+def _decode_steps(step, token, cache, mask, max_new_tokens: int, stop_ids, width: int, grouped: bool = True):
     """The decode loop after prefill: one token per running row per step, finished rows compacted away."""
     device = token.device
     stops = torch.tensor(sorted(stop_ids), device=device)
@@ -189,7 +199,7 @@ def _decode_steps(step, token, cache, mask, max_new_tokens: int, stop_ids, width
     running = torch.ones(len(token), dtype=torch.bool, device=device)  # batch rows still generating
     position = mask.sum(-1)  # the next position of each row, counted from its first real token
     lengths = position.clone()  # prompt lengths, for the attention groups
-    groups = row_groups(lengths, width)
+    groups = _readable(cache, lengths, width, grouped)
     for i in range(max_new_tokens):
         running &= ~torch.isin(token, stops)
         for row, tok in zip(active[running].tolist(), token[running].tolist(), strict=True):
@@ -204,7 +214,7 @@ def _decode_steps(step, token, cache, mask, max_new_tokens: int, stop_ids, width
             active, token, mask, position = active[keep], token[keep], mask[keep], position[keep]
             running, lengths = running[keep], lengths[keep]
             cache.batch_select_indices(keep)
-            groups = row_groups(lengths, width)
+            groups = _readable(cache, lengths, width, grouped)
         mask = torch.cat([mask, mask.new_ones(len(active), 1)], dim=-1)
         token, position = step(token, position, mask, cache, groups).argmax(-1), position + 1
     return outputs

@@ -37,31 +37,43 @@ class BufferLayer(DynamicLayer):
         self.length = 0
 
     def allocate(self, rows: int, like: torch.Tensor) -> None:
-        """Size the buffer for `rows` rows of `like`'s heads and head size. Left uninitialised: columns are read only
-        after they are written (prefill fills every column up to the prompt width, decode one more per step)."""
+        """Size the buffer for `rows` rows of `like`'s heads and head size. Left uninitialised, and left-padding
+        columns stay so until attention is about to read them (`expose`): memory never written is never paged in,
+        and a left-padded batch is about half padding."""
         _, h, _, d = like.shape
         self.device, self.is_initialized = like.device, True
         self.buf_k = like.new_empty(rows, h, self.capacity, d)
         self.buf_v = like.new_empty(rows, h, self.capacity, d)
+        self.first = [self.capacity] * rows  # per row, the first column that holds a finite value
 
     def _refresh(self) -> None:
         self.keys, self.values = self.buf_k[:, :, : self.length], self.buf_v[:, :, : self.length]
 
     def write_row(self, row: int, keys: torch.Tensor, values: torch.Tensor, width: int) -> None:
         """Prefill: put one prompt's (heads, length, head size) keys and values in buffer row `row`, ending at column
-        `width`. The columns left of the prompt are zeroed: they are masked, but a stale non-finite value there would
-        still turn a masked score into NaN."""
+        `width`. The columns left of the prompt are not touched."""
         col = width - keys.shape[-2]
-        self.buf_k[row, :, :col].zero_()
-        self.buf_v[row, :, :col].zero_()
         self.buf_k[row, :, col:width] = keys
         self.buf_v[row, :, col:width] = values
+        self.first[row] = col
         self.length = width
         self._refresh()
+
+    def expose(self, row: int, col: int) -> None:
+        """Make row `row` readable from column `col` on: zero what lies left of its first finite column.
+
+        Those columns are masked, but a stale non-finite value there would still turn a masked score into NaN, and
+        NaN times a zero softmax weight is NaN."""
+        if col < self.first[row]:
+            self.buf_k[row, :, col : self.first[row]].zero_()
+            self.buf_v[row, :, col : self.first[row]].zero_()
+            self.first[row] = col
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:
             self.allocate(key_states.shape[0], key_states)
+        if self.length == 0:  # every row is written from column 0
+            self.first = [0] * key_states.shape[0]
         end = self.length + key_states.shape[-2]
         self.buf_k[:, :, self.length : end] = key_states
         self.buf_v[:, :, self.length : end] = value_states
@@ -73,9 +85,37 @@ class BufferLayer(DynamicLayer):
         return self.length
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
-        if self.is_initialized:
+        """Keep the rows `indices`, in that order.
+
+        Finished rows leaving (`indices` increasing) move the kept rows up in place, each over only the columns
+        it holds, so compaction needs no second cache-sized buffer; any other order gathers into new buffers.
+        """
+        if not self.is_initialized:
+            return
+        keep, held = indices.tolist(), self.first
+        if all(a < b for a, b in zip(keep, keep[1:], strict=False)):
+            self.first = []
+            for new, old in enumerate(keep):
+                a = held[old]
+                if new != old:
+                    self.buf_k[new, :, a : self.length] = self.buf_k[old, :, a : self.length]
+                    self.buf_v[new, :, a : self.length] = self.buf_v[old, :, a : self.length]
+                    a = min(a, held[new])  # what row `new` held further left is still finite, if no longer its own
+                self.first.append(a)
+            self.buf_k, self.buf_v = self.buf_k[: len(keep)], self.buf_v[: len(keep)]
+        else:
             self.buf_k, self.buf_v = self.buf_k[indices], self.buf_v[indices]
-            self._refresh()
+            self.first = [held[i] for i in keep]
+        self._refresh()
+
+
+def expose(cache, groups: list[tuple[int, int, int]]) -> None:
+    """Zero, in every `BufferLayer` of `cache`, the columns each row's attention group reads but the row does not
+    hold (`row_groups`: (first row, end row, first column))."""
+    for layer in cache.layers:
+        for start, end, col in groups:
+            for row in range(start, end):
+                layer.expose(row, col)
 
 
 def kv_cache_tokens(model, budget_bytes: int = KV_CACHE_BYTES) -> int:
