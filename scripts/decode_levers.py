@@ -7,6 +7,9 @@ prompts (60 new tokens); variants run interleaved, `--repeats` times (in reverse
 best time of each part (prefill, decode, total) is kept, so a background hiccup hurts one sample, not one variant.
 Prints seconds per dialogue, each variant's ratios to the full decoder, and whether its outputs equal the full
 decoder's. bench/RESULTS.md records the outcome next to the prediction.
+
+With `--first-call`, every sample is a fresh child process that loads the model and times its first decode, with
+no warm-up: what a one-off evaluation pays, page faults of memory the process has not used yet included.
 """
 
 from __future__ import annotations
@@ -14,6 +17,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
+import hashlib
+import json
+import subprocess
+import sys
 import time
 
 import torch
@@ -189,38 +196,68 @@ def timed_decode(model, prompts, stops, pad, prefill_tokens: int | None = None) 
     return spent["prefill"], total, out
 
 
+def run_variant(model, prompts, stops, pad, name: str) -> tuple[float, float, list]:
+    """(prefill seconds, total seconds, outputs) of one decode with variant `name`'s changes."""
+    changes = dict(VARIANTS[name])
+    budget = changes.pop("prefill_tokens", None)  # an argument, not a module setting; None: the default
+    with patched(changes):
+        return timed_decode(model, prompts, stops, pad, budget)
+
+
+def first_call(name: str, model_name: str, n: int) -> tuple[float, float, str]:
+    """A fresh process's first decode with variant `name`: (prefill s, total s, digest of the outputs)."""
+    out = subprocess.run([sys.executable, __file__, "--child", name, "--model", model_name, "--n", str(n)],
+                         check=True, capture_output=True, text=True).stdout
+    pre, total, digest = json.loads(out.strip().splitlines()[-1])
+    return pre, total, digest
+
+
+def load(model_name: str, n: int):
+    fmt, items, _ = encode_dialogsum(model_name, n, 1024)
+    model = load_model(model_name, device="cpu", dtype=torch.float32).model.eval()
+    prompts = sorted((e.prompt_ids for e in items), key=len)
+    return model, prompts, fmt.stop_token_ids, fmt.tokenizer.pad_token_id
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument("--n", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--only", default="", help="comma-separated variants to run beside 'all levers'")
+    parser.add_argument("--first-call", action="store_true", help="each sample a fresh process's first decode")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     reuse_freed_memory()  # as `peftlab`'s CLI runs (peftlab.allocator)
+    if args.child:
+        with torch.inference_mode():
+            pre, total, outputs = run_variant(*load(args.model, args.n), args.child)
+        print(json.dumps([pre, total, hashlib.sha256(repr(outputs).encode()).hexdigest()[:12]]))
+        return
     chosen = {"all levers", *filter(None, args.only.split(","))}
     unknown = chosen - set(VARIANTS)
     if unknown:
         parser.error(f"unknown variants {sorted(unknown)}; choose from {sorted(VARIANTS)}")
-    fmt, items, _ = encode_dialogsum(args.model, args.n, 1024)
-    model = load_model(args.model, device="cpu", dtype=torch.float32).model.eval()
-    prompts = sorted((e.prompt_ids for e in items), key=len)
-    stops, pad = fmt.stop_token_ids, fmt.tokenizer.pad_token_id
+    model, prompts, stops, pad = load(args.model, args.n)
     samples: dict[str, list[tuple[float, float]]] = {}  # (prefill, decode) seconds of each run
-    outputs: dict[str, list] = {}
+    outputs: dict[str, object] = {}
+    names = [name for name in VARIANTS if name in chosen]
     with torch.inference_mode():
-        timed_decode(model, prompts[:4], stops, pad)  # warm-up: first-call allocations and kernel selection
-        names = [name for name in VARIANTS if name in chosen]
+        if not args.first_call:
+            timed_decode(model, prompts[:4], stops, pad)  # warm-up: first-call allocations and kernel selection
         for repeat in range(args.repeats):
             # Every other repeat runs the variants in reverse: on a drifting machine a fixed order can favour one
             # slot of a round, so each variant takes each slot.
             for name in names if repeat % 2 == 0 else names[::-1]:
-                changes = dict(VARIANTS[name])
-                budget = changes.pop("prefill_tokens", None)  # an argument, not a module setting; None: the default
-                with patched(changes):
-                    pre, total, outputs[name] = timed_decode(model, prompts, stops, pad, budget)
+                if args.first_call:
+                    pre, total, outputs[name] = first_call(name, args.model, args.n)
+                else:
+                    pre, total, outputs[name] = run_variant(model, prompts, stops, pad, name)
                 samples.setdefault(name, []).append((pre, total - pre))
     n = len(prompts)
-    print(f"{machine_line()}; {n} dialogues, mean prompt {sum(map(len, prompts)) / n:.0f} tokens, 60 new tokens")
+    mode = "each run a fresh process's first decode" if args.first_call else "warm, in one process"
+    print(f"{machine_line()}; {n} dialogues, mean prompt {sum(map(len, prompts)) / n:.0f} tokens, 60 new tokens; "
+          f"{mode}, best of {args.repeats}")
     # Each part's best is taken on its own: the run with the best total can carry a slow prefill, and the prefill
     # is the same code in most variants, so its noise would otherwise leak into the decode column.
     print("| variant | prefill s/dialogue | decode s/dialogue | total s/dialogue | total vs all levers "

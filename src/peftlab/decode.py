@@ -207,8 +207,8 @@ def _decode_steps(step, token, cache, mask, max_new_tokens: int, stop_ids, width
         n_running = int(running.sum())
         if i == max_new_tokens - 1 or n_running == 0:
             break
-        # Finished rows leave the batch and the cache once they are an eighth of it. Removing rows copies the
-        # whole cache, so dropping each as it stops costs more than computing a few idle rows for a few steps.
+        # Finished rows leave the batch and the cache once they are an eighth of it. Removing rows moves every
+        # row behind the first removed one, so dropping each as it stops costs more than a few idle rows' steps.
         if len(active) - n_running >= max(1, len(active) // COMPACT_FRACTION):
             keep = running.nonzero().squeeze(-1)
             active, token, mask, position = active[keep], token[keep], mask[keep], position[keep]
