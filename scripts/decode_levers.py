@@ -19,6 +19,7 @@ import contextlib
 import functools
 import hashlib
 import json
+import resource
 import subprocess
 import sys
 import time
@@ -204,12 +205,13 @@ def run_variant(model, prompts, stops, pad, name: str) -> tuple[float, float, li
         return timed_decode(model, prompts, stops, pad, budget)
 
 
-def first_call(name: str, model_name: str, n: int) -> tuple[float, float, str]:
-    """A fresh process's first decode with variant `name`: (prefill s, total s, digest of the outputs)."""
+def first_call(name: str, model_name: str, n: int) -> tuple[float, float, str, float]:
+    """A fresh process's first decode with variant `name`: (prefill s, total s, digest of the outputs, the
+    process's peak RSS in MB)."""
     out = subprocess.run([sys.executable, __file__, "--child", name, "--model", model_name, "--n", str(n)],
                          check=True, capture_output=True, text=True).stdout
-    pre, total, digest = json.loads(out.strip().splitlines()[-1])
-    return pre, total, digest
+    pre, total, digest, rss = json.loads(out.strip().splitlines()[-1])
+    return pre, total, digest, rss
 
 
 def load(model_name: str, n: int):
@@ -232,7 +234,8 @@ def main() -> None:
     if args.child:
         with torch.inference_mode():
             pre, total, outputs = run_variant(*load(args.model, args.n), args.child)
-        print(json.dumps([pre, total, hashlib.sha256(repr(outputs).encode()).hexdigest()[:12]]))
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KB on Linux
+        print(json.dumps([pre, total, hashlib.sha256(repr(outputs).encode()).hexdigest()[:12], rss]))
         return
     chosen = {"all levers", *filter(None, args.only.split(","))}
     unknown = chosen - set(VARIANTS)
@@ -241,6 +244,7 @@ def main() -> None:
     model, prompts, stops, pad = load(args.model, args.n)
     samples: dict[str, list[tuple[float, float]]] = {}  # (prefill, decode) seconds of each run
     outputs: dict[str, object] = {}
+    peak: dict[str, list[float]] = {}  # --first-call: each child's peak RSS, MB
     names = [name for name in VARIANTS if name in chosen]
     with torch.inference_mode():
         if not args.first_call:
@@ -250,7 +254,8 @@ def main() -> None:
             # slot of a round, so each variant takes each slot.
             for name in names if repeat % 2 == 0 else names[::-1]:
                 if args.first_call:
-                    pre, total, outputs[name] = first_call(name, args.model, args.n)
+                    pre, total, outputs[name], rss = first_call(name, args.model, args.n)
+                    peak.setdefault(name, []).append(rss)
                 else:
                     pre, total, outputs[name] = run_variant(model, prompts, stops, pad, name)
                 samples.setdefault(name, []).append((pre, total - pre))
@@ -261,15 +266,16 @@ def main() -> None:
     # Each part's best is taken on its own: the run with the best total can carry a slow prefill, and the prefill
     # is the same code in most variants, so its noise would otherwise leak into the decode column.
     print("| variant | prefill s/dialogue | decode s/dialogue | total s/dialogue | total vs all levers "
-          "| decode vs all levers | same outputs |")
-    print("|---|---|---|---|---|---|---|")
+          "| decode vs all levers | same outputs |" + (" peak RSS MB (each process) |" if peak else ""))
+    print("|---|---|---|---|---|---|---|" + ("---|" if peak else ""))
     best = {name: (min(p for p, _ in runs), min(d for _, d in runs), min(p + d for p, d in runs))
             for name, runs in samples.items()}
     _, base_decode, base_total = best["all levers"]
     for name, (pre, dec, total) in best.items():
         same = "yes" if outputs[name] == outputs["all levers"] else "no"
+        rss = f" {' '.join(f'{r:.0f}' for r in peak[name])} |" if peak else ""
         print(f"| {name} | {pre / n:.3f} | {dec / n:.3f} | {total / n:.3f} | {total / base_total:.2f}x "
-              f"| {dec / base_decode:.2f}x | {same} |")
+              f"| {dec / base_decode:.2f}x | {same} |{rss}")
 
 
 if __name__ == "__main__":
