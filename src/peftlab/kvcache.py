@@ -208,7 +208,6 @@ def group_attention(capability: str):
 GROUP_ATTENTION = group_attention(torch.backends.cpu.get_cpu_capability())
 
 
-
 def decode_mask(**kwargs) -> torch.Tensor | None:
     """A decode step's padding mask, as `DECODE_MASK` builds it.
 
