@@ -214,9 +214,10 @@ def first_call(name: str, model_name: str, n: int) -> tuple[float, float, str, f
     return pre, total, digest, rss
 
 
-def load(model_name: str, n: int):
+def load(model_name: str, n: int, with_model: bool = True):
+    """(model or None, prompts sorted by length, stop ids, pad id)."""
     fmt, items, _ = encode_dialogsum(model_name, n, 1024)
-    model = load_model(model_name, device="cpu", dtype=torch.float32).model.eval()
+    model = load_model(model_name, device="cpu", dtype=torch.float32).model.eval() if with_model else None
     prompts = sorted((e.prompt_ids for e in items), key=len)
     return model, prompts, fmt.stop_token_ids, fmt.tokenizer.pad_token_id
 
@@ -241,7 +242,7 @@ def main() -> None:
     unknown = chosen - set(VARIANTS)
     if unknown:
         parser.error(f"unknown variants {sorted(unknown)}; choose from {sorted(VARIANTS)}")
-    model, prompts, stops, pad = load(args.model, args.n)
+    model, prompts, stops, pad = load(args.model, args.n, with_model=not args.first_call)  # children load their own
     samples: dict[str, list[tuple[float, float]]] = {}  # (prefill, decode) seconds of each run
     outputs: dict[str, object] = {}
     peak: dict[str, list[float]] = {}  # --first-call: each child's peak RSS, MB
