@@ -23,7 +23,8 @@ demo: install
 
 test: install
 	bash scripts/install_chromium.sh
-	$(BIN)/ruff check src tests bench scripts
+	$(BIN)/ruff check src tests bench scripts research
+	$(BIN)/lint-imports
 	$(BIN)/pytest -q
 
 bench: install

@@ -1,6 +1,6 @@
 """Training-throughput benchmark: `python bench/train_throughput.py [OPTIONS]` runs `peftlab bench train [OPTIONS]`.
 
-The logic lives in `peftlab.bench` (and `peftlab.bench_workers`); see bench/README.md.
+The logic lives in `peftlab.bench` (and `peftlab.bench.workers`); see bench/README.md.
 """
 
 import sys

@@ -19,7 +19,7 @@ import yaml
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from peftlab.models import resolve_model_dir
+from peftlab.models.packaged import resolve_model_dir
 
 
 def _load(run: Path):

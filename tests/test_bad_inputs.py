@@ -112,11 +112,11 @@ def test_missing_config_file(tmp_path, monkeypatch, capsys):
 
 
 def test_adapter_from_another_base_is_refused(tmp_path, tiny_causal, small_pubmedqa, monkeypatch, capsys):
-    from conftest import build_tiny_causal
+    from builders import build_tiny_causal
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from peftlab.config import load_config
-    from peftlab.train import run_training
+    from peftlab.core.config import load_config
+    from peftlab.recipes.train import run_training
 
     other = build_tiny_causal(tmp_path / "other")  # same tokenizer, wider model: the adapter's shapes differ
     config = LlamaConfig.from_pretrained(other)
@@ -151,8 +151,8 @@ def test_pickled_weights_are_refused(tmp_path, tiny_causal, small_pubmedqa, monk
 
 
 def test_full_disk_keeps_the_previous_file(tmp_path, monkeypatch):
-    from peftlab import io as pio
-    from peftlab.errors import PeftlabError
+    from peftlab.core import files as pio
+    from peftlab.core.errors import PeftlabError
 
     target = tmp_path / "result.json"
     pio.write_json(target, {"ok": 1})
@@ -170,8 +170,8 @@ def test_full_disk_keeps_the_previous_file(tmp_path, monkeypatch):
 def test_oversized_request_is_a_413_and_the_server_stays_up(tiny_causal):
     from fastapi.testclient import TestClient
 
-    from peftlab.models import load_model
-    from peftlab.serve import create_app
+    from peftlab.deploy.serve import create_app
+    from peftlab.models.loading import load_model
 
     client = TestClient(create_app(load_model(str(tiny_causal), device="cpu"), {}, max_body_bytes=1024))
     big = client.post("/v1/completions", json={"model": "base", "prompt": "x" * 5000, "max_tokens": 2})

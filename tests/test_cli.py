@@ -11,7 +11,7 @@ import pytest
 import typer
 
 from peftlab.cli import app, main
-from peftlab.io import read_json
+from peftlab.core.files import read_json
 
 
 def _cli(monkeypatch, *args: str) -> int:
@@ -96,3 +96,16 @@ def test_eval_dialogsum_multi_reference(monkeypatch, tmp_path, tiny_causal, smal
         assert 0 <= metrics[key] <= metrics[f"{key}_max"] <= 1
     preds = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
     assert len(preds) == 4 and all(len(p["references"]) == 3 for p in preds)
+
+
+def test_methods_lists_every_registered_method_with_its_default_lr(monkeypatch, capsys):
+    from peftlab.methods.registry import METHODS
+
+    monkeypatch.setenv("COLUMNS", "200")  # one table row per line
+    assert _cli(monkeypatch, "methods") == 0
+    out = capsys.readouterr().out
+    for m in METHODS.values():
+        row = next(line for line in out.splitlines() if f" {m.name} " in line)
+        assert m.trained_part in row and m.description[:30] in row
+        if m.default_lr:
+            assert f"{m.default_lr:g}" in row

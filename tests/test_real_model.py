@@ -9,7 +9,7 @@ import json
 
 import pytest
 
-from peftlab.runner import run_eval
+from peftlab.recipes.eval import run_eval
 
 
 @pytest.mark.slow

@@ -7,9 +7,9 @@ import shutil
 from pathlib import Path
 
 import torch
-from conftest import PUBMEDQA
+from builders import PUBMEDQA
 
-from peftlab.config import RunConfig, load_config
+from peftlab.core.config import RunConfig, load_config
 
 # The result.json keys every run must write (the study report reads them).
 RESULT_KEYS = {

@@ -3,9 +3,11 @@
 The flow, one module per stage: config -> tasks (data) -> models -> methods -> train -> evaluate -> report.
 """
 
-__version__ = "0.1.0"
+from __future__ import annotations
 
 import logging as _logging
+
+__version__ = "0.1.0"
 
 # peft imports bitsandbytes whenever it is installed, and bitsandbytes' CPU backend then warns on every start that
 # an optional Hub kernel (which cannot be downloaded here anyway) is missing; its fallback kernel works.

@@ -14,8 +14,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from peftlab.allocator import reuse_freed_memory
-from peftlab.errors import NotSupported, PeftlabError
+from peftlab.core.allocator import reuse_freed_memory
+from peftlab.core.errors import NotSupported, PeftlabError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.splitlines()[0] if __doc__ else None)
 console = Console()
@@ -24,7 +24,7 @@ console = Console()
 @app.command()
 def models() -> None:
     """List the packaged models: kind, parameter count, source, and whether the converted copy is cached."""
-    from peftlab.models import list_models
+    from peftlab.models.packaged import list_models
 
     table = Table("name", "kind", "params", "source", "cached")
     for row in list_models():
@@ -32,6 +32,18 @@ def models() -> None:
         table.add_row(row["name"], row["kind"], params, row["source"], "yes" if row["cached"] else "no")
     console.print(table)
     console.print("Any local Hugging Face folder works too: --model path/to/folder")
+
+
+@app.command()
+def methods() -> None:
+    """List the methods: what each trains, its default learning rate, and what it does."""
+    from peftlab.methods.registry import METHODS
+
+    table = Table("name", "trains", "default lr", "description")
+    for m in METHODS.values():
+        table.add_row(m.name, m.trained_part, f"{m.default_lr:g}" if m.default_lr else "-", m.description)
+    console.print(table)
+    console.print("Set one with method.name=NAME; its settings are method.* keys (peftlab train --help).")
 
 
 @app.command("eval")
@@ -51,7 +63,7 @@ def eval_cmd(
     calibrate: Annotated[bool, typer.Option(help="contextual calibration of label scores (classification)")] = False,
 ) -> None:
     """Score a model (optionally with an adapter) on a task and write metrics.json and predictions.jsonl."""
-    from peftlab.runner import run_eval
+    from peftlab.recipes.eval import run_eval
 
     metrics = run_eval(
         task=task,
@@ -89,15 +101,15 @@ def train(
     resume: Annotated[bool, typer.Option(help="continue from the run folder's last checkpoint")] = False,
 ) -> None:
     """Train one method as configured and write runs/<name>/ (adapter, logs, metrics, predictions, result.json)."""
-    from peftlab.config import load_config
-    from peftlab.io import read_json
-    from peftlab.train import run_training
+    from peftlab.core.config import load_config
+    from peftlab.core.files import read_json
+    from peftlab.recipes.train import run_training
 
     cfg = load_config(config, [*(overrides or []), *(["train.resume=true"] if resume else [])])
     try:
         run_dir = run_training(cfg)
     except NotSupported as err:
-        from peftlab.study_notes import write_not_run
+        from peftlab.report.notes import write_not_run
 
         write_not_run(cfg, str(err))  # the study report shows why this run has no row
         raise
@@ -115,8 +127,8 @@ def cv(
     folds: Annotated[int | None, typer.Option(help="number of folds (default: data.folds)")] = None,
 ) -> None:
     """k-fold cross-validation: one run per fold in runs/<name>/fold-<k>/, then mean and spread in cv.md."""
-    from peftlab.config import load_config
-    from peftlab.crossval import run_cv
+    from peftlab.core.config import load_config
+    from peftlab.recipes.cv import run_cv
 
     cfg = load_config(config, overrides or [])
     summary = run_cv(cfg, folds)
@@ -134,7 +146,7 @@ def compare(
     only: Annotated[list[str] | None, typer.Option(help="run only these run names")] = None,
 ) -> None:
     """Run every method of a study on the same data and budget; write results.md, results.csv and report.html."""
-    from peftlab.study import run_study
+    from peftlab.recipes.compare import run_study
 
     study_dir = run_study(study, overrides or [], only)
     md = study_dir / "results.md"
@@ -145,7 +157,7 @@ def compare(
 @app.command()
 def report(study_dir: Annotated[Path, typer.Argument(help="a study folder holding run folders")]) -> None:
     """Rebuild results.md, results.csv and report.html from the run folders' result.json files."""
-    from peftlab.report import build_study_report
+    from peftlab.report.report import build_study_report
 
     console.print(f"report: {build_study_report(study_dir)}")
 
@@ -162,7 +174,7 @@ def serve(
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, mps")] = "auto",
 ) -> None:
     """Serve the base model and adapters over an OpenAI-compatible HTTP API (see docs/serving.md)."""
-    from peftlab.serve import serve as run_server
+    from peftlab.deploy.serve import serve as run_server
 
     run_server(
         model,
@@ -182,7 +194,7 @@ def merge(
     out: Annotated[Path, typer.Option(help="folder for the merged transformers model")],
 ) -> None:
     """Merge a run's adapter into its base model and save a plain transformers folder (safetensors + tokenizer)."""
-    from peftlab.export import merge_run
+    from peftlab.deploy.export import merge_run
 
     console.print(f"merged model: {merge_run(run_dir, out)}")
 
@@ -194,7 +206,7 @@ def export(
     f16: Annotated[bool, typer.Option(help="store matrices as F16 instead of F32")] = False,
 ) -> None:
     """Merge a run's adapter and write the model as a GGUF file (llama-family models)."""
-    from peftlab.export import export_gguf
+    from peftlab.deploy.export import export_gguf
 
     console.print(f"GGUF file: {export_gguf(run_dir, gguf, f16=f16)}")
 
@@ -212,8 +224,8 @@ def distill(
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, mps")] = "auto",
 ) -> None:
     """Write a teacher's outputs for a split, keyed by example id, for training a student on them (data.target)."""
-    from peftlab.config import load_config
-    from peftlab.distill import generate_teacher_outputs
+    from peftlab.core.config import load_config
+    from peftlab.experiments.distill import generate_teacher_outputs
 
     if split not in ("train", "val", "test"):
         raise PeftlabError(f"--split must be train, val or test, got '{split}'")
@@ -229,7 +241,7 @@ def probe(
     limit: Annotated[int | None, typer.Option(help="test examples to perturb (default 50)")] = None,
 ) -> None:
     """Brittleness probe: perturb a run's test prompts; flip rates and metric spread to probe.json, result.json."""
-    from peftlab.probe import run_probe
+    from peftlab.recipes.probe import run_probe
 
     print_metrics(run_probe(run_dir, limit))
     console.print(f"wrote {run_dir / 'probe.json'}")
@@ -244,7 +256,7 @@ def sweep(
     seed: Annotated[int | None, typer.Option(help="sampler seed (default: sweep.seed); one per worker")] = None,
 ) -> None:
     """Optuna search (TPE, median pruning) over a study's space; resumable; writes best_config.yaml."""
-    from peftlab.sweep import run_sweep
+    from peftlab.recipes.sweep import run_sweep
 
     study_dir = run_sweep(study, trials, storage, overrides or [], seed)
     md = study_dir / "results.md"
@@ -272,7 +284,7 @@ def bench_train(
     dtype: Annotated[str, typer.Option(help="float32, or bfloat16 (peftlab's default on a GPU)")] = "float32",
 ) -> None:
     """Training tokens/s, memory and loss agreement of peftlab against transformers.Trainer + peft."""
-    from peftlab.bench import DEFAULT_RESULTS, run_train_bench
+    from peftlab.bench.train import DEFAULT_RESULTS, run_train_bench
 
     if smoke:
         # max_length stays: at 128 every tiny-tokenizer row is cut to exactly 128 tokens, and the math check would
@@ -297,8 +309,8 @@ def bench_eval(
     dtype: Annotated[str, typer.Option(help="float32, or bfloat16 (peftlab's default on a GPU)")] = "float32",
 ) -> None:
     """Generation and scoring speed: peftlab's batched generate against one-at-a-time model.generate."""
-    from peftlab.bench import DEFAULT_RESULTS
-    from peftlab.bench_eval import run_eval_bench
+    from peftlab.bench.eval import run_eval_bench
+    from peftlab.bench.train import DEFAULT_RESULTS
 
     if smoke:
         n, max_new_tokens, score_n = min(n, 6), min(max_new_tokens, 8), min(score_n, 10)

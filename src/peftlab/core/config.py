@@ -1,0 +1,279 @@
+"""Run configuration: typed dataclasses read from YAML, with `section.key=value` overrides from the command line.
+
+Every field has help text (`metadata["help"]`), unknown keys are errors that name the key, and the resolved
+config is saved with each run so the run can be repeated exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from peftlab.core.errors import PeftlabError
+from peftlab.core.files import write_text_atomic
+
+
+def _f(default: Any, help: str, **kw: Any) -> Any:
+    if isinstance(default, list | dict):
+        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help}, **kw)
+    return field(default=default, metadata={"help": help}, **kw)
+
+
+@dataclass
+class ModelConfig:
+    name: str = _f("smollm2-135m-instruct", "packaged model name (see `peftlab models`) or a local HF folder")
+    device: str = _f("auto", "auto (cuda > mps > cpu), cpu, cuda, cuda:1, mps")
+    dtype: str = _f("auto", "weights' dtype: auto (bfloat16 on a GPU that has it, else float32), float32, bfloat16, "
+                            "float16")
+    chat: bool | None = _f(None, "use the chat template; default: when the tokenizer has one")
+    allow_pickle: bool = _f(False, "allow .bin/.pt pickled weights (they can run code when loaded)")
+
+
+@dataclass
+class DataConfig:
+    task: str = _f("pubmedqa", "registered task name or path to a custom task YAML")
+    path: str | None = _f(None, "data file; default: the task's file under data/")
+    split: list[float] = _f([0.8, 0.1, 0.1], "train/val/test fractions when the file has no split of its own")
+    fold: int | None = _f(None, "k-fold cross-validation: which fold is the test split (with `folds`)")
+    folds: int = _f(10, "number of folds for k-fold cross-validation")
+    seed: int = _f(0, "seed of the split")
+    template: int = _f(0, "index of the instruction phrasing")
+    max_length: int = _f(512, "max tokens of prompt + target; the context is cut, never the question or target")
+    shots: int = _f(0, "in-context examples from the train split (few-shot)")
+    calibrate: bool = _f(False, "classification: contextual calibration of the label scores (divide out the "
+                                "prompt's own label bias, measured on content-free inputs); see evaluate.calibrate")
+    limit_train: int | None = _f(None, "use only the first N training examples")
+    limit_eval: int | None = _f(None, "score only the first N val and test examples")
+    target: str = _f("gold", "training labels: gold, teacher, or a path to a JSONL/CSV of outputs keyed by id")
+    mixture: list[dict] = _f(
+        [], "multi-task mix: list of {task, path?, weight, templates: [idx...]}; replaces data.task when set"
+    )
+
+
+@dataclass
+class MethodConfig:
+    name: str = _f("lora", "zero-shot, few-shot, full, lora, qlora, prompt-tuning, prefix-tuning, p-tuning, ia3, "
+                                 "linear-head")
+    r: int = _f(8, "LoRA rank")
+    alpha: int = _f(16, "LoRA alpha (scale = alpha / r)")
+    dropout: float = _f(0.05, "LoRA dropout")
+    target_modules: list[str] | str = _f(["q_proj", "v_proj"], "modules to adapt (LoRA/IA3), or 'all-linear'")
+    num_virtual_tokens: int = _f(20, "virtual tokens for prompt, prefix and P-tuning")
+    prompt_init: str = _f("random", "prompt-tuning init: random, or text (the task's instruction)")
+    prefix_projection: bool = _f(False, "prefix tuning: re-parameterise the prefix through an MLP")
+    encoder_hidden_size: int = _f(128, "hidden size of the prefix / P-tuning prompt encoder MLP")
+    head_layer: int = _f(16, "linear-head: decoder layer (1-based) whose mean-pooled hidden states feed the head")
+    head_c: float = _f(0.1, "linear-head: inverse L2 strength of the logistic regression (smaller = stronger)")
+    class_balance: float = _f(0.5, "linear-head: class weights (n / (k * count)) ** this; 1 balanced, 0 unweighted "
+                                  "(gradient methods: train.class_balance)")
+    head_text: list[str] = _f([], "linear-head: text feature sets (words, word-pairs, reported-statistics), each "
+                                  "with its own regression, log-probabilities added to the hidden-state head's")
+    quant: str = _f("nf4", "qlora: how bitsandbytes quantizes the frozen base: nf4, fp4 (4-bit) or int8 (8-bit)")
+    vision: list[str] = _f([], "vision-language models: also adapt these parts: tower, projector (default: "
+                               "the language model only)")
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = _f(1, "passes over the training split")
+    max_steps: int | None = _f(None, "stop after this many optimizer steps (overrides epochs)")
+    lr: float | None = _f(None, "peak learning rate; default: the method's")
+    weight_decay: float = _f(0.0, "AdamW weight decay")
+    schedule: str = _f("linear", "learning-rate schedule: linear, cosine or constant (all with warmup)")
+    warmup_ratio: float = _f(0.06, "fraction of steps spent warming up")
+    batch_size: int = _f(8, "max examples per batch")
+    batch_tokens: int = _f(4096, "max padded tokens per batch (time scales with tokens, not rows)")
+    micro_tokens: int | None = _f(None, "forward/backward a batch in pieces of at most this many padded tokens: "
+                                        "the same gradients, activation memory bounded by the piece (0: never "
+                                        "split); default: 512 on a CPU, whole batches on a GPU")
+    grad_accum: int = _f(1, "batches per optimizer step")
+    mixed_precision: str = _f("auto", "bf16 autocast over fp32 weights: auto (for full fine-tuning on a GPU with "
+                                      "model.dtype auto: AdamW's small steps round away in bf16 weights), no, bf16")
+    shared_prefix: bool | None = _f(None, "run the prompt opening that all rows of a step share (system turn, "
+                                          "fixed instruction) once per step instead of once per row: same gradients "
+                                          "(with dropout, one mask for the opening per step), less work (single "
+                                          "process, right-padded text rows, no activation checkpointing); default: "
+                                          "on a CPU, off on a GPU (there it is one more pass of kernel launches)")
+    class_balance: float = _f(0.0, "classification tasks: weight each example's loss by (n / (k * count of its "
+                                   "class)) ** this; 0 unweighted, 1 fully balanced, 0.5 square-root weights")
+    max_grad_norm: float = _f(1.0, "gradient clipping norm (0 turns it off)")
+    patience: int | None = _f(None, "early stopping: epochs without val-loss improvement before stopping")
+    eval_every_epoch: bool = _f(True, "val loss and task metric after every epoch")
+    seed: int = _f(0, "seed for init, shuffling and dropout")
+    report_to: list[str] = _f([], "experiment trackers: tensorboard, mlflow")
+    threads: int | None = _f(None, "torch CPU threads; default: all cores")
+    checkpoint_every: int | None = _f(50, "save a resumable checkpoint every N optimizer steps (atomic)")
+    resume: bool = _f(False, "continue from the run folder's checkpoint, if one exists")
+    activation_checkpointing: bool | str = _f(
+        False, "recompute activations in backward. 'selective': keep matmul and attention outputs, recompute the "
+               "cheap elementwise ops (about half the activation memory for a few % more time); 'full' or true: "
+               "keep only each layer's input (far less memory, about 1/3 more compute); false: keep everything")
+
+
+@dataclass
+class ExperimentsConfig:
+    forgetting: list[str] = _f([], "other tasks to score before and after training (catastrophic forgetting)")
+    forgetting_data: dict = _f({}, "data file per forgetting task; default: the task's file under data/")
+    forgetting_limit: int = _f(50, "test examples scored per forgetting task")
+    general_text: str | None = _f(None, "plain-text file for the general next-token loss; default with forgetting: "
+                                        "data/general/general_text.txt")
+    probe: bool = _f(False, "brittleness probe: perturb test prompts and measure how often predictions flip")
+    probe_limit: int = _f(50, "test examples used by the brittleness probe")
+
+
+@dataclass
+class RunConfig:
+    name: str = _f("run", "run name: the folder under output_dir")
+    output_dir: str = _f("runs", "where run folders are written")
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    experiments: ExperimentsConfig = field(default_factory=ExperimentsConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir) / self.name
+
+
+def _is_dataclass_type(tp: Any) -> bool:
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
+def _check_value(where: str, value: Any, tp: Any) -> Any:
+    """Check (and mildly coerce) a YAML value against a field's annotated type."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in typing.get_args(tp):
+            return None
+        errors = []
+        for arg in typing.get_args(tp):
+            if arg is type(None):
+                continue
+            try:
+                return _check_value(where, value, arg)
+            except PeftlabError as err:
+                errors.append(str(err))
+        raise PeftlabError(errors[0] if errors else f"{where}: bad value {value!r}")
+    if origin is list:
+        if not isinstance(value, list):
+            raise PeftlabError(f"{where}: expected a list, got {value!r}")
+        (item,) = typing.get_args(tp)
+        return [_check_value(where, v, item) for v in value]
+    if tp is float and isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    if tp is float:
+        # PyYAML follows YAML 1.1, which reads `3e-4` (no dot) as a string; accept any text float() accepts.
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        _bad(where, value, tp)
+    if tp in (int, str, bool) and not (isinstance(value, tp) and not (tp is int and isinstance(value, bool))):
+        _bad(where, value, tp)
+    return value
+
+
+def _bad(where: str, value: Any, tp: type) -> typing.NoReturn:
+    raise PeftlabError(f"{where}: expected {tp.__name__}, got {value!r}")
+
+
+def from_dict(cls: type, raw: dict, where: str = "") -> Any:
+    """Build dataclass `cls` from a nested dict; an unknown key is an error that names it and the valid ones."""
+    if not isinstance(raw, dict):
+        raise PeftlabError(f"{where or 'config'}: expected a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in raw.items():
+        path = f"{where}.{key}" if where else key
+        if key not in names:
+            raise PeftlabError(f"unknown config key '{path}'; valid: {', '.join(sorted(names))}")
+        tp = hints[key]
+        kwargs[key] = from_dict(tp, value, path) if _is_dataclass_type(tp) else _check_value(path, value, tp)
+    return cls(**kwargs)
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """Apply `a.b=value` overrides to a nested dict; values are parsed as YAML (so 3e-4, true, [q_proj] work)."""
+    for item in overrides:
+        if "=" not in item:
+            raise PeftlabError(f"override '{item}' is not of the form key=value (e.g. train.lr=3e-4)")
+        key, text = item.split("=", 1)
+        node = raw
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise PeftlabError(f"override '{item}': '{part}' is not a section")
+        node[leaf] = yaml.safe_load(text)
+    return raw
+
+
+CHECKPOINTING = (False, True, "selective", "full")
+
+
+def validate(cfg: RunConfig) -> RunConfig:
+    """Value checks that types cannot express."""
+    t = cfg.train
+    if t.lr is not None and t.lr <= 0:
+        raise PeftlabError(f"train.lr must be positive, got {t.lr}")
+    if t.epochs < 1 or t.batch_size < 1 or t.grad_accum < 1 or t.batch_tokens < 1:
+        raise PeftlabError("train.epochs, train.batch_size, train.grad_accum and train.batch_tokens must be >= 1")
+    if t.mixed_precision not in ("auto", "no", "bf16"):
+        raise PeftlabError(f"train.mixed_precision must be auto, no or bf16, got '{t.mixed_precision}'")
+    if t.micro_tokens is not None and t.micro_tokens < 0:
+        raise PeftlabError(f"train.micro_tokens must be >= 0 (0: never split a batch), got {t.micro_tokens}")
+    if t.class_balance < 0:
+        raise PeftlabError(f"train.class_balance must be >= 0 (0: unweighted, 1: balanced), got {t.class_balance}")
+    if t.activation_checkpointing not in CHECKPOINTING:
+        choice = t.activation_checkpointing
+        raise PeftlabError(f"train.activation_checkpointing must be false, true, selective or full, got {choice!r}")
+    if t.schedule not in ("linear", "cosine", "constant"):
+        raise PeftlabError(f"train.schedule must be linear, cosine or constant, got '{t.schedule}'")
+    if len(cfg.data.split) != 3 or abs(sum(cfg.data.split) - 1) > 1e-6:
+        raise PeftlabError(f"data.split must be three fractions summing to 1, got {cfg.data.split}")
+    return cfg
+
+
+def load_config(path: str | Path | None, overrides: list[str] = (), base: dict | None = None) -> RunConfig:
+    """Read a run config from YAML (or only from `base` and overrides), check it, and return the typed config."""
+    raw: dict = dict(base or {})
+    if path is not None:
+        p = Path(path)
+        if not p.exists():
+            raise PeftlabError(f"{p}: no such config file")
+        try:
+            loaded = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise PeftlabError(f"{p}: malformed YAML ({err})") from None
+        raw = deep_merge(raw, loaded)
+    raw = apply_overrides(raw, list(overrides))
+    return validate(from_dict(RunConfig, raw))
+
+
+def deep_merge(base: dict, extra: dict) -> dict:
+    """`extra` on top of `base`, merging nested sections."""
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def save_config(cfg: RunConfig, path: Path) -> None:
+
+    write_text_atomic(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))

@@ -1,0 +1,91 @@
+"""Train/val/test splits: seeded and stratified, k-fold for cross-validation, with the run's limits.
+
+Rows that carry their own `split` keep it.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+
+from peftlab.core.config import RunConfig
+from peftlab.core.errors import PeftlabError
+from peftlab.data.tasks import DEFAULT_DATA, Example, Task
+from peftlab.data.tasks.base import SPLITS
+
+
+def split_examples(
+    examples: Sequence[Example],
+    fractions: tuple[float, float, float] = (0.8, 0.1, 0.1),
+    seed: int = 0,
+    stratify: bool = True,
+) -> dict[str, list[Example]]:
+    """Deterministic, seeded, stratified train/val/test split.
+
+    Examples the file already assigns to a split keep it. The rest are split per label (for classification) so
+    every split keeps the class balance: PubMedQA's "maybe" is only 11% and a random 50-item split can miss it.
+    """
+    out: dict[str, list[Example]] = {s: [] for s in SPLITS}
+    unassigned = []
+    for ex in examples:
+        (out[ex.split] if ex.split in out else unassigned).append(ex)
+    groups: dict[str, list[Example]] = defaultdict(list)
+    for ex in unassigned:
+        groups[ex.target if stratify else ""].append(ex)
+    rng = random.Random(seed)
+    for key in sorted(groups):
+        group = sorted(groups[key], key=lambda e: e.id)
+        rng.shuffle(group)
+        n_train = round(len(group) * fractions[0])
+        n_val = round(len(group) * fractions[1])
+        out["train"] += group[:n_train]
+        out["val"] += group[n_train : n_train + n_val]
+        out["test"] += group[n_train + n_val :]
+    for split in SPLITS:
+        rng.shuffle(out[split])  # interleave the classes again
+    return out
+
+
+def kfold_examples(examples: Sequence[Example], k: int, fold: int, seed: int = 0) -> dict[str, list[Example]]:
+    """Stratified k-fold: fold `fold` is the test split, one further fold is val, the rest train."""
+    groups: dict[str, list[Example]] = defaultdict(list)
+    for ex in sorted(examples, key=lambda e: e.id):
+        groups[ex.target].append(ex)
+    rng = random.Random(seed)
+    folds: list[list[Example]] = [[] for _ in range(k)]
+    offset = 0
+    for key in sorted(groups):
+        group = groups[key]
+        rng.shuffle(group)
+        for i, ex in enumerate(group):
+            folds[(i + offset) % k].append(ex)
+        offset += len(group)
+    val_fold = (fold + 1) % k
+    train = [ex for i, f in enumerate(folds) if i not in (fold, val_fold) for ex in f]
+    return {"train": train, "val": folds[val_fold], "test": folds[fold]}
+
+
+def load_splits(cfg: RunConfig, task: Task, val_in_train: bool = False) -> dict[str, list[Example]]:
+    """The task's examples, split deterministically (or by k-fold), with the configured limits applied.
+
+    `val_in_train`: a k-fold val fold joins train. A method that does not train selects nothing on val, so its fold
+    is better spent as few-shot demos; the caller, which knows the method, decides.
+    """
+    path = Path(cfg.data.path or DEFAULT_DATA.get(task.name, ""))
+    if not path.is_file():
+        raise PeftlabError(f"{path}: no such data file (set data.path)")
+    examples = task.load(path)
+    if cfg.data.fold is not None:
+        splits = kfold_examples(examples, cfg.data.folds, cfg.data.fold, cfg.data.seed)
+        if val_in_train:
+            splits = {"train": splits["train"] + splits["val"], "val": [], "test": splits["test"]}
+    else:
+        splits = split_examples(examples, tuple(cfg.data.split), cfg.data.seed, stratify=task.kind == "classification")
+    if cfg.data.limit_train:
+        splits["train"] = splits["train"][: cfg.data.limit_train]
+    if cfg.data.limit_eval:
+        splits["val"] = splits["val"][: cfg.data.limit_eval]
+        splits["test"] = splits["test"][: cfg.data.limit_eval]
+    return splits

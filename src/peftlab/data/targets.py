@@ -1,0 +1,66 @@
+"""Training targets other than the gold labels: a file of outputs keyed by example id (a teacher's, or a
+hosted model's), read and checked so that every training example has one.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+from pathlib import Path
+
+from peftlab.core.errors import PeftlabError, data_error
+from peftlab.data.tasks import Example, Task
+from peftlab.data.tasks.base import read_jsonl
+
+ID_KEYS = ("id", "example_id")
+OUTPUT_KEYS = ("output", "prediction", "text")
+
+
+def read_outputs(path: Path) -> dict[str, str]:
+    """Teacher outputs keyed by id, from JSONL or CSV with an id column and an output/prediction/text column."""
+    path = Path(path)
+    if not path.is_file():
+        raise PeftlabError(f"{path}: no such teacher-output file")
+    rows = (
+        enumerate(csv.DictReader(path.open(encoding="utf-8")), start=2) if path.suffix == ".csv" else read_jsonl(path)
+    )
+    outputs = {}
+    for lineno, row in rows:
+        id_key = next((k for k in ID_KEYS if k in row), None)
+        out_key = next((k for k in OUTPUT_KEYS if k in row), None)
+        if id_key is None:
+            raise data_error(path, lineno, "id", "missing")
+        if out_key is None or not str(row[out_key]).strip():
+            raise data_error(path, lineno, out_key or "output", "missing or empty text")
+        outputs[str(row[id_key])] = str(row[out_key]).strip()
+    return outputs
+
+
+def resolve_targets(cfg, task: Task, examples: list[Example]) -> list[Example]:
+    """Replace each training example's target by the teacher's output when `data.target` names a file."""
+    if cfg.data.target == "gold":
+        return examples
+    outputs = read_outputs(teacher_file(cfg))
+    missing = [ex.id for ex in examples if ex.id not in outputs]
+    if missing:
+        raise PeftlabError(
+            f"{cfg.data.target}: no teacher output for {len(missing)} training example(s), e.g. id '{missing[0]}'"
+        )
+    if task.kind == "classification":
+        bad = [(ex.id, outputs[ex.id]) for ex in examples if outputs[ex.id] not in task.labels]
+        if bad:
+            raise PeftlabError(f"{cfg.data.target}: id '{bad[0][0]}': unknown label '{bad[0][1]}'")
+    return [dataclasses.replace(ex, target=outputs[ex.id]) for ex in examples]
+
+
+def teacher_file(cfg) -> Path:
+    """The outputs file `data.target` points at: `teacher` means `<output_dir>/teacher.jsonl` (a study's teacher)."""
+    if cfg.data.target != "teacher":
+        return Path(cfg.data.target)
+    path = Path(cfg.output_dir) / "teacher.jsonl"
+    if not path.is_file():
+        raise PeftlabError(
+            f"data.target: teacher needs {path}; give the study a `teachers:` list (see docs/experiments.md) "
+            f"or write it with `peftlab distill --out {path}`"
+        )
+    return path

@@ -1,0 +1,65 @@
+"""DialogSum: summarise a two-person dialogue in a sentence or two.
+
+Reads JSONL with `dialogue` and `summary`, or several references `summary1..summaryN` (the test split has 3).
+Scored with ROUGE against the first reference and as the max over references, plus sacreBLEU and output length.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from peftlab.core.errors import data_error
+from peftlab.data.metrics import generation_metrics
+from peftlab.data.tasks.base import Example, Task, Template, read_jsonl, require_text
+
+TEMPLATES = (
+    Template("Summarize the dialogue in one or two sentences.", "{dialogue}\n\n{instruction}"),
+    Template(
+        "Write a short third-person summary of this conversation, naming the speakers #Person1# and #Person2#.",
+        "{instruction}\n\n{dialogue}",
+    ),
+    Template("What happened in this conversation? Answer briefly.", "Dialogue:\n{dialogue}\n\n{instruction}"),
+)
+
+_NUMBERED = re.compile(r"^summary(\d+)$")
+
+
+def _references(path: Path, lineno: int, obj: dict) -> tuple[str, ...]:
+    if "summary" in obj:
+        return (require_text(path, lineno, obj, "summary").strip(),)
+    numbered = sorted((int(m.group(1)), k) for k in obj if (m := _NUMBERED.match(k)))
+    if not numbered:
+        raise data_error(path, lineno, "summary", "missing (expected 'summary' or 'summary1..summaryN')")
+    return tuple(require_text(path, lineno, obj, key).strip() for _, key in numbered)
+
+
+def load(path: Path) -> list[Example]:
+    """Read DialogSum JSONL; ids come from `fname` (or `id`), else the line number."""
+    examples = []
+    for lineno, obj in read_jsonl(path):
+        refs = _references(path, lineno, obj)
+        examples.append(
+            Example(
+                id=str(obj.get("fname") or obj.get("id") or f"line{lineno}"),
+                inputs={"dialogue": require_text(path, lineno, obj, "dialogue").strip()},
+                target=refs[0],
+                references=refs,
+                extra={"topic": obj.get("topic")},
+            )
+        )
+    return examples
+
+
+def make_task() -> Task:
+    return Task(
+        name="dialogsum",
+        kind="generation",
+        load=load,
+        templates=TEMPLATES,
+        score=generation_metrics,
+        primary_metric="rouge1",
+        context_field="dialogue",
+        max_new_tokens=60,
+        description="DialogSum dialogue summarisation, ROUGE/BLEU",
+    )

@@ -1,0 +1,1 @@
+"""Putting trained runs to use: serving adapters over HTTP, merging, exporting to GGUF."""

@@ -1,0 +1,367 @@
+"""An OpenAI-compatible HTTP server: one base model in memory, many adapters on it, chosen per request.
+
+The endpoints follow the convention vLLM uses for multi-LoRA serving: the request's `model` field names an adapter
+(or the base model), so a client written for vLLM or OpenAI works unchanged. Every adapter is loaded once at startup
+from folders named on the command line; a request can only pick one of those names, never a path.
+
+All LoRA (or all IA3) adapters live in ONE peft model, so the base weights are held once. Choosing an adapter
+(`set_adapter`, `disable_adapter`) mutates that shared model, so generation is serialised under a lock: without it,
+a request could switch the adapter while another request's forward pass is running, and answer with the wrong
+adapter. Prompt-learning adapters (prompt, prefix, P-tuning) cannot share a peft model with LoRA, so each gets its
+own thin peft wrapper around the same base module (weights shared by reference) and runs with LoRA switched off.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
+
+from peftlab.core.errors import PeftlabError
+from peftlab.models.adapters import check_adapter_base, find_adapter_dir
+from peftlab.models.loading import load_model
+from peftlab.models.local import LoadedModel
+from peftlab.prompts.format import PromptFormat
+
+
+class ApiError(Exception):
+    """An error answered as OpenAI-style JSON: {"error": {"message", "type", "code"}}."""
+
+    def __init__(self, status: int, message: str, code: str, type_: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status, self.message, self.code, self.type = status, message, code, type_
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "code": self.code}}
+
+
+class CompletionRequest(BaseModel):
+    """POST /v1/completions. `prompt` is wrapped in the model's prompt format (as in training) unless `raw`."""
+
+    model_config = ConfigDict(extra="ignore")  # OpenAI clients send fields (top_p, user, ...) that greedy ignores
+    model: str
+    prompt: str
+    max_tokens: int | None = Field(default=None, ge=1)
+    temperature: float | None = None
+    n: int = 1
+    stream: bool = False
+    raw: bool = False
+
+
+class Message(BaseModel):
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+class ChatRequest(BaseModel):
+    """POST /v1/chat/completions."""
+
+    model_config = ConfigDict(extra="ignore")
+    model: str
+    messages: list[Message] = Field(min_length=1)
+    max_tokens: int | None = Field(default=None, ge=1)
+    temperature: float | None = None
+    n: int = 1
+    stream: bool = False
+
+
+@dataclass
+class Generation:
+    token_ids: list[int]
+    text: str
+    finish_reason: str  # "stop" (a stop token) or "length" (max_tokens reached)
+
+
+class AdapterPool:
+    """The base model and every adapter on it, with greedy generation serialised by a lock."""
+
+    def __init__(self, loaded: LoadedModel, adapters: dict[str, Path]):
+        self.loaded = loaded
+        self.fmt = PromptFormat(loaded.tokenizer, loaded.kind, loaded.chat)
+        self.base_name = loaded.name
+        self.lock = threading.Lock()
+        self.shared = None  # the one PeftModel holding every LoRA/IA3 adapter
+        self.prompt_models: dict[str, torch.nn.Module] = {}
+        self.virtual_tokens: dict[str, int] = {}
+        if self.base_name in adapters:
+            raise PeftlabError(f"adapter name '{self.base_name}' is taken by the base model; pick another name")
+        self._load(adapters)
+        loaded.model.eval()
+
+    @property
+    def names(self) -> list[str]:
+        return [self.base_name, *self.virtual_tokens]
+
+    def _load(self, adapters: dict[str, Path]) -> None:
+        from peft import PeftConfig, PeftModel
+
+
+        configs = {}
+        for name, path in adapters.items():
+            check_adapter_base(path, self.loaded)
+            configs[name] = PeftConfig.from_pretrained(str(path))
+        tuner_types = {
+            getattr(c.peft_type, "value", str(c.peft_type)) for c in configs.values() if not c.is_prompt_learning
+        }
+        if len(tuner_types) > 1:
+            raise PeftlabError(
+                f"adapters of different types ({', '.join(sorted(tuner_types))}) cannot share one model; "
+                "serve each type from its own `peftlab serve`"
+            )
+        base = self.loaded.model
+        # Inside peft each adapter gets a neutral name: a user's name could contain '.', which module dicts
+        # refuse, or be part of a tuner prefix like 'lora_', which peft warns re-initialises weights.
+        self.peft_names = {name: f"served{i}" for i, name in enumerate(configs)}
+        # Prompt-learning wrappers first, while the base is still untouched by LoRA's in-place layer injection.
+        for name, cfg in configs.items():
+            inner = self.peft_names[name]
+            try:
+                if cfg.is_prompt_learning:
+                    self.prompt_models[name] = PeftModel.from_pretrained(base, adapters[name], adapter_name=inner)
+                elif self.shared is None:
+                    self.shared = PeftModel.from_pretrained(base, adapters[name], adapter_name=inner)
+                else:
+                    self.shared.load_adapter(adapters[name], adapter_name=inner)
+            except (RuntimeError, ValueError, KeyError) as err:
+                raise PeftlabError(f"adapter '{name}' ({adapters[name]}): {str(err).splitlines()[0]}") from None
+            self.virtual_tokens[name] = getattr(cfg, "num_virtual_tokens", 0) if cfg.is_prompt_learning else 0
+        for model in self.prompt_models.values():
+            model.eval()
+
+    def max_positions(self) -> int | None:
+        config = self.loaded.model.config
+        return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+
+    def _select(self, name: str):
+        """The module to generate with and a context that puts the shared model in the right state."""
+        off = self.shared.disable_adapter() if self.shared is not None else contextlib.nullcontext()
+        if name == self.base_name:
+            return (self.shared or self.loaded.model), off
+        if name in self.prompt_models:
+            return self.prompt_models[name], off  # LoRA layers are injected into the shared base: switch them off
+        self.shared.set_adapter(self.peft_names[name])
+        return self.shared, contextlib.nullcontext()
+
+    def generate(self, name: str, prompt_ids: list[int], max_tokens: int) -> Generation:
+        """Greedy generation for one prompt with one adapter (or the base), under the lock."""
+        tok = self.fmt.tokenizer
+        device = next(self.loaded.model.parameters()).device
+        input_ids = torch.tensor([prompt_ids], device=device)
+        with self.lock:
+            model, state = self._select(name)
+            with state, torch.no_grad():
+                out = model.generate(
+                    input_ids=input_ids,
+                    attention_mask=torch.ones_like(input_ids),
+                    max_new_tokens=max_tokens,
+                    do_sample=False,
+                    num_beams=1,
+                    eos_token_id=self.fmt.stop_token_ids,
+                    pad_token_id=tok.pad_token_id,
+                )
+        # A decoder-only output repeats the prompt; a seq2seq output starts with the decoder start token.
+        new = out[0, len(prompt_ids) :] if self.loaded.kind == "causal" else out[0, 1:]
+        ids = new.tolist()
+        finish = "stop" if ids and ids[-1] in self.fmt.stop_token_ids else "length"
+        return Generation(ids, tok.decode(ids, skip_special_tokens=True).strip(), finish)
+
+
+async def _read_json(request: Request, limit: int, schema: type[BaseModel]) -> BaseModel:
+    """The request body parsed against `schema`, refusing bodies over `limit` bytes before parsing them."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise ApiError(413, f"request body is {declared} bytes; the limit is {limit}", "body_too_large")
+    body = bytearray()
+    async for chunk in request.stream():  # counted as it arrives: a chunked body declares no length
+        body += chunk
+        if len(body) > limit:
+            raise ApiError(413, f"request body is over the {limit}-byte limit", "body_too_large")
+    try:
+        return schema.model_validate(json.loads(body))
+    except ValueError as err:  # json.JSONDecodeError and pydantic's ValidationError are both ValueErrors
+        if isinstance(err, ValidationError):
+            first = err.errors()[0]
+            where = ".".join(str(p) for p in first["loc"]) or "body"
+            raise ApiError(400, f"{where}: {first['msg']}", "invalid_request") from None
+        raise ApiError(400, f"body is not valid JSON: {err}", "invalid_json") from None
+
+
+@dataclass
+class Limits:
+    max_tokens_cap: int = 256
+    max_body_bytes: int = 65536
+    max_prompt_tokens: int = 2048
+
+
+def _check_request(pool: AdapterPool, limits: Limits, req, prompt_ids: list[int]) -> int:
+    """Validate sampling options and lengths; return the max_tokens to use."""
+    if req.stream:
+        raise ApiError(400, "streaming is not supported", "unsupported")
+    if req.n != 1:
+        raise ApiError(400, "only n=1 is supported", "unsupported")
+    if req.temperature not in (None, 0, 0.0):
+        raise ApiError(400, "only greedy decoding is supported: send temperature 0 or leave it out", "unsupported")
+    max_tokens = req.max_tokens or min(128, limits.max_tokens_cap)
+    if max_tokens > limits.max_tokens_cap:
+        raise ApiError(400, f"max_tokens {max_tokens} is over this server's cap {limits.max_tokens_cap}", "max_tokens")
+    n = len(prompt_ids)
+    if n > limits.max_prompt_tokens:
+        raise ApiError(400, f"prompt is {n} tokens; the limit is {limits.max_prompt_tokens}", "prompt_too_long")
+    positions = pool.max_positions()
+    total = n + pool.virtual_tokens.get(req.model, 0) + max_tokens
+    if positions and pool.loaded.kind == "causal" and total > positions:
+        raise ApiError(
+            400,
+            f"prompt ({n} tokens) plus max_tokens ({max_tokens}) exceeds the model's {positions} positions",
+            "prompt_too_long",
+        )
+    return max_tokens
+
+
+def _chat_prompt(pool: AdapterPool, req: ChatRequest) -> list[int]:
+    fmt = pool.fmt
+    if fmt.kind != "causal" or not fmt.chat:
+        raise ApiError(400, "this model has no chat template; use /v1/completions", "no_chat_template")
+    messages = [m.model_dump() for m in req.messages]
+    text = fmt.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return fmt.prompt_ids(text)
+
+
+def _completion_prompt(pool: AdapterPool, req: CompletionRequest) -> list[int]:
+    fmt = pool.fmt
+    return fmt.tokenizer(req.prompt).input_ids if req.raw else fmt.prompt_ids(fmt.prompt_text(req.prompt))
+
+
+def _response(kind: str, model: str, prompt_ids: list[int], gen: Generation) -> dict:
+    if kind == "chat":
+        choice = {"index": 0, "message": {"role": "assistant", "content": gen.text}}
+    else:
+        choice = {"index": 0, "text": gen.text, "logprobs": None}
+    return {
+        "id": f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}",
+        "object": "chat.completion" if kind == "chat" else "text_completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [{**choice, "finish_reason": gen.finish_reason}],
+        "usage": {
+            "prompt_tokens": len(prompt_ids),
+            "completion_tokens": len(gen.token_ids),
+            "total_tokens": len(prompt_ids) + len(gen.token_ids),
+        },
+    }
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    """Every error, ours or the framework's, answered as OpenAI-style JSON."""
+
+    @app.exception_handler(ApiError)
+    async def api_error(_: Request, err: ApiError) -> JSONResponse:
+        return JSONResponse(err.body(), status_code=err.status)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(_: Request, err: HTTPException) -> JSONResponse:  # unknown route, wrong method
+        return JSONResponse(ApiError(err.status_code, str(err.detail), "http_error").body(), err.status_code)
+
+    @app.exception_handler(Exception)
+    async def server_error(_: Request, err: Exception) -> JSONResponse:  # logged by uvicorn; the server stays up
+        error = ApiError(500, f"internal error: {type(err).__name__}", "internal", "server_error")
+        return JSONResponse(error.body(), status_code=500)
+
+
+def create_app(
+    loaded: LoadedModel,
+    adapters: dict[str, Path],
+    max_tokens_cap: int = 256,
+    max_body_bytes: int = 65536,
+    max_prompt_tokens: int = 2048,
+) -> FastAPI:
+    """The FastAPI app serving `loaded` and the named adapter folders (loaded once, here)."""
+    pool = AdapterPool(loaded, adapters)
+    limits = Limits(max_tokens_cap, max_body_bytes, max_prompt_tokens)
+    app = FastAPI(title="peftlab serve", version="1")
+    app.state.pool = pool
+    started = int(time.time())
+
+    _add_error_handlers(app)
+
+    @app.get("/health")
+    async def health() -> dict:
+        return {"status": "ok"}
+
+    @app.get("/v1/models")
+    async def models() -> dict:
+        data = [{"id": pool.base_name, "object": "model", "created": started, "owned_by": "peftlab", "parent": None}]
+        data += [
+            {"id": n, "object": "model", "created": started, "owned_by": "peftlab", "parent": pool.base_name}
+            for n in pool.names[1:]
+        ]
+        return {"object": "list", "data": data}
+
+    async def answer(request: Request, schema: type[BaseModel], kind: str) -> dict:
+        req = await _read_json(request, limits.max_body_bytes, schema)
+        if req.model not in pool.names:
+            message = f"model '{req.model}' not found; available: {', '.join(pool.names)}"
+            raise ApiError(404, message, "model_not_found", "not_found")
+        prompt_ids = _chat_prompt(pool, req) if kind == "chat" else _completion_prompt(pool, req)
+        max_tokens = _check_request(pool, limits, req, prompt_ids)
+        # Generation blocks for seconds; a worker thread keeps the event loop answering /health meanwhile.
+        gen = await run_in_threadpool(pool.generate, req.model, prompt_ids, max_tokens)
+        return _response(kind, req.model, prompt_ids, gen)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> dict:
+        return await answer(request, CompletionRequest, "text")
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> dict:
+        return await answer(request, ChatRequest, "chat")
+
+    return app
+
+
+def parse_adapter_specs(specs: list[str]) -> dict[str, Path]:
+    """`name=DIR` pairs (DIR a peft folder or a run folder) as a name -> adapter folder map."""
+
+    adapters: dict[str, Path] = {}
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        name = name.strip()
+        if not sep or not name or not path:
+            raise PeftlabError(f"--adapter '{spec}': expected name=DIR, e.g. --adapter pubmed=runs/lora")
+        if name in adapters:
+            raise PeftlabError(f"--adapter name '{name}' is given twice")
+        adapters[name] = find_adapter_dir(path)
+    return adapters
+
+
+def serve(
+    model: str,
+    adapter_specs: list[str],
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    device: str = "auto",
+    **limits: int,
+) -> None:
+    """Load the base and adapters, then serve until interrupted."""
+    import uvicorn
+
+
+    adapters = parse_adapter_specs(adapter_specs)
+    loaded = load_model(model, device=device)
+    app = create_app(loaded, adapters, **limits)
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"warning: serving on {host} with no authentication; anyone who can reach it can use it", flush=True)
+    print(f"serving {', '.join(app.state.pool.names)} on http://{host}:{port}/v1", flush=True)
+    uvicorn.run(app, host=host, port=port, log_level="info")

@@ -1,0 +1,85 @@
+"""Scoring without generating: label-word scores for classification, and the validation loss.
+
+Classification never generates: the prediction is the label whose tokens the model finds most likely right after
+the prompt. With single-token labels that is one forward pass per batch, reading only the last position's logits.
+Generation (`evaluate.generation`) runs length-sorted batches with the KV cache (`evaluate.decode`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from peftlab.data.tasks import Example
+from peftlab.models.forward import IGNORE, target_logits, target_loss
+from peftlab.prompts.batches import collate, forward_tokens, right_padded_ok, token_batches
+from peftlab.prompts.format import Encoded, PromptFormat
+
+
+def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def _device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+@torch.inference_mode()
+def mean_loss(model, kind: str, items: Sequence[Encoded], pad_id: int, max_tokens: int | None = None) -> float:
+    """Mean per-token target loss over `items` (the validation loss)."""
+    total, count = 0.0, 0
+    right = right_padded_ok(model, kind, items)
+    for idx in token_batches(items, max_tokens or forward_tokens(_device(model)), max_rows=64):
+        batch = collate([items[i] for i in idx], kind, pad_id, right_padded=right)
+        loss, n = target_loss(model, kind, _to(batch, _device(model)))
+        total, count = total + float(loss), count + n
+    return total / max(count, 1)
+
+
+@torch.inference_mode()
+def label_scores(
+    model, fmt: PromptFormat, items: Sequence[Encoded], labels: Sequence[str], max_tokens: int | None = None,
+    progress=True, examples: Sequence[Example] | None = None,
+) -> torch.Tensor:
+    """Log-likelihood of each label after each prompt: shape (len(items), len(labels)).
+
+    `examples`, the items' source examples, are read only by a classifier head with text features.
+    """
+    if hasattr(model, "label_logprobs"):  # a classifier head (linear-head) scores its labels directly
+        return model.label_logprobs(items, fmt.tokenizer.pad_token_id, progress, examples=examples)
+    label_ids = [fmt.label_ids(label) for label in labels]
+    single = all(len(ids) == 1 for ids in label_ids) and len({ids[0] for ids in label_ids}) == len(labels)
+    # With distinct one-token labels, one pass over the prompts decides; otherwise score each label's tokens in full.
+    candidates = [[ids[0]] for ids in label_ids] if single else label_ids
+    scores = torch.zeros(len(items), len(labels))
+    passes = 1 if single else len(labels)
+    bar = tqdm(total=len(items) * passes, desc="scoring", unit="ex", disable=not progress, leave=False)
+    max_tokens = max_tokens or forward_tokens(_device(model))
+    for j in range(passes):
+        probe = [Encoded(e.id, e.prompt_ids, candidates[j] if not single else [0], media=e.media) for e in items]
+        for idx in token_batches(probe, max_tokens, max_rows=64):
+            batch = _to(collate([probe[i] for i in idx], fmt.kind, fmt.tokenizer.pad_token_id), _device(model))
+            logprobs = target_logits(model, fmt.kind, batch).float().log_softmax(-1)
+            if single:
+                first = torch.tensor([c[0] for c in candidates], device=logprobs.device)
+                scores[idx] = logprobs[:, 0, first].cpu()
+            else:
+                tok = batch["labels"].clamp(min=0)
+                picked = logprobs.gather(-1, tok.unsqueeze(-1)).squeeze(-1) * (batch["labels"] != IGNORE)
+                scores[idx, j] = picked.sum(-1).cpu()
+            bar.update(len(idx))
+    bar.close()
+    return scores
+
+
+def calibrate(scores: torch.Tensor, content_free: torch.Tensor) -> torch.Tensor:
+    """Contextual calibration (Zhao et al., 2021): label log-probabilities with the prompt's own bias divided out.
+
+    A prompt leans towards some labels whatever its content (an instruct model says "yes"). Scoring the same prompt
+    with every input field replaced by content-free text ("N/A", ...) measures that lean; dividing each item's label
+    probabilities by it, then renormalising, leaves what the content adds. Both arguments are (n, labels) log-probs.
+    """
+    bias = content_free.log_softmax(-1).exp().mean(0).log()  # the mean content-free label distribution
+    return (scores.log_softmax(-1) - bias).log_softmax(-1)

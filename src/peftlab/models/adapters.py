@@ -1,0 +1,93 @@
+"""Loading trained adapters onto a base model, safely.
+
+An adapter trained on another base would load with silently wrong shapes or meaning, so the adapter's recorded
+base and its tensor shapes are checked against the loaded base first, and the error names both.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from peftlab.core.errors import PeftlabError
+from peftlab.models.loading import load_model
+from peftlab.models.local import LoadedModel
+
+
+def find_adapter_dir(path: str | Path) -> Path:
+    """Accept a peft folder or a run folder holding `adapter/`."""
+    p = Path(path)
+    if (p / "adapter_config.json").exists():
+        return p
+    if (p / "adapter" / "adapter_config.json").exists():
+        return p / "adapter"
+    raise PeftlabError(f"{p}: no adapter_config.json here or in {p / 'adapter'}")
+
+
+def check_adapter_base(adapter_dir: Path, loaded: LoadedModel) -> None:
+    """Refuse an adapter whose base model or tensor shapes differ from the loaded base."""
+    from safetensors import safe_open
+
+    config = json.loads((adapter_dir / "adapter_config.json").read_text())
+    recorded = config.get("base_model_name_or_path") or ""
+    # A 4-bit weight is stored packed; its quant_state keeps the shape the adapter was trained against.
+    base_shapes = {name: tuple(getattr(getattr(p, "quant_state", None), "shape", p.shape))
+                   for name, p in loaded.model.named_parameters()}
+    weights = adapter_dir / "adapter_model.safetensors"
+    if not weights.exists():
+        raise PeftlabError(f"{adapter_dir}: no adapter_model.safetensors (pickled adapters are not loaded)")
+    hidden = getattr(loaded.model.config, "hidden_size", None) or getattr(loaded.model.config, "d_model", None)
+    with safe_open(weights, "pt") as f:
+        for key in f.keys():
+            shape = tuple(f.get_slice(key).get_shape())
+            if not _shape_fits(key, shape, base_shapes, hidden):
+                raise PeftlabError(
+                    f"adapter {adapter_dir} was trained on base '{recorded}' and does not fit base "
+                    f"'{loaded.name}' ({loaded.path}): tensor {key} has shape {shape}"
+                )
+
+
+def _shape_fits(key: str, shape: tuple, base_shapes: dict, hidden: int | None) -> bool:
+    if "lora_A" in key or "lora_B" in key:
+        module = key.split(".lora_")[0].removeprefix("base_model.model.")
+        base = next(
+            (
+                s
+                for n, s in base_shapes.items()
+                if n.endswith(module + ".weight") or n.endswith(module + ".base_layer.weight")
+            ),
+            None,
+        )
+        if base is None:
+            return False
+        return shape[1] == base[1] if "lora_A" in key else shape[0] == base[0]
+    if key.endswith("prompt_embeddings") or key == "prompt_embeddings":
+        return hidden is None or shape[-1] == hidden or shape[-1] % hidden == 0
+    return True
+
+
+def load_adapter(loaded: LoadedModel, path: str | Path, adapter_name: str = "default") -> torch.nn.Module:
+    """Wrap the base with a saved peft adapter after checking it fits."""
+    from peft import PeftModel
+
+    adapter_dir = find_adapter_dir(path)
+    check_adapter_base(adapter_dir, loaded)
+    try:
+        return PeftModel.from_pretrained(loaded.model, adapter_dir, adapter_name=adapter_name, is_trainable=False)
+    except (RuntimeError, ValueError, KeyError) as err:
+        raise PeftlabError(
+            f"adapter {adapter_dir} does not fit base '{loaded.name}': {str(err).splitlines()[0]}"
+        ) from None
+
+
+def load_for_inference(model: str, adapter: str | None, device: str = "auto", allow_pickle: bool = False):
+    """The base model, with a saved adapter applied if given (a full fine-tune's run folder is a model itself)."""
+
+    if adapter and (Path(adapter) / "model" / "config.json").exists():
+        return load_model(str(Path(adapter) / "model"), device=device, allow_pickle=allow_pickle), None
+    loaded = load_model(model, device=device, allow_pickle=allow_pickle)
+    if adapter:
+        loaded.model = load_adapter(loaded, adapter)
+    return loaded, adapter

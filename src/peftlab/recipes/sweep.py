@@ -1,0 +1,210 @@
+"""Hyperparameter sweeps with Optuna: TPE search, median pruning on the per-epoch val metric, resumable storage.
+
+A sweep is a study YAML with a `base` run config and a `sweep` section:
+
+    sweep:
+      trials: 12                       # finished (complete or pruned) trials wanted in total
+      seed: 0                          # TPE sampler seed
+      pruner: median                   # median or none
+      startup_trials: 5                # trials that are never pruned while the median forms
+      space:
+        train.lr: {low: 1e-3, high: 1e-1, log: true}
+        method.num_virtual_tokens: {choices: [10, 20]}
+        train.epochs: {low: 1, high: 3}
+
+Every trial is a normal run folder `<study>/trial-<n>/`, so it appears in results.md and report.html. The study
+lives in Optuna storage (default `sqlite:///<study>/optuna.db`) and is loaded if it exists, so an interrupted sweep
+resumes; several machines given the same database URL (e.g. PostgreSQL) work one study together.
+"""
+
+from __future__ import annotations
+
+import gc
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from peftlab.core.config import RunConfig, apply_overrides, load_config, save_config
+from peftlab.core.errors import PeftlabError
+from peftlab.core.files import read_json
+from peftlab.recipes.compare import load_study
+from peftlab.recipes.train import run_training
+from peftlab.report.report import build_study_report
+from peftlab.train.loop import NonFiniteLoss
+
+SWEEP_KEYS = {"trials", "seed", "pruner", "startup_trials", "space", "direction"}
+
+
+def _number(where: str, value: Any) -> float | int:
+    # PyYAML reads `1e-3` (no dot) as a string; accept it as the float it means.
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise PeftlabError(f"sweep.space.{where}: expected a number, got {value!r}")
+    return value
+
+
+def parse_space(space: Any) -> dict[str, dict]:
+    """Check the search space: each key is a config path with `{choices: [...]}` or `{low, high, log?, step?}`."""
+    if not isinstance(space, dict) or not space:
+        raise PeftlabError("sweep.space must map config keys (e.g. train.lr) to {low, high} or {choices}")
+    out = {}
+    for key, spec in space.items():
+        if not isinstance(spec, dict) or not ({"choices"} <= set(spec) or {"low", "high"} <= set(spec)):
+            raise PeftlabError(f"sweep.space.{key}: expected {{choices: [...]}} or {{low, high, log?, step?}}")
+        if "choices" in spec:
+            if not isinstance(spec["choices"], list) or not spec["choices"]:
+                raise PeftlabError(f"sweep.space.{key}.choices must be a non-empty list")
+            out[key] = {"choices": spec["choices"]}
+            continue
+        low, high = _number(f"{key}.low", spec["low"]), _number(f"{key}.high", spec["high"])
+        if low >= high:
+            raise PeftlabError(f"sweep.space.{key}: low must be below high, got {low} and {high}")
+        out[key] = {"low": low, "high": high, "log": bool(spec.get("log", False)), "step": spec.get("step")}
+    return out
+
+
+def suggest(trial, space: dict[str, dict]) -> dict[str, Any]:
+    """One value per key: categorical for choices, int for integer bounds, float otherwise."""
+    params = {}
+    for key, s in space.items():
+        if "choices" in s:
+            params[key] = trial.suggest_categorical(key, s["choices"])
+        elif isinstance(s["low"], int) and isinstance(s["high"], int):
+            params[key] = trial.suggest_int(key, s["low"], s["high"], step=s["step"] or 1, log=s["log"])
+        else:
+            params[key] = trial.suggest_float(key, s["low"], s["high"], step=s["step"], log=s["log"])
+    return params
+
+
+def trial_config(base: dict, params: dict[str, Any], name: str, output_dir: Path) -> RunConfig:
+    """The base run config with one trial's values set at their dotted keys."""
+    overrides = [f"{k}={yaml.safe_dump(v, default_flow_style=True).splitlines()[0]}" for k, v in params.items()]
+    return load_config(None, overrides, base={**base, "name": name, "output_dir": str(output_dir)})
+
+
+def _pruning_callback(trial, cfg: RunConfig):
+    import optuna
+
+    def on_epoch_end(epoch: int, val_row: dict) -> None:
+        key = next((k for k in val_row if k.startswith("val_") and k != "val_loss"), None)
+        if key is None:
+            return
+        trial.report(val_row[key], epoch)
+        # After the last epoch the run is as good as finished: keep it rather than prune it.
+        last = cfg.train.max_steps is None and epoch >= cfg.train.epochs
+        if not last and trial.should_prune():
+            raise optuna.TrialPruned(f"epoch {epoch}: {key} {val_row[key]:.4f} is below the median of earlier trials")
+
+    return on_epoch_end
+
+
+def objective_value(run_dir: Path) -> float:
+    """The run's final val metric (its primary metric), as written to result.json."""
+    result = read_json(run_dir / "result.json")
+    key = f"val_{result['primary_metric']}"
+    if key not in result["metrics"]:
+        raise PeftlabError(f"{run_dir}: no {key} in result.json; a sweep needs a val split (data.split)")
+    return float(result["metrics"][key])
+
+
+def make_objective(base: dict, space: dict, study_dir: Path):
+
+    def objective(trial) -> float:
+        cfg = trial_config(base, suggest(trial, space), f"trial-{trial.number}", study_dir)
+        try:
+            run_dir = run_training(cfg, on_epoch_end=_pruning_callback(trial, cfg))
+        finally:
+            gc.collect()  # each trial loads its own model; free the last one before the next
+        return objective_value(run_dir)
+
+    return objective
+
+
+def _check_header(header: dict, path: Path) -> dict:
+    sweep = header.get("sweep")
+    if not isinstance(sweep, dict):
+        raise PeftlabError(f"{path}: a sweep needs a `sweep:` section with a `space:` (see docs/experiments.md)")
+    unknown = set(sweep) - SWEEP_KEYS
+    if unknown:
+        raise PeftlabError(f"{path}: unknown sweep key '{sorted(unknown)[0]}'; valid: {', '.join(sorted(SWEEP_KEYS))}")
+    if sweep.get("pruner", "median") not in ("median", "none"):
+        raise PeftlabError(f"sweep.pruner must be median or none, got '{sweep['pruner']}'")
+    return sweep
+
+
+def _storage(url: str):
+    import warnings
+
+    import optuna
+
+    # Heartbeats let a later worker mark a trial whose process died (kill -9, lost machine) as failed and retry it.
+    # Optuna >= 4.9 renamed the callback; both are "experimental", which is not worth a warning on every sweep.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        if hasattr(optuna.storages, "RetryHeartbeatStaleTrialCallback"):
+            retry = {"heartbeat_stale_trial_callback": optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1)}
+        else:
+            retry = {"failed_trial_callback": optuna.storages.RetryFailedTrialCallback(max_retry=1)}
+        return optuna.storages.RDBStorage(url, heartbeat_interval=60, grace_period=180, **retry)
+
+
+def _create_study(name: str, storage: str, sweep: dict, n_trials: int):
+    import optuna
+
+    pruner = (optuna.pruners.MedianPruner(n_startup_trials=int(sweep.get("startup_trials", 5)))
+              if sweep.get("pruner", "median") == "median" else optuna.pruners.NopPruner())
+    study = optuna.create_study(study_name=name, storage=_storage(storage), load_if_exists=True, pruner=pruner,
+                                direction=sweep.get("direction", "maximize"))
+    # Offset the seed by the trials already stored: a resumed sweep must not redraw the first run's parameters.
+    # TPE models the space after a third of the budget (at most 10 random trials), so short sweeps still use it.
+    seed = int(sweep.get("seed", 0)) + len(study.get_trials(deepcopy=False))
+    study.sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=max(2, min(10, n_trials // 3)))
+    return study
+
+
+def run_sweep(
+    path: Path,
+    trials: int | None = None,
+    storage: str | None = None,
+    overrides: list[str] = (),
+    seed: int | None = None,
+) -> Path:
+    """Run (or resume) a sweep until `trials` trials have finished; write best_config.yaml, trials.csv, report.
+
+    `seed` overrides `sweep.seed`: give each worker of a shared-storage sweep its own.
+    """
+    import optuna
+
+
+    header, _ = load_study(Path(path))
+    sweep = _check_header(header, Path(path))
+    sweep = {**sweep, "seed": sweep.get("seed", 0) if seed is None else seed}
+    space = parse_space(sweep.get("space"))
+    n_trials = int(trials or sweep.get("trials", 10))
+    name = header.get("name", Path(path).stem)
+    study_dir = Path(header.get("output_dir", "runs")) / name
+    base = apply_overrides(yaml.safe_load(yaml.safe_dump(header.get("base") or {})), list(overrides))
+    # Fail on a typo in the space or base before any trial trains.
+    trial_config(base, {k: s["choices"][0] if "choices" in s else s["low"] for k, s in space.items()}, "x", study_dir)
+    study_dir.mkdir(parents=True, exist_ok=True)
+    study = _create_study(name, storage or f"sqlite:///{(study_dir / 'optuna.db').resolve()}", sweep, n_trials)
+    finished = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+    done = len(study.get_trials(deepcopy=False, states=finished))
+    print(f"sweep {study_dir}: {done} of {n_trials} trials finished", flush=True)
+    if done < n_trials:
+        study.optimize(make_objective(base, space, study_dir), n_trials=n_trials - done, catch=(NonFiniteLoss,),
+                       callbacks=[optuna.study.MaxTrialsCallback(n_trials, states=finished)])
+    if not study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
+        raise PeftlabError(f"sweep {name}: no trial completed; see the trial folders under {study_dir}")
+    best = study.best_trial
+    save_config(trial_config(base, best.params, "best", study_dir), study_dir / "best_config.yaml")
+    study.trials_dataframe().to_csv(study_dir / "trials.csv", index=False)
+    build_study_report(study_dir, title=name)
+    print(f"best: trial-{best.number} value {best.value:.4f} params {best.params}\n"
+          f"best config: {study_dir / 'best_config.yaml'} (peftlab train {study_dir / 'best_config.yaml'})")
+    return study_dir

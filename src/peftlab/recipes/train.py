@@ -1,0 +1,225 @@
+"""The training recipe: one run, from its config to a finished run folder, read top to bottom.
+
+    config -> task data and splits -> base model -> method -> encode -> train (`peftlab.train.loop.fit`) or fit the
+    linear head -> test evaluation -> experiments -> run folder (result.json last)
+
+A multi-task mixture takes the same path as a single task. Only two things differ, and both live in the data: how
+the training examples are drawn (`prompts.encoding.sample_train`) and that val and test are scored per task, with
+metric keys that name it (`data.mixture.Part.metric`). A single-task run is a mixture of one part.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from peftlab.core.config import RunConfig, save_config
+from peftlab.core.errors import PeftlabError
+from peftlab.core.files import write_json, write_jsonl
+from peftlab.core.resources import peak_rss_mb, versions
+from peftlab.data.mixture import Part, is_mixture, load_parts, parse_mixture, single_part
+from peftlab.data.splits import load_splits
+from peftlab.data.targets import resolve_targets
+from peftlab.data.tasks import Example, get_task
+from peftlab.evaluate.evaluate import evaluate
+from peftlab.evaluate.scoring import mean_loss
+from peftlab.experiments.hooks import run_experiments
+from peftlab.kernels.memory import enable_checkpointing, fused_rmsnorm, lean_swiglu
+from peftlab.methods.head import fit_head
+from peftlab.methods.registry import Method, apply_method, count_params, get_method
+from peftlab.models.loading import load_model
+from peftlab.models.local import LoadedModel
+from peftlab.prompts.encoding import content_free_items, encode_split, few_shot_demos, format_for, sample_train
+from peftlab.prompts.format import Encoded, PromptFormat
+from peftlab.train.loop import FitData, fit
+from peftlab.train.runtime import accelerator_and_dtype, seed_everything
+from peftlab.train.save import save_trained
+
+
+@dataclass
+class RunContext:
+    """Everything the recipe's stages share for one run: the config, the data, the model and where it runs."""
+
+    cfg: RunConfig
+    method: Method
+    parts: list[Part]
+    loaded: LoadedModel
+    fmt: PromptFormat
+    accelerator: object
+    started: float
+    train: list[Encoded] = field(default_factory=list)
+    train_examples: list[Example] = field(default_factory=list)  # behind `train`, for a single task
+    train_mix: dict[str, int] = field(default_factory=dict)  # training examples drawn per task
+    # (part key, split) -> encoded items; split is "val", "test" or "content_free" (calibration prompts)
+    enc: dict[tuple[str, str], list[Encoded]] = field(default_factory=dict)
+
+    @property
+    def run_dir(self) -> Path:
+        return self.cfg.run_dir
+
+
+def run_training(cfg: RunConfig, on_epoch_end=None) -> Path:
+    """Train (or, for zero/few-shot, only evaluate) one method and write its run folder."""
+    ctx = prepare(cfg)
+    if ctx.accelerator.is_main_process:
+        ctx.run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, ctx.run_dir / "config.yaml")
+        if cfg.train.report_to:
+            ctx.accelerator.init_trackers(cfg.name)
+    enable_checkpointing(ctx.loaded.model, cfg.train.activation_checkpointing)
+    lean_swiglu(ctx.loaded.model)  # the gated MLPs keep two tensors for backward, not three: same gradients
+    fused_rmsnorm(ctx.loaded.model)  # one fused kernel per norm instead of five ops: same outputs
+    model = apply_method(ctx.loaded, ctx.parts[0].task, cfg.method)
+    trainable, total = count_params(model)
+    summary = train_model(ctx, model, on_epoch_end)
+    if ctx.method.build is not None:  # the linear head's text heads are fitted outside torch, so not counted above
+        trainable += sum(h.n_params for h in model.text_heads)
+    ctx.accelerator.wait_for_everyone()
+    if ctx.accelerator.is_main_process:
+        finish(ctx, ctx.accelerator.unwrap_model(model), summary, (trainable, total))
+    ctx.accelerator.end_training()
+    return ctx.run_dir
+
+
+def prepare(cfg: RunConfig) -> RunContext:
+    """Seed, read and split the data, load the base model, and encode every split."""
+    started = time.perf_counter()
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    seed_everything(cfg.train.seed)
+    method = get_method(cfg.method.name)
+    parts = task_parts(cfg, method)
+    accelerator, device, dtype = accelerator_and_dtype(cfg, method)
+    loaded = load_model(
+        cfg.model.name,
+        device=device,
+        dtype=dtype,
+        chat=cfg.model.chat,
+        allow_pickle=cfg.model.allow_pickle,
+        quantize=cfg.method.quant if method.quantized else None,
+    )
+    ctx = RunContext(cfg, method, parts, loaded, format_for(loaded), accelerator, started)
+    _encode(ctx)
+    return ctx
+
+
+def task_parts(cfg: RunConfig, method: Method) -> list[Part]:
+    """The run's tasks with their splits: one part for a single task, one per task for a mixture."""
+    if is_mixture(cfg):
+        if cfg.data.target != "gold" or method.name in ("few-shot", "linear-head") or cfg.experiments.probe:
+            raise PeftlabError(
+                "a mixture trains on gold targets, without few-shot demos, the linear head or the brittleness probe"
+            )
+        return load_parts(cfg, parse_mixture(cfg), val_in_train=not method.trains)
+    task = get_task(cfg.data.task)
+    # A method that trains nothing selects nothing on a k-fold val fold, so the fold joins the demo pool.
+    return [single_part(cfg, task, load_splits(cfg, task, val_in_train=not method.trains))]
+
+
+def _encode(ctx: RunContext) -> None:
+    """Training items (teacher targets where configured, or a mixture's sampled draw), and each part's val/test."""
+    cfg, fmt = ctx.cfg, ctx.fmt
+    if len(ctx.parts) > 1:
+        ctx.train, ctx.train_mix = sample_train(ctx.parts, fmt, cfg.data.max_length, cfg.data.seed)
+    else:
+        part = ctx.parts[0]
+        ctx.train_examples = resolve_targets(cfg, part.task, part.splits["train"])  # teacher outputs replace gold
+        ctx.train = encode_split(cfg, part.task, fmt, ctx.train_examples)
+        ctx.train_mix = {part.task.name: len(ctx.train)}
+    shots_k = cfg.data.shots or (3 if ctx.method.name == "few-shot" else 0)
+    for part in ctx.parts:
+        template = part.entry.templates[0]
+        shots = few_shot_demos(part.task, part.splits["train"], shots_k, cfg.data.seed, template)
+        for split in ("val", "test"):
+            ctx.enc[(part.key, split)] = encode_split(cfg, part.task, fmt, part.splits[split], shots, template)
+        ctx.enc[(part.key, "content_free")] = content_free_items(
+            cfg, part.task, fmt, part.splits["train"], shots, template
+        )
+
+
+def train_model(ctx: RunContext, model: torch.nn.Module, on_epoch_end=None) -> dict:
+    """Run the gradient loop, or fit the linear head, or nothing (zero/few-shot); returns the training summary."""
+    summary: dict = {
+        "train_steps": 0,
+        "train_seconds": 0.0,
+        "tokens_per_s": None,
+        "last_train_loss": None,
+        "best_val_loss": None,
+    }
+    if not ctx.method.trains:
+        return summary
+    if not ctx.train:
+        raise PeftlabError("the train split is empty; check data.path, data.split and data.limit_train")
+    first = ctx.parts[0]  # validation (best checkpoint, early stopping, pruning) follows the first task
+    if ctx.method.build is not None:  # the linear head: one feature pass and a convex fit, no gradient loop
+        return fit_head(ctx.cfg, model, first.task, ctx.fmt, ctx.train, ctx.train_examples)
+    data = FitData(first.task, ctx.fmt, ctx.train, ctx.enc[(first.key, "val")], first.splits["val"])
+    return fit(ctx.cfg, model, ctx.loaded, data, ctx.run_dir, ctx.accelerator, on_epoch_end)
+
+
+def score_parts(ctx: RunContext, model: torch.nn.Module, best_val: dict | None) -> tuple[dict, list[dict]]:
+    """Val and test metrics of every part, and the test prediction rows (tagged by task in a mixture).
+
+    `best_val`: the kept epoch's val metrics from training; they stand for a single task's val split unless
+    calibration changes the scores.
+    """
+    metrics: dict = {}
+    rows: list[dict] = []
+    for part in ctx.parts:
+        content_free = ctx.enc[(part.key, "content_free")]
+        for split in ("val", "test"):
+            items = ctx.enc[(part.key, split)]
+            if not items:
+                continue
+            if split == "val" and best_val and not content_free and len(ctx.parts) == 1:
+                m, r = best_val, []
+            else:
+                m, r = evaluate(model, ctx.fmt, part.task, part.splits[split], items, split=split,
+                                content_free=content_free)
+            metrics.update({part.metric(split, k): v for k, v in m.items() if k not in ("task", "split")})
+            if split == "test":
+                rows += [{**row, "task": part.task.name} for row in r] if part.key else r
+    return metrics, rows
+
+
+def finish(ctx: RunContext, model: torch.nn.Module, summary: dict, params: tuple[int, int]) -> None:
+    """Test evaluation and the run folder: metrics, predictions, the saved adapter and result.json (written last)."""
+    cfg, first, trains = ctx.cfg, ctx.parts[0], ctx.method.trains
+    metrics, rows = score_parts(ctx, model, summary.pop("best_val_metrics", None))
+    metrics.update(run_experiments(cfg, model, ctx.fmt, first.task, first.splits, ctx.run_dir))
+    val = ctx.enc[(first.key, "val")]
+    if summary["best_val_loss"] is None and val and not trains:
+        summary["best_val_loss"] = mean_loss(model, ctx.loaded.kind, val, ctx.fmt.tokenizer.pad_token_id)
+    adapter_bytes = save_trained(model, ctx.loaded, cfg.method.name, ctx.run_dir) if trains else 0
+    mixture = len(ctx.parts) > 1
+    task_name = "mix:" + "+".join(p.task.name for p in ctx.parts) if mixture else first.task.name
+    write_json(ctx.run_dir / "metrics.json", {"task": task_name, **metrics})
+    write_jsonl(ctx.run_dir / "predictions.jsonl", rows)
+    trainable, total = params
+    result = {
+        "name": cfg.name,
+        "method": cfg.method.name,
+        "task": task_name,
+        "model": cfg.model.name,
+        "task_kind": "mixture" if mixture else first.task.kind,
+        # A mixture's is the first task's, like its validation.
+        "primary_metric": f"{first.key}_{first.task.primary_metric}" if mixture else first.task.primary_metric,
+        "trainable_params": trainable if trains else 0,
+        "total_params": total,
+        "trainable_pct": 100 * trainable / total if trains else 0.0,
+        "adapter_bytes": adapter_bytes,
+        **summary,
+        "peak_rss_mb": peak_rss_mb(),
+        "peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None,
+        # Bytes of the weights as stored (a 4-bit base at its packed size): what QLoRA saves, apart from activations.
+        "weights_mb": sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20,
+        "wall_seconds": time.perf_counter() - ctx.started,
+        "truncated_examples": sum(e.truncated > 0 for items in [ctx.train, *ctx.enc.values()] for e in items),
+        "train_mix": ctx.train_mix,
+        "metrics": metrics,
+        "versions": versions(),
+    }
+    write_json(ctx.run_dir / "result.json", result)  # written last: its presence marks the run complete

@@ -1,0 +1,70 @@
+"""Resumable training state: what the loop has done so far, saved atomically so `--resume` continues exactly.
+
+A checkpoint holds the trainable weights, the optimizer and schedule, both RNGs and the loop's own counters. Only
+tensors and plain values go in, so it loads with `torch.load(weights_only=True)`: no pickled code runs.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass, field, fields
+from io import BytesIO
+from pathlib import Path
+
+import torch
+
+from peftlab.core.files import write_bytes_atomic
+
+
+def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A detached copy of the weights that train (an adapter's, or every weight for full fine-tuning)."""
+    return {k: v.detach().clone() for k, v in model.named_parameters() if v.requires_grad}
+
+
+CHECKPOINT = "checkpoint.pt"
+
+
+@dataclass
+class TrainState:
+    """Where the loop stands. Saved in checkpoints, so a killed run continues exactly where it stopped."""
+
+    step: int = 0
+    epoch: int = 0
+    start: int = 0  # index of the next micro-batch within this epoch's shard
+    tokens: int = 0
+    seconds: float = 0.0
+    last_loss: float | None = None
+    stale: int = 0
+    best_val_loss: float = math.inf
+    best_epoch: int = 0
+    best_state: dict | None = None
+    best_val_metrics: dict | None = None  # the best epoch's full val scores, when the whole split was scored
+    log: list = field(default_factory=list)
+
+
+def save_checkpoint(path: Path, state: TrainState, model, optimizer, scheduler) -> None:
+    """Write model, optimizer, schedule, RNG and loop state atomically (temp file + rename)."""
+    payload = {
+        "state": {f.name: getattr(state, f.name) for f in fields(TrainState) if f.name != "best_state"},
+        "best_state": state.best_state,
+        "model": trainable_state(model),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "torch_rng": torch.get_rng_state(),
+        "python_rng": random.getstate(),
+    }
+    buffer = BytesIO()
+    torch.save(payload, buffer)
+    write_bytes_atomic(path, buffer.getvalue())
+
+
+def load_checkpoint(path: Path, model, optimizer, scheduler) -> TrainState:
+    """Restore a checkpoint written by `save_checkpoint` (tensors only: `weights_only=True`, no pickled code)."""
+    payload = torch.load(path, weights_only=True)
+    model.load_state_dict(payload["model"], strict=False)
+    optimizer.load_state_dict(payload["optimizer"])
+    scheduler.load_state_dict(payload["scheduler"])
+    torch.set_rng_state(payload["torch_rng"])
+    random.setstate(payload["python_rng"])
+    return TrainState(**payload["state"], best_state=payload["best_state"])

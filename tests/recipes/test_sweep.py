@@ -1,0 +1,100 @@
+"""Sweeps: search-space parsing, pruning, and a sweep that resumes after kill -9."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+
+import optuna
+import pytest
+import yaml
+from builders import REPO
+
+from peftlab.core.config import load_config
+from peftlab.core.errors import PeftlabError
+from peftlab.recipes.sweep import _pruning_callback, parse_space, suggest
+
+
+def test_parse_space_and_suggest():
+    space = parse_space({
+        "train.lr": {"low": "1e-3", "high": 0.1, "log": True},  # YAML 1.1 reads 1e-3 as a string
+        "train.epochs": {"low": 1, "high": 3},
+        "method.r": {"choices": [4, 8, 16]},
+    })
+    params = suggest(optuna.trial.FixedTrial({"train.lr": 0.01, "train.epochs": 2, "method.r": 8}), space)
+    assert params == {"train.lr": 0.01, "train.epochs": 2, "method.r": 8}
+    assert space["train.lr"]["low"] == 1e-3 and isinstance(space["train.epochs"]["low"], int)
+    with pytest.raises(PeftlabError, match="low must be below high"):
+        parse_space({"train.lr": {"low": 0.1, "high": 0.01}})
+    with pytest.raises(PeftlabError, match="expected a number"):
+        parse_space({"train.lr": {"low": "small", "high": 0.01}})
+    with pytest.raises(PeftlabError, match="choices"):
+        parse_space({"method.r": [4, 8]})
+
+
+def test_pruning_reports_per_epoch_and_spares_the_last():
+    study = optuna.create_study(direction="maximize", pruner=optuna.pruners.MedianPruner(n_startup_trials=1))
+    cfg = load_config(None, ["train.epochs=3"])
+    good = study.ask()
+    for epoch in (1, 2, 3):
+        _pruning_callback(good, cfg)(epoch, {"val_loss": 1.0, "val_accuracy": 0.9})
+    study.tell(good, 0.9)
+    bad = study.ask()
+    callback = _pruning_callback(bad, cfg)
+    with pytest.raises(optuna.TrialPruned):
+        callback(1, {"val_loss": 2.0, "val_accuracy": 0.1})
+    last = study.ask()  # at the final epoch the run is kept, whatever its value
+    _pruning_callback(last, cfg)(3, {"val_loss": 2.0, "val_accuracy": 0.1})
+    assert last.storage.get_trial(last._trial_id).intermediate_values == {3: 0.1}
+
+
+def _states(db) -> list[str]:
+    try:
+        with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=1) as con:
+            return [row[0] for row in con.execute("SELECT state FROM trials")]
+    except sqlite3.Error:  # not created yet, or locked by the writer for a moment
+        return []
+
+
+def test_sweep_resumes_after_kill(tiny_causal, small_pubmedqa, tmp_path):
+    study = {
+        "name": "sw",
+        "output_dir": str(tmp_path / "runs"),
+        "base": {"model": {"name": str(tiny_causal), "device": "cpu"}, "method": {"name": "lora"},
+                 "data": {"path": str(small_pubmedqa), "limit_train": 8, "limit_eval": 4},
+                 "train": {"epochs": 1, "threads": 1}},
+        "sweep": {"trials": 3, "seed": 0, "space": {"train.lr": {"low": "1e-3", "high": 1e-1, "log": True},
+                                                     "method.r": {"choices": [2, 4]}}},
+    }
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(study))
+    study_dir = tmp_path / "runs" / "sw"
+    db = study_dir / "optuna.db"
+    cmd = [sys.executable, "-m", "peftlab", "sweep", str(path), "--trials", "3"]
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
+    first = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while "COMPLETE" not in _states(db) and first.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    os.kill(first.pid, signal.SIGKILL)
+    first.wait()
+    done_before = _states(db).count("COMPLETE")
+    assert 1 <= done_before < 3, "the first process should be killed mid-sweep"
+    kept = (study_dir / "trial-0" / "result.json").stat().st_mtime
+
+    rerun = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert f"{done_before} of 3 trials finished" in rerun.stdout  # resumed, not restarted
+    loaded = optuna.load_study(study_name="sw", storage=f"sqlite:///{db}")
+    complete = loaded.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
+    assert len(complete) == 3
+    assert (study_dir / "trial-0" / "result.json").stat().st_mtime == kept  # finished trials are not redone
+    assert all((study_dir / f"trial-{t.number}" / "result.json").is_file() for t in complete)
+    best = load_config(study_dir / "best_config.yaml")
+    assert best.train.lr == pytest.approx(loaded.best_params["train.lr"])
+    assert best.method.r == loaded.best_params["method.r"]
+    assert (study_dir / "results.md").is_file()
