@@ -189,3 +189,78 @@ def test_startup_errors(tiny_causal, adapters, tmp_path):
     loaded = load_model(str(tiny_causal), device="cpu")
     with pytest.raises(PeftlabError, match="taken by the base model"):
         create_app(loaded, {str(tiny_causal): adapters["lora-one"]})
+
+
+def _rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS")
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads the server's RSS from /proc")
+def test_soak_on_loopback_answers_like_sequential_and_memory_stays_flat(tiny_causal, adapters, tmp_path):
+    """200 bounded requests to a real server process on 127.0.0.1, four at a time, across every adapter, with
+    malformed and refused requests mixed in. Answers equal the sequential ones; RSS grows under 5%."""
+    import os
+    import random
+    import socket
+    import subprocess
+    import sys
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    with socket.socket() as probe:  # a free port for the server
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    cmd = [sys.executable, "-m", "peftlab", "serve", "--model", str(tiny_causal), "--port", str(port),
+           "--max-tokens-cap", "16", "--device", "cpu"]
+    for name, path in adapters.items():
+        cmd += ["--adapter", f"{name}={path}"]
+    server = subprocess.Popen(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        with httpx.Client(base_url=base, timeout=60) as http:
+            deadline = time.time() + 120
+            while True:
+                assert server.poll() is None, server.stderr.read()
+                assert time.time() < deadline, "the server did not come up"
+                try:
+                    if http.get("/health").status_code == 200:
+                        break
+                except httpx.TransportError:
+                    time.sleep(0.2)
+            models = [m["id"] for m in http.get("/v1/models").json()["data"]]  # the base and every adapter
+            assert len(models) == len(adapters) + 1
+            expected = {(m, p): http.post("/v1/completions", json={"model": m, "prompt": p, "max_tokens": 6})
+                        .json()["choices"][0]["text"] for m in models for p in PROMPTS}
+            bad = [  # (request kwargs, expected status)
+                ({"json": {"model": "nope", "prompt": "x", "max_tokens": 2}}, 404),
+                ({"content": b'{"model": ', "headers": {"content-type": "application/json"}}, 400),
+                ({"json": {"model": models[0], "prompt": "x", "max_tokens": 17}}, 400),
+                ({"json": {"model": models[0], "prompt": "x" * 70000, "max_tokens": 2}}, 413),
+            ]
+            rng = random.Random(0)
+            plan = [("ok", (rng.choice(models), rng.choice(PROMPTS))) if rng.random() < 0.75
+                    else ("bad", rng.choice(bad)) for _ in range(200)]
+
+            def send(item):
+                kind, what = item
+                if kind == "ok":
+                    r = http.post("/v1/completions", json={"model": what[0], "prompt": what[1], "max_tokens": 6})
+                    return r.status_code == 200 and r.json()["choices"][0]["text"] == expected[what]
+                kwargs, status = what
+                return http.post("/v1/completions", **kwargs).status_code == status
+
+            with ThreadPoolExecutor(4) as pool:
+                warm = list(pool.map(send, plan[:40]))
+                before = _rss_mb(server.pid)
+                rest = list(pool.map(send, plan[40:]))
+            after = _rss_mb(server.pid)
+            assert all(warm + rest), [plan[i] for i, ok in enumerate(warm + rest) if not ok][:5]
+            assert after < before * 1.05, (before, after)
+            assert http.get("/health").status_code == 200
+    finally:
+        server.terminate()
+        server.wait(timeout=30)

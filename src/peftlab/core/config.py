@@ -217,7 +217,11 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise PeftlabError(f"override '{item}': '{part}' is not a section")
-        node[leaf] = yaml.safe_load(text)
+        try:
+            node[leaf] = yaml.safe_load(text)
+        except yaml.YAMLError as err:
+            problem = str(err).splitlines()[0]
+            raise PeftlabError(f"override '{key}': the value {text!r} is not valid YAML ({problem})") from None
     return raw
 
 
@@ -242,6 +246,16 @@ def validate(cfg: RunConfig) -> RunConfig:
         raise PeftlabError(f"train.activation_checkpointing must be false, true, selective or full, got {choice!r}")
     if t.schedule not in ("linear", "cosine", "constant"):
         raise PeftlabError(f"train.schedule must be linear, cosine or constant, got '{t.schedule}'")
+    d, m = cfg.data, cfg.method
+    for key, value in (("data.limit_train", d.limit_train), ("data.limit_eval", d.limit_eval)):
+        if value is not None and value < 1:  # 0 used to mean "everything" and a negative "all but N"
+            raise PeftlabError(f"{key} must be >= 1 (leave it unset to use every example), got {value}")
+    if d.max_length < 8 or d.shots < 0:
+        raise PeftlabError(f"data.max_length must be >= 8 and data.shots >= 0, got {d.max_length} and {d.shots}")
+    if m.num_virtual_tokens < 1 or m.r < 1:
+        raise PeftlabError(
+            f"method.num_virtual_tokens and method.r must be >= 1, got {m.num_virtual_tokens} and {m.r}"
+        )
     if len(cfg.data.split) != 3 or abs(sum(cfg.data.split) - 1) > 1e-6:
         raise PeftlabError(f"data.split must be three fractions summing to 1, got {cfg.data.split}")
     return cfg
@@ -255,7 +269,7 @@ def load_config(path: str | Path | None, overrides: list[str] = (), base: dict |
         if not p.exists():
             raise PeftlabError(f"{p}: no such config file")
         try:
-            loaded = yaml.safe_load(p.read_text()) or {}
+            loaded = yaml.safe_load(p.read_text(encoding="utf-8-sig")) or {}
         except yaml.YAMLError as err:
             raise PeftlabError(f"{p}: malformed YAML ({err})") from None
         raw = deep_merge(raw, loaded)

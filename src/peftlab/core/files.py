@@ -51,6 +51,12 @@ def write_jsonl(path: Path, rows: Iterable[dict]) -> None:
     write_text_atomic(path, "".join(json.dumps(r, default=_jsonable) + "\n" for r in rows))
 
 
+def append_jsonl(path: Path, row: dict) -> None:
+    """Append one JSON line with a single write, so a crash leaves whole lines behind (a log, not a result)."""
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(row, default=_jsonable) + "\n")
+
+
 def read_json(path: Path) -> Any:
     return json.loads(Path(path).read_text())
 

@@ -67,16 +67,32 @@ def kfold_examples(examples: Sequence[Example], k: int, fold: int, seed: int = 0
     return {"train": train, "val": folds[val_fold], "test": folds[fold]}
 
 
+def read_examples(cfg: RunConfig, task: Task) -> list[Example]:
+    """Every example of the run's data file, in file order; a missing or empty file is an error naming it."""
+    path = Path(cfg.data.path or DEFAULT_DATA.get(task.name, ""))
+    if not path.is_file():
+        raise PeftlabError(f"{path}: no such data file (set data.path)")
+    examples = task.load(path)
+    if not examples:
+        raise PeftlabError(f"{path}: no examples in the file")
+    return examples
+
+
+def in_file_order(examples: Sequence[Example], file_order: Sequence[Example]) -> list[Example]:
+    """`examples` sorted as they stand in the file (`file_order`: `read_examples`), matched by id."""
+    position: dict[str, int] = {}
+    for i, ex in enumerate(file_order):
+        position.setdefault(ex.id, i)
+    return sorted(examples, key=lambda ex: position.get(ex.id, len(position)))
+
+
 def load_splits(cfg: RunConfig, task: Task, val_in_train: bool = False) -> dict[str, list[Example]]:
     """The task's examples, split deterministically (or by k-fold), with the configured limits applied.
 
     `val_in_train`: a k-fold val fold joins train. A method that does not train selects nothing on val, so its fold
     is better spent as few-shot demos; the caller, which knows the method, decides.
     """
-    path = Path(cfg.data.path or DEFAULT_DATA.get(task.name, ""))
-    if not path.is_file():
-        raise PeftlabError(f"{path}: no such data file (set data.path)")
-    examples = task.load(path)
+    examples = read_examples(cfg, task)
     if cfg.data.fold is not None:
         splits = kfold_examples(examples, cfg.data.folds, cfg.data.fold, cfg.data.seed)
         if val_in_train:

@@ -21,9 +21,10 @@ def read_outputs(path: Path) -> dict[str, str]:
     path = Path(path)
     if not path.is_file():
         raise PeftlabError(f"{path}: no such teacher-output file")
-    rows = (
-        enumerate(csv.DictReader(path.open(encoding="utf-8")), start=2) if path.suffix == ".csv" else read_jsonl(path)
-    )
+    if path.suffix == ".csv":
+        rows = enumerate(csv.DictReader(path.open(encoding="utf-8-sig")), start=2)
+    else:
+        rows = read_jsonl(path)
     outputs = {}
     for lineno, row in rows:
         id_key = next((k for k in ID_KEYS if k in row), None)

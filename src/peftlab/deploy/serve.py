@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import socket
 import threading
 import time
 import uuid
@@ -354,14 +355,27 @@ def serve(
     device: str = "auto",
     **limits: int,
 ) -> None:
-    """Load the base and adapters, then serve until interrupted."""
+    """Take the port, load the base and adapters, then serve until interrupted."""
     import uvicorn
 
-
+    sock = bind(host, port)  # before the model loads: a busy port fails in a second, not after the load
     adapters = parse_adapter_specs(adapter_specs)
     loaded = load_model(model, device=device)
     app = create_app(loaded, adapters, **limits)
     if host not in ("127.0.0.1", "localhost", "::1"):
         print(f"warning: serving on {host} with no authentication; anyone who can reach it can use it", flush=True)
     print(f"serving {', '.join(app.state.pool.names)} on http://{host}:{port}/v1", flush=True)
-    uvicorn.run(app, host=host, port=port, log_level="info")
+    uvicorn.Server(uvicorn.Config(app, log_level="info")).run(sockets=[sock])
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to host:port for the server to listen on; a taken or forbidden port is a one-line error."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT from a previous server is no conflict
+    try:
+        sock.bind((host, port))
+    except OSError as err:
+        sock.close()
+        raise PeftlabError(f"{host}:{port}: cannot serve there ({err.strerror}); choose another --port") from None
+    return sock

@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
 
 from peftlab.core.errors import PeftlabError
 from peftlab.models.loading import load_model
@@ -28,8 +29,6 @@ def find_adapter_dir(path: str | Path) -> Path:
 
 def check_adapter_base(adapter_dir: Path, loaded: LoadedModel) -> None:
     """Refuse an adapter whose base model or tensor shapes differ from the loaded base."""
-    from safetensors import safe_open
-
     config = json.loads((adapter_dir / "adapter_config.json").read_text())
     recorded = config.get("base_model_name_or_path") or ""
     # A 4-bit weight is stored packed; its quant_state keeps the shape the adapter was trained against.
@@ -39,14 +38,27 @@ def check_adapter_base(adapter_dir: Path, loaded: LoadedModel) -> None:
     if not weights.exists():
         raise PeftlabError(f"{adapter_dir}: no adapter_model.safetensors (pickled adapters are not loaded)")
     hidden = getattr(loaded.model.config, "hidden_size", None) or getattr(loaded.model.config, "d_model", None)
-    with safe_open(weights, "pt") as f:
-        for key in f.keys():
-            shape = tuple(f.get_slice(key).get_shape())
-            if not _shape_fits(key, shape, base_shapes, hidden):
-                raise PeftlabError(
-                    f"adapter {adapter_dir} was trained on base '{recorded}' and does not fit base "
-                    f"'{loaded.name}' ({loaded.path}): tensor {key} has shape {shape}"
-                )
+    for key, shape in _tensor_shapes(weights).items():
+        if not _shape_fits(key, shape, base_shapes, hidden):
+            raise PeftlabError(
+                f"adapter {adapter_dir} was trained on base '{recorded}' and does not fit base "
+                f"'{loaded.name}' ({loaded.path}): tensor {key} has shape {shape}"
+            )
+
+
+def _tensor_shapes(weights: Path) -> dict[str, tuple[int, ...]]:
+    """Every tensor's shape in a safetensors file, reading each tensor whole so a cut-off file is caught here."""
+    try:
+        with safe_open(weights, "pt") as f:
+            shapes = {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
+            for key in shapes:
+                f.get_tensor(key)
+    except (SafetensorError, OSError) as err:
+        raise PeftlabError(
+            f"{weights}: not a readable safetensors file ({str(err).splitlines()[0]}); "
+            "the save may have been cut off: train the run again"
+        ) from None
+    return shapes
 
 
 def _shape_fits(key: str, shape: tuple, base_shapes: dict, hidden: int | None) -> bool:

@@ -77,3 +77,12 @@ def from_local(auto_class, path: Path, device, dtype, allow_pickle: bool, placem
     )
     # A quantized model is placed by its device map; bitsandbytes weights do not move with .to.
     return model if placement else model.to(device)
+
+
+def check_max_length(loaded: LoadedModel, max_length: int, setting: str = "data.max_length") -> None:
+    """Refuse a max_length past the model's position table: those positions were never trained, and a learned
+    table has no row for them. Models with relative positions (T5) have no such limit."""
+    config = getattr(loaded.model.config, "text_config", None) or loaded.model.config
+    positions = getattr(config, "max_position_embeddings", None)
+    if positions is not None and max_length > positions:
+        raise PeftlabError(f"{setting} {max_length} is over {loaded.name}'s {positions} positions; lower it")

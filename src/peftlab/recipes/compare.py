@@ -87,8 +87,9 @@ def run_study(path: Path, overrides: list[str] = (), only: list[str] | None = No
         (cfg.run_dir / NOT_RUN).unlink(missing_ok=True)  # retried: the machine may have what it lacked last time
         save_config(cfg, cfg.run_dir / "config.yaml")
         t0 = time.perf_counter()
+        # --resume: a run killed mid-training continues from its last checkpoint instead of step 0.
         proc = subprocess.run(
-            [sys.executable, "-m", "peftlab", "train", str(cfg.run_dir / "config.yaml")],
+            [sys.executable, "-m", "peftlab", "train", str(cfg.run_dir / "config.yaml"), "--resume"],
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )
         if proc.returncode == NotSupported.exit_code:  # the run wrote not_run.json; the report lists it

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from peftlab.core.config import RunConfig, from_dict
+from peftlab.core.config import RunConfig, from_dict, validate
 from peftlab.core.errors import PeftlabError
 from peftlab.core.files import write_json, write_jsonl
-from peftlab.data.splits import load_splits
+from peftlab.data.splits import in_file_order, load_splits, read_examples
 from peftlab.data.tasks import get_task
 from peftlab.evaluate.evaluate import evaluate
 from peftlab.models.adapters import load_for_inference
+from peftlab.models.local import check_max_length
 from peftlab.prompts.encoding import content_free_items, encode_split, few_shot_demos, format_for
 
 
@@ -32,18 +33,23 @@ def run_eval(
     """Score a model on a task's data; writes `out/metrics.json` and `out/predictions.jsonl`; returns the metrics."""
     if split not in ("all", "train", "val", "test"):
         raise PeftlabError(f"--split must be all, train, val or test, got '{split}'")
+    if limit is not None and limit < 1:
+        raise PeftlabError(f"--limit must be >= 1 (leave it out to score every example), got {limit}")
     t = get_task(task)
-    cfg = from_dict(RunConfig, {"data": {"task": task, "path": data, "template": template, "max_length": max_length,
-                                         "calibrate": calibrate}})
+    cfg = validate(from_dict(RunConfig, {"data": {"task": task, "path": data, "template": template,
+                                                  "max_length": max_length, "calibrate": calibrate}}))
+    in_file = read_examples(cfg, t)
     splits = load_splits(cfg, t)
-    examples = [ex for s in ("train", "val", "test") for ex in splits[s]] if split == "all" else splits[split]
+    examples = in_file if split == "all" else splits[split]
     # Few-shot demos come from the train split; scoring them too would leak, so 'all' with shots scores val + test.
     if shots and split in ("all", "train"):
         examples = splits["val"] + splits["test"] if split == "all" else examples
-    examples = examples[:limit] if limit else examples
+    # The first N in the file, as --limit promises, and predictions.jsonl in file order.
+    examples = in_file_order(examples, in_file)[:limit]
     if not examples:
         raise PeftlabError(f"no examples to score in split '{split}'")
     loaded, _ = load_for_inference(model, adapter, device, allow_pickle)
+    check_max_length(loaded, max_length, "--max-length")
     fmt = format_for(loaded)
     demos = few_shot_demos(t, splits["train"], shots, seed=0, template=template)
     items = encode_split(cfg, t, fmt, examples, demos)

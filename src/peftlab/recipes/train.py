@@ -10,6 +10,8 @@ metric keys that name it (`data.mixture.Part.metric`). A single-task run is a mi
 
 from __future__ import annotations
 
+import contextlib
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,11 +21,12 @@ import torch
 from peftlab.core.config import RunConfig, save_config
 from peftlab.core.errors import PeftlabError
 from peftlab.core.files import write_json, write_jsonl
+from peftlab.core.lock import run_folder_lock
 from peftlab.core.resources import peak_rss_mb, versions
 from peftlab.data.mixture import Part, is_mixture, load_parts, parse_mixture, single_part
 from peftlab.data.splits import load_splits
 from peftlab.data.targets import resolve_targets
-from peftlab.data.tasks import Example, get_task
+from peftlab.data.tasks import DEFAULT_DATA, Example, get_task
 from peftlab.evaluate.evaluate import evaluate
 from peftlab.evaluate.scoring import mean_loss
 from peftlab.experiments.hooks import run_experiments
@@ -31,7 +34,7 @@ from peftlab.kernels.memory import enable_checkpointing, fused_rmsnorm, lean_swi
 from peftlab.methods.head import fit_head
 from peftlab.methods.registry import Method, apply_method, count_params, get_method
 from peftlab.models.loading import load_model
-from peftlab.models.local import LoadedModel
+from peftlab.models.local import LoadedModel, check_max_length
 from peftlab.prompts.encoding import content_free_items, encode_split, few_shot_demos, format_for, sample_train
 from peftlab.prompts.format import Encoded, PromptFormat
 from peftlab.train.loop import FitData, fit
@@ -64,23 +67,25 @@ class RunContext:
 def run_training(cfg: RunConfig, on_epoch_end=None) -> Path:
     """Train (or, for zero/few-shot, only evaluate) one method and write its run folder."""
     ctx = prepare(cfg)
-    if ctx.accelerator.is_main_process:
-        ctx.run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, ctx.run_dir / "config.yaml")
-        if cfg.train.report_to:
-            ctx.accelerator.init_trackers(cfg.name)
-    enable_checkpointing(ctx.loaded.model, cfg.train.activation_checkpointing)
-    lean_swiglu(ctx.loaded.model)  # the gated MLPs keep two tensors for backward, not three: same gradients
-    fused_rmsnorm(ctx.loaded.model)  # one fused kernel per norm instead of five ops: same outputs
-    model = apply_method(ctx.loaded, ctx.parts[0].task, cfg.method)
-    trainable, total = count_params(model)
-    summary = train_model(ctx, model, on_epoch_end)
-    if ctx.method.build is not None:  # the linear head's text heads are fitted outside torch, so not counted above
-        trainable += sum(h.n_params for h in model.text_heads)
-    ctx.accelerator.wait_for_everyone()
-    if ctx.accelerator.is_main_process:
-        finish(ctx, ctx.accelerator.unwrap_model(model), summary, (trainable, total))
-    ctx.accelerator.end_training()
+    main = ctx.accelerator.is_main_process
+    # One process per run folder: a second `peftlab train` on it stops here rather than mixing two runs' files.
+    with run_folder_lock(ctx.run_dir) if main else contextlib.nullcontext():
+        if main:
+            save_config(cfg, ctx.run_dir / "config.yaml")
+            if cfg.train.report_to:
+                ctx.accelerator.init_trackers(cfg.name)
+        enable_checkpointing(ctx.loaded.model, cfg.train.activation_checkpointing)
+        lean_swiglu(ctx.loaded.model)  # the gated MLPs keep two tensors for backward, not three: same gradients
+        fused_rmsnorm(ctx.loaded.model)  # one fused kernel per norm instead of five ops: same outputs
+        model = apply_method(ctx.loaded, ctx.parts[0].task, cfg.method)
+        trainable, total = count_params(model)
+        summary = train_model(ctx, model, on_epoch_end)
+        if ctx.method.build is not None:  # the linear head's text heads are fitted outside torch: not counted above
+            trainable += sum(h.n_params for h in model.text_heads)
+        ctx.accelerator.wait_for_everyone()
+        if main:
+            finish(ctx, ctx.accelerator.unwrap_model(model), summary, (trainable, total))
+        ctx.accelerator.end_training()
     return ctx.run_dir
 
 
@@ -101,22 +106,40 @@ def prepare(cfg: RunConfig) -> RunContext:
         allow_pickle=cfg.model.allow_pickle,
         quantize=cfg.method.quant if method.quantized else None,
     )
+    check_max_length(loaded, cfg.data.max_length)
     ctx = RunContext(cfg, method, parts, loaded, format_for(loaded), accelerator, started)
     _encode(ctx)
     return ctx
 
 
 def task_parts(cfg: RunConfig, method: Method) -> list[Part]:
-    """The run's tasks with their splits: one part for a single task, one per task for a mixture."""
+    """The run's tasks with their splits: one part for a single task, one per task for a mixture.
+
+    A split too small to fill the test split is an error before anything is written: a run scored on nothing would
+    otherwise finish with exit 0 and a metrics.json that holds only the task's name.
+    """
     if is_mixture(cfg):
         if cfg.data.target != "gold" or method.name in ("few-shot", "linear-head") or cfg.experiments.probe:
             raise PeftlabError(
                 "a mixture trains on gold targets, without few-shot demos, the linear head or the brittleness probe"
             )
-        return load_parts(cfg, parse_mixture(cfg), val_in_train=not method.trains)
-    task = get_task(cfg.data.task)
-    # A method that trains nothing selects nothing on a k-fold val fold, so the fold joins the demo pool.
-    return [single_part(cfg, task, load_splits(cfg, task, val_in_train=not method.trains))]
+        parts = load_parts(cfg, parse_mixture(cfg), val_in_train=not method.trains)
+    else:
+        task = get_task(cfg.data.task)
+        # A method that trains nothing selects nothing on a k-fold val fold, so the fold joins the demo pool.
+        parts = [single_part(cfg, task, load_splits(cfg, task, val_in_train=not method.trains))]
+    for part in parts:
+        sizes = {split: len(examples) for split, examples in part.splits.items()}
+        where = f"{part.entry.path or DEFAULT_DATA.get(part.task.name, part.task.name)}"
+        if not sizes["test"]:
+            raise PeftlabError(
+                f"{where}: the test split is empty ({sizes['train']} train, {sizes['val']} val); "
+                f"add examples or raise the test share of data.split (now {list(cfg.data.split)})"
+            )
+        if method.trains and not sizes["val"] and method.build is None:
+            print(f"warning: {where}: the val split is empty, so no epoch is selected and no early stop happens",
+                  file=sys.stderr)
+    return parts
 
 
 def _encode(ctx: RunContext) -> None:

@@ -27,7 +27,7 @@ from transformers import get_scheduler
 
 from peftlab.core.config import RunConfig
 from peftlab.core.errors import PeftlabError
-from peftlab.core.files import write_jsonl
+from peftlab.core.files import append_jsonl, write_jsonl
 from peftlab.data.tasks import Example, Task
 from peftlab.evaluate.evaluate import evaluate
 from peftlab.evaluate.scoring import mean_loss
@@ -102,6 +102,9 @@ def fit(
     if tc.resume and ckpt.exists():
         s = load_checkpoint(ckpt, raw, optimizer, scheduler)
         print(f"resuming {cfg.name} from {ckpt} at step {s.step}", flush=True)
+    log = run_dir / "train_log.jsonl"
+    if accelerator.is_main_process:  # the log as of the checkpoint (empty on a fresh start), then a line per step
+        write_jsonl(log, s.log)
     bar = tqdm(
         total=total_steps,
         initial=s.step,
@@ -140,6 +143,8 @@ def fit(
                 "tokens_per_s": step_tokens / dt,
             }
             s.log.append(entry)
+            if accelerator.is_main_process:
+                append_jsonl(log, entry)  # a crash leaves every finished step in the log
             accelerator.log({"train/loss": loss, "train/lr": entry["lr"]}, step=s.step)
             bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{s.tokens / s.seconds:.0f}")
             bar.update(1)
@@ -148,19 +153,19 @@ def fit(
             if s.step >= total_steps:
                 break
         s.start = 0
-        if (
-            tc.eval_every_epoch
-            and data.val
-            and _end_of_epoch(cfg, s, raw, loaded, data, bar, accelerator, on_epoch_end)
-        ):
-            break
+        if tc.eval_every_epoch and data.val:
+            stop = _end_of_epoch(cfg, s, raw, loaded, data, bar, accelerator, on_epoch_end)
+            if accelerator.is_main_process:
+                append_jsonl(log, s.log[-1])  # the epoch's val row
+            if stop:
+                break
         if s.step >= total_steps:
             break
     bar.close()
     if s.best_state is not None:  # keep the best checkpoint, not the last
         raw.load_state_dict(s.best_state, strict=False)
     if accelerator.is_main_process:
-        write_jsonl(run_dir / "train_log.jsonl", s.log)
+        write_jsonl(log, s.log)  # the whole log once more, atomically
         ckpt.unlink(missing_ok=True)  # the run is complete; result files take over
     return {
         "train_steps": s.step,

@@ -42,7 +42,8 @@ class Template:
     text: str
 
     def render(self, inputs: dict[str, str]) -> str:
-        return self.text.format(instruction=self.instruction, **inputs)
+        # An input field may itself be called `instruction` (alpaca-style data): the example's own text wins.
+        return self.text.format_map({"instruction": self.instruction, **inputs})
 
 
 @dataclass(frozen=True)
@@ -72,7 +73,8 @@ class Task:
 
 def read_jsonl(path: Path) -> Iterator[tuple[int, dict]]:
     """Yield (line number, object) for each non-blank line; a malformed line is an error naming file and line."""
-    with open(path, encoding="utf-8") as f:
+    # utf-8-sig: a byte-order mark, as many Windows editors write one, is read past rather than refused.
+    with open(path, encoding="utf-8-sig") as f:
         for lineno, line in enumerate(f, start=1):
             if not line.strip():
                 continue
@@ -88,19 +90,64 @@ def read_jsonl(path: Path) -> Iterator[tuple[int, dict]]:
 def read_json(path: Path) -> Any:
     """Load a whole JSON file; a malformed file is an error naming file and line."""
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:
             return json.load(f)
     except json.JSONDecodeError as err:
         raise data_error(path, err.lineno, None, f"malformed JSON ({err.msg})") from None
 
 
-def require_text(path: Path, line: int | None, obj: dict, key: str) -> str:
-    """The non-empty string at `obj[key]`, or an error naming file, line and field."""
+def require_text(path: Path, line: int | None, obj: dict, key: str, name: str | None = None) -> str:
+    """The non-empty string at `obj[key]`, or an error naming file, line and field (`name`, default `key`).
+
+    A list of strings (PubMedQA's abstract paragraphs) is joined with spaces. Anything else that is not text (a
+    number, an object, null, a list holding such values) is refused rather than turned into its Python repr.
+    """
+    name = name or key
     if key not in obj:
-        raise data_error(path, line, key, "missing")
+        raise data_error(path, line, name, "missing")
     value = obj[key]
-    if isinstance(value, list):
-        value = " ".join(str(v) for v in value)
-    if not isinstance(value, str) or not value.strip():
-        raise data_error(path, line, key, "empty text")
+    if isinstance(value, list) and value and all(isinstance(v, str) for v in value):
+        value = " ".join(v.strip() for v in value)
+    if not isinstance(value, str):
+        raise data_error(path, line, name, f"expected text, got {_json_kind(value)}")
+    if not value.strip():
+        raise data_error(path, line, name, "empty text")
     return value
+
+
+def optional_id(path: Path, line: int | None, obj: dict, keys: Sequence[str], default: str) -> str:
+    """A row's id from the first of `keys` it has (text or an integer), else `default`."""
+    for key in keys:
+        value = obj.get(key)
+        if value is None or value == "":
+            continue
+        if isinstance(value, bool) or not isinstance(value, str | int):
+            raise data_error(path, line, key, f"expected text or an integer id, got {_json_kind(value)}")
+        return str(value)
+    return default
+
+
+def _json_kind(value: Any) -> str:
+    """How a non-text JSON value reads in an error message."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return f"a boolean ({str(value).lower()})"
+    if isinstance(value, int | float):
+        return f"a number ({value})"
+    if isinstance(value, list):
+        return "an empty list" if not value else "a list of non-text values"
+    return "an object"
+
+
+def require_split(path: Path, line: int | None, obj: dict, name: str = "split") -> str | None:
+    """A row's own `split` (train, val or test), or None when it has none; any other value is an error.
+
+    A silently ignored "Test" would be re-split, and some test rows would then land in training.
+    """
+    split = obj.get("split")
+    if split is None:
+        return None
+    if split not in SPLITS:
+        raise data_error(path, line, name, f"unknown split {split!r}; valid: {', '.join(SPLITS)}")
+    return split

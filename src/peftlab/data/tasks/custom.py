@@ -19,7 +19,7 @@ import yaml
 
 from peftlab.core.errors import PeftlabError, data_error
 from peftlab.data.metrics import METRICS, metric_fn
-from peftlab.data.tasks.base import Example, Task, Template, read_jsonl, require_text
+from peftlab.data.tasks.base import Example, Task, Template, optional_id, read_jsonl, require_split, require_text
 
 CLASSIFICATION_METRICS = {"accuracy", "macro_f1"}
 
@@ -48,11 +48,11 @@ def _load(spec: CustomTaskSpec, path: Path) -> list[Example]:
             raise data_error(path, lineno, spec.target, f"unknown label '{target}'; valid: {', '.join(spec.labels)}")
         examples.append(
             Example(
-                id=str(obj.get(spec.id_field, f"line{lineno}")),
+                id=optional_id(path, lineno, obj, (spec.id_field,), f"line{lineno}"),
                 inputs={k: require_text(path, lineno, obj, k).strip() for k in spec.inputs},
                 target=target,
                 references=(target,),
-                split=obj.get("split"),
+                split=require_split(path, lineno, obj),
             )
         )
     return examples
@@ -64,7 +64,7 @@ def _classify(labels: tuple[str, ...], metric: str, predictions, references) -> 
 
 def load_spec(path: Path) -> CustomTaskSpec:
     """Parse and check a custom task YAML; unknown keys and bad values are errors naming the file."""
-    raw = yaml.safe_load(Path(path).read_text()) or {}
+    raw = yaml.safe_load(Path(path).read_text(encoding="utf-8-sig")) or {}
     known = {f.name for f in fields(CustomTaskSpec)}
     for key in raw:
         if key not in known:

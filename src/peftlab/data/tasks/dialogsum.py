@@ -11,7 +11,7 @@ from pathlib import Path
 
 from peftlab.core.errors import data_error
 from peftlab.data.metrics import generation_metrics
-from peftlab.data.tasks.base import Example, Task, Template, read_jsonl, require_text
+from peftlab.data.tasks.base import Example, Task, Template, optional_id, read_jsonl, require_text
 
 TEMPLATES = (
     Template("Summarize the dialogue in one or two sentences.", "{dialogue}\n\n{instruction}"),
@@ -41,7 +41,7 @@ def load(path: Path) -> list[Example]:
         refs = _references(path, lineno, obj)
         examples.append(
             Example(
-                id=str(obj.get("fname") or obj.get("id") or f"line{lineno}"),
+                id=optional_id(path, lineno, obj, ("fname", "id"), f"line{lineno}"),
                 inputs={"dialogue": require_text(path, lineno, obj, "dialogue").strip()},
                 target=refs[0],
                 references=refs,

@@ -53,17 +53,19 @@ def load(path: Path, labels: tuple[str, ...] = LABELS) -> list[Example]:
             )
         if decision not in labels:
             continue
-        question = require_text(path, None, item, "QUESTION")
-        contexts = item.get("CONTEXTS")
-        if not contexts or not all(isinstance(c, str) for c in contexts):
-            raise data_error(path, None, f"{pmid}.CONTEXTS", "empty text")
+        question = require_text(path, None, item, "QUESTION", f"{pmid}.QUESTION")
+        context = require_text(path, None, item, "CONTEXTS", f"{pmid}.CONTEXTS")  # a list of paragraphs, joined
+        contexts = item["CONTEXTS"] if isinstance(item["CONTEXTS"], list) else [item["CONTEXTS"]]
+        long_answer = item.get("LONG_ANSWER") or ""
+        if not isinstance(long_answer, str):
+            raise data_error(path, None, f"{pmid}.LONG_ANSWER", "expected text")
         examples.append(
             Example(
                 id=str(pmid),
-                inputs={"question": question.strip(), "context": " ".join(c.strip() for c in contexts)},
+                inputs={"question": question.strip(), "context": context.strip()},
                 target=decision,
                 references=(decision,),
-                extra={"long_answer": item.get("LONG_ANSWER", ""), "contexts": list(contexts)},
+                extra={"long_answer": long_answer, "contexts": contexts},
             )
         )
     return examples

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from peftlab.core.errors import data_error
 from peftlab.data.metrics import rouge_metrics
-from peftlab.data.tasks.base import SPLITS, Example, Task, Template, read_json, read_jsonl
+from peftlab.data.tasks.base import Example, Task, Template, read_json, read_jsonl, require_split
 
 LETTERS = string.ascii_uppercase
 
@@ -154,7 +154,7 @@ def _example(path: Path, line: int | None, pid: str, item: dict, explain: bool) 
         inputs={"question": question, "context": str(item.get("hint") or "").strip() or "none", "options": options},
         target=target,
         references=(Reference(target, letter, tuple(c.strip() for c in choices), image is not None, solution),),
-        split=item.get("split") if item.get("split") in SPLITS else None,
+        split=require_split(path, line, item, f"{where}split"),
         extra={k: item.get(k) for k in ("lecture", "solution", "subject", "grade", "skill") if item.get(k)},
         image=image,
     )
