@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pandas as pd
+import pytest
 import yaml
 
 from peftlab.recipes.compare import load_study, run_study
@@ -106,3 +107,59 @@ def test_a_study_killed_mid_training_resumes_the_run_and_ends_as_an_uninterrupte
     study = tmp_path / "killed" / "crash"
     pd.testing.assert_frame_equal(_quality(study / "results.csv"), _quality(tmp_path / "straight/crash/results.csv"))
     assert not (run / "checkpoint.pt").exists()
+
+
+def _decision_study(tmp_path: Path, model: Path, data: Path) -> Path:
+    study = {
+        "name": "dec",
+        "output_dir": str(tmp_path / "runs"),
+        "metric": "macro_f1",
+        "base": {"model": {"name": str(model), "device": "cpu"},
+                 "data": {"path": str(data), "limit_train": 8, "split": [0.6, 0.2, 0.2]},
+                 "train": {"epochs": 2, "batch_size": 4, "threads": 1}},
+        "runs": [{"name": "zs", "method": {"name": "zero-shot"}},
+                 {"name": "head", "method": {"name": "linear-head", "head_layer": 1}},
+                 {"name": "pt", "method": {"name": "prompt-tuning", "num_virtual_tokens": 2}}],
+        "tune": {"trials": 2, "metric": "macro_f1", "startup_trials": 1, "space": {"train.lr": {"factor": 10}},
+                 "select": {"linear-head": {"method.head_c": [0.1, 1.0]}}},
+        "repeats": {"seeds": [0, 1]},
+    }
+    path = tmp_path / "dec.yaml"
+    path.write_text(yaml.safe_dump(study))
+    return path
+
+
+def test_decision_study_plans_tunes_repeats_decides_and_resumes(tmp_path, tiny_causal, small_pubmedqa, capsys):
+    path = _decision_study(tmp_path, tiny_causal, small_pubmedqa)
+    run_study(path, plan=True)  # the dry run: counts and a time measured on this machine, nothing trained
+    out = capsys.readouterr().out
+    assert "| pt (prompt-tuning) | 2 | 2 |" in out and "| head (linear-head) | 2 | 1 |" in out
+    assert re.search(r"total: 8 runs, about \d+:\d\d:\d\d", out) and "tokens/s" in out
+    assert not (tmp_path / "runs" / "dec").exists()
+
+    study_dir = run_study(path)
+    out = capsys.readouterr().out
+    assert "3 methods, 0 already tuned; 4 final runs, 0 already done, 4 to run" in out
+    assert re.search(r"study \[#+\] 100% elapsed \S+ ETA 0:00:00", out)  # one bar over the whole study
+    manifest = json.loads((study_dir / "study.json").read_text())
+    # Zero-shot and the linear head do not depend on the train seed: one run stands for both seeds.
+    assert {k: g["runs"] for k, g in manifest["groups"].items()} == {
+        "zs": ["zs-seed0"], "head": ["head-seed0"], "pt": ["pt-seed0", "pt-seed1"]}
+    chosen = json.loads((study_dir / "tune" / "pt" / "chosen.json").read_text())
+    assert chosen["trials"] == 2 and 3e-3 <= chosen["params"]["train.lr"] <= 3e-1  # prompt tuning's 3e-2 x/÷ 10
+    head = json.loads((study_dir / "tune" / "head" / "chosen.json").read_text())
+    assert head["params"]["method.head_c"] in (0.1, 1.0) and head["trials"] == 2
+    final = yaml.safe_load((study_dir / "pt-seed1" / "config.yaml").read_text())
+    assert final["train"]["lr"] == pytest.approx(chosen["params"]["train.lr"]) and final["train"]["seed"] == 1
+    trial_metrics = json.loads((study_dir / "tune" / "pt" / "trial-0" / "result.json").read_text())["metrics"]
+    assert "val_macro_f1" in trial_metrics and not any(k.startswith("test_") for k in trial_metrics)
+    md = (study_dir / "results.md").read_text()
+    assert md.startswith("## Verdict") and "Cheapest within 1 point" in md and "(95% interval" in md
+    assert (study_dir / "pt-seed0" / "peft_result.json").is_file()
+
+    stamps = {p: p.stat().st_mtime_ns for p in study_dir.rglob("result.json")}
+    run_study(path)
+    out = capsys.readouterr().out
+    assert "3 methods, 3 already tuned; 4 final runs, 4 already done, 0 to run" in out
+    assert {p: p.stat().st_mtime_ns for p in study_dir.rglob("result.json")} == stamps  # nothing ran again
+

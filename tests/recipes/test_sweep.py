@@ -98,3 +98,37 @@ def test_sweep_resumes_after_kill(tiny_causal, small_pubmedqa, tmp_path):
     assert best.train.lr == pytest.approx(loaded.best_params["train.lr"])
     assert best.method.r == loaded.best_params["method.r"]
     assert (study_dir / "results.md").is_file()
+
+
+def test_tune_section_parses_and_centres_lr_on_each_method():
+    from peftlab.recipes.sweep import method_space, parse_tune
+
+    spec = parse_tune({"trials": 3, "space": {"train.lr": {"factor": 10}},
+                       "methods": {"lora": {"method.r": {"choices": [4, 8]}}},
+                       "select": {"linear-head": {"method.head_c": [0.01, 0.1]}}})
+    lora = method_space(spec, load_config(None, ["method.name=lora"]))
+    assert lora["train.lr"]["low"] == pytest.approx(2e-5) and lora["train.lr"]["high"] == pytest.approx(2e-3)
+    assert lora["train.lr"]["log"] and lora["method.r"] == {"choices": [4, 8]}
+    full = method_space(spec, load_config(None, ["method.name=full", "train.lr=1e-4"]))  # a set lr is the centre
+    assert full["train.lr"]["low"] == pytest.approx(1e-5) and "method.r" not in full
+    with pytest.raises(PeftlabError, match="unknown tune key 'trails'"):
+        parse_tune({"trails": 3})
+    with pytest.raises(PeftlabError, match="tune.select.few-shot"):
+        parse_tune({"select": {"few-shot": {"data.shots": 2}}})
+
+
+def test_repeats_and_deterministic_methods():
+    from peftlab.recipes.compare import Repeats, parse_repeats, repeat_configs
+
+    assert parse_repeats({"seeds": [0, 1]}) == Repeats(seeds=(0, 1))
+    assert parse_repeats({"folds": 5}) == Repeats(folds=5)
+    for bad in ({"seeds": []}, {"folds": 2}, {"seeds": [0], "folds": 3}, [0, 1]):
+        with pytest.raises(PeftlabError, match="repeats"):
+            parse_repeats(bad)
+    lora = load_config(None, ["method.name=lora", "name=l"])
+    assert [(c.name, c.train.seed) for c in repeat_configs(lora, Repeats(seeds=(0, 1)))] == [("l-seed0", 0),
+                                                                                             ("l-seed1", 1)]
+    zs = load_config(None, ["method.name=zero-shot", "name=z"])
+    assert [c.name for c in repeat_configs(zs, Repeats(seeds=(0, 1)))] == ["z-seed0"]
+    assert [(c.name, c.data.fold, c.data.folds) for c in repeat_configs(zs, Repeats(folds=3))] == [
+        ("z-fold0", 0, 3), ("z-fold1", 1, 3), ("z-fold2", 2, 3)]

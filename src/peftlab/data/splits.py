@@ -5,6 +5,7 @@ Rows that carry their own `split` keep it.
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from collections import defaultdict
 from collections.abc import Sequence
@@ -14,6 +15,7 @@ from peftlab.core.config import RunConfig
 from peftlab.core.errors import PeftlabError
 from peftlab.data.tasks import DEFAULT_DATA, Example, Task
 from peftlab.data.tasks.base import SPLITS
+from peftlab.data.tasks.formats import infer_labels
 
 
 def split_examples(
@@ -69,13 +71,47 @@ def kfold_examples(examples: Sequence[Example], k: int, fold: int, seed: int = 0
 
 def read_examples(cfg: RunConfig, task: Task) -> list[Example]:
     """Every example of the run's data file, in file order; a missing or empty file is an error naming it."""
-    path = Path(cfg.data.path or DEFAULT_DATA.get(task.name, ""))
+    path = cfg.data.path or DEFAULT_DATA.get(task.name)
+    if path is None:
+        raise PeftlabError(f"task '{task.name}' has no data file of its own: set data.path, or data.train/data.test")
+    return read_file(task, Path(path))
+
+
+def read_file(task: Task, path: Path, labelled: bool = True) -> list[Example]:
+    """A file's examples in file order (`labelled=False`: rows to predict, without targets)."""
     if not path.is_file():
         raise PeftlabError(f"{path}: no such data file (set data.path)")
-    examples = task.load(path)
+    if labelled:
+        examples = task.load(path)
+    elif task.load_unlabelled is None:
+        raise PeftlabError(f"task '{task.name}' cannot read rows without targets")
+    else:
+        examples = task.load_unlabelled(path)
     if not examples:
         raise PeftlabError(f"{path}: no examples in the file")
     return examples
+
+
+def split_files(cfg: RunConfig, task: Task) -> dict[str, list[Example]]:
+    """Splits from `data.train`, `data.val` and `data.test`. A split without a file of its own is carved from the
+    training file, seeded and stratified, in the proportions `data.split` gives it against train."""
+    d = cfg.data
+    if d.path:
+        raise PeftlabError("set data.path or data.train/data.val/data.test, not both")
+    if d.fold is not None:
+        raise PeftlabError("data.fold makes its own test folds from one file: use data.path, not data.train/test")
+    given = {s: read_file(task, Path(f)) for s, f in (("train", d.train), ("val", d.val), ("test", d.test)) if f}
+    missing = [s for s in ("val", "test") if s not in given]
+    if "train" not in given or not missing:
+        return {s: given.get(s, []) for s in SPLITS}
+    # The rows' own `split` field belongs to the one-file layout; here each file is its split.
+    train = [dataclasses.replace(ex, split=None) for ex in given["train"]]
+    shares = [d.split[0], *(d.split[SPLITS.index(s)] if s in missing else 0.0 for s in ("val", "test"))]
+    total = sum(shares)
+    carved = split_examples(train, tuple(x / total for x in shares), d.seed, stratify=task.kind == "classification")
+    # A split that has a file of its own takes nothing from train: whatever rounding put there stays in train.
+    kept = carved["train"] + [ex for s in ("val", "test") if s in given for ex in carved[s]]
+    return {"train": kept, **{s: given.get(s, carved[s]) for s in ("val", "test")}}
 
 
 def in_file_order(examples: Sequence[Example], file_order: Sequence[Example]) -> list[Example]:
@@ -92,12 +128,15 @@ def load_splits(cfg: RunConfig, task: Task, val_in_train: bool = False) -> dict[
     `val_in_train`: a k-fold val fold joins train. A method that does not train selects nothing on val, so its fold
     is better spent as few-shot demos; the caller, which knows the method, decides.
     """
-    examples = read_examples(cfg, task)
-    if cfg.data.fold is not None:
+    if cfg.data.train or cfg.data.val or cfg.data.test:
+        splits = split_files(cfg, task)
+    elif cfg.data.fold is not None:
+        examples = read_examples(cfg, task)
         splits = kfold_examples(examples, cfg.data.folds, cfg.data.fold, cfg.data.seed)
         if val_in_train:
             splits = {"train": splits["train"] + splits["val"], "val": [], "test": splits["test"]}
     else:
+        examples = read_examples(cfg, task)
         splits = split_examples(examples, tuple(cfg.data.split), cfg.data.seed, stratify=task.kind == "classification")
     if cfg.data.limit_train:
         splits["train"] = splits["train"][: cfg.data.limit_train]
@@ -105,3 +144,12 @@ def load_splits(cfg: RunConfig, task: Task, val_in_train: bool = False) -> dict[
         splits["val"] = splits["val"][: cfg.data.limit_eval]
         splits["test"] = splits["test"][: cfg.data.limit_eval]
     return splits
+
+
+def data_labels(cfg: RunConfig, task: Task) -> tuple[str, ...]:
+    """The label set of an open-format task (alpaca, chat): `data.labels` when set, else what the training file's
+    outputs form (`infer_labels`: a few short labels, each seen twice), else () for free text."""
+    if cfg.data.labels is not None or task.relabel is None:
+        return tuple(cfg.data.labels or task.labels)
+    source = cfg.data.train or cfg.data.path
+    return infer_labels(read_file(task, Path(source))) if source else ()

@@ -4,103 +4,295 @@ A study YAML has a shared `base` run config, a list of `runs` (each a partial co
 optional `grids` whose `params` are crossed, e.g. virtual tokens x learning rate. Every run trains in its own
 process, so peak memory is measured per run and one crash does not take the study down. A run whose
 `result.json` exists is skipped, so an interrupted study resumes where it stopped.
+
+A *decision study* adds `tune:` (every method chosen on val at the same budget, `recipes.sweep.tune_run`) and/or
+`repeats:` (`{seeds: [0, 1, 2]}` or `{folds: 5}`: each chosen config rerun). It writes `study.json`, which maps each
+method to its repeat folders, so the report can give every number a 95% interval, test each method against the best
+and name the Pareto frontier (`report.decision`). `--plan` prints the runs and an estimated time before anything
+trains.
 """
 
 from __future__ import annotations
 
-import itertools
 import os
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 from pathlib import Path
 
-import yaml
-
-from peftlab.core.config import apply_overrides, deep_merge, load_config, save_config
+from peftlab.core.config import RunConfig, deep_merge, load_config, save_config, to_dict
 from peftlab.core.errors import NotSupported, PeftlabError
+from peftlab.core.files import read_json, write_json
 from peftlab.experiments.distill import prepare_teacher
+from peftlab.methods.registry import get_method
+from peftlab.recipes.study import StudyRun, load_study
+from peftlab.recipes.sweep import CHOSEN, TuneSpec, parse_tune, trial_config, tune_run
+from peftlab.recipes.throughput import measure
+from peftlab.report.decision import MANIFEST
 from peftlab.report.notes import NOT_RUN
 from peftlab.report.report import build_study_report
 
-
-@dataclass
-class StudyRun:
-    name: str
-    raw: dict = field(default_factory=dict)
+__all__ = ["StudyRun", "load_study", "run_study"]
 
 
-def _expand_grid(grid: dict) -> list[StudyRun]:
-    params = grid.get("params") or {}
-    keys = list(params)
-    runs = []
-    for values in itertools.product(*(params[k] for k in keys)):
-        raw = apply_overrides(
-            yaml.safe_load(yaml.safe_dump(grid.get("config", {}))) or {},
-            [f"{k}={yaml.safe_dump(v, default_flow_style=True).strip()}" for k, v in zip(keys, values, strict=True)],
-        )
-        label = "-".join(f"{k.rsplit('.', 1)[-1]}{v}" for k, v in zip(keys, values, strict=True))
-        runs.append(StudyRun(f"{grid['name']}-{label}" if label else grid["name"], raw))
-    return runs
-
-
-def load_study(path: Path) -> tuple[dict, list[StudyRun]]:
-    """Parse a study YAML into its header and the runs it expands to."""
-    path = Path(path)
-    if not path.is_file():
-        raise PeftlabError(f"{path}: no such study file")
-    raw = yaml.safe_load(path.read_text()) or {}
-    valid = {"name", "output_dir", "base", "runs", "grids", "select_teacher", "teachers", "sweep"}
-    unknown = set(raw) - valid
-    if unknown:
-        raise PeftlabError(f"{path}: unknown study key '{sorted(unknown)[0]}'; valid: {', '.join(sorted(valid))}")
-    runs = [StudyRun(r.pop("name", None) or r.get("method", {}).get("name", "run"), r) for r in raw.get("runs", [])]
-    for grid in raw.get("grids", []):
-        runs += _expand_grid(grid)
-    names = [r.name for r in runs]
-    if len(set(names)) != len(names):
-        raise PeftlabError(f"{path}: run names must be unique, got {names}")
-    return raw, runs
-
-
-def run_study(path: Path, overrides: list[str] = (), only: list[str] | None = None) -> Path:
-    """Run every run of a study that is not finished yet, then write results.md/csv and report.html."""
-
-    header, runs = load_study(path)
-    study_dir = Path(header.get("output_dir", "runs")) / header.get("name", Path(path).stem)
-    study_dir.mkdir(parents=True, exist_ok=True)
+def _resolve(header: dict, runs: list[StudyRun], overrides: list[str], study_dir: Path) -> list[RunConfig]:
     configs = []
     for run in runs:  # resolve every config first: a typo fails the study before hours of training
         raw = deep_merge(header.get("base", {}), run.raw)
         raw.update(name=run.name, output_dir=str(study_dir))
         configs.append(load_config(None, overrides, base=raw))
-    if header.get("teachers") or header.get("select_teacher"):  # distillation: rank teachers, write teacher.jsonl
+    return configs
 
+
+def run_study(path: Path, overrides: list[str] = (), only: list[str] | None = None, plan: bool = False) -> Path:
+    """Run every run of a study that is not finished yet, then write results.md/csv and report.html.
+
+    With `tune` or `repeats` in the study, each method is first chosen on val, then rerun per seed or fold. With
+    `plan`, only print the runs and the estimated time.
+    """
+    header, runs = load_study(path)
+    study_dir = Path(header.get("output_dir", "runs")) / header.get("name", Path(path).stem)
+    configs = _resolve(header, runs, list(overrides), study_dir)
+    spec = parse_tune(header["tune"]) if header.get("tune") is not None else None
+    repeats = parse_repeats(header.get("repeats"))
+    chosen = [c for c in configs if only is None or c.name in only]
+    if plan:
+        print(plan_text(chosen, spec, repeats, study_dir))
+        return study_dir
+    study_dir.mkdir(parents=True, exist_ok=True)
+    if header.get("teachers") or header.get("select_teacher"):  # distillation: rank teachers, write teacher.jsonl
         prepare_teacher(header, configs, study_dir)
-    todo = [c for c in configs if (only is None or c.name in only) and not (c.run_dir / "result.json").exists()]
-    print(f"study {study_dir}: {len(configs)} runs, {len(configs) - len(todo)} already done, {len(todo)} to run")
-    failures = []
-    for i, cfg in enumerate(todo, 1):
-        print(f"[{i}/{len(todo)}] {cfg.name} ({cfg.method.name})", flush=True)
-        cfg.run_dir.mkdir(parents=True, exist_ok=True)
-        (cfg.run_dir / NOT_RUN).unlink(missing_ok=True)  # retried: the machine may have what it lacked last time
-        save_config(cfg, cfg.run_dir / "config.yaml")
-        t0 = time.perf_counter()
-        # --resume: a run killed mid-training continues from its last checkpoint instead of step 0.
-        proc = subprocess.run(
-            [sys.executable, "-m", "peftlab", "train", str(cfg.run_dir / "config.yaml"), "--resume"],
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        )
-        if proc.returncode == NotSupported.exit_code:  # the run wrote not_run.json; the report lists it
-            print(f"run {cfg.name} not run here (see the message above); continuing", flush=True)
-        elif proc.returncode != 0:
-            failures.append(cfg.name)
-            print(f"run {cfg.name} failed (exit {proc.returncode}); continuing", flush=True)
-        else:
-            print(f"run {cfg.name} done in {time.perf_counter() - t0:.0f} s", flush=True)
+    configs = chosen
+    if spec is not None or header.get("repeats") is not None:
+        failures = run_decision(configs, spec, repeats, study_dir, header.get("metric") or (spec and spec.metric))
+    else:
+        todo = [c for c in configs if not (c.run_dir / "result.json").exists()]
+        print(f"study {study_dir}: {len(configs)} runs, {len(configs) - len(todo)} already done, {len(todo)} to run")
+        progress = Progress(sum(job_units(c) for c in todo))
+        failures = [c.name for c in todo if not _train_in_subprocess(c, progress)]
     report = build_study_report(study_dir, title=header.get("name"))
     print(f"results: {study_dir / 'results.md'}\nreport:  {report}")
     if failures:
         raise PeftlabError(f"{len(failures)} run(s) failed: {', '.join(failures)}; rerun the study to retry them")
     return study_dir
+
+
+def _train_in_subprocess(cfg: RunConfig, progress: Progress) -> bool:
+    """Train one run in its own process; False when it failed (a run that cannot run here is not a failure)."""
+    progress.show(cfg.name)
+    cfg.run_dir.mkdir(parents=True, exist_ok=True)
+    (cfg.run_dir / NOT_RUN).unlink(missing_ok=True)  # retried: the machine may have what it lacked last time
+    save_config(cfg, cfg.run_dir / "config.yaml")
+    t0 = time.perf_counter()
+    # --resume: a run killed mid-training continues from its last checkpoint instead of step 0.
+    proc = subprocess.run(
+        [sys.executable, "-m", "peftlab", "train", str(cfg.run_dir / "config.yaml"), "--resume"],
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    progress.advance(job_units(cfg), cfg.name)
+    if proc.returncode == NotSupported.exit_code:  # the run wrote not_run.json; the report lists it
+        print(f"run {cfg.name} not run here (see the message above); continuing", flush=True)
+    elif proc.returncode != 0:
+        print(f"run {cfg.name} failed (exit {proc.returncode}); continuing", flush=True)
+        return False
+    else:
+        print(f"run {cfg.name} done in {time.perf_counter() - t0:.0f} s", flush=True)
+    return True
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Decision studies: tune, repeat, then intervals and a verdict (report.decision)
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Repeats:
+    """`seeds`: rerun with these train seeds on the same split; `folds`: rerun on each of k folds (data.fold)."""
+
+    seeds: tuple[int, ...] = ()
+    folds: int = 0
+
+
+def parse_repeats(raw) -> Repeats:
+    """`{seeds: [0, 1, 2]}` or `{folds: 5}`; None means one run per method at its configured seed."""
+    if raw is None:
+        return Repeats()
+    if not isinstance(raw, dict) or len(raw) != 1 or not set(raw) <= {"seeds", "folds"}:
+        raise PeftlabError("repeats: expected {seeds: [0, 1, 2]} or {folds: 5}")
+    if "seeds" in raw:
+        seeds = raw["seeds"]
+        if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) for s in seeds):
+            raise PeftlabError(f"repeats.seeds: expected a non-empty list of integers, got {seeds!r}")
+        return Repeats(seeds=tuple(seeds))
+    if not isinstance(raw["folds"], int) or raw["folds"] < 3:
+        raise PeftlabError(f"repeats.folds: expected an integer >= 3 (test, val, train), got {raw['folds']!r}")
+    return Repeats(folds=raw["folds"])
+
+
+def deterministic(cfg: RunConfig) -> bool:
+    """Methods whose result does not depend on the train seed: zero/few-shot (nothing trains) and the linear head
+    (a convex fit on frozen features). Over seeds they run once and that run stands for every seed."""
+    method = get_method(cfg.method.name)
+    return not method.trains or method.build is not None
+
+
+def repeat_configs(cfg: RunConfig, repeats: Repeats) -> list[RunConfig]:
+    """The final runs of one chosen config: one per seed (once for a deterministic method) or one per fold."""
+    if repeats.folds:
+        return [replace(cfg, name=f"{cfg.name}-fold{k}", data=replace(cfg.data, fold=k, folds=repeats.folds))
+                for k in range(repeats.folds)]
+    if not repeats.seeds:
+        return [cfg]
+    seeds = repeats.seeds[:1] if deterministic(cfg) else repeats.seeds
+    return [replace(cfg, name=f"{cfg.name}-seed{s}", train=replace(cfg.train, seed=s)) for s in seeds]
+
+
+def tuning_config(cfg: RunConfig, repeats: Repeats) -> RunConfig:
+    """What tuning runs on: the study split, or fold 0's train/val with folds (fold 0's test is never scored)."""
+    return replace(cfg, data=replace(cfg.data, fold=0, folds=repeats.folds)) if repeats.folds else cfg
+
+
+def chosen_config(cfg: RunConfig, chosen: dict) -> RunConfig:
+    """The run's config with the chosen values set (same name and folder as the run)."""
+    if not chosen.get("params"):
+        return cfg
+    raw = {k: v for k, v in to_dict(cfg).items() if k not in ("name", "output_dir")}
+    return trial_config(raw, chosen["params"], cfg.name, Path(cfg.output_dir))
+
+
+def run_decision(configs: list[RunConfig], spec: TuneSpec | None, repeats: Repeats, study_dir: Path,
+                 metric: str | None) -> list[str]:
+    """Tune each method on val, rerun the chosen config per seed/fold, write study.json; returns failed run names."""
+    progress = Progress(sum(plan_units(c, spec, repeats, study_dir) for c in configs))
+    finals = [f for c in configs for f in repeat_configs(c, repeats)]
+    left = sum(not (f.run_dir / "result.json").exists() for f in finals)
+    tuned = sum(spec is not None and (study_dir / "tune" / c.name / CHOSEN).is_file() for c in configs)
+    print(f"study {study_dir}: {len(configs)} methods, {tuned} already tuned; {len(finals)} final runs, "
+          f"{len(finals) - left} already done, {left} to run", flush=True)
+    manifest = study_dir / MANIFEST
+    # `--only` runs some methods: the others stay in the manifest, and in the decision.
+    groups: dict = read_json(manifest)["groups"] if manifest.is_file() else {}
+    failures = []
+    for cfg in configs:
+        chosen = {"params": {}, "value": None, "trials": 0}
+        if spec is not None:
+            units = trial_units(cfg)
+            chosen = tune_run(tuning_config(cfg, repeats), spec, study_dir / "tune" / cfg.name,
+                              tick=lambda label, u=units: progress.advance(u, label))
+            print(f"{cfg.name}: chosen {chosen['params'] or '(no knobs)'} val {chosen['value']}", flush=True)
+        finals = repeat_configs(chosen_config(cfg, chosen), repeats)
+        for final in finals:
+            if (final.run_dir / "result.json").exists():
+                continue  # finished on an earlier pass: a rerun skips it
+            if not _train_in_subprocess(final, progress):
+                failures.append(final.name)
+        groups[cfg.name] = {"method": cfg.method.name, "runs": [f.name for f in finals], "chosen": chosen}
+        write_json(manifest, {"metric": metric, "repeats": vars_repeats(repeats), "groups": groups})
+    return failures
+
+
+def vars_repeats(repeats: Repeats) -> dict:
+    return {"seeds": list(repeats.seeds)} if repeats.seeds else ({"folds": repeats.folds} if repeats.folds else {})
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Cost model: one progress bar over the whole study, and `--plan`
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _sizes(cfg: RunConfig) -> tuple[int, int]:
+    """(train examples, eval examples per split), as configured; 400/50 stand for PubMedQA's default split."""
+    return cfg.data.limit_train or 400, cfg.data.limit_eval or 50
+
+
+def _epochs_rows(cfg: RunConfig, n_train: int) -> float:
+    if cfg.train.max_steps:
+        return min(cfg.train.max_steps * cfg.train.batch_size * cfg.train.grad_accum, n_train * cfg.train.epochs)
+    return n_train * cfg.train.epochs
+
+
+def _units(cfg: RunConfig, test: bool) -> float:
+    """Cost of one run in example-forwards: training counts 3 per row (forward and backward), val once per epoch."""
+    n_train, n_eval = _sizes(cfg)
+    method = get_method(cfg.method.name)
+    evals = n_eval * (1 + int(test))
+    if not method.trains:
+        return evals * (1 + (cfg.data.shots or (3 if cfg.method.name == "few-shot" else 0)))
+    if method.build is not None:
+        return n_train + evals
+    return 3 * _epochs_rows(cfg, n_train) + n_eval * max(1, cfg.train.epochs) + n_eval * int(test)
+
+
+def job_units(cfg: RunConfig) -> float:
+    """A final run (scored on test)."""
+    return _units(cfg, test=True)
+
+
+def trial_units(cfg: RunConfig) -> float:
+    """A tuning trial or selection point (val only)."""
+    return _units(cfg, test=False)
+
+
+def _tune_points(cfg: RunConfig, spec: TuneSpec | None, study_dir: Path) -> int:
+    if spec is None or (study_dir / "tune" / cfg.name / CHOSEN).is_file():
+        return 0
+    method = get_method(cfg.method.name)
+    if method.trains and method.build is None:
+        return spec.trials
+    grid = spec.select.get(cfg.name, spec.select.get(cfg.method.name)) or {}
+    n = 1
+    for values in grid.values():
+        n *= len(values)
+    return n if grid else 0
+
+
+def plan_units(cfg: RunConfig, spec: TuneSpec | None, repeats: Repeats, study_dir: Path) -> float:
+    """Work left for one method: its tuning points and its unfinished repeats."""
+    finals = [f for f in repeat_configs(cfg, repeats) if not (f.run_dir / "result.json").exists()]
+    return _tune_points(cfg, spec, study_dir) * trial_units(cfg) + sum(job_units(f) for f in finals)
+
+
+class Progress:
+    """One text progress bar for the whole study: share of the estimated work done, elapsed time and ETA."""
+
+    def __init__(self, total: float, width: int = 30) -> None:
+        self.total, self.done, self.width, self.t0 = max(total, 1e-9), 0.0, width, time.perf_counter()
+
+    def advance(self, units: float, label: str) -> None:
+        self.done = min(self.total, self.done + units)
+        self.show(f"{label} done")
+
+    def show(self, label: str) -> None:
+        share = self.done / self.total
+        elapsed = time.perf_counter() - self.t0
+        eta = elapsed * (1 - share) / share if share > 0 else None
+        bar = "#" * round(share * self.width) + "-" * (self.width - round(share * self.width))
+        print(f"study [{bar}] {100 * share:3.0f}% elapsed {_clock(elapsed)} ETA {_clock(eta)} | {label}", flush=True)
+
+
+def _clock(seconds: float | None) -> str:
+    if seconds is None:
+        return "?"
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+def plan_text(configs: list[RunConfig], spec: TuneSpec | None, repeats: Repeats, study_dir: Path) -> str:
+    """Runs per method and the estimated time, from tokens/s measured on this machine with the study's model."""
+    speed = measure(configs[0])
+    lines = [f"plan for {study_dir}: measured {speed.tokens_per_s:,.0f} tokens/s forward, "
+             f"{speed.tokens_per_example:.0f} tokens per example, {speed.load_s:.1f} s to load the model",
+             "| method | tuning runs | final runs | estimated |", "|---|---|---|---|"]
+    total_runs, total_s = 0, 0.0
+    for cfg in configs:
+        points = _tune_points(cfg, spec, study_dir)
+        finals = [f for f in repeat_configs(cfg, repeats) if not (f.run_dir / "result.json").exists()]
+        units = plan_units(cfg, spec, repeats, study_dir)
+        seconds = units * speed.tokens_per_example / speed.tokens_per_s + (points + len(finals)) * speed.overhead_s
+        total_runs += points + len(finals)
+        total_s += seconds
+        lines.append(f"| {cfg.name} ({cfg.method.name}) | {points} | {len(finals)} | {_clock(seconds)} |")
+    lines.append(f"total: {total_runs} runs, about {_clock(total_s)} (h:mm:ss; pruned trials end early, so this is "
+                 "an upper bound for tuning)")
+    return "\n".join(lines)

@@ -1,43 +1,66 @@
-"""Evaluation recipe: load a model (and adapter), read and split a task's data, score it, write the results."""
+"""Evaluation and prediction recipes.
+
+- `run_eval`: a model (and adapter) on a task's data, with settings given on the command line.
+- `eval_run`: a finished run folder on its own test split or on a new labelled file, with the run's own settings
+  (task and labels, template, max_length, demos, calibration). A setting given that contradicts the run is an
+  error unless forced: a silently different prompt would score a different model.
+- `predict_run`: a finished run on rows without targets: one answer per row, class probabilities for
+  classification.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+from dataclasses import dataclass
 from pathlib import Path
 
 from peftlab.core.config import RunConfig, from_dict, validate
 from peftlab.core.errors import PeftlabError
 from peftlab.core.files import write_json, write_jsonl
-from peftlab.data.splits import in_file_order, load_splits, read_examples
-from peftlab.data.tasks import get_task
-from peftlab.evaluate.evaluate import evaluate
+from peftlab.data.splits import in_file_order, load_splits, read_examples, read_file
+from peftlab.data.tasks import Example, get_task
+from peftlab.evaluate.evaluate import evaluate, predict
+from peftlab.methods.saved import SavedRun, load_run, run_config
 from peftlab.models.adapters import load_for_inference
 from peftlab.models.local import check_max_length
 from peftlab.prompts.encoding import content_free_items, encode_split, few_shot_demos, format_for
 
 
-def run_eval(
-    task: str,
-    out: Path,
-    data: str | None = None,
-    split: str = "all",
-    model: str = "smollm2-135m-instruct",
-    adapter: str | None = None,
-    shots: int = 0,
-    limit: int | None = None,
-    template: int = 0,
-    max_length: int = 512,
-    device: str = "auto",
-    allow_pickle: bool = False,
-    calibrate: bool = False,
-) -> dict:
-    """Score a model on a task's data; writes `out/metrics.json` and `out/predictions.jsonl`; returns the metrics."""
-    if split not in ("all", "train", "val", "test"):
-        raise PeftlabError(f"--split must be all, train, val or test, got '{split}'")
+@dataclass
+class EvalOptions:
+    """What `peftlab eval` was given; None means not given (a run's own setting, or the default, applies)."""
+
+    task: str | None = None
+    data: str | None = None
+    split: str | None = None
+    model: str | None = None
+    adapter: str | None = None
+    shots: int | None = None
+    limit: int | None = None
+    template: int | None = None
+    max_length: int | None = None
+    device: str = "auto"
+    allow_pickle: bool = False
+    calibrate: bool | None = None
+
+
+def _check_limit(limit: int | None) -> None:
     if limit is not None and limit < 1:
         raise PeftlabError(f"--limit must be >= 1 (leave it out to score every example), got {limit}")
-    t = get_task(task)
-    cfg = validate(from_dict(RunConfig, {"data": {"task": task, "path": data, "template": template,
-                                                  "max_length": max_length, "calibrate": calibrate}}))
+
+
+def run_eval(opts: EvalOptions, out: Path) -> dict:
+    """Score a model on a task's data; writes `out/metrics.json` and `out/predictions.jsonl`; returns the metrics."""
+    split, shots, template = opts.split or "all", opts.shots or 0, opts.template or 0
+    max_length, model = opts.max_length or 512, opts.model or "smollm2-135m-instruct"
+    if split not in ("all", "train", "val", "test"):
+        raise PeftlabError(f"--split must be all, train, val or test, got '{split}'")
+    if opts.task is None:
+        raise PeftlabError("give a run folder (peftlab eval RUN) or --task")
+    _check_limit(opts.limit)
+    t = get_task(opts.task)
+    cfg = validate(from_dict(RunConfig, {"data": {"task": opts.task, "path": opts.data, "template": template,
+                                                  "max_length": max_length, "calibrate": bool(opts.calibrate)}}))
     in_file = read_examples(cfg, t)
     splits = load_splits(cfg, t)
     examples = in_file if split == "all" else splits[split]
@@ -45,18 +68,87 @@ def run_eval(
     if shots and split in ("all", "train"):
         examples = splits["val"] + splits["test"] if split == "all" else examples
     # The first N in the file, as --limit promises, and predictions.jsonl in file order.
-    examples = in_file_order(examples, in_file)[:limit]
+    examples = in_file_order(examples, in_file)[: opts.limit]
     if not examples:
         raise PeftlabError(f"no examples to score in split '{split}'")
-    loaded, _ = load_for_inference(model, adapter, device, allow_pickle)
+    loaded, _ = load_for_inference(model, opts.adapter, opts.device, opts.allow_pickle)
     check_max_length(loaded, max_length, "--max-length")
     fmt = format_for(loaded)
     demos = few_shot_demos(t, splits["train"], shots, seed=0, template=template)
     items = encode_split(cfg, t, fmt, examples, demos)
     content_free = content_free_items(cfg, t, fmt, examples, demos)
     metrics, rows = evaluate(loaded.model, fmt, t, examples, items, split=split, content_free=content_free)
-    metrics.update(model=model, adapter=adapter, shots=shots, calibrated=bool(content_free))
+    metrics.update(model=model, adapter=opts.adapter, shots=shots, calibrated=bool(content_free))
+    _write(out, metrics, rows)
+    return metrics
+
+
+# A flag and the run setting it would replace.
+RUN_SETTINGS = {
+    "task": ("data", "task"), "model": ("model", "name"), "template": ("data", "template"),
+    "max_length": ("data", "max_length"), "shots": ("data", "shots"), "calibrate": ("data", "calibrate"),
+}
+
+
+def _with_flags(cfg: RunConfig, opts: EvalOptions, force: bool) -> RunConfig:
+    """The run's config with the flags applied; a flag that changes it is an error unless `force`."""
+    if opts.adapter is not None:
+        raise PeftlabError("--adapter: a run folder brings its own adapter; give one or the other")
+    for flag, (section, key) in RUN_SETTINGS.items():
+        given, own = getattr(opts, flag), getattr(getattr(cfg, section), key)
+        if given is None or given == own:
+            continue
+        if not force:
+            raise PeftlabError(f"--{flag.replace('_', '-')} {given} contradicts the run's {section}.{key} ({own}); "
+                               "leave it out to use the run's, or pass --force")
+        cfg = dataclasses.replace(cfg, **{section: dataclasses.replace(getattr(cfg, section), **{key: given})})
+    return validate(cfg)
+
+
+def eval_run(run_dir: Path, opts: EvalOptions, out: Path | None = None, force: bool = False) -> dict:
+    """Score a finished run on its own test split (default) or on `opts.data`, with the run's settings."""
+    _check_limit(opts.limit)
+    run = load_run(run_dir, opts.device, _with_flags(run_config(run_dir), opts, force))
+    if opts.data:
+        if opts.split not in (None, "all"):
+            raise PeftlabError("--split applies to the run's own data; with --data every row of the file is scored")
+        examples, split = read_file(run.task, Path(opts.data)), "all"
+    else:
+        split = opts.split or "test"
+        if split not in ("train", "val", "test"):
+            raise PeftlabError(f"--split must be train, val or test for a run's own data, got '{split}'")
+        examples = load_splits(run.cfg, run.task, val_in_train=not run.method.trains)[split]
+    examples = examples[: opts.limit]
+    if not examples:
+        raise PeftlabError(f"no examples to score in split '{split}'")
+    metrics, rows = evaluate(run.model, run.fmt, run.task, examples, _encode(run, examples), split=split,
+                             content_free=run.content_free)
+    metrics.update(run=str(run_dir), data=opts.data, calibrated=bool(run.content_free))
+    _write(out or Path(run_dir) / "eval" / (Path(opts.data).stem if opts.data else split), metrics, rows)
+    return metrics
+
+
+def predict_run(run_dir: Path, input_file: Path, out: Path, limit: int | None = None, device: str | None = None
+                ) -> list[dict]:
+    """Answer every row of `input_file` (targets not needed) with a finished run; writes JSONL to `out`."""
+    _check_limit(limit)
+    run = load_run(run_dir, device)
+    examples = read_file(run.task, Path(input_file), labelled=False)[:limit]
+    answers = predict(run.model, run.fmt, run.task, examples, _encode(run, examples), content_free=run.content_free)
+    rows = [{"id": ex.id, "prediction": text} for ex, text in zip(examples, answers.texts, strict=True)]
+    if answers.scores is not None:
+        for row, probabilities in zip(rows, answers.probabilities(run.task.labels), strict=True):
+            row["probabilities"] = probabilities
+    write_jsonl(out, rows)
+    return rows
+
+
+def _encode(run: SavedRun, examples: list[Example]):
+    check_max_length(run.loaded, run.cfg.data.max_length)
+    return encode_split(run.cfg, run.task, run.fmt, examples, run.shots)
+
+
+def _write(out: Path, metrics: dict, rows: list[dict]) -> None:
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "metrics.json", metrics)
     write_jsonl(out / "predictions.jsonl", rows)
-    return metrics

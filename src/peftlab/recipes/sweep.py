@@ -20,15 +20,18 @@ resumes; several machines given the same database URL (e.g. PostgreSQL) work one
 from __future__ import annotations
 
 import gc
+import itertools
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from peftlab.core.config import RunConfig, apply_overrides, load_config, save_config
+from peftlab.core.config import RunConfig, apply_overrides, load_config, save_config, to_dict
 from peftlab.core.errors import PeftlabError
-from peftlab.core.files import read_json
-from peftlab.recipes.compare import load_study
+from peftlab.core.files import read_json, write_json
+from peftlab.methods.registry import get_method
+from peftlab.recipes.study import load_study
 from peftlab.recipes.train import run_training
 from peftlab.report.report import build_study_report
 from peftlab.train.loop import NonFiniteLoss
@@ -87,11 +90,14 @@ def trial_config(base: dict, params: dict[str, Any], name: str, output_dir: Path
     return load_config(None, overrides, base={**base, "name": name, "output_dir": str(output_dir)})
 
 
-def _pruning_callback(trial, cfg: RunConfig):
+def _pruning_callback(trial, cfg: RunConfig, metric: str | None = None):
+    """Report each epoch's val metric (`val_<metric>`, default the first one logged) to Optuna and prune on it."""
     import optuna
 
     def on_epoch_end(epoch: int, val_row: dict) -> None:
-        key = next((k for k in val_row if k.startswith("val_") and k != "val_loss"), None)
+        wanted = f"val_{metric}" if metric else None
+        key = wanted if wanted in val_row else next((k for k in val_row if k.startswith("val_") and k != "val_loss"),
+                                                    None)
         if key is None:
             return
         trial.report(val_row[key], epoch)
@@ -103,10 +109,10 @@ def _pruning_callback(trial, cfg: RunConfig):
     return on_epoch_end
 
 
-def objective_value(run_dir: Path) -> float:
-    """The run's final val metric (its primary metric), as written to result.json."""
+def objective_value(run_dir: Path, metric: str | None = None) -> float:
+    """The run's final val metric (`metric`, default its primary metric), as written to result.json."""
     result = read_json(run_dir / "result.json")
-    key = f"val_{result['primary_metric']}"
+    key = f"val_{metric or result['primary_metric']}"
     if key not in result["metrics"]:
         raise PeftlabError(f"{run_dir}: no {key} in result.json; a sweep needs a val split (data.split)")
     return float(result["metrics"][key])
@@ -208,3 +214,150 @@ def run_sweep(
     print(f"best: trial-{best.number} value {best.value:.4f} params {best.params}\n"
           f"best config: {study_dir / 'best_config.yaml'} (peftlab train {study_dir / 'best_config.yaml'})")
     return study_dir
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Tuning inside a study (`peftlab compare` with a `tune:` section): every method at the same budget, chosen on val
+# ---------------------------------------------------------------------------------------------------------------------
+
+TUNE_KEYS = {"trials", "seed", "pruner", "startup_trials", "space", "methods", "select", "metric"}
+CHOSEN = "chosen.json"
+
+
+@dataclass
+class TuneSpec:
+    """A study's `tune:` section.
+
+    `space` applies to every gradient-trained method; `train.lr: {factor: F}` means log-uniform in
+    [default / F, default * F] around each method's own default (or its configured lr). `methods` adds dimensions per
+    run or method name (`lora: {method.r: {choices: [4, 8, 16]}}`). `select` gives the grid of methods that train
+    no gradients (`few-shot: {data.shots: [1, 3]}`, `linear-head: {method.head_c: [0.01, 0.1, 1]}`): each point is
+    scored on val and the best is kept, with no test scoring either way.
+    """
+
+    trials: int = 8
+    seed: int = 0
+    pruner: str = "median"
+    startup_trials: int = 2
+    space: dict = field(default_factory=dict)
+    methods: dict = field(default_factory=dict)
+    select: dict = field(default_factory=dict)
+    metric: str | None = None
+
+
+def parse_tune(raw: Any, where: str = "tune") -> TuneSpec:
+    """Check a `tune:` section; unknown keys and malformed spaces are errors that name the key."""
+    if not isinstance(raw, dict):
+        raise PeftlabError(f"{where} must be a mapping with trials, space, methods, select (see docs/experiments.md)")
+    unknown = set(raw) - TUNE_KEYS
+    if unknown:
+        raise PeftlabError(f"unknown {where} key '{sorted(unknown)[0]}'; valid: {', '.join(sorted(TUNE_KEYS))}")
+    spec = TuneSpec(**raw)
+    if spec.pruner not in ("median", "none"):
+        raise PeftlabError(f"{where}.pruner must be median or none, got '{spec.pruner}'")
+    for name, grid in spec.select.items():
+        if not isinstance(grid, dict) or not all(isinstance(v, list) and v for v in grid.values()):
+            raise PeftlabError(f"{where}.select.{name}: expected {{config.key: [values, ...]}}")
+    return spec
+
+
+def method_space(spec: TuneSpec, cfg: RunConfig) -> dict[str, dict]:
+    """The search space of one gradient-trained run: the shared space (lr around its default) plus its own."""
+    raw = dict(spec.space)
+    extra = spec.methods.get(cfg.name, spec.methods.get(cfg.method.name, {}))
+    raw.update(extra or {})
+    resolved = {}
+    for key, s in raw.items():
+        if isinstance(s, dict) and "factor" in s:
+            center = cfg.train.lr or get_method(cfg.method.name).default_lr
+            factor = float(_number(f"{key}.factor", s["factor"]))
+            s = {"low": center / factor, "high": center * factor, "log": True}
+        resolved[key] = s
+    return parse_space(resolved) if resolved else {}
+
+
+def run_trial(cfg: RunConfig, on_epoch_end=None) -> Path:
+    """A trial or a selection point: the training recipe without the test split, judged on val only.
+
+    The test split is scored for final configs only, so choosing a config never looks at it (and trials do not pay
+    for it). The folder gets result.json like any run, with val metrics and no test metrics.
+    """
+    return run_training(cfg, on_epoch_end, score_test=False)
+
+
+def _base_raw(cfg: RunConfig) -> dict:
+    raw = to_dict(cfg)
+    raw.pop("name", None)
+    raw.pop("output_dir", None)
+    return raw
+
+
+def _grid_points(grid: dict) -> list[dict]:
+    keys = list(grid)
+    return [dict(zip(keys, values, strict=True)) for values in itertools.product(*(grid[k] for k in keys))]
+
+
+def _select(cfg: RunConfig, grid: dict, tune_dir: Path, metric: str | None, tick) -> dict:
+    """Score every grid point on val (each a resumable folder `select-<i>`); the best point wins, first on ties."""
+    best: dict = {"params": {}, "value": None, "trials": 0}
+    for i, params in enumerate(_grid_points(grid)):
+        trial = trial_config(_base_raw(cfg), params, f"select-{i}", tune_dir)
+        if not (trial.run_dir / "result.json").exists():
+            run_trial(trial)
+            gc.collect()
+        value = objective_value(trial.run_dir, metric)
+        tick(f"{cfg.name} select {i + 1}")
+        if best["value"] is None or value > best["value"]:
+            best = {"params": params, "value": value}
+    return {**best, "trials": len(_grid_points(grid))}
+
+
+def _search(cfg: RunConfig, spec: TuneSpec, space: dict, tune_dir: Path, tick) -> dict:
+    """Optuna TPE over `space` with median pruning; trials are `trial-<n>` folders; the study resumes from SQLite."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    sweep = {"seed": spec.seed, "pruner": spec.pruner, "startup_trials": spec.startup_trials}
+    study = _create_study(cfg.name, f"sqlite:///{(tune_dir / 'optuna.db').resolve()}", sweep, spec.trials)
+    finished = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+    base = _base_raw(cfg)
+
+    def objective(trial) -> float:
+        run = trial_config(base, suggest(trial, space), f"trial-{trial.number}", tune_dir)
+        try:
+            run_trial(run, on_epoch_end=_pruning_callback(trial, run, spec.metric))
+        finally:
+            gc.collect()
+            tick(f"{cfg.name} trial {trial.number + 1}")
+        return objective_value(run.run_dir, spec.metric)
+
+    done = len(study.get_trials(deepcopy=False, states=finished))
+    if done < spec.trials:
+        study.optimize(objective, n_trials=spec.trials - done, catch=(NonFiniteLoss,),
+                       callbacks=[optuna.study.MaxTrialsCallback(spec.trials, states=finished)])
+    if not study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
+        raise PeftlabError(f"tuning {cfg.name}: no trial completed; see the trial folders under {tune_dir}")
+    return {"params": study.best_trial.params, "value": study.best_value, "trials": spec.trials}
+
+
+def tune_run(cfg: RunConfig, spec: TuneSpec, tune_dir: Path, tick=lambda label: None) -> dict:
+    """Choose one run's config on val and write it to `<tune_dir>/chosen.json`; an existing one is reused as is.
+
+    Gradient methods: `spec.trials` Optuna trials. Methods that train no gradients: their `select` grid, or nothing
+    when they have no knob. Returns {"params": {dotted key: value}, "value": val metric or None, "trials": n}.
+    """
+    chosen_path = tune_dir / CHOSEN
+    if chosen_path.is_file():
+        return read_json(chosen_path)
+    tune_dir.mkdir(parents=True, exist_ok=True)
+    method = get_method(cfg.method.name)
+    grid = spec.select.get(cfg.name, spec.select.get(cfg.method.name))
+    space = method_space(spec, cfg) if method.trains and method.build is None else {}
+    if space:
+        chosen = _search(cfg, spec, space, tune_dir, tick)
+    elif grid:
+        chosen = _select(cfg, grid, tune_dir, spec.metric, tick)
+    else:
+        chosen = {"params": {}, "value": None, "trials": 0}
+    write_json(chosen_path, chosen)
+    return chosen

@@ -22,7 +22,9 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from peftlab.core.files import write_text_atomic
+from peftlab.report.decision import decision_html, decision_markdown, pareto_figure, write_decision
 from peftlab.report.notes import notes_html, notes_markdown
+from peftlab.report.peft_result import write_peft_result
 
 MISSING = "–"
 PROMPT_CHARS = 300
@@ -167,15 +169,19 @@ def _require_runs(study_dir: Path) -> pd.DataFrame:
     return df
 
 
-def write_tables(study_dir: Path) -> tuple[Path, Path]:
-    """Write ``results.csv`` (raw scalar columns) and ``results.md`` (display table) into the study folder."""
+def write_tables(study_dir: Path, decision: dict | None = None) -> tuple[Path, Path]:
+    """Write ``results.csv`` (raw scalar columns) and ``results.md`` (display table) into the study folder.
+
+    With a `decision` (see `report.decision`), results.md opens with its verdict and interval table.
+    """
     study_dir = Path(study_dir)
     df = _require_runs(study_dir)
     # Nested values (confusion matrix, labels, versions) do not fit a CSV cell; they stay in result.json.
     flat = df[[c for c in df.columns if _is_scalar_column(df[c]) or df[c].isna().all()]]
     csv_path, md_path = study_dir / "results.csv", study_dir / "results.md"
     write_text_atomic(csv_path, flat.to_csv(index=False))
-    write_text_atomic(md_path, _markdown(results_table(df)) + notes_markdown(study_dir, df))
+    head = decision_markdown(decision) + "\n## Runs\n\n" if decision else ""
+    write_text_atomic(md_path, head + _markdown(results_table(df)) + notes_markdown(study_dir, df))
     return csv_path, md_path
 
 
@@ -357,8 +363,11 @@ def _title(df: pd.DataFrame, study_dir: Path) -> str:
     return f"PEFT study: {', '.join(tasks)}" + (f" on {', '.join(models)}" if models else "")
 
 
-def write_report(study_dir: Path, title: str | None = None) -> Path:
-    """Write a self-contained ``report.html`` (inline CSS, figures as base64 PNG) into the study folder."""
+def write_report(study_dir: Path, title: str | None = None, decision: dict | None = None) -> Path:
+    """Write a self-contained ``report.html`` (inline CSS, figures as base64 PNG) into the study folder.
+
+    With a `decision`, the page opens with the verdict, the interval table and the Pareto plot.
+    """
     study_dir = Path(study_dir)
     df = _require_runs(study_dir)
     title = title or _title(df, study_dir)
@@ -367,6 +376,8 @@ def write_report(study_dir: Path, title: str | None = None) -> Path:
     costs = _cost_bars(df, "train_seconds", "train time (s)", "train-time")
     costs += _cost_bars(df, "peak_rss_mb", "peak memory (MB)", "peak-memory")
     sections = [
+        ("Verdict", decision_html(decision, _img(pareto_figure(decision), "pareto", "Test metric against each cost "
+                                                 "with 95% intervals; Pareto frontier in red")) if decision else ""),
         ("Results", table),
         ("Loss curves", _loss_curves(df, study_dir)),
         ("Quality vs trainable parameters", _metric_vs_params(df)),
@@ -386,6 +397,15 @@ def write_report(study_dir: Path, title: str | None = None) -> Path:
 
 
 def build_study_report(study_dir: Path, title: str | None = None) -> Path:
-    """Write results.csv, results.md and report.html for a study; return the report path."""
-    write_tables(study_dir)
-    return write_report(study_dir, title)
+    """Write results.csv, results.md and report.html for a study; return the report path.
+
+    Every run folder also gets its peft method_comparison JSON (`peft_result.json`); a study of two or more methods
+    scored on the same test examples gets decision.json, pareto.png and the verdict on top of both pages.
+    """
+    study_dir = Path(study_dir)
+    runs = [study_dir] if (study_dir / "result.json").is_file() else sorted(p for p in study_dir.iterdir())
+    for run in (p for p in runs if (p / "result.json").is_file()):
+        write_peft_result(run)
+    decision = write_decision(study_dir) if not (study_dir / "result.json").is_file() else None
+    write_tables(study_dir, decision)
+    return write_report(study_dir, title, decision)

@@ -9,7 +9,7 @@ from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
-from peftlab.core.errors import unknown_name
+from peftlab.core.errors import PeftlabError, unknown_name
 from peftlab.data.tasks import custom, dialogsum, pubmedqa, scienceqa
 from peftlab.data.tasks.base import Example, Task, Template
 
@@ -20,6 +20,8 @@ TASKS: dict[str, Callable[[], Task]] = {
     "dialogsum": dialogsum.make_task,
     "scienceqa": scienceqa.make_task,
     "scienceqa-explain": partial(scienceqa.make_task, "scienceqa-explain", explain=True),
+    "alpaca": partial(custom.make_format_task, "alpaca"),
+    "chat": partial(custom.make_format_task, "chat"),
 }
 
 # Default data files shipped in the repo's data/ folder.
@@ -31,6 +33,16 @@ DEFAULT_DATA: dict[str, str] = {
     "scienceqa": "data/scienceqa-synthetic/problems.json",  # synthetic: generated shapes, not ScienceQA's questions
     "scienceqa-explain": "data/scienceqa-synthetic/problems.json",
 }
+
+
+def task_for(data) -> Task:
+    """The task a run's `data` config names, with its label set when `data.labels` gives one (alpaca, chat)."""
+    task = get_task(data.task)
+    if data.labels is not None:
+        if task.relabel is None:
+            raise PeftlabError(f"data.labels applies to the alpaca and chat formats, not to task '{task.name}'")
+        task = task.relabel(tuple(data.labels))
+    return task
 
 
 def get_task(name: str) -> Task:
@@ -49,4 +61,5 @@ __all__ = [
     "Task",
     "Template",
     "get_task",
+    "task_for",
 ]

@@ -32,6 +32,8 @@ class Example:
     split: str | None = None  # a split the file itself assigns, if any
     extra: dict[str, Any] = field(default_factory=dict)
     image: str | None = None  # path of the example's image; only vision-language models read it
+    # A chat example's prompt as turns ({role, content}), rendered through the chat template; None for the rest.
+    messages: tuple[dict[str, str], ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -64,6 +66,12 @@ class Task:
     # What training teaches the model to write, when more than the target: pubmedqa-explain's answer word followed by
     # the abstract's conclusion. Scoring still reads the label word (or the references) alone.
     train_target: Callable[[Example], str] | None = None
+    # Rows without targets, for `peftlab predict` (None: the task cannot read unlabelled rows).
+    load_unlabelled: Callable[[Path], list[Example]] | None = None
+    # Open formats (alpaca, chat) take their label set from the data: the same task with those labels.
+    relabel: Callable[[tuple[str, ...]], Task] | None = None
+    # Open formats: one raw record (as the file holds it, without a target) as an example, for a served request.
+    read_record: Callable[[dict], Example] | None = None
 
     def template(self, index: int) -> Template:
         if not 0 <= index < len(self.templates):
@@ -109,7 +117,7 @@ def require_text(path: Path, line: int | None, obj: dict, key: str, name: str | 
     if isinstance(value, list) and value and all(isinstance(v, str) for v in value):
         value = " ".join(v.strip() for v in value)
     if not isinstance(value, str):
-        raise data_error(path, line, name, f"expected text, got {_json_kind(value)}")
+        raise data_error(path, line, name, f"expected text, got {json_kind(value)}")
     if not value.strip():
         raise data_error(path, line, name, "empty text")
     return value
@@ -122,12 +130,12 @@ def optional_id(path: Path, line: int | None, obj: dict, keys: Sequence[str], de
         if value is None or value == "":
             continue
         if isinstance(value, bool) or not isinstance(value, str | int):
-            raise data_error(path, line, key, f"expected text or an integer id, got {_json_kind(value)}")
+            raise data_error(path, line, key, f"expected text or an integer id, got {json_kind(value)}")
         return str(value)
     return default
 
 
-def _json_kind(value: Any) -> str:
+def json_kind(value: Any) -> str:
     """How a non-text JSON value reads in an error message."""
     if value is None:
         return "null"

@@ -1,27 +1,38 @@
-"""Custom tasks from a YAML file: a JSONL path, input fields, a target field, a prompt template and a metric.
+"""Tasks from the user's own files: the `alpaca` and `chat` formats by name, or a task YAML.
 
-name: sentiment
-data: data/reviews.jsonl        # optional default data file
-inputs: [review]                # fields rendered into the template; the first one may be truncated
-target: label
-template: "Review: {review}\\n\\nIs this review positive or negative?"
-metric: accuracy                # rouge | bleu | accuracy | macro_f1 | exact_match
-labels: [positive, negative]    # classification only
+A task YAML describes any file of records (JSONL, JSON, CSV or Parquet):
+
+    name: sentiment
+    format: fields                  # fields (the default) | alpaca | chat
+    data: data/reviews.jsonl        # optional default data file
+    inputs: [review]                # fields: rendered into the template; the first one may be truncated
+    target: label                   # fields: the field the model learns to write
+    template: "Review: {review}\\n\\nIs this review positive or negative?"
+    templates: []                   # further phrasings, FLAN style (data.template picks one)
+    metric: accuracy                # rouge | bleu | accuracy | macro_f1 | exact_match
+    labels: [positive, negative]    # classification only
+    id_field: id
+    max_new_tokens: 64
+
+With `format: alpaca` or `chat` only `name`, `metric`, `labels` and `max_new_tokens` apply: the records say the rest.
+A row may carry `split: train | val | test`; any other value is an error.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from functools import partial
 from pathlib import Path
 
 import yaml
 
 from peftlab.core.errors import PeftlabError, data_error
-from peftlab.data.metrics import METRICS, metric_fn
-from peftlab.data.tasks.base import Example, Task, Template, optional_id, read_jsonl, require_split, require_text
+from peftlab.data.metrics import METRICS, generation_metrics, metric_fn
+from peftlab.data.tasks.base import Example, Task, Template, optional_id, require_split, require_text
+from peftlab.data.tasks.formats import alpaca_example, chat_example, read_records
 
 CLASSIFICATION_METRICS = {"accuracy", "macro_f1"}
+FORMATS = ("fields", "alpaca", "chat")
 
 
 @dataclass
@@ -29,9 +40,10 @@ class CustomTaskSpec:
     """The YAML schema of a custom task."""
 
     name: str
-    inputs: list[str]
-    target: str
-    template: str
+    format: str = "fields"
+    inputs: list[str] = field(default_factory=list)
+    target: str = ""
+    template: str = ""
     metric: str = "rouge"
     labels: list[str] = field(default_factory=list)
     templates: list[str] = field(default_factory=list)  # further phrasings, FLAN style
@@ -40,26 +52,28 @@ class CustomTaskSpec:
     max_new_tokens: int = 64
 
 
-def _load(spec: CustomTaskSpec, path: Path) -> list[Example]:
+def _field_example(spec: CustomTaskSpec, path: Path, line: int, obj: dict, labelled: bool) -> Example:
+    target = require_text(path, line, obj, spec.target).strip() if labelled or spec.target in obj else ""
+    return Example(
+        id=optional_id(path, line, obj, (spec.id_field,), f"line{line}"),
+        inputs={k: require_text(path, line, obj, k).strip() for k in spec.inputs},
+        target=target,
+        references=(target,) if target else (),
+        split=require_split(path, line, obj),
+    )
+
+
+def _load(spec: CustomTaskSpec, path: Path, labelled: bool = True) -> list[Example]:
+    """Every record of the file as an example; a label outside the task's label set is an error."""
+    read = {"alpaca": alpaca_example, "chat": chat_example}.get(spec.format, partial(_field_example, spec))
     examples = []
-    for lineno, obj in read_jsonl(path):
-        target = require_text(path, lineno, obj, spec.target).strip()
-        if spec.labels and target not in spec.labels:
-            raise data_error(path, lineno, spec.target, f"unknown label '{target}'; valid: {', '.join(spec.labels)}")
-        examples.append(
-            Example(
-                id=optional_id(path, lineno, obj, (spec.id_field,), f"line{lineno}"),
-                inputs={k: require_text(path, lineno, obj, k).strip() for k in spec.inputs},
-                target=target,
-                references=(target,),
-                split=require_split(path, lineno, obj),
-            )
-        )
+    for line, obj in read_records(path):
+        ex = read(path, line, obj, labelled=labelled)
+        if spec.labels and ex.target and ex.target not in spec.labels:
+            where = spec.target or ("output" if spec.format == "alpaca" else "messages")
+            raise data_error(path, line, where, f"unknown label '{ex.target}'; valid: {', '.join(spec.labels)}")
+        examples.append(ex)
     return examples
-
-
-def _classify(labels: tuple[str, ...], metric: str, predictions, references) -> dict:
-    return metric_fn(metric)(predictions, [r[0] for r in references], labels=labels)
 
 
 def load_spec(path: Path) -> CustomTaskSpec:
@@ -69,7 +83,10 @@ def load_spec(path: Path) -> CustomTaskSpec:
     for key in raw:
         if key not in known:
             raise data_error(path, None, key, f"unknown key; valid: {', '.join(sorted(known))}")
-    for key in ("name", "inputs", "target", "template"):
+    fmt = raw.get("format", "fields")
+    if fmt not in FORMATS:
+        raise data_error(path, None, "format", f"unknown format '{fmt}'; valid: {', '.join(FORMATS)}")
+    for key in ("name", *(("inputs", "target", "template") if fmt == "fields" else ())):
         if key not in raw:
             raise data_error(path, None, key, "missing")
     spec = CustomTaskSpec(**raw)
@@ -80,26 +97,67 @@ def load_spec(path: Path) -> CustomTaskSpec:
     return spec
 
 
-def make_task(path: Path) -> Task:
-    spec = load_spec(path)
-    classification = spec.metric in CLASSIFICATION_METRICS
-    labels = tuple(spec.labels)
-    score = partial(_classify, labels, spec.metric) if classification else metric_fn(spec.metric)
+def _templates(spec: CustomTaskSpec, path: Path | None) -> tuple[Template, ...]:
+    if spec.format == "alpaca":
+        return (Template("", "{instruction}{input}"),)
+    if spec.format == "chat":  # the chat template renders the turns; this phrasing serves few-shot demos only
+        return (Template("", "{conversation}"),)
     try:
         templates = tuple(Template("", t) for t in [spec.template, *spec.templates])
         for t in templates:
             t.render({k: "x" for k in spec.inputs})
     except KeyError as err:
         raise PeftlabError(f"{path}: field 'template': placeholder {err} is not one of inputs {spec.inputs}") from None
+    return templates
+
+
+def task_from_spec(spec: CustomTaskSpec, path: Path | None = None) -> Task:
+    """The task a spec describes. Labels make it classification; the open formats can be relabelled from data."""
+    labels = tuple(spec.labels)
+    classification = bool(labels) and (spec.metric in CLASSIFICATION_METRICS or spec.format != "fields")
+    if classification:
+        metric = spec.metric if spec.metric in CLASSIFICATION_METRICS else "accuracy"
+        score, primary = partial(_classify, labels, metric), "accuracy"
+    elif spec.format != "fields":
+        score, primary = generation_metrics, "rouge1"
+    else:
+        score, primary = metric_fn(spec.metric), "rouge1" if spec.metric == "rouge" else spec.metric
+    context = {"alpaca": "input", "chat": None}.get(spec.format, spec.inputs[0] if spec.inputs else None)
     return Task(
         name=spec.name,
         kind="classification" if classification else "generation",
         load=partial(_load, spec),
-        templates=templates,
+        templates=_templates(spec, path),
         score=score,
-        primary_metric="accuracy" if classification else ("rouge1" if spec.metric == "rouge" else spec.metric),
+        primary_metric=primary,
         labels=labels,
-        context_field=spec.inputs[0],
+        context_field=context,
         max_new_tokens=spec.max_new_tokens,
-        description=f"custom task from {path}",
+        description=f"custom task from {path}" if path else f"{spec.format} records",
+        load_unlabelled=partial(_load, spec, labelled=False),
+        relabel=None if spec.format == "fields" else partial(_relabel, spec, path),
+        read_record=None if spec.format == "fields" else partial(_record, spec),
     )
+
+
+def _record(spec: CustomTaskSpec, obj: dict) -> Example:
+    read = alpaca_example if spec.format == "alpaca" else chat_example
+    return read(Path("request"), 1, obj, labelled=False)
+
+
+def _relabel(spec: CustomTaskSpec, path: Path | None, labels: tuple[str, ...]) -> Task:
+    return task_from_spec(replace(spec, labels=list(labels)), path)
+
+
+def _classify(labels: tuple[str, ...], metric: str, predictions, references) -> dict:
+    return metric_fn(metric)(predictions, [r[0] for r in references], labels=labels)
+
+
+def make_task(path: Path) -> Task:
+    """A task from a task YAML."""
+    return task_from_spec(load_spec(path), path)
+
+
+def make_format_task(fmt: str) -> Task:
+    """The `alpaca` or `chat` task: generation until the data (or `data.labels`) gives it a label set."""
+    return task_from_spec(CustomTaskSpec(name=fmt, format=fmt))

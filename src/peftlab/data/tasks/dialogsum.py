@@ -7,6 +7,7 @@ Scored with ROUGE against the first reference and as the max over references, pl
 from __future__ import annotations
 
 import re
+from functools import partial
 from pathlib import Path
 
 from peftlab.core.errors import data_error
@@ -34,17 +35,20 @@ def _references(path: Path, lineno: int, obj: dict) -> tuple[str, ...]:
     return tuple(require_text(path, lineno, obj, key).strip() for _, key in numbered)
 
 
-def load(path: Path) -> list[Example]:
-    """Read DialogSum JSONL; ids come from `fname` (or `id`), else the line number."""
+def load(path: Path, labelled: bool = True) -> list[Example]:
+    """Read DialogSum JSONL; ids come from `fname` (or `id`), else the line number.
+
+    `labelled=False` reads dialogues to summarise: the summaries may be missing.
+    """
     examples = []
     for lineno, obj in read_jsonl(path):
-        refs = _references(path, lineno, obj)
+        refs = _references(path, lineno, obj) if labelled or "summary" in obj else ("",)
         examples.append(
             Example(
                 id=optional_id(path, lineno, obj, ("fname", "id"), f"line{lineno}"),
                 inputs={"dialogue": require_text(path, lineno, obj, "dialogue").strip()},
                 target=refs[0],
-                references=refs,
+                references=refs if refs[0] else (),
                 extra={"topic": obj.get("topic")},
             )
         )
@@ -62,4 +66,5 @@ def make_task() -> Task:
         context_field="dialogue",
         max_new_tokens=60,
         description="DialogSum dialogue summarisation, ROUGE/BLEU",
+        load_unlabelled=partial(load, labelled=False),
     )

@@ -34,8 +34,11 @@ TEMPLATES = (
 )
 
 
-def load(path: Path, labels: tuple[str, ...] = LABELS) -> list[Example]:
-    """Read PubMedQA's original JSON; items whose label is not in `labels` are dropped only for the binary variant."""
+def load(path: Path, labels: tuple[str, ...] = LABELS, labelled: bool = True) -> list[Example]:
+    """Read PubMedQA's original JSON; items whose label is not in `labels` are dropped only for the binary variant.
+
+    `labelled=False` reads questions to predict: `final_decision` may be missing, and every item is kept.
+    """
     data = read_json(path)
     if not isinstance(data, dict):
         raise data_error(path, None, None, "expected an object {pmid: item} (PubMedQA's original format)")
@@ -45,13 +48,15 @@ def load(path: Path, labels: tuple[str, ...] = LABELS) -> list[Example]:
         if not isinstance(item, dict):
             raise data_error(path, None, where, "expected an object")
         decision = item.get("final_decision")
-        if decision is None:
+        if decision is None and not labelled:
+            decision = ""
+        elif decision is None:
             raise data_error(path, None, f"{pmid}.final_decision", "missing")
-        if decision not in LABELS:
+        elif decision not in LABELS:
             raise data_error(
                 path, None, f"{pmid}.final_decision", f"unknown label '{decision}'; valid: {', '.join(LABELS)}"
             )
-        if decision not in labels:
+        if labelled and decision not in labels:
             continue
         question = require_text(path, None, item, "QUESTION", f"{pmid}.QUESTION")
         context = require_text(path, None, item, "CONTEXTS", f"{pmid}.CONTEXTS")  # a list of paragraphs, joined
@@ -64,7 +69,7 @@ def load(path: Path, labels: tuple[str, ...] = LABELS) -> list[Example]:
                 id=str(pmid),
                 inputs={"question": question.strip(), "context": context.strip()},
                 target=decision,
-                references=(decision,),
+                references=(decision,) if decision else (),
                 extra={"long_answer": long_answer, "contexts": contexts},
             )
         )
@@ -95,4 +100,5 @@ def make_task(name: str = "pubmedqa", labels: tuple[str, ...] = LABELS, explain:
         description="PubMedQA PQA-L, " + "/".join(labels) + ", label-word scoring"
         + (", trained on the answer and the abstract's conclusion" if explain else ""),
         train_target=explained if explain else None,
+        load_unlabelled=partial(load, labels=labels, labelled=False),
     )

@@ -1,0 +1,209 @@
+"""A study's decision: per method a mean with its 95% interval, a paired test against the best, the Pareto frontier
+over cost, and a verdict of a few plain lines. Built only from the run folders' files.
+
+Which run folders belong to which method comes from `<study>/study.json` (written by `peftlab compare` for a study
+with `repeats`: one method, several seed or fold folders). Without it every run folder is its own method with one
+replica. The test rows come from each folder's `predictions.jsonl`.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from peftlab.core.files import write_json
+from peftlab.report import stats
+from peftlab.report.stats import MethodSummary, Replica
+
+MANIFEST = "study.json"
+# (result.json column, axis label) of the costs the frontier is drawn over.
+COSTS = [("trainable_params", "trainable parameters"), ("train_seconds", "train time (s)"),
+         ("peak_rss_mb", "peak memory (MB)"), ("adapter_bytes", "adapter size (bytes)")]
+
+
+@dataclass
+class Group:
+    """One method of the study with the run folders (seeds or folds) that repeat it."""
+
+    name: str
+    method: str
+    results: list[dict]
+    replicas: list[Replica]
+
+
+def _rows(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return [r for r in rows if r.get("split", "test") == "test" and "id" in r]
+
+
+def load_groups(study_dir: Path) -> list[Group]:
+    """The study's methods with their finished replicas (a folder without result.json or predictions is left out)."""
+    study_dir = Path(study_dir)
+    manifest = study_dir / MANIFEST
+    if manifest.is_file():
+        spec = json.loads(manifest.read_text(encoding="utf-8"))["groups"]
+    else:
+        spec = {p.name: {"runs": [p.name]} for p in sorted(study_dir.iterdir()) if (p / "result.json").is_file()}
+    groups = []
+    for name, g in spec.items():
+        results, replicas = [], []
+        for run in g["runs"]:
+            result_path = study_dir / run / "result.json"
+            rows = _rows(study_dir / run / "predictions.jsonl")
+            if not result_path.is_file() or not rows:
+                continue
+            result = json.loads(result_path.read_text(encoding="utf-8"))
+            labels = (result.get("metrics") or {}).get("test_labels")
+            results.append(result)
+            replicas.append(stats.replica_from_rows(rows, labels if isinstance(labels, list) else None))
+        if results:
+            groups.append(Group(name, g.get("method") or results[0].get("method", name), results, replicas))
+    return groups
+
+
+def _mean(results: list[dict], key: str) -> float | None:
+    values = [float(r[key]) for r in results if isinstance(r.get(key), int | float)]
+    return sum(values) / len(values) if values else None
+
+
+def decide(study_dir: Path, metric: str | None = None, seed: int = 0) -> dict | None:
+    """The decision as a dict (what decision.json holds), or None when there are fewer than two comparable methods."""
+    groups = load_groups(study_dir)
+    if len(groups) < 2:
+        return None
+    first = groups[0].results[0]
+    metric = metric or _manifest_metric(study_dir) or first.get("primary_metric")
+    labels = (first.get("metrics") or {}).get("test_labels")
+    n_labels = len(labels) if isinstance(labels, list) else 0
+    if not ((n_labels and metric in ("accuracy", "macro_f1")) or metric == "rouge1"):
+        return None  # the per-example rows carry only these metrics (a mixture's are prefixed by task)
+    fn = stats.metric_fn(metric, n_labels)
+    ids = {r.ids for g in groups for r in g.replicas}
+    if any({r.ids for r in g.replicas} != {r.ids for r in groups[0].replicas} for g in groups):
+        return None  # methods scored on different test examples cannot be paired
+    if not _rows_reproduce_metric(groups, metric, fn):
+        return None
+    intervals = {g.name: stats.bootstrap_interval(g.replicas, fn, seed=seed) for g in groups}
+    best = max(groups, key=lambda g: intervals[g.name][0])
+    rows, summaries = [], []
+    for g in groups:
+        mean, low, high = intervals[g.name]
+        paired = None if g is best else stats.compare_to_best(g.replicas, best.replicas, metric, fn, seed=seed)
+        costs = {key: _mean(g.results, key) for key, _ in COSTS}
+        rows.append({"name": g.name, "method": g.method, "replicas": len(g.replicas), "mean": mean, "low": low,
+                     "high": high, **costs, "best": g is best,
+                     "diff": paired.diff if paired else 0.0, "diff_low": paired.low if paired else 0.0,
+                     "diff_high": paired.high if paired else 0.0, "p": paired.p if paired else None,
+                     "test": paired.test if paired else None,
+                     "tied": paired is not None and not paired.distinguishable})
+        summaries.append(MethodSummary(g.name, mean, low, high, paired, costs["trainable_params"] or 0.0,
+                                       costs["train_seconds"] or 0.0))
+    # Seeds share one test split; folds each have their own, and together they test every example once.
+    n_test = len(groups[0].replicas[0].ids) if _shared(groups) else sum(len(i) for i in ids)
+    fronts = {key: stats.pareto_front(rows, "mean", key) for key, _ in COSTS}
+    for row in rows:
+        row["frontier"] = [label for key, label in COSTS if row["name"] in fronts[key]]
+    return {"metric": metric, "n_test": n_test, "level": stats.LEVEL, "rows": rows, "frontier": fronts,
+            "verdict": stats.verdict(summaries, metric, n_test)}
+
+
+def _rows_reproduce_metric(groups: list[Group], metric: str, fn) -> bool:
+    """The metric recomputed from each run's test rows must equal the one it wrote, or the rows are not the whole
+    test split (a cut predictions file) and an interval from them would describe something else."""
+    for g in groups:
+        for result, rep in zip(g.results, g.replicas, strict=True):
+            written = (result.get("metrics") or {}).get(f"test_{metric}")
+            if isinstance(written, int | float) and abs(stats.point([rep], fn) - written) > 1e-6:
+                return False
+    return True
+
+
+def _shared(groups: list[Group]) -> bool:
+    return all(r.ids == groups[0].replicas[0].ids for g in groups for r in g.replicas)
+
+
+def _manifest_metric(study_dir: Path) -> str | None:
+    manifest = Path(study_dir) / MANIFEST
+    return json.loads(manifest.read_text(encoding="utf-8")).get("metric") if manifest.is_file() else None
+
+
+def decision_markdown(d: dict) -> str:
+    """The verdict lines, then one row per method: mean [95% interval], difference with the best, test, frontier."""
+    m = d["metric"]
+    lines = ["## Verdict", ""] + [f"- {line}" for line in d["verdict"]] + [
+        "", f"| method | runs | test {m} (95% interval) | vs best (95% interval) | p | tied with best | "
+            "trainable params | train s | peak MB | Pareto frontier |", "|---" * 10 + "|"]
+    for r in d["rows"]:
+        vs = "best" if r["best"] else f"{r['diff']:+.3f} ({r['diff_low']:+.3f}, {r['diff_high']:+.3f})"
+        p = "" if r["p"] is None else f"{r['p']:.3f} ({r['test']})"
+        lines.append(
+            f"| {r['name']} | {r['replicas']} | {r['mean']:.3f} ({r['low']:.3f}-{r['high']:.3f}) | {vs} | {p} | "
+            f"{'yes' if r['tied'] else ('-' if r['best'] else 'no')} | {_n(r['trainable_params'], ',.0f')} | "
+            f"{_n(r['train_seconds'], ',.1f')} | {_n(r['peak_rss_mb'], ',.0f')} | {', '.join(r['frontier'])} |")
+    lines += ["", _meaning(d), ""]
+    return "\n".join(lines) + "\n"
+
+
+def _meaning(d: dict) -> str:
+    return (f"Intervals are 95% percentile bootstraps over the {d['n_test']} test examples, and over the repeats "
+            "(seeds or folds) where a method has several; 'vs best' is a paired bootstrap of the difference on the "
+            "same examples, and 'tied' means the paired test (McNemar for accuracy with single runs) has "
+            "p >= 0.05. They describe this test split, drawn from the data in data/, not the population of all "
+            "questions.")
+
+
+def _n(value, spec: str) -> str:
+    return "–" if value is None else format(value, spec)
+
+
+def decision_html(d: dict, plot: str) -> str:
+    """The verdict as a list, the decision table and the Pareto plot."""
+    items = "".join(f"<li>{html.escape(line)}</li>" for line in d["verdict"])
+    md_rows = decision_markdown(d).split("\n")
+    table_lines = [line for line in md_rows if line.startswith("|") and not line.startswith("|---")]
+    cells = [[c.strip() for c in line.strip("|").split(" | ")] for line in table_lines]
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in cells[0])
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in cells[1:])
+    return (f'<ul class="verdict">{items}</ul><table class="results"><tr>{head}</tr>{body}</table>'
+            f"<p>{html.escape(_meaning(d))}</p>{plot}")
+
+
+def pareto_figure(d: dict) -> Figure:
+    """Quality against each cost, with the 95% intervals as error bars; frontier methods in red, joined by a line."""
+    fig = Figure(figsize=(12.0, 8.0), layout="constrained")
+    axes = fig.subplots(2, 2).ravel()
+    for ax, (key, label) in zip(axes, COSTS, strict=True):
+        pts = [r for r in d["rows"] if r.get(key) is not None]
+        for r in pts:
+            on = r["name"] in d["frontier"][key]
+            x = max(float(r[key]), 1.0)  # log axis: 0 (zero-shot) sits at 1
+            ax.errorbar(x, r["mean"], yerr=[[r["mean"] - r["low"]], [r["high"] - r["mean"]]], fmt="o",
+                        color="tab:red" if on else "tab:blue", capsize=3)
+            ax.annotate(r["name"], (x, r["mean"]), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        front = sorted((max(float(r[key]), 1.0), r["mean"]) for r in pts if r["name"] in d["frontier"][key])
+        if len(front) > 1:
+            ax.plot(*zip(*front, strict=True), color="tab:red", lw=1, alpha=0.6)
+        ax.set_xscale("log")
+        ax.margins(0.15)
+        ax.set(xlabel=f"{label} (log)", ylabel=f"test {d['metric']}", title=f"{d['metric']} vs {label}")
+        ax.grid(alpha=0.3)
+    return fig
+
+
+def write_decision(study_dir: Path, metric: str | None = None) -> dict | None:
+    """Write decision.json and pareto.png into the study folder; return the decision (None when there is none)."""
+    d = decide(study_dir, metric)
+    if d is None:
+        return None
+    write_json(Path(study_dir) / "decision.json", d)
+    fig = pareto_figure(d)
+    FigureCanvasAgg(fig)
+    fig.savefig(Path(study_dir) / "pareto.png", dpi=90, bbox_inches="tight")
+    return d

@@ -1,0 +1,97 @@
+"""The decision built from run folders: study.json groups seeds, the verdict opens results.md and report.html, and
+every run gets peft's method_comparison JSON."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from peftlab.report.decision import MANIFEST, decide
+from peftlab.report.peft_result import PEFT_RESULT, peft_result
+from peftlab.report.report import build_study_report
+
+LABELS = ["yes", "no", "maybe"]
+
+
+def _run(study: Path, name: str, method: str, correct: np.ndarray, params: int, seconds: float) -> None:
+    run = study / name
+    run.mkdir(parents=True)
+    refs = [LABELS[i % 3] for i in range(len(correct))]
+    preds = [r if ok else LABELS[(LABELS.index(r) + 1) % 3] for r, ok in zip(refs, correct, strict=True)]
+    rows = [{"id": f"q{i:03d}", "split": "test", "prediction": p, "references": [r], "score": float(p == r)}
+            for i, (p, r) in enumerate(zip(preds, refs, strict=True))]
+    (run / "predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    result = {"name": name, "method": method, "task": "pubmedqa", "model": "tiny", "task_kind": "classification",
+              "primary_metric": "accuracy", "trainable_params": params, "total_params": 1000,
+              "adapter_bytes": params * 4,
+              "train_steps": 3, "train_seconds": seconds, "peak_rss_mb": 500.0 + params / 100, "wall_seconds": 9.0,
+              "last_train_loss": 1.0, "versions": {"torch": "2.13.0", "peft": "0.17.0"},
+              "metrics": {"test_accuracy": float(np.mean(correct)), "test_labels": LABELS, "test_n": len(rows)}}
+    (run / "result.json").write_text(json.dumps(result))
+    (run / "config.yaml").write_text(yaml.safe_dump({"name": name, "method": {"name": method}}))
+    (run / "train_log.jsonl").write_text(json.dumps({"step": 1, "epoch": 1.0, "loss": 1.2, "tokens_per_s": 99.0})
+                                         + "\n" + json.dumps({"step": 3, "epoch": 1, "val_loss": 1.1,
+                                                              "val_accuracy": 0.5}) + "\n")
+
+
+@pytest.fixture
+def study(tmp_path) -> Path:
+    """Zero-shot (one run), LoRA and full (two seeds each) on the same 60 test questions; full is clearly best."""
+    study = tmp_path / "s"
+    rng = np.random.default_rng(0)
+    _run(study, "zs-seed0", "zero-shot", rng.random(60) < 0.3, 0, 0.0)
+    for seed in (0, 1):
+        _run(study, f"lora-seed{seed}", "lora", rng.random(60) < 0.85, 5_000, 10.0)
+        _run(study, f"full-seed{seed}", "full", rng.random(60) < 0.9, 100_000, 40.0)
+    groups = {"zs": {"method": "zero-shot", "runs": ["zs-seed0"]},
+              "lora": {"method": "lora", "runs": ["lora-seed0", "lora-seed1"]},
+              "full": {"method": "full", "runs": ["full-seed0", "full-seed1"]}}
+    (study / MANIFEST).write_text(json.dumps({"metric": "accuracy", "groups": groups}))
+    return study
+
+
+def test_decide_groups_seeds_and_pairs_against_the_best(study):
+    d = decide(study)
+    rows = {r["name"]: r for r in d["rows"]}
+    assert d["n_test"] == 60 and set(rows) == {"zs", "lora", "full"}
+    assert rows["lora"]["replicas"] == 2 and rows["zs"]["replicas"] == 1
+    best = max(rows.values(), key=lambda r: r["mean"])
+    assert best["best"] and sum(r["best"] for r in rows.values()) == 1
+    assert rows["zs"]["p"] < 0.05 and not rows["zs"]["tied"]  # 0.3 against ~0.9 on the same questions
+    for r in rows.values():
+        assert r["low"] <= r["mean"] <= r["high"]
+    assert "zs" in d["frontier"]["trainable_params"]  # nothing is cheaper than zero trainable parameters
+    assert d["verdict"][0].startswith(f"Best: {best['name']}")
+
+
+def test_report_opens_with_the_verdict_and_writes_peft_results(study):
+    page = build_study_report(study).read_text()
+    md = (study / "results.md").read_text()
+    assert md.startswith("## Verdict") and "95% interval" in md and "## Runs" in md
+    assert page.index("Verdict") < page.index("Results") and 'id="plot-pareto"' in page
+    assert (study / "pareto.png").stat().st_size > 0 and (study / "decision.json").is_file()
+    peft = json.loads((study / "lora-seed0" / PEFT_RESULT).read_text())
+    assert set(peft) == {"run_info", "train_info", "meta_info"}
+    assert peft["train_info"]["num_trainable_params"] == 5_000 and peft["train_info"]["status"] == "success"
+    assert peft["train_info"]["metrics"][0]["valid accuracy"] == 0.5
+    assert peft["train_info"]["metrics"][-1]["test accuracy"] == pytest.approx(json.loads(
+        (study / "lora-seed0" / "result.json").read_text())["metrics"]["test_accuracy"])
+    assert peft["run_info"]["experiment_name"] == "lora/lora-seed0"
+    assert peft["meta_info"]["package_info"]["peft-version"] == "0.17.0"
+
+
+def test_without_a_manifest_each_folder_is_a_method(study):
+    (study / MANIFEST).unlink()
+    d = decide(study)
+    assert len(d["rows"]) == 5 and all(r["replicas"] == 1 for r in d["rows"])
+    assert all(r["test"] == "McNemar (exact)" or r["test"] == "McNemar (chi2)" or r["best"] for r in d["rows"])
+
+
+def test_peft_result_of_a_run_without_log_or_adapter(study):
+    (study / "zs-seed0" / "train_log.jsonl").unlink()
+    out = peft_result(study / "zs-seed0")
+    assert out["run_info"]["peft_config"] is None and len(out["train_info"]["metrics"]) == 1
