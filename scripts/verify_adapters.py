@@ -5,7 +5,13 @@ peftlab's test predictions.
 
 Nothing of peftlab's model code is used to score: the base comes from `AutoModelForCausalLM.from_pretrained`, the
 adapter from `PeftModel.from_pretrained`, and each saved prompt is scored alone (no padding) by the likelihood of
-each label's first token, as peftlab does. Prints one line per run and exits non-zero on any disagreement.
+each label's first token, as peftlab does. Prints one line per run, with its peft tuner, and exits non-zero on any
+disagreement.
+
+Any peft tuner works: the LoRA family, VeRA, LoHa, LoKr, OFT, BOFT, HRA, FourierFT, MiSS, SHiRA, HiRA, LN-tuning,
+AdaLoRA (saved pruned to its final ranks) and PiSSA/OLoRA (saved converted to the LoRA that fits the untouched
+base). Lily is the exception by design: its router averages over every token of a batch, so a prompt scored alone
+can differ slightly from the same prompt scored in peftlab's batch (docs/methods.md).
 """
 
 from __future__ import annotations
@@ -53,7 +59,9 @@ def main(study: Path) -> int:
     for run in sorted(p for p in study.iterdir() if (p / "adapter").is_dir() or (p / "model").is_dir()):
         agree, total = verify(run)
         failures += agree != total
-        print(f"{run.name}: {agree}/{total} test predictions reproduced with plain transformers + peft")
+        config = run / "adapter" / "adapter_config.json"
+        kind = json.loads(config.read_text())["peft_type"] if config.exists() else "full model"
+        print(f"{run.name} ({kind}): {agree}/{total} test predictions reproduced with plain transformers + peft")
     return 1 if failures else 0
 
 

@@ -13,17 +13,22 @@ from peftlab.methods.registry import METHODS, apply_method, count_params, get_me
 from peftlab.models.loading import load_model
 from peftlab.recipes.train import run_training
 
-TRAINABLE = [name for name, m in METHODS.items() if m.trains]
+# The original methods; the named peft variants and the `peft` pass-through are tested in test_variants.py.
+CORE = {"zero-shot", "few-shot", "full", "lora", "qlora", "ia3", "prompt-tuning", "prefix-tuning", "p-tuning",
+        "linear-head"}
+TRAINABLE = [name for name, m in METHODS.items() if m.trains and name in CORE]
 # QLoRA needs bitsandbytes and a base loaded quantized; tests/test_qlora.py covers it.
-UNQUANTIZED = [name for name, m in METHODS.items() if not m.quantized]
+UNQUANTIZED = [name for name, m in METHODS.items() if not m.quantized and name in CORE]
 # The linear head fits in closed form, with no gradient loop; tests/test_heads.py covers it.
 GRADIENT = [name for name in TRAINABLE if METHODS[name].build is None]
+VARIANTS = {"dora", "rslora", "pissa", "olora", "adalora", "vera", "loha", "lokr", "oft", "boft", "hra", "ln-tuning",
+            "fourierft", "miss", "lily", "shira", "hira"}
 
 
 def test_registry():
-    assert set(METHODS) == {"zero-shot", "few-shot", "full", "lora", "qlora", "ia3", "prompt-tuning",
-                            "prefix-tuning", "p-tuning", "linear-head"}
-    assert set(TRAINABLE) == set(METHODS) - {"zero-shot", "few-shot"}
+    assert set(METHODS) == CORE | VARIANTS | {"peft"} and len(METHODS) >= 20
+    assert {name for name, m in METHODS.items() if m.trains} == set(METHODS) - {"zero-shot", "few-shot"}
+    assert all(METHODS[name].lr_source and METHODS[name].peft_type for name in VARIANTS)
     with pytest.raises(PeftlabError, match="lora"):
         get_method("qlora-xl")
 

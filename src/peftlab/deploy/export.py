@@ -1,7 +1,9 @@
 """Merging a trained adapter into its base, and exporting the merged model as GGUF for llama.cpp and Ollama.
 
-`merge_run` folds a LoRA or IA3 adapter into the base weights (`merge_and_unload`) and saves a plain transformers
-folder, so the result loads anywhere without peft. `export_gguf` writes that merged model as a llama-architecture
+`merge_run` folds an adapter into the base weights (`merge_and_unload`) and saves a plain transformers folder, so
+the result loads anywhere without peft. Every tuner that changes weights merges (LoRA and its variants, IA3, VeRA,
+LoHa, LoKr, OFT, BOFT, HRA, FourierFT, MiSS, SHiRA, HiRA, LN-tuning, ...); one whose peft layer has no merge gets
+a one-line refusal with peft's reason. `export_gguf` writes that merged model as a llama-architecture
 GGUF file with `gguf.GGUFWriter`, the writer llama.cpp's own converter uses; only llama-family causal models
 (SmolLM2 is one) are supported. Prompt-learning adapters (prompt, prefix, P-tuning) add virtual tokens rather than
 changing weights, so they cannot be merged.
@@ -24,7 +26,8 @@ from peftlab.models.adapters import load_adapter
 from peftlab.models.loading import load_model
 from peftlab.models.local import LoadedModel
 
-MERGEABLE = ("LORA", "IA3")
+# Adapter kinds that are not weights to fold in: virtual tokens (prompt learning) and adaption prompts.
+UNMERGEABLE = ("PROMPT_TUNING", "PREFIX_TUNING", "P_TUNING", "MULTITASK_PROMPT_TUNING", "ADAPTION_PROMPT", "CPT")
 
 
 def merged_model(run_dir: str | Path) -> LoadedModel:
@@ -39,15 +42,20 @@ def merged_model(run_dir: str | Path) -> LoadedModel:
     if not (adapter_dir / "adapter_config.json").exists():
         raise PeftlabError(f"{run}: the run saved no adapter (zero- and few-shot runs train nothing to merge)")
     peft_type = json.loads((adapter_dir / "adapter_config.json").read_text()).get("peft_type", "?")
-    if peft_type not in MERGEABLE:
+    if peft_type in UNMERGEABLE:
         raise PeftlabError(
             f"{run}: a {peft_type} adapter adds virtual tokens instead of changing weights, so it cannot be "
-            f"merged; only {' and '.join(MERGEABLE)} adapters can (serve it with `peftlab serve` instead)"
+            "merged (serve it with `peftlab serve` instead)"
         )
     cfg = load_config(run / "config.yaml")
     # fp32 on the CPU: merging adds a low-rank product to every adapted weight, and bf16 would round it away.
     loaded = load_model(cfg.model.name, device="cpu", dtype=torch.float32, allow_pickle=cfg.model.allow_pickle)
-    loaded.model = load_adapter(loaded, adapter_dir).merge_and_unload()
+    try:
+        loaded.model = load_adapter(loaded, adapter_dir).merge_and_unload()
+    except (NotImplementedError, AttributeError, TypeError, ValueError) as err:
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise PeftlabError(f"{run}: a {peft_type} adapter cannot be merged by peft ({reason}); serve it with "
+                           "`peftlab serve` instead") from None
     loaded.model.eval()
     return loaded
 

@@ -15,11 +15,19 @@ import torch
 from peftlab.core.config import MethodConfig
 from peftlab.core.errors import unknown_name
 from peftlab.data.tasks import Task
+from peftlab.methods import variants as v
 from peftlab.methods.head import build
+from peftlab.methods.lifecycle import remember_initial, save_adapter, start_schedule
+from peftlab.methods.passthrough import any_tuner, with_extras
+from peftlab.methods.speed import plain_path_reason as _plain_path_reason
+from peftlab.methods.speed import use_plain_path
 from peftlab.methods.tuners import _ia3, _lora, _p_tuning, _prefix_tuning, _prompt_tuning, _qlora, wrap_peft
 from peftlab.methods.vision import apply_vision_method
 from peftlab.models.local import LoadedModel
 from peftlab.models.quant import stored_params
+
+__all__ = ["METHODS", "Method", "apply_method", "count_params", "get_method", "plain_path_reason", "save_adapter",
+           "start_schedule", "use_plain_path"]
 
 
 @dataclass(frozen=True)
@@ -32,6 +40,8 @@ class Method:
     description: str
     peft_config: Callable[[MethodConfig, LoadedModel, Task], object] | None = None
     quantized: bool = False  # the base loads quantized (`method.quant`) and stays frozen: QLoRA
+    lr_source: str = ""  # where default_lr comes from (docs/methods.md)
+    peft_type: str | None = None  # the peft tuner a named method builds (None: not a peft method, or `peft`)
     # A method outside peft and the gradient loop (the linear head): builds its model, fits it, saves it.
     build: Callable[[LoadedModel, Task, MethodConfig], torch.nn.Module] | None = None
 
@@ -52,6 +62,54 @@ class Method:
         return self.trains and self.peft_config is None and self.build is None
 
 
+# Default learning rates. peft's method_comparison (MetaMathQA, Llama-3.2-3B, 5000 steps; `results/*.json`) trains
+# LoRA at 1e-4, and most variants at that same rate; peftlab's LoRA default is 2e-4 (short budgets, a 135M model),
+# so a variant gets 2e-4 times its method_comparison rate over LoRA's. Where method_comparison's rate did not train
+# the method at all (test accuracy 0.0), peft's own example for it gives the rate.
+_LORA_LR = "method_comparison trains it at LoRA's rate (1e-4): peftlab's LoRA default"
+_MC = "method_comparison {exp}: {lr} = {x}x LoRA's rate"
+NAMED_VARIANTS = (
+    Method("dora", True, 2e-4, "LoRA with the weight split into magnitude and direction (DoRA)", v._dora,
+           peft_type="LORA", lr_source=_LORA_LR + " (lora/llama-3.2-3B-rank32-dora)"),
+    Method("rslora", True, 2e-4, "LoRA scaled by alpha / sqrt(r), so higher ranks keep learning (rsLoRA)", v._rslora,
+           peft_type="LORA", lr_source=_LORA_LR + " (lora/llama-3.2-3B-rank64-rslora)"),
+    Method("pissa", True, 2e-4, "LoRA started from the weights' principal singular vectors (PiSSA); SVD at start",
+           v._pissa, peft_type="LORA",
+           lr_source="not in method_comparison; PiSSA's paper and peft's example train it at LoRA's rate"),
+    Method("olora", True, 2e-4, "LoRA started from an orthonormal QR basis of the weights (OLoRA)", v._olora,
+           peft_type="LORA", lr_source="not in method_comparison; peft's olora example trains it at LoRA's rate"),
+    Method("adalora", True, 2e-4, "LoRA in SVD form whose rank budget moves to the layers that matter (AdaLoRA)",
+           v._adalora, peft_type="ADALORA", lr_source=_LORA_LR + " (adalora/llama-3.2-3B-rank32)"),
+    Method("vera", True, 2e-3, "trained scaling vectors on frozen random low-rank matrices shared by all layers "
+           "(VeRA)", v._vera, peft_type="VERA",
+           lr_source=_MC.format(exp="vera/llama-3.2-3B-default", lr="1e-3", x=10)),
+    Method("loha", True, 2e-4, "low-rank Hadamard product update (LoHa, LyCORIS)", v._loha,
+           peft_type="LOHA", lr_source=_LORA_LR + " (loha/llama-3.2-3B-rank32)"),
+    Method("lokr", True, 6e-3, "low-rank Kronecker product update (LoKr, LyCORIS)", v._lokr, peft_type="LOKR",
+           lr_source=_MC.format(exp="lokr/llama-3.2-3B-rank32-factor4-lr0.003", lr="3e-3", x=30)),
+    Method("oft", True, 2e-4, "trained block-diagonal orthogonal rotation of each weight (OFT)", v._oft,
+           peft_type="OFT", lr_source=_LORA_LR + " (oft/llama-3.2-3B-rank32)"),
+    Method("boft", True, 2e-4, "orthogonal rotation built from butterfly factors (BOFT)", v._boft,
+           peft_type="BOFT", lr_source=_LORA_LR + " (boft/llama-3.2-3B-default)"),
+    Method("hra", True, 2e-4, "orthogonal update as a chain of r Householder reflections (HRA)", v._hra,
+           peft_type="HRA", lr_source=_LORA_LR + " (hra/llama-3.2-3B-rank32)"),
+    Method("ln-tuning", True, 5e-2, "only the layer norms' weights train (LN-tuning)", v._ln_tuning,
+           peft_type="LN_TUNING", lr_source="peft's examples/causal_language_modeling/peft_ln_tuning_clm.ipynb "
+           "(method_comparison's 1e-4 scored 0.0)"),
+    Method("fourierft", True, 6e-2, "a few trained spectral coefficients of each weight update (FourierFT)",
+           v._fourierft, peft_type="FOURIERFT", lr_source="peft's examples/sequence_classification/FourierFT.ipynb "
+           "(method_comparison's 1e-4 scored 0.0)"),
+    Method("miss", True, 2e-4, "a shared shard matrix expanded over each weight (MiSS, peft's successor to Bone)",
+           v._miss, peft_type="MISS", lr_source=_LORA_LR + " (miss/llama-3.2-3B-default)"),
+    Method("lily", True, 2e-4, "low-rank projectors shared across layers, mixed per layer by a router (Lily)",
+           v._lily, peft_type="LILY", lr_source=_LORA_LR + " (lily/llama-3.2-3B-rank140-mlp-a2-b2-s8.0)"),
+    Method("shira", True, 6e-4, "a sparse set of the base weights train, at random positions (SHiRA)", v._shira,
+           peft_type="SHIRA", lr_source=_MC.format(exp="shira/llama-3.2-3B-lr_0.0003-random_seed_42", lr="3e-4",
+                                                   x=3)),
+    Method("hira", True, 9e-3, "high-rank update: a low-rank matrix times the weight, elementwise (HiRA)", v._hira,
+           peft_type="HIRA", lr_source=_MC.format(exp="hira/llama-3.2-3B-rank32-lr4.5e-3", lr="4.5e-3", x=45)),
+)
+
 METHODS: dict[str, Method] = {
     m.name: m
     for m in (
@@ -68,6 +126,9 @@ METHODS: dict[str, Method] = {
         Method(
             "linear-head", True, 0.0, "logistic regression on the frozen model's mid-layer states", build=build
         ),
+        *NAMED_VARIANTS,
+        Method("peft", True, 2e-4, "any peft tuner: method.peft {peft_type: ..., fields} or method.peft_config "
+               "(an adapter_config.json)", any_tuner, lr_source="LoRA's default; set train.lr for other tuners"),
     )
 }
 
@@ -92,7 +153,19 @@ def apply_method(loaded: LoadedModel, task: Task, cfg: MethodConfig) -> torch.nn
             p.requires_grad_(method.trains)
         return model
     what = f"method '{cfg.name}' on {loaded.name} ({loaded.kind})"
-    return wrap_peft(model, method.peft_config(cfg, loaded, task), what)
+    config = method.peft_config(cfg, loaded, task)
+    if method.name != "peft":
+        config = with_extras(config, cfg, loaded)
+    # PiSSA/OLoRA run their SVD/QR here, inside the run's wall time; the initial adapter is kept for saving.
+    wrapped = wrap_peft(model, config, what)
+    remember_initial(wrapped)
+    return wrapped
+
+
+def plain_path_reason(cfg: MethodConfig) -> str | None:
+    """Why this method runs without some of peftlab's speed paths (`methods.speed`), or None."""
+    peft_type = cfg.peft_fields()[0] if cfg.name == "peft" else get_method(cfg.name).peft_type
+    return _plain_path_reason(peft_type)
 
 
 def count_params(model: torch.nn.Module) -> tuple[int, int]:

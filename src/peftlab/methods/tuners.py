@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 
 from peftlab.core.config import MethodConfig
-from peftlab.core.errors import PeftlabError
+from peftlab.core.errors import NotSupported, PeftlabError
 from peftlab.data.tasks import Task
 from peftlab.models.local import LoadedModel
 from peftlab.models.quant import require_quantized
@@ -106,5 +106,7 @@ def wrap_peft(model: torch.nn.Module, peft_config, what: str) -> torch.nn.Module
 
     try:
         return get_peft_model(model, peft_config)
-    except (ValueError, TypeError, NotImplementedError, AttributeError) as err:
-        raise PeftlabError(f"peft does not support {what}: {err}") from err
+    except (ValueError, TypeError, NotImplementedError, AttributeError, RuntimeError) as err:
+        # A study lists the run as not run here, with peft's reason (its first line: the error is one line).
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise NotSupported(f"peft does not support {what}: {first}") from err

@@ -13,6 +13,8 @@ import torch
 from peftlab.kernels.lastlayer import window_kwargs
 from peftlab.kernels.shared_prefix import SharedPrefix
 
+PLAIN_PATH = "peftlab_plain_path"  # set on a base model that must run without the speed paths, with the reason
+
 
 def _pad_aware_positions(module, args, kwargs):
     """Give left-padded rows positions that start at their first real token when the caller passes none.
@@ -67,6 +69,8 @@ def takes_unmasked_rows(model: torch.nn.Module) -> bool:
     if config is not None and config.is_prompt_learning:
         return False
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if getattr(base, PLAIN_PATH, None):  # a tuner not checked against this layout (`methods.speed`)
+        return False
     if getattr(base.config, "vision_config", None) is not None:
         return False
     return _slices_logits_per_row(type(base))

@@ -31,7 +31,7 @@ from peftlab.core.files import append_jsonl, write_jsonl
 from peftlab.data.tasks import Example, Task
 from peftlab.evaluate.evaluate import evaluate
 from peftlab.evaluate.scoring import mean_loss
-from peftlab.methods.registry import get_method
+from peftlab.methods.registry import get_method, start_schedule
 from peftlab.models.local import LoadedModel
 from peftlab.prompts.batches import batch_tokens, right_padded_ok, token_batches
 from peftlab.prompts.format import Encoded, PromptFormat
@@ -87,6 +87,7 @@ def fit(
     steps_per_epoch = max(batches_per_epoch // tc.grad_accum, 1)
     total_steps = tc.max_steps or steps_per_epoch * tc.epochs
     scheduler = _scheduler(cfg, optimizer, total_steps)
+    start_schedule(model, optimizer, total_steps)  # a tuner that follows the step count: AdaLoRA's rank budget
     # The scheduler stays outside accelerate: its wrapper steps once per process, but total_steps already counts
     # per-process steps, so with 2 processes the learning rate would reach zero halfway through.
     model, optimizer = accelerator.prepare(model, optimizer)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from peftlab.methods.head import save_head
+from peftlab.methods.registry import save_adapter
 from peftlab.models.local import LoadedModel
 
 
@@ -14,7 +15,9 @@ def save_trained(model, loaded: LoadedModel, method: str, run_dir: Path) -> int:
 
         return save_head(model, loaded.name, run_dir)
     out = run_dir / "adapter" if method != "full" else run_dir / "model"
-    model.save_pretrained(out, safe_serialization=True)
     if method == "full":  # a vision-language model's processor holds its tokenizer and image settings
+        model.save_pretrained(out, safe_serialization=True)
         (loaded.processor or loaded.tokenizer).save_pretrained(out)
+    else:  # a PiSSA/OLoRA adapter is saved as the LoRA that fits the original base (methods.lifecycle)
+        save_adapter(model, out)
     return sum(f.stat().st_size for f in out.rglob("*") if f.is_file() and f.suffix == ".safetensors")
