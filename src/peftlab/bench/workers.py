@@ -2,10 +2,12 @@
 
     python -m peftlab.bench.workers ROLE SPEC.json OUT.json
 
-Roles: `ref` (transformers Trainer + peft, written the way a user would), `peftlab` (peftlab's own `fit` loop),
-`check` (five optimizer steps of peftlab's loss on the reference's first five batches) and `infer` (one no-grad
-forward of the largest batch). SPEC holds the model, method, hyper-parameters and the token ids, encoded once by
-the parent, so every side sees identical ids.
+Roles: `ref` (transformers Trainer + peft, written the way a user would), `trl` (TRL's SFTTrainer, padding-free
+with completion-only loss: what today's users pick over a hand-written Trainer), `peftlab` (peftlab's own `fit`
+loop), `check` (five optimizer steps of peftlab's loss on a reference's first five batches) and `infer` (one no-grad
+forward of the largest batch). SPEC holds the model, method, hyper-parameters, the autocast (`no` or `bf16`: bf16
+autocast over fp32 weights, on every side alike) and the token ids, encoded once by the parent, so every side sees
+identical ids.
 """
 
 from __future__ import annotations
@@ -34,6 +36,11 @@ def peak_mb(spec: dict) -> float:
 
 def _on_cpu(spec: dict) -> bool:
     return spec.get("device", "cpu") == "cpu"
+
+
+def _bf16(spec: dict) -> bool:
+    """bf16 autocast over the fp32 weights: the Trainer's and TRL's `bf16=True`, peftlab's `train.mixed_precision`."""
+    return spec.get("autocast", "no") == "bf16"
 
 
 def _items(spec: dict) -> list[Encoded]:
@@ -107,25 +114,80 @@ def run_ref(spec: dict) -> dict:
         return pad_collator(features)
 
     with tempfile.TemporaryDirectory() as tmp:
-        args = TrainingArguments(
-            output_dir=tmp, per_device_train_batch_size=spec["batch"], num_train_epochs=1, learning_rate=spec["lr"],
-            lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0, logging_steps=1,
-            save_strategy="no", report_to=[], use_cpu=_on_cpu(spec), seed=spec["seed"], dataloader_num_workers=0,
-            disable_tqdm=True,
-        )
+        args = TrainingArguments(output_dir=tmp, **_trainer_args(spec))
         trainer = Trainer(model=model, args=args, train_dataset=dataset, data_collator=collator,
                           processing_class=loaded.tokenizer)
         checksum = _trainable_checksum(model)
         t0 = time.perf_counter()
         trainer.train()
         seconds = time.perf_counter() - t0
-    losses = [row["loss"] for row in trainer.state.log_history if "loss" in row]
     batches, start = [], 0
     for size in sizes[:CHECK_STEPS]:
         batches.append(dataset.seen[start : start + size])
         start += size
-    return {"seconds": seconds, "losses": losses[:CHECK_STEPS], "batches": batches, "init_checksum": checksum,
+    return {"seconds": seconds, "losses": _logged_losses(trainer), "batches": batches, "init_checksum": checksum,
             "rows_read": len(dataset.seen), "peak_mb": peak_mb(spec)}
+
+
+def _trainer_args(spec: dict) -> dict:
+    """The arguments the Trainer and TRL's SFTTrainer share (bench/README.md writes them out)."""
+    return dict(
+        per_device_train_batch_size=spec["batch"], num_train_epochs=1, learning_rate=spec["lr"],
+        lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0, logging_steps=1,
+        save_strategy="no", report_to=[], use_cpu=_on_cpu(spec), seed=spec["seed"], dataloader_num_workers=0,
+        disable_tqdm=True, bf16=_bf16(spec),
+    )
+
+
+def _logged_losses(trainer) -> list[float]:
+    return [row["loss"] for row in trainer.state.log_history if "loss" in row][:CHECK_STEPS]
+
+
+def _trl_dataset(items: list[Encoded]):
+    """The same ids as a tokenized prompt-completion dataset: TRL builds its labels from `completion_mask`."""
+    from datasets import Dataset
+
+    return Dataset.from_dict({
+        "input_ids": [e.prompt_ids + e.target_ids for e in items],
+        "completion_mask": [[0] * len(e.prompt_ids) + [1] * len(e.target_ids) for e in items],
+    })
+
+
+def run_trl(spec: dict) -> dict:
+    """TRL's SFTTrainer, padding-free (each batch one row, attention kept inside each dialogue by the position ids),
+    completion-only loss, the Trainer's hyper-parameters; times trainer.train() wall-clock.
+
+    Prompt tuning trains padded: peft drops `position_ids` for prompt tuning (with a warning), and without them a
+    padding-free row would let every dialogue attend to the ones before it.
+    """
+    from trl import SFTConfig, SFTTrainer
+
+    loaded = load(spec)
+    model = _reference_model(spec, loaded)
+    items = _items(spec)
+    padding_free = spec["method"] != "prompt-tuning"
+    with tempfile.TemporaryDirectory() as tmp:
+        args = SFTConfig(output_dir=tmp, padding_free=padding_free, completion_only_loss=True, max_length=None,
+                         **_trainer_args(spec))
+        trainer = SFTTrainer(model=model, args=args, train_dataset=_trl_dataset(items),
+                             processing_class=loaded.tokenizer)
+        # Which rows each batch held, for the math check: the collator sees the rows' ids (TRL's own collator is
+        # required with padding_free, so it is wrapped after construction, not replaced).
+        row_of = {tuple(e.prompt_ids + e.target_ids): i for i, e in reversed(list(enumerate(items)))}
+        collate, batches = trainer.data_collator, []
+
+        def recording(features):
+            batches.append([row_of[tuple(f["input_ids"])] for f in features])
+            return collate(features)
+
+        trainer.data_collator = recording
+        checksum = _trainable_checksum(model)
+        t0 = time.perf_counter()
+        trainer.train()
+        seconds = time.perf_counter() - t0
+    return {"seconds": seconds, "losses": _logged_losses(trainer), "batches": batches[:CHECK_STEPS],
+            "init_checksum": checksum, "rows_read": sum(map(len, batches)), "padding_free": padding_free,
+            "peak_mb": peak_mb(spec)}
 
 
 def _peftlab_model(spec: dict):
@@ -139,7 +201,8 @@ def _peftlab_model(spec: dict):
         "method": {"name": spec["method"], "dropout": 0.0},
         "train": {"lr": spec["lr"], "schedule": "constant", "warmup_ratio": 0.0, "batch_size": spec["batch"],
                   "batch_tokens": spec["batch"] * spec["max_length"], "epochs": 1, "eval_every_epoch": False,
-                  "seed": spec["seed"], "weight_decay": 0.0, "max_grad_norm": 1.0, **spec.get("train", {})},
+                  "seed": spec["seed"], "weight_decay": 0.0, "max_grad_norm": 1.0,
+                  "mixed_precision": spec.get("autocast", "no"), **spec.get("train", {})},
     })
     loaded = load(spec)
     base_params = loaded.num_params
@@ -192,7 +255,7 @@ def run_check(spec: dict) -> dict:
         pieces = split_rows(items, idx, micro_tokens(cfg.train.micro_tokens, accelerator.device))
         micro, prefix_ids = step_inputs(items, pieces, loaded.kind, loaded.tokenizer.pad_token_id, right, share)
         losses.append(train_step(model, micro, loaded.kind, accelerator, params, optimizer, scheduler, 1.0,
-                                 prefix_ids))
+                                 prefix_ids, torch.bfloat16 if _bf16(spec) else None))
     return {"losses": losses, "init_checksum": checksum}
 
 
@@ -208,7 +271,7 @@ def run_infer(spec: dict) -> dict:
     return {"peak_mb": peak_mb(spec)}
 
 
-ROLES = {"ref": run_ref, "peftlab": run_peftlab, "check": run_check, "infer": run_infer}
+ROLES = {"ref": run_ref, "trl": run_trl, "peftlab": run_peftlab, "check": run_check, "infer": run_infer}
 
 
 def main(argv: list[str]) -> None:
