@@ -64,8 +64,8 @@ EVAL_CASES = [
      "error: {tmp}/nope.json: no such data file (set data.path)"),
     ("unknown task",
      lambda t, m: ["--task", "pubmed", "--data", str(t / "x")],
-     "error: unknown task 'pubmed'; valid: <path/to/task.yaml>, dialogsum, pubmedqa, pubmedqa-binary, "
-     "pubmedqa-explain, scienceqa, scienceqa-explain"),
+     "error: unknown task 'pubmed'; valid: <path/to/task.yaml>, alpaca, chat, dialogsum, pubmedqa, "
+     "pubmedqa-binary, pubmedqa-explain, scienceqa, scienceqa-explain"),
     ("unknown model",
      lambda t, m: ["--task", "pubmedqa", "--data", str(_pubmedqa_file(t)), "--model", "smollm9"],
      "error: unknown model 'smollm9'; valid: <a local model folder>, gemma-3-270m, smollm2-135m-instruct"),
@@ -368,3 +368,51 @@ def test_eval_limit_takes_the_first_rows_in_file_order(tmp_path, tiny_causal, mo
     cli.main()
     ids = [json.loads(line)["id"] for line in (tmp_path / "o" / "predictions.jsonl").read_text().splitlines()]
     assert ids == ["d0", "d1", "d2", "d3", "d4"]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The user's own files (alpaca, chat; JSONL, JSON, CSV, Parquet): a bad row is one line naming file, row and field.
+# ---------------------------------------------------------------------------------------------------------------------
+
+def _file(tmp_path: Path, name: str, text: str) -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def _records(rows: list[dict]) -> str:
+    return "".join(json.dumps(r) + "\n" for r in rows)
+
+
+USER = {"role": "user", "content": "Hi?"}
+FORMAT_CASES = [
+    ("alpaca without instruction", "alpaca", "d.jsonl", _records([{"output": "x"}]),
+     "{tmp}/d.jsonl:1: field 'instruction': missing"),
+    ("alpaca output a number", "alpaca", "d.jsonl", _records([{"instruction": "Say", "output": 3}]),
+     "{tmp}/d.jsonl:1: field 'output': expected text, got a number (3)"),
+    ("alpaca input an object", "alpaca", "d.jsonl", _records([{"instruction": "Say", "input": {}, "output": "x"}]),
+     "{tmp}/d.jsonl:1: field 'input': expected text, got an object"),
+    ("csv row without output", "alpaca", "d.csv", "instruction,output\nSay,x\nSay,\n",
+     "{tmp}/d.csv:3: field 'output': expected text, got null"),
+    ("json that is not a list", "alpaca", "d.json", json.dumps({"instruction": "Say", "output": "x"}),
+     "{tmp}/d.json: expected a JSON list of objects (one per example)"),
+    ("unknown file type", "alpaca", "d.txt", "Say\n",
+     "{tmp}/d.txt: unknown file type '.txt'; use one of .jsonl, .json, .csv, .parquet"),
+    ("chat without messages", "chat", "d.jsonl", _records([{"text": "Hi"}]),
+     "{tmp}/d.jsonl:1: field 'messages': expected a non-empty list of {{role, content}} turns"),
+    ("chat ending on the user", "chat", "d.jsonl", _records([{"messages": [USER]}]),
+     "{tmp}/d.jsonl:1: field 'messages': the last turn must be the assistant's answer (the target)"),
+    ("chat with an unknown role", "chat", "d.jsonl", _records([{"messages": [{"role": "bot", "content": "x"}]}]),
+     "{tmp}/d.jsonl:1: field 'messages[0]': expected {{role, content}} with role one of system, user, assistant"),
+    ("chat turn without content", "chat", "d.jsonl",
+     _records([{"messages": [USER, {"role": "assistant", "content": None}]}]),
+     "{tmp}/d.jsonl:1: field 'messages[1].content': expected text, got null"),
+]
+
+
+@pytest.mark.parametrize("case,task,name,text,message", FORMAT_CASES, ids=[c[0] for c in FORMAT_CASES])
+def test_own_file_bad_rows(case, task, name, text, message, tmp_path, tiny_causal, monkeypatch, capsys):
+    data = _file(tmp_path, name, text)
+    args = ["eval", "--task", task, "--data", str(data), "--model", str(tiny_causal), "--out", str(tmp_path / "o")]
+    assert _run(args, monkeypatch, capsys) == "error: " + message.format(tmp=tmp_path)
+    assert not (tmp_path / "o").exists()  # nothing half-written

@@ -50,7 +50,10 @@ def test_bad_data_line_names_file_and_line(monkeypatch, capsys, tmp_path, tiny_c
 def test_missing_option_is_a_usage_error(monkeypatch, capsys):
     assert _cli(monkeypatch, "eval") == 2
     err = capsys.readouterr().err
-    assert "Missing option '--task'" in err and "Traceback" not in err
+    assert err == "error: --out is needed without a run folder\n"
+    assert _cli(monkeypatch, "predict") == 2
+    err = capsys.readouterr().err
+    assert "Missing argument 'run'" in err and "Traceback" not in err
 
 
 def _commands() -> list[str]:
@@ -58,7 +61,7 @@ def _commands() -> list[str]:
 
 
 def test_commands_registered():
-    assert {"models", "eval", "train", "compare", "report"} <= set(_commands())
+    assert {"models", "methods", "eval", "predict", "train", "compare", "report"} <= set(_commands())
 
 
 @pytest.mark.parametrize("command", [None, *_commands()])

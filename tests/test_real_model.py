@@ -9,13 +9,14 @@ import json
 
 import pytest
 
-from peftlab.recipes.eval import run_eval
+from peftlab.recipes.eval import EvalOptions, run_eval
 
 
 @pytest.mark.slow
 def test_smollm2_scores_pubmedqa(small_pubmedqa, tmp_path):
     out = tmp_path / "eval"
-    metrics = run_eval(task="pubmedqa", out=out, data=str(small_pubmedqa), split="test", limit=3, device="cpu")
+    opts = EvalOptions(task="pubmedqa", data=str(small_pubmedqa), split="test", limit=3, device="cpu")
+    metrics = run_eval(opts, out)
     assert metrics["n"] == 3 and 0 <= metrics["accuracy"] <= 1 and "macro_f1" in metrics
     assert metrics["model"] == "smollm2-135m-instruct"
     rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]

@@ -48,40 +48,57 @@ def methods() -> None:
 
 @app.command("eval")
 def eval_cmd(
-    task: Annotated[str, typer.Option(help="task name (pubmedqa, pubmedqa-binary, dialogsum) or custom task YAML")],
-    out: Annotated[Path, typer.Option(help="output folder for metrics.json and predictions.jsonl")],
-    data: Annotated[str | None, typer.Option(help="data file in the task's original format")] = None,
-    split: Annotated[str, typer.Option(help="all, train, val or test")] = "all",
-    model: Annotated[str, typer.Option(help="packaged model name or local HF folder")] = "smollm2-135m-instruct",
+    run: Annotated[Path | None, typer.Argument(help="a finished run folder: scored with its own settings")] = None,
+    task: Annotated[str | None, typer.Option(help="task name (pubmedqa, dialogsum, alpaca, chat, ...) or task YAML; "
+                                                   "default: the run's")] = None,
+    out: Annotated[Path | None, typer.Option(help="output folder for metrics.json and predictions.jsonl; "
+                                                  "default with a run: RUN/eval/<data file or split>")] = None,
+    data: Annotated[str | None, typer.Option(help="labelled data file (JSONL, JSON, CSV, Parquet)")] = None,
+    split: Annotated[str | None, typer.Option(help="all, train, val or test (a run: its own split, default test)")]
+    = None,
+    model: Annotated[str | None, typer.Option(help="packaged model name or local HF folder")] = None,
     adapter: Annotated[str | None, typer.Option(help="peft adapter folder or peftlab run folder")] = None,
-    shots: Annotated[int, typer.Option(help="in-context examples from the train split")] = 0,
+    shots: Annotated[int | None, typer.Option(help="in-context examples from the train split")] = None,
     limit: Annotated[int | None, typer.Option(help="score only the first N examples")] = None,
-    template: Annotated[int, typer.Option(help="instruction phrasing index")] = 0,
-    max_length: Annotated[int, typer.Option(help="max prompt + target tokens")] = 512,
+    template: Annotated[int | None, typer.Option(help="instruction phrasing index")] = None,
+    max_length: Annotated[int | None, typer.Option(help="max prompt + target tokens (default 512)")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, mps")] = "auto",
     allow_pickle: Annotated[bool, typer.Option(help="allow pickled .bin/.pt weights")] = False,
-    calibrate: Annotated[bool, typer.Option(help="contextual calibration of label scores (classification)")] = False,
+    calibrate: Annotated[bool | None, typer.Option("--calibrate/--no-calibrate",
+                                                   help="contextual calibration of label scores")] = None,
+    force: Annotated[bool, typer.Option(help="with a run: let flags override the run's own settings")] = False,
 ) -> None:
-    """Score a model (optionally with an adapter) on a task and write metrics.json and predictions.jsonl."""
-    from peftlab.recipes.eval import run_eval
+    """Score a finished run (`peftlab eval RUN [--data FILE]`) or a model on a task, and write metrics.json and
+    predictions.jsonl."""
+    from peftlab.recipes.eval import EvalOptions, eval_run, run_eval
 
-    metrics = run_eval(
-        task=task,
-        out=out,
-        data=data,
-        split=split,
-        model=model,
-        adapter=adapter,
-        shots=shots,
-        limit=limit,
-        template=template,
-        max_length=max_length,
-        device=device,
-        allow_pickle=allow_pickle,
-        calibrate=calibrate,
-    )
+    opts = EvalOptions(task, data, split, model, adapter, shots, limit, template, max_length, device, allow_pickle,
+                       calibrate)
+    if run is not None:
+        out = out or run / "eval" / (Path(data).stem if data else split or "test")
+        metrics = eval_run(run, opts, out, force)
+    else:
+        if out is None:
+            raise PeftlabError("--out is needed without a run folder")
+        metrics = run_eval(opts, out)
     print_metrics(metrics)
     console.print(f"wrote {out / 'metrics.json'} and {out / 'predictions.jsonl'}")
+
+
+@app.command("predict")
+def predict_cmd(
+    run: Annotated[Path, typer.Argument(help="a finished run folder")],
+    input: Annotated[Path, typer.Option("--input", help="rows to answer (JSONL, JSON, CSV, Parquet); targets "
+                                                        "not needed")],
+    out: Annotated[Path, typer.Option(help="JSONL of id, prediction (and probabilities for classification)")],
+    limit: Annotated[int | None, typer.Option(help="answer only the first N rows")] = None,
+    device: Annotated[str | None, typer.Option(help="auto, cpu, cuda, mps; default: the run's")] = None,
+) -> None:
+    """Answer new rows with a trained run, with the run's own prompt, labels and calibration."""
+    from peftlab.recipes.eval import predict_run
+
+    rows = predict_run(run, input, out, limit, device)
+    console.print(f"wrote {len(rows)} predictions to {out}")
 
 
 def print_metrics(metrics: dict) -> None:
@@ -144,12 +161,15 @@ def compare(
     study: Annotated[Path, typer.Argument(help="study YAML (see examples/)")],
     overrides: Annotated[list[str] | None, typer.Argument(help="key=value overrides applied to every run")] = None,
     only: Annotated[list[str] | None, typer.Option(help="run only these run names")] = None,
+    plan: Annotated[bool, typer.Option("--plan", help="print the runs and an estimated time; train nothing")] = False,
 ) -> None:
     """Run every method of a study on the same data and budget; write results.md, results.csv and report.html."""
     from peftlab.recipes.compare import run_study
 
-    study_dir = run_study(study, overrides or [], only)
+    study_dir = run_study(study, overrides or [], only, plan=plan)
     md = study_dir / "results.md"
+    if plan:
+        return
     if md.exists():
         console.print(md.read_text())
 
@@ -282,6 +302,8 @@ def bench_train(
     rounds: Annotated[int, typer.Option(min=1, help="runs of each side, in the order AB BA ...; times are means")] = 2,
     device: Annotated[str, typer.Option(help="cpu, or cuda to benchmark a GPU")] = "cpu",
     dtype: Annotated[str, typer.Option(help="float32, or bfloat16 (peftlab's default on a GPU)")] = "float32",
+    references: Annotated[str, typer.Option(help="trainer and/or trl (TRL padding-free SFTTrainer)")] = "trainer,trl",
+    autocast: Annotated[str, typer.Option(help="no and/or bf16 (bf16 autocast over fp32 weights, every side)")] = "no",
 ) -> None:
     """Training tokens/s, memory and loss agreement of peftlab against transformers.Trainer + peft."""
     from peftlab.bench.train import DEFAULT_RESULTS, run_train_bench
@@ -292,7 +314,9 @@ def bench_train(
         n, batch = min(n, 8), min(batch, 2)
     run_train_bench(model, [m.strip() for m in methods.split(",") if m.strip()], n, max_length, batch,
                     results if results or smoke else DEFAULT_RESULTS, smoke=smoke, json_out=json_out,
-                    micro_tokens=micro_tokens, rounds=rounds, device=device, dtype=dtype)
+                    micro_tokens=micro_tokens, rounds=rounds, device=device, dtype=dtype,
+                    references=tuple(r.strip() for r in references.split(",") if r.strip()),
+                    autocasts=tuple(a.strip() for a in autocast.split(",") if a.strip()))
 
 
 @bench_app.command("eval")
@@ -307,6 +331,7 @@ def bench_eval(
     rounds: Annotated[int, typer.Option(min=1, help="blocks of the one-at-a-time loop, each then a peftlab run")] = 4,
     device: Annotated[str, typer.Option(help="cpu, or cuda to benchmark a GPU")] = "cpu",
     dtype: Annotated[str, typer.Option(help="float32, or bfloat16 (peftlab's default on a GPU)")] = "float32",
+    generate_batch: Annotated[int, typer.Option(min=0, help="rows of batched model.generate (0: skip it)")] = 16,
 ) -> None:
     """Generation and scoring speed: peftlab's batched generate against one-at-a-time model.generate."""
     from peftlab.bench.eval import run_eval_bench
@@ -315,7 +340,8 @@ def bench_eval(
     if smoke:
         n, max_new_tokens, score_n = min(n, 6), min(max_new_tokens, 8), min(score_n, 10)
     run_eval_bench(model, n, max_new_tokens, results if results or smoke else DEFAULT_RESULTS, smoke=smoke,
-                   json_out=json_out, score_n=score_n, rounds=rounds, device=device, dtype=dtype)
+                   json_out=json_out, score_n=score_n, rounds=rounds, device=device, dtype=dtype,
+                   generate_batch=generate_batch)
 
 
 def main() -> None:

@@ -185,7 +185,7 @@ def test_startup_errors(tiny_causal, adapters, tmp_path):
         parse_adapter_specs([f"x={adapters['lora-one']}", f"x={adapters['lora-two']}"])
     with pytest.raises(PeftlabError, match="no adapter_config.json"):
         parse_adapter_specs([f"x={tmp_path}"])
-    assert parse_adapter_specs([f"x={adapters['lora-one'].parent}"]) == {"x": adapters["lora-one"]}
+    assert parse_adapter_specs([f"x={adapters['lora-one'].parent}"]) == ({"x": adapters["lora-one"]}, {})
     loaded = load_model(str(tiny_causal), device="cpu")
     with pytest.raises(PeftlabError, match="taken by the base model"):
         create_app(loaded, {str(tiny_causal): adapters["lora-one"]})
@@ -264,3 +264,32 @@ def test_soak_on_loopback_answers_like_sequential_and_memory_stays_flat(tiny_cau
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def test_a_served_linear_head_answers_as_eval_does(tiny_causal, adapters, tmp_path):
+    """A linear-head run beside LoRA adapters on the one base: /v1/classify and /v1/completions give the label
+    `peftlab eval RUN` gives, with LoRA switched off for the head (it was fitted on the bare base)."""
+    from trainkit import tiny_cfg
+
+    from peftlab.data.splits import load_splits
+    from peftlab.methods.saved import load_run
+    from peftlab.recipes.eval import EvalOptions, eval_run
+
+    run = run_training(tiny_cfg(tiny_causal, "linear-head", tmp_path, "head", PUBMEDQA, "method.head_layer=1"))
+    eval_run(run, EvalOptions(device="cpu"), tmp_path / "eval")
+    expected = {json.loads(line)["id"]: json.loads(line)["prediction"]
+                for line in (tmp_path / "eval" / "predictions.jsonl").read_text().splitlines()}
+    saved = load_run(run, "cpu")
+    examples = load_splits(saved.cfg, saved.task)["test"]
+    loaded = load_model(str(tiny_causal), device="cpu")
+    client = TestClient(create_app(loaded, {"lora-one": adapters["lora-one"]}, heads={"head": run}))
+    for ex in examples:
+        body = client.post("/v1/classify", json={"model": "head", "inputs": ex.inputs}).json()
+        assert body["label"] == expected[ex.id] and abs(sum(body["probabilities"].values()) - 1) < 1e-5
+    assert "head" in [m["id"] for m in client.get("/v1/models").json()["data"]]
+    missing = client.post("/v1/classify", json={"model": "head", "inputs": {"question": "Why?"}})
+    assert missing.status_code == 400 and "context" in missing.json()["error"]["message"]
+    several = client.post("/v1/completions", json={"model": "head", "prompt": "Why?", "max_tokens": 2})
+    assert several.status_code == 400 and several.json()["error"]["code"] == "use_classify"
+    generator = client.post("/v1/classify", json={"model": "lora-one", "inputs": {}})
+    assert generator.status_code == 400 and generator.json()["error"]["code"] == "not_a_classifier"

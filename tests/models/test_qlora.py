@@ -139,6 +139,11 @@ def test_qlora_trains_over_a_quantized_frozen_base(quant, layer, llama64, tmp_pa
     assert len(train_losses(run_dir)) == 2 and result["adapter_bytes"] > 0
     config = json.loads((run_dir / "adapter" / "adapter_config.json").read_text())
     assert config["peft_type"] == "LORA"
+    # A run is a model: reloaded over a base quantized the same way, it scores its test split as it did in training.
+    from peftlab.recipes.eval import EvalOptions, eval_run
+
+    metrics = eval_run(run_dir, EvalOptions(device="cpu"), tmp_path / "eval")
+    assert metrics["accuracy"] == result["metrics"]["test_accuracy"]
 
 
 @needs_bnb

@@ -36,8 +36,8 @@ def test_summarize_means_spreads_and_pools():
 
 
 def test_three_fold_linear_head_tests_every_example_once_and_resumes(tiny_causal, tmp_path):
-    cfg = tiny_cfg(tiny_causal, "linear-head", tmp_path, "cv", PUBMEDQA, "data.limit_train=null", "data.limit_eval=null",
-                   "data.max_length=256", "method.head_layer=1")
+    cfg = tiny_cfg(tiny_causal, "linear-head", tmp_path, "cv", PUBMEDQA, "data.limit_train=null",
+                   "data.limit_eval=null", "data.max_length=256", "method.head_layer=1")
     summary = run_cv(cfg, folds=3)
     study = tmp_path / "cv"
     total = len(json.loads(PUBMEDQA.read_text()))

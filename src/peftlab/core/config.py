@@ -7,6 +7,7 @@ config is saved with each run so the run can be repeated exactly.
 from __future__ import annotations
 
 import dataclasses
+import json
 import types
 import typing
 from dataclasses import dataclass, field
@@ -39,6 +40,11 @@ class ModelConfig:
 class DataConfig:
     task: str = _f("pubmedqa", "registered task name or path to a custom task YAML")
     path: str | None = _f(None, "data file; default: the task's file under data/")
+    train: str | None = _f(None, "training file (JSONL, JSON, CSV or Parquet); replaces data.path")
+    val: str | None = _f(None, "validation file; default: carved from data.train, seeded and stratified")
+    test: str | None = _f(None, "test file; default: carved from data.train by data.split")
+    labels: list[str] | None = _f(None, "alpaca/chat: the label set, which makes the task classification; default: "
+                                        "found in the training outputs when they are a few short labels")
     split: list[float] = _f([0.8, 0.1, 0.1], "train/val/test fractions when the file has no split of its own")
     fold: int | None = _f(None, "k-fold cross-validation: which fold is the test split (with `folds`)")
     folds: int = _f(10, "number of folds for k-fold cross-validation")
@@ -58,12 +64,17 @@ class DataConfig:
 
 @dataclass
 class MethodConfig:
-    name: str = _f("lora", "zero-shot, few-shot, full, lora, qlora, prompt-tuning, prefix-tuning, p-tuning, ia3, "
-                                 "linear-head")
-    r: int = _f(8, "LoRA rank")
-    alpha: int = _f(16, "LoRA alpha (scale = alpha / r)")
-    dropout: float = _f(0.05, "LoRA dropout")
-    target_modules: list[str] | str = _f(["q_proj", "v_proj"], "modules to adapt (LoRA/IA3), or 'all-linear'")
+    name: str = _f("lora", "a method from `peftlab methods` (lora, dora, vera, oft, ... full, zero-shot), or peft: "
+                           "any peft tuner given by method.peft or method.peft_config")
+    r: int = _f(8, "rank (LoRA and its variants, VeRA, LoHa, LoKr, AdaLoRA's target, HRA, MiSS, Lily, SHiRA, HiRA)")
+    alpha: int = _f(16, "LoRA alpha (scale = alpha / r); also LoHa, LoKr and AdaLoRA")
+    dropout: float = _f(0.05, "dropout on the adapter's input (LoRA and its variants, AdaLoRA, VeRA, MiSS, HiRA)")
+    target_modules: list[str] | str = _f(["q_proj", "v_proj"], "modules to adapt (LoRA, IA3 and the other weight "
+                                                               "tuners), or 'all-linear'")
+    peft: dict = _f({}, "peft config fields: with method.name peft, any tuner ({peft_type: VERA, r: 256, ...}); "
+                        "with a named method, fields added to its config (docs/methods.md)")
+    peft_config: str | None = _f(None, "method.name peft: a saved peft config (adapter_config.json or its folder), "
+                                       "e.g. an experiment of peft's method_comparison/; method.peft fields override")
     num_virtual_tokens: int = _f(20, "virtual tokens for prompt, prefix and P-tuning")
     prompt_init: str = _f("random", "prompt-tuning init: random, or text (the task's instruction)")
     prefix_projection: bool = _f(False, "prefix tuning: re-parameterise the prefix through an MLP")
@@ -77,6 +88,76 @@ class MethodConfig:
     quant: str = _f("nf4", "qlora: how bitsandbytes quantizes the frozen base: nf4, fp4 (4-bit) or int8 (8-bit)")
     vision: list[str] = _f([], "vision-language models: also adapt these parts: tower, projector (default: "
                                "the language model only)")
+
+    def __post_init__(self) -> None:
+        # Checked at config load, so a study stops on a misspelt peft field before any of its runs trains.
+        if self.peft or self.peft_config or self.name == "peft":
+            self.peft_fields()
+
+    def peft_fields(self) -> tuple[str | None, dict]:
+        """(peft type, fields) from `peft_config` then `peft`, checked against the installed peft's config class.
+
+        The type is None when neither names one: the fields then go onto a named method's own config. Fields a
+        saved config records about where it came from (base model, inference mode, peft version) are dropped.
+        """
+        fields: dict = {}
+        where = "method.peft"
+        if self.peft_config:
+            fields, where = _read_peft_config(Path(self.peft_config)), self.peft_config
+        if self.peft is not None and not isinstance(self.peft, dict):
+            raise PeftlabError(f"method.peft: expected a mapping of peft config fields, got {self.peft!r}")
+        fields = {k: v for k, v in {**fields, **(self.peft or {})}.items() if k not in _PEFT_RECORD_FIELDS}
+        peft_type = fields.pop("peft_type", None)
+        if self.name == "peft" and peft_type is None:
+            raise PeftlabError("method.name peft needs method.peft.peft_type (e.g. VERA) or method.peft_config")
+        if peft_type is None:
+            return None, fields
+        from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
+
+        key = str(peft_type).upper().replace("-", "_")
+        if key not in PEFT_TYPE_TO_CONFIG_MAPPING:
+            valid = ", ".join(sorted(PEFT_TYPE_TO_CONFIG_MAPPING))
+            raise PeftlabError(f"{_shown(where)}: unknown peft_type {peft_type!r}; valid: {valid}")
+        config_class = PEFT_TYPE_TO_CONFIG_MAPPING[key]
+        if self.peft_config:
+            # A file saved by another peft version carries that version's fields; one this peft lacks, left at an
+            # empty or false default, configures nothing and is dropped. A set one is still an error.
+            names = {f.name for f in dataclasses.fields(config_class)} | set(self.peft or {})
+            fields = {k: v for k, v in fields.items() if k in names or v}
+        check_peft_fields(config_class, fields, where)
+        return key, fields
+
+
+# What a saved adapter_config.json records about its origin, not how the tuner is built; peftlab sets task_type.
+_PEFT_RECORD_FIELDS = ("base_model_name_or_path", "revision", "inference_mode", "peft_version", "auto_mapping")
+
+
+def _shown(text: Any) -> str:
+    """User text inside a one-line error: a newline in a key or path is shown escaped, not printed."""
+    return repr(str(text))[1:-1]
+
+
+def _read_peft_config(path: Path) -> dict:
+    path = path / "adapter_config.json" if path.is_dir() else path
+    if not path.is_file():
+        raise PeftlabError(f"{_shown(path)}: no such peft config (method.peft_config)")
+    try:
+        fields = json.loads(path.read_text(encoding="utf-8-sig"))
+    except (OSError, ValueError) as err:
+        raise PeftlabError(f"{_shown(path)}: not a readable JSON peft config ({str(err).splitlines()[0]})") from None
+    if not isinstance(fields, dict) or "peft_type" not in fields:
+        raise PeftlabError(f"{_shown(path)}: a peft config is a JSON object with a peft_type")
+    return fields
+
+
+def check_peft_fields(config_class: type, fields: dict, where: str) -> None:
+    """An unknown field of `config_class` is an error naming it, like an unknown config key."""
+    names = {f.name for f in dataclasses.fields(config_class) if f.init}
+    for key in fields:
+        if key not in names:
+            key, where = _shown(key), _shown(where)
+            what = f"config key '{where}.{key}'" if where.startswith("method.") else f"field '{key}' in {where}"
+            raise PeftlabError(f"unknown {what} for {config_class.__name__}; valid: {', '.join(sorted(names))}")
 
 
 @dataclass

@@ -21,7 +21,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from fastapi import FastAPI, Request
@@ -31,6 +31,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
 from peftlab.core.errors import PeftlabError
+from peftlab.deploy.classify import HeadPool, is_head_run
 from peftlab.models.adapters import check_adapter_base, find_adapter_dir
 from peftlab.models.loading import load_model
 from peftlab.models.local import LoadedModel
@@ -287,12 +288,18 @@ def create_app(
     max_tokens_cap: int = 256,
     max_body_bytes: int = 65536,
     max_prompt_tokens: int = 2048,
+    heads: dict[str, Path] | None = None,
 ) -> FastAPI:
-    """The FastAPI app serving `loaded` and the named adapter folders (loaded once, here)."""
+    """The FastAPI app serving `loaded`, the named adapter folders and the named linear-head runs (loaded here)."""
     pool = AdapterPool(loaded, adapters)
+    plain = lambda: pool.shared.disable_adapter() if pool.shared is not None else contextlib.nullcontext()  # noqa: E731
+    classifiers = HeadPool(loaded, pool.fmt, heads or {}, pool.lock, plain)
+    taken = set(pool.names) & set(classifiers.heads)
+    if taken:
+        raise PeftlabError(f"--adapter name {', '.join(sorted(taken))} is given twice")
     limits = Limits(max_tokens_cap, max_body_bytes, max_prompt_tokens)
     app = FastAPI(title="peftlab serve", version="1")
-    app.state.pool = pool
+    app.state.pool, app.state.heads = pool, classifiers
     started = int(time.time())
 
     _add_error_handlers(app)
@@ -306,15 +313,20 @@ def create_app(
         data = [{"id": pool.base_name, "object": "model", "created": started, "owned_by": "peftlab", "parent": None}]
         data += [
             {"id": n, "object": "model", "created": started, "owned_by": "peftlab", "parent": pool.base_name}
-            for n in pool.names[1:]
+            for n in [*pool.names[1:], *classifiers.heads]
         ]
         return {"object": "list", "data": data}
 
+    def known(name: str) -> None:
+        if name not in pool.names and name not in classifiers.heads:
+            message = f"model '{name}' not found; available: {', '.join([*pool.names, *classifiers.heads])}"
+            raise ApiError(404, message, "model_not_found", "not_found")
+
     async def answer(request: Request, schema: type[BaseModel], kind: str) -> dict:
         req = await _read_json(request, limits.max_body_bytes, schema)
-        if req.model not in pool.names:
-            message = f"model '{req.model}' not found; available: {', '.join(pool.names)}"
-            raise ApiError(404, message, "model_not_found", "not_found")
+        known(req.model)
+        if req.model in classifiers.heads:
+            return await _head_completion(classifiers, req, kind)
         prompt_ids = _chat_prompt(pool, req) if kind == "chat" else _completion_prompt(pool, req)
         max_tokens = _check_request(pool, limits, req, prompt_ids)
         # Generation blocks for seconds; a worker thread keeps the event loop answering /health meanwhile.
@@ -329,22 +341,63 @@ def create_app(
     async def chat_completions(request: Request) -> dict:
         return await answer(request, ChatRequest, "chat")
 
+    @app.post("/v1/classify")
+    async def classify(request: Request) -> dict:
+        req = await _read_json(request, limits.max_body_bytes, ClassifyRequest)
+        known(req.model)
+        if req.model not in classifiers.heads:
+            raise ApiError(400, f"model '{req.model}' generates text; /v1/classify serves linear-head runs",
+                           "not_a_classifier")
+        label, probabilities = await run_in_threadpool(_classify, classifiers, req.model, req.inputs)
+        return {"object": "classification", "model": req.model, "label": label, "probabilities": probabilities}
+
     return app
 
 
-def parse_adapter_specs(specs: list[str]) -> dict[str, Path]:
-    """`name=DIR` pairs (DIR a peft folder or a run folder) as a name -> adapter folder map."""
+class ClassifyRequest(BaseModel):
+    """An example's input fields, as in the run's data file (e.g. question and context, or instruction and input)."""
 
+    model_config = ConfigDict(extra="forbid")
+    model: str
+    inputs: dict[str, Any]
+
+
+def _classify(classifiers: HeadPool, name: str, fields: dict) -> tuple[str, dict[str, float]]:
+    try:
+        return classifiers.classify(name, fields)
+    except (ValueError, PeftlabError) as err:  # the request's fields, not the server, are at fault
+        raise ApiError(400, f"inputs: {err}", "invalid_request") from None
+
+
+async def _head_completion(classifiers: HeadPool, req, kind: str) -> dict:
+    """A classifier asked for a completion: the prompt fills its one input field; the answer is the label."""
+    field = classifiers.heads[req.model].single_field()
+    if kind == "chat" or field is None:
+        raise ApiError(400, f"model '{req.model}' is a classifier with several inputs: send them to /v1/classify",
+                       "use_classify")
+    label, _ = await run_in_threadpool(_classify, classifiers, req.model, {field: req.prompt})
+    return _response("text", req.model, [], Generation([], label, "stop"))
+
+
+def parse_adapter_specs(specs: list[str]) -> tuple[dict[str, Path], dict[str, Path]]:
+    """`name=DIR` pairs as (peft adapter folders, linear-head run folders), each by name. DIR is a peft folder or a
+    run folder; a full fine-tune's run folder is refused with the flag that serves it (`--model RUN`)."""
     adapters: dict[str, Path] = {}
+    heads: dict[str, Path] = {}
     for spec in specs:
         name, sep, path = spec.partition("=")
         name = name.strip()
         if not sep or not name or not path:
             raise PeftlabError(f"--adapter '{spec}': expected name=DIR, e.g. --adapter pubmed=runs/lora")
-        if name in adapters:
+        if name in adapters or name in heads:
             raise PeftlabError(f"--adapter name '{name}' is given twice")
-        adapters[name] = find_adapter_dir(path)
-    return adapters
+        if is_head_run(Path(path)):
+            heads[name] = Path(path)
+        elif (Path(path) / "model" / "config.json").is_file():
+            raise PeftlabError(f"--adapter {spec}: a full fine-tune is its own model: serve it with --model {path}")
+        else:
+            adapters[name] = find_adapter_dir(path)
+    return adapters, heads
 
 
 def serve(
@@ -359,12 +412,14 @@ def serve(
     import uvicorn
 
     sock = bind(host, port)  # before the model loads: a busy port fails in a second, not after the load
-    adapters = parse_adapter_specs(adapter_specs)
-    loaded = load_model(model, device=device)
-    app = create_app(loaded, adapters, **limits)
+    adapters, heads = parse_adapter_specs(adapter_specs)
+    full = Path(model) / "model"  # a full fine-tune's run folder is a model of its own
+    loaded = load_model(str(full) if (full / "config.json").is_file() else model, device=device)
+    app = create_app(loaded, adapters, heads=heads, **limits)
     if host not in ("127.0.0.1", "localhost", "::1"):
         print(f"warning: serving on {host} with no authentication; anyone who can reach it can use it", flush=True)
-    print(f"serving {', '.join(app.state.pool.names)} on http://{host}:{port}/v1", flush=True)
+    names = [*app.state.pool.names, *app.state.heads.heads]
+    print(f"serving {', '.join(names)} on http://{host}:{port}/v1", flush=True)
     uvicorn.Server(uvicorn.Config(app, log_level="info")).run(sockets=[sock])
 
 

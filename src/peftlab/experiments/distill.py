@@ -22,7 +22,7 @@ from peftlab.core.errors import PeftlabError
 from peftlab.core.files import write_json, write_jsonl
 from peftlab.data.splits import load_splits
 from peftlab.data.targets import read_outputs
-from peftlab.data.tasks import Example, Task, get_task
+from peftlab.data.tasks import Example, Task, task_for
 from peftlab.evaluate.evaluate import evaluate
 from peftlab.models.adapters import load_for_inference
 from peftlab.prompts.encoding import encode_split, format_for
@@ -62,7 +62,7 @@ def _predict(model: str, adapter: str | None, cfg, examples: list[Example], prog
     """(metrics, predictions) of one teacher on `examples`, through the same encoding and scoring as any run."""
 
     loaded, fmt = _load_teacher(model, adapter, cfg)
-    task = get_task(cfg.data.task)
+    task = task_for(cfg.data)
     items = encode_split(cfg, task, fmt, examples)
     metrics, rows = evaluate(loaded.model, fmt, task, examples, items, split="teacher", progress=progress)
     return metrics, [row["prediction"] for row in rows]
@@ -79,7 +79,7 @@ def generate_teacher_outputs(teacher: str, cfg, out: Path, split: str = "train",
     if Path(teacher).suffix in (".jsonl", ".csv") and Path(teacher).is_file():
         write_jsonl(out, [{"id": k, "output": v} for k, v in read_outputs(Path(teacher)).items()])
         return out
-    task = get_task(cfg.data.task)
+    task = task_for(cfg.data)
     examples = load_splits(cfg, task)[split]
     examples = examples[:limit] if limit else examples
     if not examples:
@@ -95,7 +95,7 @@ def generate_teacher_outputs(teacher: str, cfg, out: Path, split: str = "train",
 
 def rank_teachers(teachers: list[TeacherSpec], cfg, study_dir: Path) -> list[dict]:
     """Score every candidate on the val split; write `teacher_ranking.json` (best first) and print a table."""
-    task = get_task(cfg.data.task)
+    task = task_for(cfg.data)
     val = _val_split(cfg, task)
     key = f"val_{task.primary_metric}"
     ranking = []

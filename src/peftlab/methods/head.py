@@ -202,3 +202,20 @@ def save_head(head: LinearHead, model_name: str, run_dir: Path) -> int:
         files.append(out / TEXT_HEADS)
         files[-1].write_text(json.dumps([h.state() for h in head.text_heads]))
     return sum(f.stat().st_size for f in files)
+
+
+def load_head(loaded: LoadedModel, task: Task, cfg: MethodConfig, run_dir: Path) -> LinearHead:
+    """A saved head on the frozen base: its standardisation and linear layer, and its text heads if it had any."""
+    from safetensors.torch import load_file
+
+    folder = run_dir / "head"
+    meta = json.loads((folder / HEAD_META).read_text())
+    if tuple(meta["labels"]) != tuple(task.labels):
+        raise PeftlabError(f"{folder}: fitted on labels {meta['labels']}, but the task has {list(task.labels)}")
+    head = build(loaded, task, cfg)
+    head.layer = meta["layer"]
+    head.load_state_dict(load_file(str(folder / HEAD_FILE)), strict=False)
+    if meta["text_heads"]:
+        states = json.loads((folder / TEXT_HEADS).read_text())
+        head.text_heads = [TextHead.from_state(state, len(task.labels)) for state in states]
+    return head

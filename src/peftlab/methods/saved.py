@@ -21,7 +21,7 @@ from peftlab.data.splits import load_splits
 from peftlab.data.tasks import Task, task_for
 from peftlab.kernels.memory import fused_rmsnorm, lean_swiglu
 from peftlab.methods.head import load_head
-from peftlab.methods.registry import Method, get_method
+from peftlab.methods.registry import Method, get_method, plain_path_reason, use_plain_path
 from peftlab.models.adapters import load_adapter
 from peftlab.models.loading import load_model
 from peftlab.models.local import LoadedModel
@@ -77,13 +77,11 @@ def _trained_model(run_dir: Path, cfg: RunConfig, method: Method, task: Task, de
     """(the loaded base or full model, the module that scores) for the run's method kind."""
     if method.trains_base:  # a full fine-tune is a model folder of its own
         loaded = load_model(str(run_dir / "model"), device=device, chat=cfg.model.chat)
-        return loaded, _as_trained(loaded.model)
+        return loaded, _same_forward(loaded.model, cfg)
     quantize = cfg.method.quant if method.quantized else None
     loaded = load_model(cfg.model.name, device=device, chat=cfg.model.chat, allow_pickle=cfg.model.allow_pickle,
                         quantize=quantize)
-    # The same forward the run was scored with in training: both are exact rewrites of the model's own modules.
-    lean_swiglu(loaded.model)
-    fused_rmsnorm(loaded.model)
+    _same_forward(loaded.model, cfg)
     if method.build is not None:
         return loaded, load_head(loaded, task, cfg.method, run_dir)
     if not method.trains:
@@ -91,7 +89,13 @@ def _trained_model(run_dir: Path, cfg: RunConfig, method: Method, task: Task, de
     return loaded, load_adapter(loaded, run_dir)
 
 
-def _as_trained(model: torch.nn.Module) -> torch.nn.Module:
-    lean_swiglu(model)
-    fused_rmsnorm(model)
+def _same_forward(model: torch.nn.Module, cfg: RunConfig) -> torch.nn.Module:
+    """The forward the run was scored with in training: the speed paths where its tuner keeps them (exact rewrites
+    of the model's own modules), the plain peft forward where it ran without them."""
+    plain = plain_path_reason(cfg.method)
+    if plain is None:
+        lean_swiglu(model)
+        fused_rmsnorm(model)
+    else:
+        use_plain_path(model, plain, cfg.train)
     return model

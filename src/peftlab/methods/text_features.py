@@ -69,6 +69,26 @@ def _tfidf_state(vectorizer) -> dict:
             "ngram_range": list(vectorizer.ngram_range)}
 
 
+def _tfidf_restore(state: dict):
+    """A fitted TF-IDF vectorizer from `_tfidf_state`: the same vocabulary and idf weights, so the same vectors."""
+    vectorizer = _tfidf(tuple(state["ngram_range"]))()
+    vectorizer.vocabulary_ = dict(state["vocabulary"])
+    vectorizer.idf_ = np.array(state["idf"])
+    return vectorizer
+
+
+def _counts_restore(state: dict):
+    """The fitted counts pipeline from `_counts_state`; refuses patterns that changed since the run was saved."""
+    if state["patterns"] != RESULT_PATTERNS:
+        raise PeftlabError("reported-statistics: the saved head counted other phrases than this version does")
+    pipeline = reported_statistics()
+    scaler = pipeline[-1]
+    scaler.mean_, scaler.scale_ = np.array(state["mean"]), np.array(state["scale"])
+    scaler.var_, scaler.n_features_in_ = scaler.scale_**2, len(state["mean"])
+    pipeline[0].fit([])  # a FunctionTransformer holds no state; fitting it only marks it fitted
+    return pipeline
+
+
 @dataclass(frozen=True)
 class FeatureSet:
     """A registered text feature set: how to build its (unfitted) featurizer and its regression's L2 strength."""
@@ -77,16 +97,18 @@ class FeatureSet:
     make: Callable  # () -> an object with fit_transform(texts) and transform(texts)
     c: float  # inverse L2 strength of its logistic regression (research/pubmedqa_lexical_levers.py)
     state: Callable  # fitted featurizer -> what `save` writes (JSON-able)
+    restore: Callable  # that state -> the fitted featurizer again
     help: str
 
 
 FEATURE_SETS = {
     s.name: s
     for s in (
-        FeatureSet("words", _tfidf((1, 1)), 3.0, _tfidf_state, "TF-IDF over single words (min_df 2, sublinear tf)"),
-        FeatureSet("word-pairs", _tfidf((1, 2)), 3.0, _tfidf_state,
+        FeatureSet("words", _tfidf((1, 1)), 3.0, _tfidf_state, _tfidf_restore,
+                   "TF-IDF over single words (min_df 2, sublinear tf)"),
+        FeatureSet("word-pairs", _tfidf((1, 2)), 3.0, _tfidf_state, _tfidf_restore,
                    "TF-IDF over words and adjacent word pairs, which keep 'no significant' whole"),
-        FeatureSet("reported-statistics", reported_statistics, 0.1, _counts_state,
+        FeatureSet("reported-statistics", reported_statistics, 0.1, _counts_state, _counts_restore,
                    "counts of result phrases: p-values below and above 0.05, (not) significant, no difference, ..."),
     )
 }
@@ -142,3 +164,16 @@ class TextHead:
         return {"name": self.features.name, "c": self.features.c, "classes": self.model.classes_.tolist(),
                 "coef": self.model.coef_.tolist(), "intercept": self.model.intercept_.tolist(),
                 "featurizer": self.features.state(self.featurizer)}
+
+    @classmethod
+    def from_state(cls, state: dict, n_classes: int) -> TextHead:
+        """The fitted head `state()` wrote: featurizer and regression as they were, so the same log-probabilities."""
+        from sklearn.linear_model import LogisticRegression
+
+        features = feature_set(state["name"])
+        head = cls(features, n_classes)
+        head.featurizer = features.restore(state["featurizer"])
+        head.model = LogisticRegression(C=state["c"])
+        head.model.classes_ = np.array(state["classes"])
+        head.model.coef_, head.model.intercept_ = np.array(state["coef"]), np.array(state["intercept"])
+        return head

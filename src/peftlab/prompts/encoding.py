@@ -41,6 +41,12 @@ def encode(
         target = task.train_target(example) if task.train_target else example.target
     target_ids = fmt.target_ids(target)
     inputs = dict(example.inputs)
+    if example.messages is not None:  # a chat example: its turns through the chat template, never cut
+        ids, media = fmt.encode_messages(example.messages, shots)
+        if len(ids) + len(target_ids) > max_length:
+            raise PeftlabError(f"example {example.id}: the conversation is {len(ids) + len(target_ids)} tokens, over "
+                               f"max_length {max_length}; raise data.max_length or shorten it")
+        return Encoded(example.id, ids, target_ids, media=media)
     ids, media = fmt.encode_prompt(tpl.render(inputs), shots, example.image)
     over = len(ids) + len(target_ids) - max_length
     if over <= 0:

@@ -40,6 +40,18 @@ class PromptFormat:
         """(prompt ids, media). A text model reads no image, so it gets the question and hint alone."""
         return self.prompt_ids(self.prompt_text(user_text, shots)), None
 
+    def encode_messages(self, turns: Sequence[dict[str, str]], shots: Sequence[tuple[str, str]] = ()):
+        """(prompt ids, media) of a conversation (a chat example's turns before the answer)."""
+        return self.prompt_ids(self.messages_text(turns, shots)), None
+
+    def messages_text(self, turns: Sequence[dict[str, str]], shots: Sequence[tuple[str, str]] = ()) -> str:
+        """A conversation as the model reads it: its chat template, or `role: content` lines for a plain model."""
+        demos = [m for u, a in shots for m in ({"role": "user", "content": u}, {"role": "assistant", "content": a})]
+        if self.kind == "causal" and self.chat:
+            return self.tokenizer.apply_chat_template([*demos, *turns], tokenize=False, add_generation_prompt=True)
+        lines = [f"{m['role']}: {m['content']}" for m in [*demos, *turns]]
+        return "\n".join(lines) + "\nassistant:"
+
     def prompt_text(self, user_text: str, shots: Sequence[tuple[str, str]] = ()) -> str:
         if self.kind == "seq2seq":
             demos = "".join(f"{u}\nAnswer: {a}\n\n" for u, a in shots)

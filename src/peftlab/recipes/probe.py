@@ -4,36 +4,21 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import yaml
-
-from peftlab.core.config import RunConfig, from_dict
-from peftlab.core.errors import PeftlabError
 from peftlab.core.files import read_json, write_json
 from peftlab.data.splits import load_splits
-from peftlab.data.tasks import get_task
 from peftlab.experiments.probe import probe_split
-from peftlab.methods.registry import get_method
-from peftlab.models.adapters import load_for_inference
-from peftlab.prompts.encoding import format_for
+from peftlab.methods.saved import load_run, run_config
 
 
 def run_probe(run_dir: Path, limit: int | None = None) -> dict:
-    """`peftlab probe RUN_DIR`: probe a finished run and add the probe's keys to its result.json."""
+    """`peftlab probe RUN_DIR`: probe a finished run (any method kind) and add the probe's keys to its result.json."""
     run_dir = Path(run_dir)
-    if not (run_dir / "result.json").is_file() or not (run_dir / "config.yaml").is_file():
-        raise PeftlabError(f"{run_dir}: not a finished run folder (no result.json / config.yaml)")
-    cfg = from_dict(RunConfig, yaml.safe_load((run_dir / "config.yaml").read_text()))
-    if cfg.data.mixture:
-        raise PeftlabError("the brittleness probe runs on single-task runs, not mixtures")
+    cfg = run_config(run_dir)
     if limit:
         cfg.experiments.probe_limit = limit
-    task = get_task(cfg.data.task)
-    trained = get_method(cfg.method.name).trains
-    splits = load_splits(cfg, task, val_in_train=not trained)  # the demo pool the run itself had
-    loaded, _ = load_for_inference(cfg.model.name, str(run_dir) if trained else None, cfg.model.device)
-    fmt = format_for(loaded)  # a vision-language run keeps its images in the probe
-    fmt.chat = loaded.chat if cfg.model.chat is None else cfg.model.chat
-    metrics = probe_split(cfg, loaded.model, fmt, task, splits, run_dir)
+    run = load_run(run_dir, cfg=cfg)  # a vision-language run keeps its images in the probe
+    splits = load_splits(cfg, run.task, val_in_train=not run.method.trains)  # the demo pool the run itself had
+    metrics = probe_split(cfg, run.model, run.fmt, run.task, splits, run_dir)
     result = read_json(run_dir / "result.json")
     result["metrics"] = {**result.get("metrics", {}), **metrics}
     write_json(run_dir / "result.json", result)

@@ -24,15 +24,15 @@ from peftlab.core.files import write_json, write_jsonl
 from peftlab.core.lock import run_folder_lock
 from peftlab.core.resources import peak_rss_mb, versions
 from peftlab.data.mixture import Part, is_mixture, load_parts, parse_mixture, single_part
-from peftlab.data.splits import load_splits
+from peftlab.data.splits import data_labels, load_splits
 from peftlab.data.targets import resolve_targets
-from peftlab.data.tasks import DEFAULT_DATA, Example, get_task
+from peftlab.data.tasks import DEFAULT_DATA, Example, task_for
 from peftlab.evaluate.evaluate import evaluate
 from peftlab.evaluate.scoring import mean_loss
 from peftlab.experiments.hooks import run_experiments
 from peftlab.kernels.memory import enable_checkpointing, fused_rmsnorm, lean_swiglu
 from peftlab.methods.head import fit_head
-from peftlab.methods.registry import Method, apply_method, count_params, get_method
+from peftlab.methods.registry import Method, apply_method, count_params, get_method, plain_path_reason, use_plain_path
 from peftlab.models.loading import load_model
 from peftlab.models.local import LoadedModel, check_max_length
 from peftlab.prompts.encoding import content_free_items, encode_split, few_shot_demos, format_for, sample_train
@@ -64,9 +64,15 @@ class RunContext:
         return self.cfg.run_dir
 
 
-def run_training(cfg: RunConfig, on_epoch_end=None) -> Path:
-    """Train (or, for zero/few-shot, only evaluate) one method and write its run folder."""
+def run_training(cfg: RunConfig, on_epoch_end=None, score_test: bool = True) -> Path:
+    """Train (or, for zero/few-shot, only evaluate) one method and write its run folder.
+
+    `score_test=False`: a tuning trial, judged on val alone; the test split is neither scored nor looked at, so
+    choosing a config cannot select on it.
+    """
     ctx = prepare(cfg)
+    if not score_test:
+        ctx.enc.update({key: [] for key in ctx.enc if key[1] == "test"})
     main = ctx.accelerator.is_main_process
     # One process per run folder: a second `peftlab train` on it stops here rather than mixing two runs' files.
     with run_folder_lock(ctx.run_dir) if main else contextlib.nullcontext():
@@ -75,8 +81,12 @@ def run_training(cfg: RunConfig, on_epoch_end=None) -> Path:
             if cfg.train.report_to:
                 ctx.accelerator.init_trackers(cfg.name)
         enable_checkpointing(ctx.loaded.model, cfg.train.activation_checkpointing)
-        lean_swiglu(ctx.loaded.model)  # the gated MLPs keep two tensors for backward, not three: same gradients
-        fused_rmsnorm(ctx.loaded.model)  # one fused kernel per norm instead of five ops: same outputs
+        plain = plain_path_reason(cfg.method)  # a tuner not checked against the speed paths runs without them
+        if plain is None:
+            lean_swiglu(ctx.loaded.model)  # the gated MLPs keep two tensors for backward, not three: same gradients
+            fused_rmsnorm(ctx.loaded.model)  # one fused kernel per norm instead of five ops: same outputs
+        else:
+            use_plain_path(ctx.loaded.model, plain, cfg.train)
         model = apply_method(ctx.loaded, ctx.parts[0].task, cfg.method)
         trainable, total = count_params(model)
         summary = train_model(ctx, model, on_epoch_end)
@@ -125,12 +135,15 @@ def task_parts(cfg: RunConfig, method: Method) -> list[Part]:
             )
         parts = load_parts(cfg, parse_mixture(cfg), val_in_train=not method.trains)
     else:
-        task = get_task(cfg.data.task)
+        task = task_for(cfg.data)
+        if task.relabel is not None and cfg.data.labels is None:  # alpaca, chat: labels from the training outputs
+            cfg.data.labels = list(data_labels(cfg, task))  # saved with config.yaml: the run says which it used
+            task = task.relabel(tuple(cfg.data.labels))
         # A method that trains nothing selects nothing on a k-fold val fold, so the fold joins the demo pool.
         parts = [single_part(cfg, task, load_splits(cfg, task, val_in_train=not method.trains))]
     for part in parts:
         sizes = {split: len(examples) for split, examples in part.splits.items()}
-        where = f"{part.entry.path or DEFAULT_DATA.get(part.task.name, part.task.name)}"
+        where = part.entry.path or cfg.data.test or cfg.data.train or DEFAULT_DATA.get(part.task.name, part.task.name)
         if not sizes["test"]:
             raise PeftlabError(
                 f"{where}: the test split is empty ({sizes['train']} train, {sizes['val']} val); "
@@ -242,6 +255,8 @@ def finish(ctx: RunContext, model: torch.nn.Module, summary: dict, params: tuple
         "wall_seconds": time.perf_counter() - ctx.started,
         "truncated_examples": sum(e.truncated > 0 for items in [ctx.train, *ctx.enc.values()] for e in items),
         "train_mix": ctx.train_mix,
+        # Why this run went without peftlab's speed paths (a tuner not checked against them), or None.
+        "plain_path": plain_path_reason(cfg.method),
         "metrics": metrics,
         "versions": versions(),
     }
