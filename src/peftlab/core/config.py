@@ -370,5 +370,4 @@ def deep_merge(base: dict, extra: dict) -> dict:
 
 
 def save_config(cfg: RunConfig, path: Path) -> None:
-
     write_text_atomic(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))

@@ -109,7 +109,6 @@ class AdapterPool:
     def _load(self, adapters: dict[str, Path]) -> None:
         from peft import PeftConfig, PeftModel
 
-
         configs = {}
         for name, path in adapters.items():
             check_adapter_base(path, self.loaded)

@@ -53,7 +53,6 @@ def resolve_teacher(spec: str) -> tuple[str, str | None]:
 
 
 def _load_teacher(model: str, adapter: str | None, cfg):
-
     loaded, _ = load_for_inference(model, adapter, cfg.model.device, cfg.model.allow_pickle)
     return loaded, format_for(loaded)
 
@@ -114,7 +113,6 @@ def rank_teachers(teachers: list[TeacherSpec], cfg, study_dir: Path) -> list[dic
 
 
 def _val_split(cfg, task: Task) -> list[Example]:
-
     val = load_splits(cfg, task)["val"]
     if not val:
         raise PeftlabError("the val split is empty; teachers cannot be ranked (check data.split)")

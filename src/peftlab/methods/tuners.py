@@ -48,7 +48,6 @@ def _lora(cfg: MethodConfig, loaded: LoadedModel, task: Task):
 
 
 def _qlora(cfg: MethodConfig, loaded: LoadedModel, task: Task):
-
     require_quantized(loaded)  # the quantization itself happens at load time (`Method.quantized`)
     return _lora(cfg, loaded, task)
 

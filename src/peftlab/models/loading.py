@@ -33,7 +33,6 @@ def load_model(
     from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
     from transformers.utils import logging as hf_logging
 
-
     hf_logging.disable_progress_bar()  # a 2-second "Loading weights" bar is noise next to peftlab's own bars
     dev = pick_device(device)
     dtype = dtype or default_dtype(dev)

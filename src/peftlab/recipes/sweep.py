@@ -119,7 +119,6 @@ def objective_value(run_dir: Path, metric: str | None = None) -> float:
 
 
 def make_objective(base: dict, space: dict, study_dir: Path):
-
     def objective(trial) -> float:
         cfg = trial_config(base, suggest(trial, space), f"trial-{trial.number}", study_dir)
         try:
@@ -185,7 +184,6 @@ def run_sweep(
     `seed` overrides `sweep.seed`: give each worker of a shared-storage sweep its own.
     """
     import optuna
-
 
     header, _ = load_study(Path(path))
     sweep = _check_header(header, Path(path))

@@ -53,7 +53,6 @@ class FitData:
 
 
 def _scheduler(cfg: RunConfig, optimizer, total_steps: int):
-
     name = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}[cfg.train.schedule]
     warmup = int(cfg.train.warmup_ratio * total_steps)
     return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
