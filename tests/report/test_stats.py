@@ -142,7 +142,19 @@ def test_verdict_names_best_tied_cheapest_and_warns():
     assert lines[0].startswith("Best: full")
     assert "lora" in lines[1] and "zero-shot" not in lines[1]
     assert lines[2].startswith("Cheapest within 1 point of the best: lora")
-    # Gap 0.01 (at least one point), paired half-width 0.075 at 100 examples: 100 * 7.5^2 = 5625.
-    assert "Warning" in lines[3] and "5,625" in lines[3]
+    # Gap 0.005 is under a point, so the split is sized for one point: half-width 0.075 at 100 examples, 100 * 7.5^2.
+    assert "Warning" in lines[3] and "(gap 0.005)" in lines[3] and "5,625" in lines[3]
+    assert lines[3].endswith("separate a 1-point gap.")
+    wide = Paired(-0.05, -0.15, 0.05, 0.3, "paired bootstrap")  # a 5-point gap at half-width 0.1: 100 * 2^2 = 400
+    spread = stats.verdict([rows[0], MethodSummary("lora", 0.57, 0.45, 0.69, wide, 1e5, 100)], "accuracy", 100)
+    assert "(gap 0.050)" in spread[3] and "400 test examples" in spread[3] and spread[3].endswith("that gap.")
     clear = stats.verdict([rows[0], rows[2]], "accuracy", 100)
     assert "none" in clear[1] and len(clear) == 3
+
+
+def test_verdict_breaks_an_exact_tie_toward_the_cheaper_method():
+    even = Paired(0.0, -0.29, 0.29, 1.0, "McNemar (exact)")
+    rows = [MethodSummary("prefix-tuning", 0.583, 0.375, 0.792, even, 230_400, 53.5),
+            MethodSummary("prompt-tuning", 0.583, 0.375, 0.792, even, 11_520, 53.6)]
+    assert stats.verdict(rows, "accuracy", 24)[0].startswith("Best: prompt-tuning")
+    assert stats.rank_key(0.5, 10, 1) > stats.rank_key(0.5, 100, 1) > stats.rank_key(0.49, 0, 0)

@@ -91,7 +91,8 @@ def decide(study_dir: Path, metric: str | None = None, seed: int = 0) -> dict | 
     if not _rows_reproduce_metric(groups, metric, fn):
         return None
     intervals = {g.name: stats.bootstrap_interval(g.replicas, fn, seed=seed) for g in groups}
-    best = max(groups, key=lambda g: intervals[g.name][0])
+    best = max(groups, key=lambda g: stats.rank_key(intervals[g.name][0], _mean(g.results, "trainable_params"),
+                                                    _mean(g.results, "train_seconds")))
     rows, summaries = [], []
     for g in groups:
         mean, low, high = intervals[g.name]

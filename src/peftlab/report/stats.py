@@ -244,12 +244,18 @@ class MethodSummary:
     train_seconds: float
 
 
+def rank_key(mean: float, trainable_params: float | None, train_seconds: float | None) -> tuple[float, float, float]:
+    """Sort key for "best" (the largest wins): the metric, and on an exact tie the cheaper method, by trainable
+    parameters and then training time, so that equal scores never crown the dearer method by table order."""
+    return mean, -(trainable_params or 0.0), -(train_seconds or 0.0)
+
+
 def verdict(summaries: Sequence[MethodSummary], metric: str, n_test: int, point_size: float = 0.01) -> list[str]:
     """3-5 plain lines: the best method, the ones tied with it, the cheapest within one point, a size warning.
 
     `point_size` is one point of the metric (0.01 on a 0-1 scale).
     """
-    best = max(summaries, key=lambda s: s.mean)
+    best = max(summaries, key=lambda s: rank_key(s.mean, s.trainable_params, s.train_seconds))
     tied = [s for s in summaries if s is not best and s.vs_best is not None and not s.vs_best.distinguishable]
     lines = [f"Best: {best.name}, test {metric} {best.mean:.3f} (95% interval {best.low:.3f}-{best.high:.3f})."]
     lines.append("Tied with it at 95% (a paired test cannot tell them apart): "
@@ -261,12 +267,14 @@ def verdict(summaries: Sequence[MethodSummary], metric: str, n_test: int, point_
     others = [s for s in summaries if s is not best and s.vs_best is not None]
     if others and tied:
         runner = max(others, key=lambda s: s.mean)
-        gap = max(abs(runner.vs_best.diff), point_size)
+        gap = abs(runner.vs_best.diff)
         half = (runner.vs_best.high - runner.vs_best.low) / 2
-        need = needed_test_size(n_test, half, gap)
+        # A gap under one point (a tie on the test split) cannot be "separated"; size the split for one point then.
+        target = "that gap" if gap >= point_size else "a 1-point gap"
+        need = needed_test_size(n_test, half, max(gap, point_size))
         lines.append(
             f"Warning: the test split is too small to separate the methods: {n_test} examples give the best method "
             f"an interval {best.high - best.low:.3f} wide, and its difference with {runner.name} "
-            f"(gap {gap:.3f}) ±{half:.3f}; about {need:,} test examples would be needed to separate that gap."
+            f"(gap {gap:.3f}) ±{half:.3f}; about {need:,} test examples would be needed to separate {target}."
         )
     return lines
