@@ -88,6 +88,16 @@ def test_yaml_exponent_without_dot_is_a_float(tmp_path):
     assert load_config(path).train.lr == pytest.approx(3e-4)
 
 
+def test_yaml_bare_no_is_the_word_for_a_text_field(tmp_path):
+    # YAML 1.1 reads `no` and `off` as False; `train.mixed_precision=no` must still mean "no autocast".
+    assert load_config(None, ["train.mixed_precision=no"]).train.mixed_precision == "no"
+    path = tmp_path / "cfg.yaml"
+    path.write_text("train:\n  mixed_precision: off\n")
+    assert load_config(path).train.mixed_precision == "no"
+    with pytest.raises(PeftlabError, match="train.mixed_precision must be auto, no or bf16, got 'yes'"):
+        load_config(None, ["train.mixed_precision=yes"])
+
+
 @pytest.mark.parametrize("value,want", [("false", False), ("true", True), ("selective", "selective"),
                                         ("full", "full")])
 def test_activation_checkpointing_takes_a_bool_or_a_mode(value, want):

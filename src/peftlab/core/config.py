@@ -257,6 +257,10 @@ def _check_value(where: str, value: Any, tp: Any) -> Any:
             except ValueError:
                 pass
         _bad(where, value, tp)
+    if tp is str and isinstance(value, bool):
+        # YAML 1.1 again: a bare `no`, `off` or `yes` arrives as a bool. A text field reads it back as the word the
+        # user most likely typed (`mixed_precision: no`); a field that allows no such word still names what it got.
+        return "yes" if value else "no"
     if tp in (int, str, bool) and not (isinstance(value, tp) and not (tp is int and isinstance(value, bool))):
         _bad(where, value, tp)
     return value
