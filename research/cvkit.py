@@ -119,7 +119,7 @@ def cross_validate(x: np.ndarray, y: np.ndarray, folds, labels, c: float, balanc
     for train, test in folds:
         x_train, x_test = standardised(x)(train, test)
         clf = logistic(c, y[train], balance, len(labels))
-        with threadpool_limits(1):  # small fits: two BLAS threads fight each other (see heads.fit_logistic)
+        with threadpool_limits(1):  # small fits: two BLAS threads fight each other (see methods.head.fit_logistic)
             clf.fit(x_train, y[train])
         acc, f1 = fold_scores(clf.predict(x_test), y[test], labels)
         accuracy.append(acc)
@@ -151,7 +151,7 @@ def fused_logp(heads: list[Head], y: np.ndarray, train: np.ndarray, test: np.nda
     for split, c in heads:
         x_train, x_test = split(train, test)
         clf = logistic(c, y[train], balance)
-        with threadpool_limits(1):  # small fits: two BLAS threads fight each other (see heads.fit_logistic)
+        with threadpool_limits(1):  # small fits: two BLAS threads fight each other (see methods.head.fit_logistic)
             clf.fit(x_train, y[train])
         logp += np.log(clf.predict_proba(x_test) + 1e-9)
     return logp

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Install Chromium so tests/test_report.py can render report.html headlessly.
-# Idempotent; never fails the caller: the browser test skips when chromium is missing.
+# Install Chromium so tests/report/test_report.py can render report.html headlessly. Idempotent.
+# Off CI a failed install only warns (the browser test then skips, saying why); in CI (CI set) it fails the run,
+# because a report test that skips quietly there would let a broken report land.
 set -u
 
 if command -v chromium >/dev/null 2>&1; then
@@ -11,5 +12,9 @@ if apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq c
     exit 0
 fi
 
-echo "install_chromium.sh: could not install chromium (no network or apt?); browser test will be skipped" >&2
+if [ -n "${CI:-}" ]; then
+    echo "install_chromium.sh: could not install chromium, which CI needs for the report test" >&2
+    exit 1
+fi
+echo "install_chromium.sh: could not install chromium (no network or apt?); the browser test will be skipped" >&2
 exit 0

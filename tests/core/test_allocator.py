@@ -5,9 +5,11 @@ from __future__ import annotations
 import platform
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 
+from peftlab.core import allocator
 from peftlab.core.allocator import reuse_freed_memory
 
 GLIBC = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
@@ -40,10 +42,26 @@ def test_freed_tensor_memory_stays_resident_only_with_the_setting():
     assert _returned_mb("on") < 1
 
 
-@pytest.mark.skipif(not GLIBC, reason="mallopt is glibc's")
-def test_reuse_freed_memory_reports_success_and_is_set_once():
-    assert reuse_freed_memory() is True
-    assert reuse_freed_memory() is True
+class _FakeMallopt:
+    """Stands in for glibc's mallopt: records its calls and answers `result` (1: success, 0: refused)."""
+
+    def __init__(self, result: int):
+        self.result, self.calls = result, []
+
+    def __call__(self, param: int, value: int) -> int:
+        self.calls.append((param, value))
+        return self.result
+
+
+@pytest.mark.parametrize("answer,expected", [(1, True), (0, False)])
+def test_reuse_freed_memory_sets_both_thresholds_and_reports_glibc_answer(answer, expected, monkeypatch):
+    mallopt = _FakeMallopt(answer)
+    monkeypatch.setattr(sys, "platform", "linux")
+    monkeypatch.setattr(allocator.ctypes, "CDLL", lambda name: SimpleNamespace(mallopt=mallopt))
+    assert allocator.reuse_freed_memory.__wrapped__() is expected
+    # a refused mmap threshold stops there: the trim setting alone would keep nothing resident
+    wanted = [(allocator.M_MMAP_THRESHOLD, allocator.MMAP_THRESHOLD_MAX), (allocator.M_TRIM_THRESHOLD, -1)]
+    assert mallopt.calls == (wanted if answer == 1 else wanted[:1])
 
 
 def test_reuse_freed_memory_does_nothing_off_linux(monkeypatch):

@@ -17,9 +17,9 @@ from peftlab.recipes.train import run_training
 CORE = {"zero-shot", "few-shot", "full", "lora", "qlora", "ia3", "prompt-tuning", "prefix-tuning", "p-tuning",
         "linear-head"}
 TRAINABLE = [name for name, m in METHODS.items() if m.trains and name in CORE]
-# QLoRA needs bitsandbytes and a base loaded quantized; tests/test_qlora.py covers it.
+# QLoRA needs bitsandbytes and a base loaded quantized; tests/models/test_qlora.py covers it.
 UNQUANTIZED = [name for name, m in METHODS.items() if not m.quantized and name in CORE]
-# The linear head fits in closed form, with no gradient loop; tests/test_heads.py covers it.
+# The linear head fits in closed form, with no gradient loop; tests/methods/test_head.py covers it.
 GRADIENT = [name for name in TRAINABLE if METHODS[name].build is None]
 VARIANTS = {"dora", "rslora", "pissa", "olora", "adalora", "vera", "loha", "lokr", "oft", "boft", "hra", "ln-tuning",
             "fourierft", "miss", "lily", "shira", "hira"}

@@ -28,7 +28,7 @@ from peftlab.recipes.train import run_training
 from peftlab.train.runtime import precision
 
 # QLoRA (a quantized base, bitsandbytes) and the linear head (no gradient loop) have their own tests in
-# tests/test_qlora.py and tests/test_heads.py.
+# tests/models/test_qlora.py and tests/methods/test_head.py.
 # `peft` (any peft config) needs its fields; tests/methods/test_variants.py runs it.
 UNQUANTIZED = [name for name, m in METHODS.items() if not m.quantized and m.build is None and name != "peft"]
 ADAPTERS = [name for name in UNQUANTIZED if METHODS[name].trains and name != "full"]

@@ -142,7 +142,7 @@ class TextHead:
         x = self.featurizer.fit_transform(list(texts))
         self.model = LogisticRegression(C=self.features.c, class_weight=class_weights(y, self.n_classes, balance),
                                         max_iter=5000)
-        with threadpool_limits(1):  # a small fit: one BLAS thread (see heads.fit_logistic)
+        with threadpool_limits(1):  # a small fit: one BLAS thread (see methods.head.fit_logistic)
             self.model.fit(x, y.numpy())
         return self
 
