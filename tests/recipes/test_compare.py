@@ -148,7 +148,11 @@ def test_decision_study_plans_tunes_repeats_decides_and_resumes(tmp_path, tiny_c
     chosen = json.loads((study_dir / "tune" / "pt" / "chosen.json").read_text())
     assert chosen["trials"] == 2 and 3e-3 <= chosen["params"]["train.lr"] <= 3e-1  # prompt tuning's 3e-2 x/÷ 10
     head = json.loads((study_dir / "tune" / "head" / "chosen.json").read_text())
-    assert head["params"]["method.head_c"] in (0.1, 1.0) and head["trials"] == 2
+    # the grid point with the higher val macro-F1 is chosen; on a tie, the first one
+    val = [json.loads((study_dir / "tune" / "head" / f"select-{i}" / "result.json").read_text())["metrics"]
+           ["val_macro_f1"] for i in (0, 1)]
+    assert head["params"]["method.head_c"] == (0.1 if val[0] >= val[1] else 1.0) and head["trials"] == 2
+    assert head["value"] == pytest.approx(max(val))
     final = yaml.safe_load((study_dir / "pt-seed1" / "config.yaml").read_text())
     assert final["train"]["lr"] == pytest.approx(chosen["params"]["train.lr"]) and final["train"]["seed"] == 1
     trial_metrics = json.loads((study_dir / "tune" / "pt" / "trial-0" / "result.json").read_text())["metrics"]
