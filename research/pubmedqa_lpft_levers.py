@@ -18,7 +18,7 @@ their lower layers through the probe lets them separate "no" and "maybe" abstrac
 450 questions are too few and it overfits (learned attention pooling, 576 weights, lost 8 points).
 
 Per fold (fold k tests, the other nine train; the validation fold `peftlab cv` keeps apart is not needed, as nothing
-is selected on it): the probe is `peftlab.methods.head.fit_logistic` on the frozen features (C=0.01, square-root class weights, as
+is selected on it): the probe is `head.fit_logistic` on the frozen features (C=0.01, square-root class weights, as
 the recipe), then LoRA r8 on q and v of layers 1-20 and the head train together for `--epochs` epochs, batches of 8
 questions, AdamW at `--lr`, the same square-root class weights in the loss. Only layers 1-20 run: the head reads
 layer 20. `--bf16` computes under bf16 autocast (fast on CPUs with AMX); the probe's features stay fp32.
