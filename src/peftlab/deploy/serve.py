@@ -26,9 +26,10 @@ from typing import Any, Literal
 import torch
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
+from transformers import StoppingCriteria, StoppingCriteriaList
 
 from peftlab.core.errors import PeftlabError
 from peftlab.deploy.classify import HeadPool, is_head_run
@@ -39,51 +40,116 @@ from peftlab.prompts.format import PromptFormat
 
 
 class ApiError(Exception):
-    """An error answered as OpenAI-style JSON: {"error": {"message", "type", "code"}}."""
+    """An error answered as OpenAI-style JSON: {"error": {"message", "type", "param", "code"}}; `param` names the
+    request field at fault, or is null."""
 
-    def __init__(self, status: int, message: str, code: str, type_: str = "invalid_request_error"):
+    def __init__(self, status: int, message: str, code: str, type_: str = "invalid_request_error",
+                 param: str | None = None):
         super().__init__(message)
-        self.status, self.message, self.code, self.type = status, message, code, type_
+        self.status, self.message, self.code, self.type, self.param = status, message, code, type_, param
 
     def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.type, "code": self.code}}
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
-class CompletionRequest(BaseModel):
-    """POST /v1/completions. `prompt` is wrapped in the model's prompt format (as in training) unless `raw`."""
+MAX_STOPS = 4  # OpenAI's limit on `stop` strings
 
-    model_config = ConfigDict(extra="ignore")  # OpenAI clients send fields (top_p, user, ...) that greedy ignores
+
+def stop_strings(value: Any) -> list[str]:
+    """OpenAI's `stop`: null, one string or a list of up to 4 strings, as a list; an empty string is refused, since
+    it would match before the first character and return nothing."""
+    if value is None:
+        return []
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list) or not all(isinstance(s, str) for s in items):
+        raise ValueError(f"expected a string or a list of up to {MAX_STOPS} strings, got {_shown(value)}")
+    if len(items) > MAX_STOPS:
+        raise ValueError(f"at most {MAX_STOPS} stop strings, got {len(items)}")
+    if "" in items:
+        raise ValueError("an empty stop string would match before any text; leave it out")
+    return items
+
+
+def first_stop(text: str, stops: list[str]) -> int | None:
+    """Where the earliest match of any stop string starts in `text`, or None."""
+    found = [i for i in (text.find(s) for s in stops) if i >= 0]
+    return min(found) if found else None
+
+
+def _shown(value: Any) -> str:
+    """A request value as JSON, shortened to fit an error message."""
+    text = json.dumps(value, ensure_ascii=False)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+# Every field the server does not implement (logprobs, echo, best_of, suffix, top_p, ...) is refused by name, not
+# dropped: a client relying on it would otherwise get an answer that silently ignores it. Types are strict, as at
+# OpenAI: "8" or true is not a max_tokens, "0.5" is not a temperature.
+_STRICT = ConfigDict(extra="forbid", strict=True)
+
+
+class _GenerationRequest(BaseModel):
+    """The fields both generating endpoints share. `seed` and `user` are accepted because greedy decoding honours
+    them as they are: every seed gives the same text, and `user` asks nothing of the answer."""
+
+    model_config = _STRICT
     model: str
-    prompt: str
     max_tokens: int | None = Field(default=None, ge=1)
     temperature: float | None = None
     n: int = 1
     stream: bool = False
+    stop: list[str] = Field(default_factory=list)
+    seed: int | None = None
+    user: str | None = None
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _stop(cls, value: Any) -> list[str]:
+        return stop_strings(value)
+
+
+class CompletionRequest(_GenerationRequest):
+    """POST /v1/completions. `prompt` is wrapped in the model's prompt format (as in training) unless `raw`."""
+
+    prompt: str
     raw: bool = False
 
 
 class Message(BaseModel):
+    model_config = _STRICT
     role: Literal["system", "user", "assistant"]
     content: str
 
 
-class ChatRequest(BaseModel):
-    """POST /v1/chat/completions."""
+class ChatRequest(_GenerationRequest):
+    """POST /v1/chat/completions. `max_completion_tokens` is OpenAI's newer name for `max_tokens`."""
 
-    model_config = ConfigDict(extra="ignore")
-    model: str
     messages: list[Message] = Field(min_length=1)
-    max_tokens: int | None = Field(default=None, ge=1)
-    temperature: float | None = None
-    n: int = 1
-    stream: bool = False
+    max_completion_tokens: int | None = Field(default=None, ge=1)
 
 
 @dataclass
 class Generation:
     token_ids: list[int]
     text: str
-    finish_reason: str  # "stop" (a stop token) or "length" (max_tokens reached)
+    finish_reason: str  # "stop" (a stop token or stop string) or "length" (max_tokens reached)
+
+
+class StopAtStrings(StoppingCriteria):
+    """Ends greedy generation once the text generated so far holds a stop string.
+
+    The check runs on the decoded text, not on token ids, so a stop string split over several tokens (or inside
+    one) is found; it sees the text as the answer will show it, leading whitespace dropped. Decoding the whole
+    generated part each step costs far less than the step's forward pass at the server's max_tokens cap.
+    """
+
+    def __init__(self, tokenizer, stops: list[str], start: int):
+        self.tokenizer, self.stops, self.start = tokenizer, stops, start
+
+    def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
+        text = self.tokenizer.decode(input_ids[0, self.start :], skip_special_tokens=True).lstrip()
+        done = first_stop(text, self.stops) is not None
+        return torch.full((input_ids.shape[0],), done, dtype=torch.bool, device=input_ids.device)
 
 
 class AdapterPool:
@@ -155,11 +221,17 @@ class AdapterPool:
         self.shared.set_adapter(self.peft_names[name])
         return self.shared, contextlib.nullcontext()
 
-    def generate(self, name: str, prompt_ids: list[int], max_tokens: int) -> Generation:
-        """Greedy generation for one prompt with one adapter (or the base), under the lock."""
+    def generate(
+        self, name: str, prompt_ids: list[int], max_tokens: int, stops: list[str] | None = None
+    ) -> Generation:
+        """Greedy generation for one prompt with one adapter (or the base), under the lock. The text ends before
+        the first match of any of `stops`, and generation ends as soon as one appears."""
         tok = self.fmt.tokenizer
         device = next(self.loaded.model.parameters()).device
         input_ids = torch.tensor([prompt_ids], device=device)
+        # A decoder-only output repeats the prompt; a seq2seq output starts with the decoder start token.
+        start = len(prompt_ids) if self.loaded.kind == "causal" else 1
+        criteria = StoppingCriteriaList([StopAtStrings(tok, stops, start)]) if stops else None
         with self.lock:
             model, state = self._select(name)
             with state, torch.no_grad():
@@ -171,12 +243,15 @@ class AdapterPool:
                     num_beams=1,
                     eos_token_id=self.fmt.stop_token_ids,
                     pad_token_id=tok.pad_token_id,
+                    stopping_criteria=criteria,
                 )
-        # A decoder-only output repeats the prompt; a seq2seq output starts with the decoder start token.
-        new = out[0, len(prompt_ids) :] if self.loaded.kind == "causal" else out[0, 1:]
-        ids = new.tolist()
+        ids = out[0, start:].tolist()
+        text = tok.decode(ids, skip_special_tokens=True).lstrip()
+        cut = first_stop(text, stops or [])
+        if cut is not None:
+            return Generation(ids, text[:cut], "stop")
         finish = "stop" if ids and ids[-1] in self.fmt.stop_token_ids else "length"
-        return Generation(ids, tok.decode(ids, skip_special_tokens=True).strip(), finish)
+        return Generation(ids, text.rstrip(), finish)
 
 
 async def _read_json(request: Request, limit: int, schema: type[BaseModel]) -> BaseModel:
@@ -193,10 +268,24 @@ async def _read_json(request: Request, limit: int, schema: type[BaseModel]) -> B
         return schema.model_validate(json.loads(body))
     except ValueError as err:  # json.JSONDecodeError and pydantic's ValidationError are both ValueErrors
         if isinstance(err, ValidationError):
-            first = err.errors()[0]
-            where = ".".join(str(p) for p in first["loc"]) or "body"
-            raise ApiError(400, f"{where}: {first['msg']}", "invalid_request") from None
+            raise _invalid(err, schema) from None
         raise ApiError(400, f"body is not valid JSON: {err}", "invalid_json") from None
+
+
+def _invalid(err: ValidationError, schema: type[BaseModel]) -> ApiError:
+    """The request's first invalid field as a 400 naming it: a field the server does not implement, a value of the
+    wrong type (with the value sent) or a value out of range."""
+    first = err.errors()[0]
+    loc = first["loc"]
+    where = ".".join(str(p) for p in loc) or "body"
+    if first["type"] == "extra_forbidden":
+        fields = schema.model_fields if len(loc) == 1 else Message.model_fields
+        message = f"{where}: not supported by this server; supported fields: {', '.join(fields)}"
+        return ApiError(400, message, "unsupported", param=where)
+    if first["type"] == "value_error":  # our own validators: their message without pydantic's "Value error, "
+        return ApiError(400, f"{where}: {first['ctx']['error']}", "invalid_request", param=where)
+    message = f"{where}: {first['msg']}" + ("" if first["type"] == "missing" else f", got {_shown(first['input'])}")
+    return ApiError(400, message, "invalid_request", param=where if loc else None)
 
 
 @dataclass
@@ -214,7 +303,11 @@ def _check_request(pool: AdapterPool, limits: Limits, req, prompt_ids: list[int]
         raise ApiError(400, "only n=1 is supported", "unsupported")
     if req.temperature not in (None, 0, 0.0):
         raise ApiError(400, "only greedy decoding is supported: send temperature 0 or leave it out", "unsupported")
-    max_tokens = req.max_tokens or min(128, limits.max_tokens_cap)
+    asked = getattr(req, "max_completion_tokens", None)
+    if asked is not None and req.max_tokens is not None:
+        raise ApiError(400, "send max_tokens or max_completion_tokens, not both", "invalid_request",
+                       param="max_completion_tokens")
+    max_tokens = req.max_tokens or asked or min(128, limits.max_tokens_cap)
     if max_tokens > limits.max_tokens_cap:
         raise ApiError(400, f"max_tokens {max_tokens} is over this server's cap {limits.max_tokens_cap}", "max_tokens")
     n = len(prompt_ids)
@@ -329,7 +422,7 @@ def create_app(
         prompt_ids = _chat_prompt(pool, req) if kind == "chat" else _completion_prompt(pool, req)
         max_tokens = _check_request(pool, limits, req, prompt_ids)
         # Generation blocks for seconds; a worker thread keeps the event loop answering /health meanwhile.
-        gen = await run_in_threadpool(pool.generate, req.model, prompt_ids, max_tokens)
+        gen = await run_in_threadpool(pool.generate, req.model, prompt_ids, max_tokens, req.stop)
         return _response(kind, req.model, prompt_ids, gen)
 
     @app.post("/v1/completions")
@@ -375,7 +468,8 @@ async def _head_completion(classifiers: HeadPool, req, kind: str) -> dict:
         raise ApiError(400, f"model '{req.model}' is a classifier with several inputs: send them to /v1/classify",
                        "use_classify")
     label, _ = await run_in_threadpool(_classify, classifiers, req.model, {field: req.prompt})
-    return _response("text", req.model, [], Generation([], label, "stop"))
+    cut = first_stop(label, req.stop)  # the label is the whole completion: `stop` cuts it as it cuts generated text
+    return _response("text", req.model, [], Generation([], label if cut is None else label[:cut], "stop"))
 
 
 def parse_adapter_specs(specs: list[str]) -> tuple[dict[str, Path], dict[str, Path]]:

@@ -1,7 +1,9 @@
 """Loading trained adapters onto a base model, safely.
 
 An adapter trained on another base would load with silently wrong shapes or meaning, so the adapter's recorded
-base and its tensor shapes are checked against the loaded base first, and the error names both.
+base and its tensor shapes are checked against the loaded base first, and the error names both. Its
+adapter_config.json is checked before that: a peft_type the installed peft does not know would otherwise surface as
+a KeyError from peft or as a misfit with the base.
 """
 
 from __future__ import annotations
@@ -27,9 +29,31 @@ def find_adapter_dir(path: str | Path) -> Path:
     raise PeftlabError(f"{p}: no adapter_config.json here or in {p / 'adapter'}")
 
 
+def read_adapter_config(adapter_dir: Path) -> dict:
+    """The folder's adapter_config.json, refused in one line unless it is a JSON object whose peft_type the
+    installed peft knows (peft names it exactly, in capitals: 'LORA', 'IA3', ...)."""
+    from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
+
+    path = Path(adapter_dir) / "adapter_config.json"
+    try:
+        config = json.loads(path.read_text(encoding="utf-8-sig"))
+    except (OSError, ValueError) as err:  # ValueError: malformed JSON or text that is not UTF-8
+        raise PeftlabError(f"{path}: not a readable JSON adapter config ({str(err).splitlines()[0]})") from None
+    if not isinstance(config, dict):
+        raise PeftlabError(f"{path}: expected a JSON object (an adapter config), got a {type(config).__name__}")
+    known = ", ".join(sorted(PEFT_TYPE_TO_CONFIG_MAPPING))
+    if "peft_type" not in config:
+        raise PeftlabError(f"{path}: no peft_type field; known: {known}")
+    peft_type = config["peft_type"]
+    if not isinstance(peft_type, str) or peft_type not in PEFT_TYPE_TO_CONFIG_MAPPING:
+        raise PeftlabError(f"{path}: unknown peft_type {peft_type!r}; known: {known}")
+    return config
+
+
 def check_adapter_base(adapter_dir: Path, loaded: LoadedModel) -> None:
-    """Refuse an adapter whose base model or tensor shapes differ from the loaded base."""
-    config = json.loads((adapter_dir / "adapter_config.json").read_text())
+    """Refuse an adapter whose config is unreadable or of an unknown type, or whose base model or tensor shapes
+    differ from the loaded base."""
+    config = read_adapter_config(adapter_dir)
     recorded = config.get("base_model_name_or_path") or ""
     # A 4-bit weight is stored packed; its quant_state keeps the shape the adapter was trained against.
     base_shapes = {name: tuple(getattr(getattr(p, "quant_state", None), "shape", p.shape))
