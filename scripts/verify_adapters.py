@@ -21,15 +21,15 @@ import sys
 from pathlib import Path
 
 import torch
-import yaml
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from peftlab.core.yamlio import read_yaml
 from peftlab.models.packaged import resolve_model_dir
 
 
 def _load(run: Path):
-    config = yaml.safe_load((run / "config.yaml").read_text())
+    config = read_yaml(run / "config.yaml")
     if (run / "model").is_dir():  # full fine-tuning saves the whole model
         return AutoModelForCausalLM.from_pretrained(run / "model"), AutoTokenizer.from_pretrained(run / "model")
     base_dir = resolve_model_dir(config["model"]["name"])

@@ -84,16 +84,20 @@ def test_string_where_float_expected_is_a_type_error():
 
 def test_yaml_exponent_without_dot_is_a_float(tmp_path):
     path = tmp_path / "cfg.yaml"
-    path.write_text("train:\n  lr: 3e-4\n")  # YAML 1.1 reads this as a string
+    path.write_text("train:\n  lr: 3e-4\n")  # YAML 1.2: a number (PyYAML's 1.1 read it as a string)
     assert load_config(path).train.lr == pytest.approx(3e-4)
 
 
 def test_yaml_bare_no_is_the_word_for_a_text_field(tmp_path):
-    # YAML 1.1 reads `no` and `off` as False; `train.mixed_precision=no` must still mean "no autocast".
+    # YAML 1.2 reads `no` and `off` as the words they are (1.1 read them as False, which a patch turned into "no";
+    # `off` is now the word 'off', which mixed_precision does not take).
     assert load_config(None, ["train.mixed_precision=no"]).train.mixed_precision == "no"
     path = tmp_path / "cfg.yaml"
-    path.write_text("train:\n  mixed_precision: off\n")
+    path.write_text("train:\n  mixed_precision: no\n")
     assert load_config(path).train.mixed_precision == "no"
+    path.write_text("train:\n  mixed_precision: off\n")
+    with pytest.raises(PeftlabError, match="train.mixed_precision must be auto, no or bf16, got 'off'"):
+        load_config(path)
     with pytest.raises(PeftlabError, match="train.mixed_precision must be auto, no or bf16, got 'yes'"):
         load_config(None, ["train.mixed_precision=yes"])
 

@@ -21,7 +21,7 @@ from peftlab.recipes.sweep import _pruning_callback, parse_space, suggest
 
 def test_parse_space_and_suggest():
     space = parse_space({
-        "train.lr": {"low": "1e-3", "high": 0.1, "log": True},  # YAML 1.1 reads 1e-3 as a string
+        "train.lr": {"low": 1e-3, "high": 0.1, "log": True},  # YAML 1.2 reads 1e-3 as this float (1.1: a string)
         "train.epochs": {"low": 1, "high": 3},
         "method.r": {"choices": [4, 8, 16]},
     })
@@ -67,7 +67,7 @@ def test_sweep_resumes_after_kill(tiny_causal, small_pubmedqa, tmp_path):
         "base": {"model": {"name": str(tiny_causal), "device": "cpu"}, "method": {"name": "lora"},
                  "data": {"path": str(small_pubmedqa), "limit_train": 8, "limit_eval": 4},
                  "train": {"epochs": 1, "threads": 1}},
-        "sweep": {"trials": 3, "seed": 0, "space": {"train.lr": {"low": "1e-3", "high": 1e-1, "log": True},
+        "sweep": {"trials": 3, "seed": 0, "space": {"train.lr": {"low": 1e-3, "high": 1e-1, "log": True},
                                                      "method.r": {"choices": [2, 4]}}},
     }
     path = tmp_path / "sweep.yaml"

@@ -13,7 +13,6 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
 from rich.console import Console
 from rich.table import Table
 
@@ -24,6 +23,7 @@ from peftlab.data.splits import load_splits
 from peftlab.data.targets import read_outputs
 from peftlab.data.tasks import Example, Task, task_for
 from peftlab.evaluate.evaluate import evaluate
+from peftlab.methods.saved import run_config
 from peftlab.models.adapters import load_for_inference
 from peftlab.prompts.encoding import encode_split, format_for
 
@@ -45,7 +45,7 @@ def resolve_teacher(spec: str) -> tuple[str, str | None]:
     """
     run = Path(spec)
     if (run / "config.yaml").is_file() and (run / "result.json").is_file():
-        base = yaml.safe_load((run / "config.yaml").read_text())["model"]["name"]
+        base = run_config(run).model.name
         trained = (run / "adapter").is_dir() or (run / "model").is_dir()
         return base, str(run) if trained else None
     model, _, adapter = spec.partition(":")

@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import html
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from peftlab.core.errors import PeftlabError
 from peftlab.core.files import write_json
+from peftlab.core.yamlio import read_yaml
 from peftlab.report import stats
 from peftlab.report.stats import MethodSummary, Replica
 
@@ -34,6 +36,7 @@ class Group:
     method: str
     results: list[dict]
     replicas: list[Replica]
+    folders: list[Path] = field(default_factory=list)
 
 
 def _rows(path: Path) -> list[dict]:
@@ -53,7 +56,7 @@ def load_groups(study_dir: Path) -> list[Group]:
         spec = {p.name: {"runs": [p.name]} for p in sorted(study_dir.iterdir()) if (p / "result.json").is_file()}
     groups = []
     for name, g in spec.items():
-        results, replicas = [], []
+        results, replicas, folders = [], [], []
         for run in g["runs"]:
             result_path = study_dir / run / "result.json"
             rows = _rows(study_dir / run / "predictions.jsonl")
@@ -63,8 +66,9 @@ def load_groups(study_dir: Path) -> list[Group]:
             labels = (result.get("metrics") or {}).get("test_labels")
             results.append(result)
             replicas.append(stats.replica_from_rows(rows, labels if isinstance(labels, list) else None))
+            folders.append(study_dir / run)
         if results:
-            groups.append(Group(name, g.get("method") or results[0].get("method", name), results, replicas))
+            groups.append(Group(name, g.get("method") or results[0].get("method", name), results, replicas, folders))
     return groups
 
 
@@ -112,7 +116,30 @@ def decide(study_dir: Path, metric: str | None = None, seed: int = 0) -> dict | 
     for row in rows:
         row["frontier"] = [label for key, label in COSTS if row["name"] in fronts[key]]
     return {"metric": metric, "n_test": n_test, "level": stats.LEVEL, "rows": rows, "frontier": fronts,
-            "verdict": stats.verdict(summaries, metric, n_test)}
+            "verdict": stats.verdict(summaries, metric, n_test), "data": data_source(groups[0].folders[0])}
+
+
+def data_source(run_dir: Path) -> str | None:
+    """Where a run's test split came from, as the end of "this test split, ...", from its config.yaml's data section.
+
+    The user's own files are named; only a packaged task's default file lives under data/. None when the run folder
+    does not say (no or unreadable config.yaml, a mixture of tasks).
+    """
+    try:
+        config = read_yaml(run_dir / "config.yaml") if (run_dir / "config.yaml").is_file() else None
+    except PeftlabError:
+        return None
+    data = config.get("data") if isinstance(config, dict) else None
+    if not isinstance(data, dict) or data.get("mixture"):
+        return None
+    if data.get("test"):
+        return f"read from {data['test']}"
+    if data.get("train") or data.get("path"):
+        return f"drawn from {data.get('train') or data.get('path')}"
+    task = str(data.get("task") or "pubmedqa")
+    if task.endswith((".yaml", ".yml")):
+        return f"drawn from the data file that {task} names"
+    return f"drawn from the {task} data in data/"
 
 
 def _rows_reproduce_metric(groups: list[Group], metric: str, fn) -> bool:
@@ -156,8 +183,8 @@ def _meaning(d: dict) -> str:
     return (f"Intervals are 95% percentile bootstraps over the {d['n_test']} test examples, and over the repeats "
             "(seeds or folds) where a method has several; 'vs best' is a paired bootstrap of the difference on the "
             "same examples, and 'tied' means the paired test (McNemar for accuracy with single runs) has "
-            "p >= 0.05. They describe this test split, drawn from the data in data/, not the population of all "
-            "questions.")
+            f"p >= 0.05. They describe this test split{', ' + d['data'] if d.get('data') else ''}, not the population "
+            "of all questions.")
 
 
 def _n(value, spec: str) -> str:

@@ -23,9 +23,8 @@ import platform
 from datetime import UTC, datetime
 from pathlib import Path
 
-import yaml
-
 from peftlab.core.files import write_json
+from peftlab.core.yamlio import read_yaml
 
 PEFT_RESULT = "peft_result.json"
 
@@ -63,7 +62,7 @@ def peft_result(run_dir: Path) -> dict:
     """The run folder's result as peft's method_comparison JSON."""
     run_dir = Path(run_dir)
     result = json.loads((run_dir / "result.json").read_text(encoding="utf-8"))
-    config = yaml.safe_load((run_dir / "config.yaml").read_text()) if (run_dir / "config.yaml").is_file() else {}
+    config = read_yaml(run_dir / "config.yaml") if (run_dir / "config.yaml").is_file() else {}
     adapter_cfg = run_dir / "adapter" / "adapter_config.json"
     log = _jsonl(run_dir / "train_log.jsonl")
     speed = next((r.get("tokens_per_s") for r in reversed(log) if "tokens_per_s" in r), None)

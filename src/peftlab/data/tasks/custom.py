@@ -20,16 +20,16 @@ A row may carry `split: train | val | test`; any other value is an error.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
-
-import yaml
+from typing import Any, get_type_hints
 
 from peftlab.core.errors import PeftlabError, data_error
+from peftlab.core.yamlio import describe, read_yaml
 from peftlab.data.metrics import METRICS, generation_metrics, metric_fn
 from peftlab.data.tasks.base import Example, Task, Template, optional_id, require_split, require_text
-from peftlab.data.tasks.formats import alpaca_example, chat_example, read_records
+from peftlab.data.tasks.formats import alpaca_example, chat_example, match_label, read_records
 
 CLASSIFICATION_METRICS = {"accuracy", "macro_f1"}
 FORMATS = ("fields", "alpaca", "chat")
@@ -60,29 +60,59 @@ def _field_example(spec: CustomTaskSpec, path: Path, line: int, obj: dict, label
         target=target,
         references=(target,) if target else (),
         split=require_split(path, line, obj),
+        source=f"{path}:{line}",
     )
 
 
 def _load(spec: CustomTaskSpec, path: Path, labelled: bool = True) -> list[Example]:
-    """Every record of the file as an example; a label outside the task's label set is an error."""
+    """Every record of the file as an example; a label outside the task's label set is an error.
+
+    A label equal to one of the set up to case and surrounding space ("Yes " for `yes`) is read as the set's
+    spelling, so that scoring compares like with like.
+    """
     read = {"alpaca": alpaca_example, "chat": chat_example}.get(spec.format, partial(_field_example, spec))
     examples = []
     for line, obj in read_records(path):
         ex = read(path, line, obj, labelled=labelled)
-        if spec.labels and ex.target and ex.target not in spec.labels:
-            where = spec.target or ("output" if spec.format == "alpaca" else "messages")
-            raise data_error(path, line, where, f"unknown label '{ex.target}'; valid: {', '.join(spec.labels)}")
+        if spec.labels and ex.target:
+            label = match_label(ex.target, spec.labels)
+            if label is None:
+                where = spec.target or ("output" if spec.format == "alpaca" else "messages")
+                raise data_error(path, line, where, f"unknown label {ex.target!r}; valid: {', '.join(spec.labels)}")
+            ex = replace(ex, target=label, references=(label,))
         examples.append(ex)
     return examples
 
 
+def _check_type(path: Path, key: str, value: Any, tp: Any) -> None:
+    """A task YAML value of the type its field holds: text, a whole number, or a list of text."""
+    if tp == list[str]:
+        bad = [value] if not isinstance(value, list) else [v for v in value if not isinstance(v, str)]
+        if bad:
+            number = isinstance(bad[0], int | float) and not isinstance(bad[0], bool)
+            hint = f" (quote it: '{bad[0]}')" if number else ""
+            raise data_error(path, None, key, f"expected a list of text, got {describe(bad[0])}{hint}")
+    elif tp is int:
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise data_error(path, None, key, f"expected a whole number >= 1, got {describe(value)}")
+    elif not isinstance(value, str):
+        raise data_error(path, None, key, f"expected text, got {describe(value)}")
+
+
 def load_spec(path: Path) -> CustomTaskSpec:
     """Parse and check a custom task YAML; unknown keys and bad values are errors naming the file."""
-    raw = yaml.safe_load(Path(path).read_text(encoding="utf-8-sig")) or {}
-    known = {f.name for f in fields(CustomTaskSpec)}
+    raw = read_yaml(path)
+    if not isinstance(raw, dict):
+        got = "an empty file" if raw is None else describe(raw)
+        raise PeftlabError(f"{path}: expected a task mapping (name, format, inputs, target, template, metric, ...), "
+                           f"got {got}")
+    known = get_type_hints(CustomTaskSpec)
     for key in raw:
         if key not in known:
-            raise data_error(path, None, key, f"unknown key; valid: {', '.join(sorted(known))}")
+            raise data_error(path, None, str(key), f"unknown key; valid: {', '.join(sorted(known))}")
+    raw = {key: value for key, value in raw.items() if value is not None}  # `labels:` left empty: not given
+    for key, value in raw.items():
+        _check_type(path, key, value, known[key])
     fmt = raw.get("format", "fields")
     if fmt not in FORMATS:
         raise data_error(path, None, "format", f"unknown format '{fmt}'; valid: {', '.join(FORMATS)}")
