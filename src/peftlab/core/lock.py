@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from peftlab.core.errors import PeftlabError
+from peftlab.core.files import os_reason
 
 LOCK = ".lock"
 
@@ -21,8 +22,12 @@ LOCK = ".lock"
 @contextlib.contextmanager
 def run_folder_lock(run_dir: Path) -> Iterator[None]:
     """Hold `run_dir`'s lock for the block; a folder another live process holds is an error naming its PID."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    fd = os.open(run_dir / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(run_dir / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as err:
+        raise PeftlabError(f"{run_dir}: cannot write the run folder ({os_reason(err)}); "
+                           "set output_dir to a writable folder") from None
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -19,10 +19,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 
 from peftlab.core.config import load_config
 from peftlab.core.errors import PeftlabError
-from peftlab.models.adapters import load_adapter
+from peftlab.core.files import ensure_writable, save_reason
+from peftlab.models.adapters import load_adapter, read_adapter_config
 from peftlab.models.loading import load_model
 from peftlab.models.local import LoadedModel
 
@@ -41,7 +43,7 @@ def merged_model(run_dir: str | Path) -> LoadedModel:
     adapter_dir = run / "adapter"
     if not (adapter_dir / "adapter_config.json").exists():
         raise PeftlabError(f"{run}: the run saved no adapter (zero- and few-shot runs train nothing to merge)")
-    peft_type = json.loads((adapter_dir / "adapter_config.json").read_text()).get("peft_type", "?")
+    peft_type = read_adapter_config(adapter_dir)["peft_type"]  # an unknown type is refused here, by name
     if peft_type in UNMERGEABLE:
         raise PeftlabError(
             f"{run}: a {peft_type} adapter adds virtual tokens instead of changing weights, so it cannot be "
@@ -65,26 +67,32 @@ def merge_run(run_dir: str | Path, out: str | Path) -> Path:
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise PeftlabError(f"{out} already exists and is not empty; choose another --out or delete it")
+    ensure_writable(out, "choose another --out")  # before the merge, not after it
     loaded = merged_model(run_dir)
     # The packaged model's converted cache records that it came from a GGUF file; a merged folder is plain
     # safetensors, and vLLM would misread that note as a quantization method.
     if getattr(loaded.model.config, "quantization_config", None) is not None:
         del loaded.model.config.quantization_config
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    tmp = None
     try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
         loaded.model.save_pretrained(tmp, safe_serialization=True)
         (loaded.processor or loaded.tokenizer).save_pretrained(tmp)  # a VLM's processor includes its tokenizer
         if out.exists():
             out.rmdir()  # empty, checked above
         os.replace(tmp, out)  # a half-written model folder must never look complete
+    except (OSError, SafetensorError) as err:
+        raise PeftlabError(f"{out}: cannot save the merged model ({save_reason(err)}); nothing was written") from None
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 
 def export_gguf(run_dir: str | Path, out_file: str | Path, f16: bool = False) -> Path:
     """Merge the run's adapter and write the model as a GGUF file (F32, or F16 matrices with `f16`)."""
+    ensure_writable(Path(out_file).parent, "choose another --gguf")  # before the merge, not after it
     loaded = merged_model(run_dir)
     return write_gguf(loaded, Path(out_file), f16=f16, name=Path(run_dir).resolve().name)
 
@@ -121,8 +129,11 @@ def write_gguf(loaded: LoadedModel, out: Path, f16: bool = False, name: str = "m
 
     config = loaded.model.config
     _check_llama(config)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)
+    except OSError as err:
+        raise PeftlabError(f"{out}: cannot write here ({save_reason(err)}); choose another --gguf") from None
     os.close(fd)
     try:
         writer = gguf.GGUFWriter(tmp, arch="llama")
@@ -136,6 +147,8 @@ def write_gguf(loaded: LoadedModel, out: Path, f16: bool = False, name: str = "m
         writer.write_tensors_to_file()
         writer.close()
         os.replace(tmp, out)
+    except OSError as err:
+        raise PeftlabError(f"{out}: cannot write the GGUF file ({save_reason(err)}); nothing was written") from None
     finally:
         Path(tmp).unlink(missing_ok=True)
     return out

@@ -17,8 +17,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 
 from peftlab.core.errors import PeftlabError, unknown_name
+from peftlab.core.files import ensure_writable, save_reason
+
+# The converted copy is fp32: 0.5 GB for smollm2-135m-instruct, 1.1 GB for gemma-3-270m.
+FIX_HOME = "set PEFTLAB_HOME to a writable folder with room for the converted model (4 bytes a parameter)"
 
 
 def peftlab_home() -> Path:
@@ -91,15 +96,22 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
     # and vLLM treat every copy of this model as quantized.
     if getattr(fresh.config, "quantization_config", None) is not None:
         del fresh.config.quantization_config
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    tmp = None
     try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
         fresh.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         (tmp / "SOURCE").write_text(f"converted from {gguf}\n")
+        if out.exists():  # a copy without config.json: left by an older peftlab, never complete
+            shutil.rmtree(out)
         os.replace(tmp, out)  # a half-written cache would poison every later load
+    except (OSError, SafetensorError) as err:
+        raise PeftlabError(f"{out}: cannot write the converted model ({save_reason(err)}); nothing was cached; "
+                           f"{FIX_HOME}") from None
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def resolve_model_dir(name_or_dir: str) -> Path:
@@ -107,6 +119,7 @@ def resolve_model_dir(name_or_dir: str) -> Path:
     if name_or_dir in PACKAGED:
         out = cache_dir(name_or_dir)
         if not (out / "config.json").exists():
+            ensure_writable(out, FIX_HOME)  # before the 40 s conversion, not after it
             gguf = PACKAGED[name_or_dir].locate_gguf()
             print(f"Converting {gguf.name} to safetensors in {out} (once; about 40 s on 2 cores)...", flush=True)
             _convert_gguf(gguf, out)

@@ -3,7 +3,8 @@
 A study YAML has a shared `base` run config, a list of `runs` (each a partial config on top of `base`), and
 optional `grids` whose `params` are crossed, e.g. virtual tokens x learning rate. Every run trains in its own
 process, so peak memory is measured per run and one crash does not take the study down. A run whose
-`result.json` exists is skipped, so an interrupted study resumes where it stopped.
+`result.json` exists is skipped, so an interrupted study resumes where it stopped. SIGTERM or Ctrl-C stops the
+training child too (it checkpoints its current step), writes no results.md, and exits 143 or 130 with one line.
 
 A *decision study* adds `tune:` (every method chosen on val at the same budget, `recipes.sweep.tune_run`) and/or
 `repeats:` (`{seeds: [0, 1, 2]}` or `{folds: 5}`: each chosen config rerun). It writes `study.json`, which maps each
@@ -15,6 +16,7 @@ trains.
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -23,10 +25,11 @@ from pathlib import Path
 
 from peftlab.core.config import RunConfig, deep_merge, load_config, save_config, to_dict
 from peftlab.core.errors import NotSupported, PeftlabError
-from peftlab.core.files import read_json, write_json
+from peftlab.core.files import ensure_writable, read_json, write_json
+from peftlab.core.signals import Stopped, signal_name, stop_on_signals
 from peftlab.experiments.distill import prepare_teacher
 from peftlab.methods.registry import get_method
-from peftlab.recipes.study import StudyRun, load_study
+from peftlab.recipes.study import StudyRun, load_study, naming
 from peftlab.recipes.sweep import CHOSEN, TuneSpec, parse_tune, trial_config, tune_run
 from peftlab.recipes.throughput import measure
 from peftlab.report.decision import MANIFEST
@@ -36,13 +39,27 @@ from peftlab.report.report import build_study_report
 __all__ = ["StudyRun", "load_study", "run_study"]
 
 
-def _resolve(header: dict, runs: list[StudyRun], overrides: list[str], study_dir: Path) -> list[RunConfig]:
+def _resolve(path: Path, header: dict, runs: list[StudyRun], overrides: list[str], study_dir: Path
+             ) -> list[RunConfig]:
+    if not runs:  # a study of nothing used to make an empty study folder, or fail on the missing key
+        raise PeftlabError(f"{path}: no runs to compare; list them under runs: (e.g. runs: "
+                           "[{method: {name: lora}}]) or grids:")
     configs = []
     for run in runs:  # resolve every config first: a typo fails the study before hours of training
-        raw = deep_merge(header.get("base", {}), run.raw)
+        raw = deep_merge(header["base"], run.raw)
         raw.update(name=run.name, output_dir=str(study_dir))
-        configs.append(load_config(None, overrides, base=raw))
+        with naming(path, f"run '{run.name}'"):
+            configs.append(load_config(None, overrides, base=raw))
     return configs
+
+
+def _chosen(configs: list[RunConfig], only: list[str] | None) -> list[RunConfig]:
+    """The runs `--only` names; a name that is no run of the study is an error, not a study that runs nothing."""
+    names = [c.name for c in configs]
+    unknown = [name for name in only or [] if name not in names]
+    if unknown:
+        raise PeftlabError(f"--only: no run '{unknown[0]}' in the study; its runs: {', '.join(names)}")
+    return [c for c in configs if only is None or c.name in only]
 
 
 def run_study(path: Path, overrides: list[str] = (), only: list[str] | None = None, plan: bool = False) -> Path:
@@ -53,29 +70,43 @@ def run_study(path: Path, overrides: list[str] = (), only: list[str] | None = No
     """
     header, runs = load_study(path)
     study_dir = Path(header.get("output_dir", "runs")) / header.get("name", Path(path).stem)
-    configs = _resolve(header, runs, list(overrides), study_dir)
-    spec = parse_tune(header["tune"]) if header.get("tune") is not None else None
-    repeats = parse_repeats(header.get("repeats"))
-    chosen = [c for c in configs if only is None or c.name in only]
+    configs = _resolve(Path(path), header, runs, list(overrides), study_dir)
+    with naming(Path(path)):
+        spec = parse_tune(header["tune"]) if header.get("tune") is not None else None
+        repeats = parse_repeats(header.get("repeats"))
+    chosen = _chosen(configs, only)
     if plan:
         print(plan_text(chosen, spec, repeats, study_dir))
         return study_dir
+    ensure_writable(study_dir, "set output_dir in the study to a writable folder")
     study_dir.mkdir(parents=True, exist_ok=True)
-    if header.get("teachers") or header.get("select_teacher"):  # distillation: rank teachers, write teacher.jsonl
-        prepare_teacher(header, configs, study_dir)
-    configs = chosen
-    if spec is not None or header.get("repeats") is not None:
-        failures = run_decision(configs, spec, repeats, study_dir, header.get("metric") or (spec and spec.metric))
-    else:
-        todo = [c for c in configs if not (c.run_dir / "result.json").exists()]
-        print(f"study {study_dir}: {len(configs)} runs, {len(configs) - len(todo)} already done, {len(todo)} to run")
-        progress = Progress(sum(job_units(c) for c in todo))
-        failures = [c.name for c in todo if not _train_in_subprocess(c, progress)]
-    report = build_study_report(study_dir, title=header.get("name"))
-    print(f"results: {study_dir / 'results.md'}\nreport:  {report}")
+    # SIGTERM/SIGINT: the running child is stopped and waited for, and no results.md is written for a part study.
+    with stop_on_signals():
+        try:
+            if header.get("teachers") or header.get("select_teacher"):  # distillation: rank teachers, teacher.jsonl
+                prepare_teacher(header, configs, study_dir)
+            if spec is not None or header.get("repeats") is not None:
+                metric = header.get("metric") or (spec and spec.metric)
+                failures = run_decision(chosen, spec, repeats, study_dir, metric)
+            else:
+                todo = [c for c in chosen if not (c.run_dir / "result.json").exists()]
+                print(f"study {study_dir}: {len(chosen)} runs, {len(chosen) - len(todo)} already done, "
+                      f"{len(todo)} to run")
+                progress = Progress(sum(job_units(c) for c in todo))
+                failures = [c.name for c in todo if not _train_in_subprocess(c, progress)]
+            # Every run failed: there is no table to write, only the failures to name.
+            report = build_study_report(study_dir, title=header.get("name")) if _any_result(study_dir) else None
+        except Stopped as stop:
+            raise study_stopped(stop, chosen, repeats) from None
+    if report is not None:
+        print(f"results: {study_dir / 'results.md'}\nreport:  {report}")
     if failures:
         raise PeftlabError(f"{len(failures)} run(s) failed: {', '.join(failures)}; rerun the study to retry them")
     return study_dir
+
+
+def _any_result(study_dir: Path) -> bool:
+    return any(study_dir.glob("*/result.json"))
 
 
 def _train_in_subprocess(cfg: RunConfig, progress: Progress) -> bool:
@@ -85,20 +116,63 @@ def _train_in_subprocess(cfg: RunConfig, progress: Progress) -> bool:
     (cfg.run_dir / NOT_RUN).unlink(missing_ok=True)  # retried: the machine may have what it lacked last time
     save_config(cfg, cfg.run_dir / "config.yaml")
     t0 = time.perf_counter()
-    # --resume: a run killed mid-training continues from its last checkpoint instead of step 0.
-    proc = subprocess.run(
-        [sys.executable, "-m", "peftlab", "train", str(cfg.run_dir / "config.yaml"), "--resume"],
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
-    progress.advance(job_units(cfg), cfg.name)
-    if proc.returncode == NotSupported.exit_code:  # the run wrote not_run.json; the report lists it
+    returncode = _run_child(cfg)
+    if returncode == NotSupported.exit_code:  # the run wrote not_run.json; the report lists it
         print(f"run {cfg.name} not run here (see the message above); continuing", flush=True)
-    elif proc.returncode != 0:
-        print(f"run {cfg.name} failed (exit {proc.returncode}); continuing", flush=True)
-        return False
+        outcome = "not run"
+    elif returncode != 0:
+        print(f"run {cfg.name} failed (exit {returncode}); continuing", flush=True)
+        outcome = "failed"
     else:
         print(f"run {cfg.name} done in {time.perf_counter() - t0:.0f} s", flush=True)
-    return True
+        outcome = "done"
+    progress.advance(job_units(cfg), f"{cfg.name} {outcome}")
+    return outcome != "failed"
+
+
+STOP_GRACE_S = 60  # how long a stopped child may take to checkpoint its current step before it is killed
+
+
+def _run_child(cfg: RunConfig) -> int:
+    """`peftlab train CONFIG --resume` in a child process; its exit code. A stop here stops the child first.
+
+    The child stays in this process group: a terminal's Ctrl-C and a scheduler's signal to the group reach it
+    directly, and a SIGKILL to the group leaves no orphan that would hold the run's lock.
+    """
+    proc = None
+    try:
+        # --resume: a run killed mid-training continues from its last checkpoint instead of step 0.
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "peftlab", "train", str(cfg.run_dir / "config.yaml"), "--resume"],
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+        return proc.wait()
+    except BaseException:  # Stopped by SIGTERM/SIGINT, or anything else: the child must not outlive the study
+        if proc is not None:
+            stop_child(proc)
+        raise
+
+
+def stop_child(proc: subprocess.Popen, grace: float = STOP_GRACE_S) -> None:
+    """SIGTERM, then wait: the child checkpoints its current step and exits (train.loop). SIGKILL after `grace`
+    seconds, or at once on a second signal; its last periodic checkpoint then stays for the rerun."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+    deadline, killed = time.monotonic() + grace, False
+    while proc.returncode is None:
+        try:
+            proc.wait(timeout=None if killed else max(0.0, deadline - time.monotonic()))
+        except (subprocess.TimeoutExpired, Stopped):
+            proc.kill()
+            killed = True
+
+
+def study_stopped(stop: Stopped, configs: list[RunConfig], repeats: Repeats) -> Stopped:
+    """The study's one line for a stop: how many of its runs are finished, and how to go on."""
+    finals = [f for c in configs for f in repeat_configs(c, repeats)]
+    done = sum((f.run_dir / "result.json").exists() for f in finals)
+    return Stopped(stop.signum, f"study stopped by {signal_name(stop.signum)}; {done} of {len(finals)} runs "
+                                "finished; rerun the same command to resume")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -260,8 +334,9 @@ class Progress:
         self.total, self.done, self.width, self.t0 = max(total, 1e-9), 0.0, width, time.perf_counter()
 
     def advance(self, units: float, label: str) -> None:
+        """Count `units` of work as done and show the bar with `label` (which says how that work ended)."""
         self.done = min(self.total, self.done + units)
-        self.show(f"{label} done")
+        self.show(label)
 
     def show(self, label: str) -> None:
         share = self.done / self.total

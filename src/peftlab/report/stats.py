@@ -266,15 +266,32 @@ def verdict(summaries: Sequence[MethodSummary], metric: str, n_test: int, point_
                  f"parameters, {cheap.train_seconds:.0f} s training, {metric} {cheap.mean:.3f}).")
     others = [s for s in summaries if s is not best and s.vs_best is not None]
     if others and tied:
-        runner = max(others, key=lambda s: s.mean)
-        gap = abs(runner.vs_best.diff)
-        half = (runner.vs_best.high - runner.vs_best.low) / 2
-        # A gap under one point (a tie on the test split) cannot be "separated"; size the split for one point then.
-        target = "that gap" if gap >= point_size else "a 1-point gap"
-        need = needed_test_size(n_test, half, max(gap, point_size))
-        lines.append(
-            f"Warning: the test split is too small to separate the methods: {n_test} examples give the best method "
-            f"an interval {best.high - best.low:.3f} wide, and its difference with {runner.name} "
-            f"(gap {gap:.3f}) ±{half:.3f}; about {need:,} test examples would be needed to separate {target}."
-        )
+        lines.append(_size_line(best, max(others, key=lambda s: s.mean), n_test, point_size))
     return lines
+
+
+def _size_line(best: MethodSummary, runner: MethodSummary, n_test: int, point_size: float) -> str:
+    """Whether the test split is big enough to separate the best method from the runner-up it is tied with.
+
+    "About N examples would be needed" is only said when N is more than the split has: the interval can be
+    narrow enough already while the paired test still calls a tie, and a 0-wide interval sizes nothing.
+    """
+    gap = abs(runner.vs_best.diff)
+    half = (runner.vs_best.high - runner.vs_best.low) / 2
+    if half == 0:
+        return (f"Warning: {runner.name} and {best.name} score alike on every resample of the {n_test} test "
+                "examples (an interval 0 wide), so this split cannot say how many examples would separate them.")
+    # A gap under one point (a tie on the test split) cannot be "separated"; size the split for one point then.
+    target = "that gap" if gap >= point_size else "a 1-point gap"
+    need = needed_test_size(n_test, half, max(gap, point_size))
+    if need > n_test:
+        return (f"Warning: the test split is too small to separate the methods: {n_test} examples give the best "
+                f"method an interval {best.high - best.low:.3f} wide, and its difference with {runner.name} "
+                f"(gap {gap:.3f}) ±{half:.3f}; about {need:,} test examples would be needed to separate {target}.")
+    if gap < point_size:
+        return (f"The {n_test} test examples are enough to separate a 1-point gap (±{half:.3f}); {runner.name} is "
+                f"{gap:.3f} from {best.name}, less than a point: a tie in practice.")
+    return (f"Warning: {runner.name} and {best.name} are at the edge of separable: with {n_test} test examples "
+            f"their difference (gap {gap:.3f}) ±{half:.3f} is no wider than the gap, but the "
+            f"{runner.vs_best.test} test cannot tell them apart (p {runner.vs_best.p:.3f}); a larger test split "
+            "would settle it.")

@@ -41,6 +41,7 @@ class TrainState:
     best_state: dict | None = None
     best_val_metrics: dict | None = None  # the best epoch's full val scores, when the whole split was scored
     log: list = field(default_factory=list)
+    done: bool = False  # training finished; the run folder's results were not all written yet
 
 
 def save_checkpoint(path: Path, state: TrainState, model, optimizer, scheduler) -> None:

@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NoReturn
 
 import torch
 from tqdm.auto import tqdm
@@ -28,6 +29,7 @@ from transformers import get_scheduler
 from peftlab.core.config import RunConfig
 from peftlab.core.errors import PeftlabError
 from peftlab.core.files import append_jsonl, write_jsonl
+from peftlab.core.signals import Stopped, signal_name, stop_deferred, stop_pending, take_stop
 from peftlab.data.tasks import Example, Task
 from peftlab.evaluate.evaluate import evaluate
 from peftlab.evaluate.scoring import mean_loss
@@ -70,11 +72,15 @@ def fit(
     run_dir: Path,
     accelerator,
     on_epoch_end: Callable[[int, dict], None] | None = None,
+    keep_checkpoint: bool = False,
 ) -> dict:
     """The training loop. Returns a summary (steps, seconds, tokens/s, losses); leaves the best weights in `model`.
 
     `on_epoch_end(epoch, val_row)` is called after each epoch's validation (a sweep reports to Optuna there and
-    may raise `optuna.TrialPruned` to stop a hopeless trial).
+    may raise `optuna.TrialPruned` to stop a hopeless trial). With `keep_checkpoint` the finished state is saved as
+    a last checkpoint and left for the caller to delete once its results are written: a run that dies while saving
+    them (a full disk, a SIGTERM) resumes with no training left. A SIGTERM or SIGINT under `core.signals` stops
+    after the current step, with a checkpoint of it.
     """
     tc, train, fmt = cfg.train, data.train, data.fmt
     pad = fmt.tokenizer.pad_token_id
@@ -101,7 +107,8 @@ def fit(
     ckpt = run_dir / CHECKPOINT
     if tc.resume and ckpt.exists():
         s = load_checkpoint(ckpt, raw, optimizer, scheduler)
-        print(f"resuming {cfg.name} from {ckpt} at step {s.step}", flush=True)
+        finished = "; training had finished, so only the results are written" if s.done else ""
+        print(f"resuming {cfg.name} from {ckpt} at step {s.step}{finished}", flush=True)
     log = run_dir / "train_log.jsonl"
     if accelerator.is_main_process:  # the log as of the checkpoint (empty on a fresh start), then a line per step
         write_jsonl(log, s.log)
@@ -112,61 +119,71 @@ def fit(
         unit="step",
         disable=not accelerator.is_main_process,
     )
-    for epoch in range(s.epoch, math.ceil(total_steps / steps_per_epoch)):
-        s.epoch = epoch
-        model.train()
-        # A fresh, seeded order every epoch: unshuffled training was measured worse for prompt tuning.
-        order = token_batches(train, tc.batch_tokens, tc.batch_size, seed=tc.seed * 1000 + epoch)
-        shard = order[: batches_per_epoch * world][rank::world]
-        for start in range(s.start, steps_per_epoch * tc.grad_accum, tc.grad_accum):
-            t0 = time.perf_counter()
-            # Pieces under a token budget bound the activation memory; the step's gradient is the same.
-            batch_rows = shard[start : start + tc.grad_accum]
-            pieces = [p for idx in batch_rows for p in split_rows(train, idx, piece_tokens)]
-            micro, prefix_ids = step_inputs(train, pieces, loaded.kind, pad, right, share)
-            if weights is not None:
-                for piece, batch in zip(pieces, micro, strict=True):
-                    batch["row_weights"] = torch.tensor([weights[i] for i in piece])
-            loss = train_step(model, micro, loaded.kind, accelerator, params, optimizer, scheduler, tc.max_grad_norm,
-                              prefix_ids, autocast)
-            if not math.isfinite(loss):
-                raise NonFiniteLoss(f"loss became {loss} at step {s.step + 1}; lower train.lr (now {lr})")
-            dt = time.perf_counter() - t0
-            step_tokens = (sum(batch_tokens(b) for b in micro) + len(prefix_ids) * sum(map(len, pieces))) * world
-            s.step, s.start, s.last_loss = s.step + 1, start + tc.grad_accum, loss
-            s.tokens, s.seconds = s.tokens + step_tokens, s.seconds + dt
-            entry = {
-                "step": s.step,
-                "epoch": round(epoch + s.start / tc.grad_accum / steps_per_epoch, 4),
-                "loss": loss,
-                "lr": scheduler.get_last_lr()[0],
-                "tokens_per_s": step_tokens / dt,
-            }
-            s.log.append(entry)
-            if accelerator.is_main_process:
-                append_jsonl(log, entry)  # a crash leaves every finished step in the log
-            accelerator.log({"train/loss": loss, "train/lr": entry["lr"]}, step=s.step)
-            bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{s.tokens / s.seconds:.0f}")
-            bar.update(1)
-            if tc.checkpoint_every and s.step % tc.checkpoint_every == 0 and accelerator.is_main_process:
-                save_checkpoint(ckpt, s, raw, optimizer, scheduler)
+    # A SIGTERM or Ctrl-C waits for the end of the step (stop_deferred): the checkpoint then holds whole steps.
+    with stop_deferred():
+        for epoch in range(s.epoch, 0 if s.done else math.ceil(total_steps / steps_per_epoch)):
+            s.epoch = epoch
+            model.train()
+            # A fresh, seeded order every epoch: unshuffled training was measured worse for prompt tuning.
+            order = token_batches(train, tc.batch_tokens, tc.batch_size, seed=tc.seed * 1000 + epoch)
+            shard = order[: batches_per_epoch * world][rank::world]
+            for start in range(s.start, steps_per_epoch * tc.grad_accum, tc.grad_accum):
+                if s.step >= total_steps:  # resumed from a checkpoint of the last step: no step is left
+                    break
+                t0 = time.perf_counter()
+                # Pieces under a token budget bound the activation memory; the step's gradient is the same.
+                batch_rows = shard[start : start + tc.grad_accum]
+                pieces = [p for idx in batch_rows for p in split_rows(train, idx, piece_tokens)]
+                micro, prefix_ids = step_inputs(train, pieces, loaded.kind, pad, right, share)
+                if weights is not None:
+                    for piece, batch in zip(pieces, micro, strict=True):
+                        batch["row_weights"] = torch.tensor([weights[i] for i in piece])
+                loss = train_step(model, micro, loaded.kind, accelerator, params, optimizer, scheduler,
+                                  tc.max_grad_norm, prefix_ids, autocast)
+                if not math.isfinite(loss):
+                    raise NonFiniteLoss(f"loss became {loss} at step {s.step + 1}; lower train.lr (now {lr})")
+                dt = time.perf_counter() - t0
+                step_tokens = (sum(batch_tokens(b) for b in micro) + len(prefix_ids) * sum(map(len, pieces))) * world
+                s.step, s.start, s.last_loss = s.step + 1, start + tc.grad_accum, loss
+                s.tokens, s.seconds = s.tokens + step_tokens, s.seconds + dt
+                entry = {
+                    "step": s.step,
+                    "epoch": round(epoch + s.start / tc.grad_accum / steps_per_epoch, 4),
+                    "loss": loss,
+                    "lr": scheduler.get_last_lr()[0],
+                    "tokens_per_s": step_tokens / dt,
+                }
+                s.log.append(entry)
+                if accelerator.is_main_process:
+                    append_jsonl(log, entry)  # a crash leaves every finished step in the log
+                accelerator.log({"train/loss": loss, "train/lr": entry["lr"]}, step=s.step)
+                bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{s.tokens / s.seconds:.0f}")
+                bar.update(1)
+                if tc.checkpoint_every and s.step % tc.checkpoint_every == 0 and accelerator.is_main_process:
+                    save_checkpoint(ckpt, s, raw, optimizer, scheduler)
+                if stop_pending() is not None:
+                    _stop_after_step(cfg, s, ckpt, (raw, optimizer, scheduler), accelerator)
+                if s.step >= total_steps:
+                    break
+            s.start = 0
+            if tc.eval_every_epoch and data.val:
+                stop = _end_of_epoch(cfg, s, raw, loaded, data, bar, accelerator, on_epoch_end)
+                if accelerator.is_main_process:
+                    append_jsonl(log, s.log[-1])  # the epoch's val row
+                if stop:
+                    break
             if s.step >= total_steps:
                 break
-        s.start = 0
-        if tc.eval_every_epoch and data.val:
-            stop = _end_of_epoch(cfg, s, raw, loaded, data, bar, accelerator, on_epoch_end)
-            if accelerator.is_main_process:
-                append_jsonl(log, s.log[-1])  # the epoch's val row
-            if stop:
-                break
-        if s.step >= total_steps:
-            break
-    bar.close()
-    if s.best_state is not None:  # keep the best checkpoint, not the last
-        raw.load_state_dict(s.best_state, strict=False)
-    if accelerator.is_main_process:
-        write_jsonl(log, s.log)  # the whole log once more, atomically
-        ckpt.unlink(missing_ok=True)  # the run is complete; result files take over
+        bar.close()
+        if s.best_state is not None:  # keep the best checkpoint, not the last
+            raw.load_state_dict(s.best_state, strict=False)
+        if accelerator.is_main_process:
+            write_jsonl(log, s.log)  # the whole log once more, atomically
+            if not keep_checkpoint:
+                ckpt.unlink(missing_ok=True)  # the caller has no result files to wait for
+            elif tc.checkpoint_every and not s.done:  # finished training stays on disk until the results are
+                s.done = True
+                save_checkpoint(ckpt, s, raw, optimizer, scheduler)
     return {
         "train_steps": s.step,
         "train_seconds": s.seconds,
@@ -177,6 +194,15 @@ def fit(
         "best_val_metrics": s.best_val_metrics if s.best_state is not None else None,
         "lr": lr,
     }
+
+
+def _stop_after_step(cfg: RunConfig, s: TrainState, ckpt: Path, parts: tuple, accelerator) -> NoReturn:
+    """A stop signal came during the step just taken: checkpoint it, then stop with a line saying how to go on."""
+    signum = take_stop()
+    if accelerator.is_main_process:
+        save_checkpoint(ckpt, s, *parts)
+    raise Stopped(signum, f"{cfg.name}: stopped by {signal_name(signum)} after step {s.step}; its checkpoint is "
+                          f"{ckpt}: rerun with --resume to continue from there")
 
 
 def _end_of_epoch(cfg: RunConfig, s: TrainState, model, loaded: LoadedModel, data: FitData, bar, accelerator,
