@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo test fuzz lint bench clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -26,6 +26,10 @@ test: install
 	$(BIN)/ruff check src tests bench scripts research
 	$(BIN)/lint-imports
 	$(BIN)/pytest -q
+
+# The property tests' long randomized profile (tests/conftest.py): 2,000 examples per property, new inputs each run.
+fuzz: install
+	HYPOTHESIS_PROFILE=dev $(BIN)/pytest -q tests/data/test_loaders_fuzz.py tests/core/test_config_fuzz.py
 
 bench: install
 	$(BIN)/python bench/train_throughput.py

@@ -3,16 +3,47 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
 from builders import DIALOGSUM, PUBMEDQA, build_tiny_causal, build_tiny_seq2seq
+from hypothesis import settings
+
+# Property tests: `ci` (the default, on every clone and in CI) draws the same inputs every run and keeps no example
+# database, so `make test` passes or fails the same way everywhere. `dev` is the long randomized hunt a developer runs
+# on purpose: HYPOTHESIS_PROFILE=dev pytest tests/data/test_loaders_fuzz.py tests/core/test_config_fuzz.py
+settings.register_profile("ci", derandomize=True, database=None, max_examples=100, deadline=None, print_blob=True)
+settings.register_profile("dev", derandomize=False, max_examples=2000, deadline=None, print_blob=True)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
 @pytest.fixture(scope="session")
 def tiny_causal(tmp_path_factory) -> Path:
     """A 2-layer Llama with a 600-token BPE tokenizer and a chat template."""
     return build_tiny_causal(tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture(scope="session")
+def tiny_causal_untied(tmp_path_factory) -> Path:
+    """tiny_causal with untied input and output embeddings. Its greedy text varies, where the tied one repeats the
+    prompt's last token (a chat prompt's is a newline, so its answers are blank): for tests that need visible text."""
+    return build_tiny_causal(tmp_path_factory.mktemp("tiny-llama-untied"), tie=False, seed=1)
+
+
+@pytest.fixture(scope="session")
+def tiny_lora_run(tiny_causal, tmp_path_factory) -> Path:
+    """A finished one-step LoRA run folder on tiny_causal (PubMedQA). Shared: copy it before changing it."""
+    from peftlab.core.config import load_config
+    from peftlab.recipes.train import run_training
+
+    root = tmp_path_factory.mktemp("lora-run")
+    data = root / "pubmedqa.json"
+    data.write_text(json.dumps(dict(list(json.loads(PUBMEDQA.read_text()).items())[:20])))
+    return run_training(load_config(None, [f"model.name={tiny_causal}", "model.device=cpu", "method.name=lora",
+                                           f"data.path={data}", "data.limit_train=4", "data.limit_eval=2",
+                                           "data.max_length=128", "train.max_steps=1", f"output_dir={root}",
+                                           "name=lora"]))
 
 
 @pytest.fixture(scope="session")

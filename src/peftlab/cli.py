@@ -1,7 +1,8 @@
 """The `peftlab` command: a map from subcommands to typed functions.
 
 Every user-caused error (`PeftlabError`) is printed on one line with exit code 2 and no traceback (exit code 3 for
-`NotSupported`: a missing optional package or backend, or a method peft cannot run on the model).
+`NotSupported`: a missing optional package or backend, or a method peft cannot run on the model). A SIGTERM or
+SIGINT that stops `train` or `compare` is one line too, with exit code 143 or 130 (`core.signals.Stopped`).
 """
 
 from __future__ import annotations
@@ -113,16 +114,18 @@ def print_metrics(metrics: dict) -> None:
 
 @app.command()
 def train(
-    config: Annotated[Path, typer.Argument(help="run config YAML")],
+    config: Annotated[Path, typer.Argument(help="run config YAML (leave it out to train on the defaults plus "
+                                                "key=value overrides)")],
     overrides: Annotated[list[str] | None, typer.Argument(help="key=value overrides, e.g. train.lr=3e-4")] = None,
     resume: Annotated[bool, typer.Option(help="continue from the run folder's last checkpoint")] = False,
 ) -> None:
     """Train one method as configured and write runs/<name>/ (adapter, logs, metrics, predictions, result.json)."""
-    from peftlab.core.config import load_config
+    from peftlab.core.config import config_and_overrides, load_config
     from peftlab.core.files import read_json
     from peftlab.recipes.train import run_training
 
-    cfg = load_config(config, [*(overrides or []), *(["train.resume=true"] if resume else [])])
+    config, overrides = config_and_overrides(config, overrides)
+    cfg = load_config(config, [*overrides, *(["train.resume=true"] if resume else [])])
     try:
         run_dir = run_training(cfg)
     except NotSupported as err:
@@ -139,15 +142,15 @@ def train(
 
 @app.command()
 def cv(
-    config: Annotated[Path, typer.Argument(help="run config YAML")],
+    config: Annotated[Path, typer.Argument(help="run config YAML (or only key=value overrides on the defaults)")],
     overrides: Annotated[list[str] | None, typer.Argument(help="key=value overrides, e.g. method.head_c=0.3")] = None,
     folds: Annotated[int | None, typer.Option(help="number of folds (default: data.folds)")] = None,
 ) -> None:
     """k-fold cross-validation: one run per fold in runs/<name>/fold-<k>/, then mean and spread in cv.md."""
-    from peftlab.core.config import load_config
+    from peftlab.core.config import config_and_overrides, load_config
     from peftlab.recipes.cv import run_cv
 
-    cfg = load_config(config, overrides or [])
+    cfg = load_config(*config_and_overrides(config, overrides))
     summary = run_cv(cfg, folds)
     table = Table("metric", "mean", "std")
     for key, s in summary["metrics"].items():
@@ -354,6 +357,10 @@ def main() -> None:
         sys.exit(err.exit_code)  # 3 for NotSupported: a study lists the run as not run instead of failed
     except (typer.Exit, SystemExit) as err:
         sys.exit(getattr(err, "exit_code", getattr(err, "code", 0)))
+    except OSError as err:  # a file system fault no code path turned into its own message: still one line
+        where = f"{err.filename}: " if err.filename is not None else ""
+        print(f"error: {where}{err.strerror or err}", file=sys.stderr)
+        sys.exit(2)
     except Exception as err:  # click usage errors arrive here in standalone_mode=False
         # Matched by class name: recent typer (0.29) raises its own vendored copy of click's exceptions, not click's.
         names = {c.__name__ for c in type(err).__mro__}

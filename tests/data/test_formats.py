@@ -12,7 +12,7 @@ from peftlab.core.config import load_config
 from peftlab.core.errors import PeftlabError
 from peftlab.data.splits import data_labels, load_splits
 from peftlab.data.tasks import get_task, task_for
-from peftlab.data.tasks.formats import infer_labels
+from peftlab.data.tasks.formats import infer_labels, match_label, merged_labels
 
 ALPACA = [
     {"id": "a1", "instruction": "Is it good?", "input": "Great lamp.", "output": "yes"},
@@ -76,6 +76,13 @@ def test_labels_are_inferred_only_from_a_few_repeated_short_outputs():
     assert infer_labels([ex(t) for t in ["pos", "neg", "pos", "neg"]]) == ("neg", "pos")
     assert infer_labels([ex(t) for t in ["pos", "neg", "pos"]]) == ()  # "neg" seen once: free text
     assert infer_labels([ex(f"summary number {i} of a long dialogue") for i in range(10)]) == ()
+    # Case and surrounding space do not make another label (issue 39): the most frequent spelling names it.
+    mixed = [ex(t) for t in ["Yes", "yes", "yes", "NO", "No", "no"]]
+    assert infer_labels(mixed) == ("no", "yes")  # a tie goes to the lower-case spelling
+    assert merged_labels(mixed) == "'NO' (1), 'No' (1), 'no' (1) -> 'no'; 'Yes' (1), 'yes' (2) -> 'yes'"
+    assert infer_labels([ex(t) for t in ["Pos", "pos", "neg", "Neg"]]) == ("neg", "pos")
+    assert merged_labels([ex(t) for t in ["pos", "neg", "pos", "neg"]]) is None
+    assert match_label("YES", ("yes", "no")) == "yes" and match_label("maybe", ("yes", "no")) is None
 
 
 def test_files_per_split_and_a_val_split_carved_from_train(tmp_path):

@@ -139,3 +139,58 @@ def test_encoded_shots_appear_in_prompt(tiny_causal, pubmedqa_examples):
     enc = encode(task, pubmedqa_examples[0], fmt, 4096, shots=demos)
     text = fmt.tokenizer.decode(enc.prompt_ids)
     assert text.count("<|im_start|>user") == 3 and text.count("<|im_start|>assistant") == 3
+
+
+def _chat_example(turns: int, final: str = "Final question?"):
+    from peftlab.data.tasks.base import Example
+
+    messages = [{"role": "system", "content": "Be brief."}]
+    for k in range(turns):
+        messages += [{"role": "user", "content": f"Old question {k} about the weather."},
+                     {"role": "assistant", "content": f"Old answer {k}."}]
+    messages.append({"role": "user", "content": final.strip()})
+    return Example("c", {"conversation": ""}, "Yes.", ("Yes.",), messages=tuple(messages), source="d.jsonl:7")
+
+
+def test_a_long_conversation_loses_its_oldest_turns_first(tiny_causal):
+    fmt = _fmt(tiny_causal, "causal")
+    task, ex = get_task("chat"), _chat_example(10)
+    full = encode(task, ex, fmt, max_length=100_000)
+    cut = encode(task, ex, fmt, max_length=full.length // 2)
+    text = fmt.tokenizer.decode(cut.prompt_ids)
+    assert cut.length <= full.length // 2 and cut.truncated == full.length - cut.length
+    # The system turn stays, the kept turns start on a user turn, the newest turns are whole, the oldest gone.
+    assert text.startswith("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nOld question")
+    assert "Old question 9 about the weather." in text and "Old question 0 " not in text
+    assert text.endswith("Final question?<|im_end|>\n<|im_start|>assistant\n")
+    with pytest.raises(PeftlabError, match=r"^d.jsonl:7: the conversation is \d+ tokens, over data.max_length"):
+        encode(task, ex, fmt, max_length=full.length // 2, too_long="error")
+
+
+def test_a_conversation_that_fits_only_cut_in_its_last_turn(tiny_causal):
+    from peftlab.prompts.encoding import TooLong
+
+    fmt = _fmt(tiny_causal, "causal")
+    task, ex = get_task("chat"), _chat_example(2, final="A very long final question about the weather " * 6)
+    budget = len(fmt.encode_messages(ex.messages[-1:])[0]) // 2 + len(fmt.target_ids("Yes."))
+    cut = encode(task, ex, fmt, max_length=budget)
+    text = fmt.tokenizer.decode(cut.prompt_ids)
+    # No older turn and no system turn is left; the last question keeps its end.
+    assert text.startswith("<|im_start|>user\n") and "Be brief." not in text and "Old" not in text
+    assert text.endswith("about the weather<|im_end|>\n<|im_start|>assistant\n") and cut.length <= budget
+    with pytest.raises(TooLong, match=r"^d.jsonl:7: the answer alone is \d+ tokens with the chat framing"):
+        encode(task, ex, fmt, max_length=8)
+
+
+def test_clip_text_grows_its_window_for_long_tokens():
+    from types import SimpleNamespace
+
+    from peftlab.prompts.encoding import CHARS_PER_TOKEN, clip_text
+
+    def tokenizer(text, add_special_tokens=False):  # one token per 100 characters: longer than the bound assumes
+        return SimpleNamespace(input_ids=list(range(-(-len(text) // 100))))
+
+    text = "x" * 1_000_000
+    window = clip_text(tokenizer, text, 10)
+    assert len(window) > 10 * 100 and len(window) < 10 * 100 * 4 * CHARS_PER_TOKEN  # enough tokens, not the text
+    assert clip_text(tokenizer, "short", 10) == "short"

@@ -6,18 +6,19 @@ config is saved with each run so the run can be repeated exactly.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
+import re
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from peftlab.core.errors import PeftlabError
 from peftlab.core.files import write_text_atomic
+from peftlab.core.yamlio import YamlSyntaxError, describe, dump_yaml, parse_yaml, read_yaml
 
 
 def _f(default: Any, help: str, **kw: Any) -> Any:
@@ -51,6 +52,8 @@ class DataConfig:
     seed: int = _f(0, "seed of the split")
     template: int = _f(0, "index of the instruction phrasing")
     max_length: int = _f(512, "max tokens of prompt + target; the context is cut, never the question or target")
+    too_long: str = _f("cut", "a row over data.max_length: cut (a chat loses its oldest turns first; a training row "
+                              "that cannot fit even then is dropped and counted) or error (stop on it)")
     shots: int = _f(0, "in-context examples from the train split (few-shot)")
     calibrate: bool = _f(False, "classification: contextual calibration of the label scores (divide out the "
                                 "prompt's own label bias, measured on content-free inputs); see evaluate.calibrate")
@@ -249,19 +252,7 @@ def _check_value(where: str, value: Any, tp: Any) -> Any:
         return [_check_value(where, v, item) for v in value]
     if tp is float and isinstance(value, int | float) and not isinstance(value, bool):
         return float(value)
-    if tp is float:
-        # PyYAML follows YAML 1.1, which reads `3e-4` (no dot) as a string; accept any text float() accepts.
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        _bad(where, value, tp)
-    if tp is str and isinstance(value, bool):
-        # YAML 1.1 again: a bare `no`, `off` or `yes` arrives as a bool. A text field reads it back as the word the
-        # user most likely typed (`mixed_precision: no`); a field that allows no such word still names what it got.
-        return "yes" if value else "no"
-    if tp in (int, str, bool) and not (isinstance(value, tp) and not (tp is int and isinstance(value, bool))):
+    if tp in (int, str, bool, float) and not (isinstance(value, tp) and not (tp is int and isinstance(value, bool))):
         _bad(where, value, tp)
     return value
 
@@ -280,9 +271,12 @@ def from_dict(cls: type, raw: dict, where: str = "") -> Any:
     for key, value in raw.items():
         path = f"{where}.{key}" if where else key
         if key not in names:
-            raise PeftlabError(f"unknown config key '{path}'; valid: {', '.join(sorted(names))}")
+            raise PeftlabError(f"unknown config key {path!r}; valid: {', '.join(sorted(names))}")
         tp = hints[key]
-        kwargs[key] = from_dict(tp, value, path) if _is_dataclass_type(tp) else _check_value(path, value, tp)
+        if _is_dataclass_type(tp):  # a section left empty (`train:` with its keys commented out) is the defaults
+            kwargs[key] = from_dict(tp, {} if value is None else value, path)
+        else:
+            kwargs[key] = _check_value(path, value, tp)
     return cls(**kwargs)
 
 
@@ -290,24 +284,51 @@ def to_dict(cfg: Any) -> dict:
     return dataclasses.asdict(cfg)
 
 
+def set_dotted(raw: dict, key: str, value: Any, where: str | None = None) -> dict:
+    """Set `value` at the dotted `key` (`train.lr`) of a nested dict, making the sections on the way.
+
+    A section given as nothing (`train:` with every key commented out) is an empty one.
+    """
+    node, where = raw, where or f"'{key}'"
+    *parents, leaf = key.split(".")
+    for part in parents:
+        if node.get(part) is None:
+            node[part] = {}
+        node = node[part]
+        if not isinstance(node, dict):
+            raise PeftlabError(f"{where}: '{part}' is not a section")
+    node[leaf] = value
+    return raw
+
+
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
-    """Apply `a.b=value` overrides to a nested dict; values are parsed as YAML (so 3e-4, true, [q_proj] work)."""
+    """Apply `a.b=value` overrides to a nested dict; values are parsed as YAML 1.2 (3e-4, true, no, [q_proj])."""
     for item in overrides:
         if "=" not in item:
             raise PeftlabError(f"override '{item}' is not of the form key=value (e.g. train.lr=3e-4)")
         key, text = item.split("=", 1)
-        node = raw
-        *parents, leaf = key.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise PeftlabError(f"override '{item}': '{part}' is not a section")
         try:
-            node[leaf] = yaml.safe_load(text)
-        except yaml.YAMLError as err:
-            problem = str(err).splitlines()[0]
-            raise PeftlabError(f"override '{key}': the value {text!r} is not valid YAML ({problem})") from None
+            value = parse_yaml(text, f"override '{key}'")
+        except YamlSyntaxError as err:
+            raise PeftlabError(f"override '{key}': the value {text!r} is not valid YAML ({err.problem})") from None
+        set_dotted(raw, key, value, f"override '{item}'")
     return raw
+
+
+# `section.key=value`: what an override looks like, as opposed to a config file's path (which may hold a '=' too).
+_OVERRIDE = re.compile(r"[A-Za-z_][\w.-]*=")
+
+
+def config_and_overrides(config: str | Path | None, overrides: list[str]) -> tuple[Path | None, list[str]]:
+    """Split `peftlab train ARGS...` into the config file and the overrides.
+
+    The config file is optional: when the first argument looks like `key=value` and is no file, every argument is
+    an override on the defaults (`peftlab train data.task=dialogsum method.name=lora`).
+    """
+    overrides = list(overrides or [])
+    if config is not None and _OVERRIDE.match(str(config)) and not Path(config).exists():
+        return None, [str(config), *overrides]
+    return (Path(config) if config is not None else None), overrides
 
 
 CHECKPOINTING = (False, True, "selective", "full")
@@ -335,6 +356,8 @@ def validate(cfg: RunConfig) -> RunConfig:
     for key, value in (("data.limit_train", d.limit_train), ("data.limit_eval", d.limit_eval)):
         if value is not None and value < 1:  # 0 used to mean "everything" and a negative "all but N"
             raise PeftlabError(f"{key} must be >= 1 (leave it unset to use every example), got {value}")
+    if d.too_long not in ("cut", "error"):
+        raise PeftlabError(f"data.too_long must be cut or error, got {d.too_long!r}")
     if d.max_length < 8 or d.shots < 0:
         raise PeftlabError(f"data.max_length must be >= 8 and data.shots >= 0, got {d.max_length} and {d.shots}")
     if m.num_virtual_tokens < 1 or m.r < 1:
@@ -348,18 +371,26 @@ def validate(cfg: RunConfig) -> RunConfig:
 
 def load_config(path: str | Path | None, overrides: list[str] = (), base: dict | None = None) -> RunConfig:
     """Read a run config from YAML (or only from `base` and overrides), check it, and return the typed config."""
-    raw: dict = dict(base or {})
+    raw: dict = copy.deepcopy(base or {})  # overrides write into nested sections: never into the caller's
     if path is not None:
-        p = Path(path)
-        if not p.exists():
-            raise PeftlabError(f"{p}: no such config file")
-        try:
-            loaded = yaml.safe_load(p.read_text(encoding="utf-8-sig")) or {}
-        except yaml.YAMLError as err:
-            raise PeftlabError(f"{p}: malformed YAML ({err})") from None
-        raw = deep_merge(raw, loaded)
+        raw = deep_merge(raw, read_config_file(Path(path)))
     raw = apply_overrides(raw, list(overrides))
     return validate(from_dict(RunConfig, raw))
+
+
+def read_config_file(path: Path) -> dict:
+    """A run config file's mapping; an empty file or one that holds a list or a single value is an error."""
+    if not path.exists():
+        raise PeftlabError(f"{path}: no such config file")
+    loaded = read_yaml(path)
+    if loaded is None:
+        # An empty file used to start a default run (50 steps of PubMedQA) as if it were a config.
+        raise PeftlabError(f"{path}: empty config; give at least the settings that differ from the defaults "
+                           "(e.g. method: {name: lora}), or train on the defaults with key=value overrides only")
+    if not isinstance(loaded, dict):
+        raise PeftlabError(f"{path}: expected a mapping of config sections (name, model, data, method, train, "
+                           f"...), got {describe(loaded)}")
+    return loaded
 
 
 def deep_merge(base: dict, extra: dict) -> dict:
@@ -368,10 +399,12 @@ def deep_merge(base: dict, extra: dict) -> dict:
     for key, value in extra.items():
         if isinstance(value, dict) and isinstance(out.get(key), dict):
             out[key] = deep_merge(out[key], value)
+        elif value is None and isinstance(out.get(key), dict):
+            continue  # an empty section (`train:`) adds nothing; it does not wipe the base's
         else:
             out[key] = value
     return out
 
 
 def save_config(cfg: RunConfig, path: Path) -> None:
-    write_text_atomic(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    write_text_atomic(path, dump_yaml(to_dict(cfg)))

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import random
+import sys
 from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
@@ -15,7 +16,7 @@ from peftlab.core.config import RunConfig
 from peftlab.core.errors import PeftlabError
 from peftlab.data.tasks import DEFAULT_DATA, Example, Task
 from peftlab.data.tasks.base import SPLITS
-from peftlab.data.tasks.formats import infer_labels
+from peftlab.data.tasks.formats import infer_labels, merged_labels
 
 
 def split_examples(
@@ -148,8 +149,18 @@ def load_splits(cfg: RunConfig, task: Task, val_in_train: bool = False) -> dict[
 
 def data_labels(cfg: RunConfig, task: Task) -> tuple[str, ...]:
     """The label set of an open-format task (alpaca, chat): `data.labels` when set, else what the training file's
-    outputs form (`infer_labels`: a few short labels, each seen twice), else () for free text."""
+    outputs form (`infer_labels`: a few short labels, each seen twice), else () for free text.
+
+    Spellings that differ only in case or space become one label, with a warning on stderr that names them.
+    """
     if cfg.data.labels is not None or task.relabel is None:
         return tuple(cfg.data.labels or task.labels)
     source = cfg.data.train or cfg.data.path
-    return infer_labels(read_file(task, Path(source))) if source else ()
+    if not source:
+        return ()
+    examples = read_file(task, Path(source))
+    labels = infer_labels(examples)
+    merged = merged_labels(examples) if labels else None
+    if merged:
+        print(f"warning: {source}: labels differing only in case/space were merged: {merged}", file=sys.stderr)
+    return labels

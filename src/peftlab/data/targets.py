@@ -11,6 +11,7 @@ from pathlib import Path
 from peftlab.core.errors import PeftlabError, data_error
 from peftlab.data.tasks import Example, Task
 from peftlab.data.tasks.base import read_jsonl
+from peftlab.data.tasks.formats import match_label
 
 ID_KEYS = ("id", "example_id")
 OUTPUT_KEYS = ("output", "prediction", "text")
@@ -47,10 +48,11 @@ def resolve_targets(cfg, task: Task, examples: list[Example]) -> list[Example]:
         raise PeftlabError(
             f"{cfg.data.target}: no teacher output for {len(missing)} training example(s), e.g. id '{missing[0]}'"
         )
-    if task.kind == "classification":
-        bad = [(ex.id, outputs[ex.id]) for ex in examples if outputs[ex.id] not in task.labels]
+    if task.kind == "classification":  # "Yes" is the label `yes`, as in the data files (`match_label`)
+        bad = [(ex.id, outputs[ex.id]) for ex in examples if match_label(outputs[ex.id], task.labels) is None]
         if bad:
-            raise PeftlabError(f"{cfg.data.target}: id '{bad[0][0]}': unknown label '{bad[0][1]}'")
+            raise PeftlabError(f"{cfg.data.target}: id {bad[0][0]!r}: unknown label {bad[0][1]!r}")
+        outputs = {ex.id: match_label(outputs[ex.id], task.labels) for ex in examples}
     return [dataclasses.replace(ex, target=outputs[ex.id]) for ex in examples]
 
 

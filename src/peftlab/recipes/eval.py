@@ -16,14 +16,16 @@ from pathlib import Path
 
 from peftlab.core.config import RunConfig, from_dict, validate
 from peftlab.core.errors import PeftlabError
-from peftlab.core.files import write_json, write_jsonl
-from peftlab.data.splits import in_file_order, load_splits, read_examples, read_file
+from peftlab.core.files import ensure_writable, json_bytes, jsonl_bytes, write_files_atomic, write_jsonl
+from peftlab.data.splits import data_labels, in_file_order, load_splits, read_examples, read_file
 from peftlab.data.tasks import Example, get_task
 from peftlab.evaluate.evaluate import evaluate, predict
 from peftlab.methods.saved import SavedRun, load_run, run_config
 from peftlab.models.adapters import load_for_inference
 from peftlab.models.local import check_max_length
 from peftlab.prompts.encoding import content_free_items, encode_split, few_shot_demos, format_for
+
+FIX_OUT = "choose another --out"
 
 
 @dataclass
@@ -58,9 +60,13 @@ def run_eval(opts: EvalOptions, out: Path) -> dict:
     if opts.task is None:
         raise PeftlabError("give a run folder (peftlab eval RUN) or --task")
     _check_limit(opts.limit)
+    ensure_writable(out, FIX_OUT)  # before the model loads and scores, not after
     t = get_task(opts.task)
     cfg = validate(from_dict(RunConfig, {"data": {"task": opts.task, "path": opts.data, "template": template,
                                                   "max_length": max_length, "calibrate": bool(opts.calibrate)}}))
+    labels = data_labels(cfg, t)  # alpaca, chat: a file of a few short labels is classification, as in training
+    if labels and t.relabel is not None:
+        t = t.relabel(labels)
     in_file = read_examples(cfg, t)
     splits = load_splits(cfg, t)
     examples = in_file if split == "all" else splits[split]
@@ -108,6 +114,8 @@ def _with_flags(cfg: RunConfig, opts: EvalOptions, force: bool) -> RunConfig:
 def eval_run(run_dir: Path, opts: EvalOptions, out: Path | None = None, force: bool = False) -> dict:
     """Score a finished run on its own test split (default) or on `opts.data`, with the run's settings."""
     _check_limit(opts.limit)
+    out = out or Path(run_dir) / "eval" / (Path(opts.data).stem if opts.data else opts.split or "test")
+    ensure_writable(out, FIX_OUT)  # a read-only run folder is refused before scoring, not after
     run = load_run(run_dir, opts.device, _with_flags(run_config(run_dir), opts, force))
     if opts.data:
         if opts.split not in (None, "all"):
@@ -124,7 +132,7 @@ def eval_run(run_dir: Path, opts: EvalOptions, out: Path | None = None, force: b
     metrics, rows = evaluate(run.model, run.fmt, run.task, examples, _encode(run, examples), split=split,
                              content_free=run.content_free)
     metrics.update(run=str(run_dir), data=opts.data, calibrated=bool(run.content_free))
-    _write(out or Path(run_dir) / "eval" / (Path(opts.data).stem if opts.data else split), metrics, rows)
+    _write(out, metrics, rows)
     return metrics
 
 
@@ -132,6 +140,9 @@ def predict_run(run_dir: Path, input_file: Path, out: Path, limit: int | None = 
                 ) -> list[dict]:
     """Answer every row of `input_file` (targets not needed) with a finished run; writes JSONL to `out`."""
     _check_limit(limit)
+    if Path(out).is_dir():
+        raise PeftlabError(f"{out}: is a folder; --out names the JSONL file to write, e.g. {out}/predictions.jsonl")
+    ensure_writable(Path(out).parent, FIX_OUT)
     run = load_run(run_dir, device)
     examples = read_file(run.task, Path(input_file), labelled=False)[:limit]
     answers = predict(run.model, run.fmt, run.task, examples, _encode(run, examples), content_free=run.content_free)
@@ -149,6 +160,5 @@ def _encode(run: SavedRun, examples: list[Example]):
 
 
 def _write(out: Path, metrics: dict, rows: list[dict]) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    write_json(out / "metrics.json", metrics)
-    write_jsonl(out / "predictions.jsonl", rows)
+    """Both files or neither: metrics.json goes in last, so finding it means predictions.jsonl is complete."""
+    write_files_atomic({out / "predictions.jsonl": jsonl_bytes(rows), out / "metrics.json": json_bytes(metrics)})

@@ -19,19 +19,20 @@ resumes; several machines given the same database URL (e.g. PostgreSQL) work one
 
 from __future__ import annotations
 
+import copy
 import gc
 import itertools
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from peftlab.core.config import RunConfig, apply_overrides, load_config, save_config, to_dict
+from peftlab.core.config import RunConfig, apply_overrides, load_config, save_config, set_dotted, to_dict
 from peftlab.core.errors import PeftlabError
-from peftlab.core.files import read_json, write_json
+from peftlab.core.files import ensure_writable, read_json, write_json
+from peftlab.core.signals import Stopped, signal_name, stop_on_signals
+from peftlab.core.yamlio import describe
 from peftlab.methods.registry import get_method
-from peftlab.recipes.study import load_study
+from peftlab.recipes.study import load_study, naming
 from peftlab.recipes.train import run_training
 from peftlab.report.report import build_study_report
 from peftlab.train.loop import NonFiniteLoss
@@ -40,14 +41,15 @@ SWEEP_KEYS = {"trials", "seed", "pruner", "startup_trials", "space", "direction"
 
 
 def _number(where: str, value: Any) -> float | int:
-    # PyYAML reads `1e-3` (no dot) as a string; accept it as the float it means.
-    if isinstance(value, str):
-        try:
-            return float(value)
-        except ValueError:
-            pass
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise PeftlabError(f"sweep.space.{where}: expected a number, got {value!r}")
+    return value
+
+
+def _whole(where: str, value: Any, least: int) -> int:
+    """An integer setting (`trials`, `seed`) of a sweep or tune section, at least `least`."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < least:
+        raise PeftlabError(f"{where}: expected an integer >= {least}, got {value!r}")
     return value
 
 
@@ -85,9 +87,11 @@ def suggest(trial, space: dict[str, dict]) -> dict[str, Any]:
 
 
 def trial_config(base: dict, params: dict[str, Any], name: str, output_dir: Path) -> RunConfig:
-    """The base run config with one trial's values set at their dotted keys."""
-    overrides = [f"{k}={yaml.safe_dump(v, default_flow_style=True).splitlines()[0]}" for k, v in params.items()]
-    return load_config(None, overrides, base={**base, "name": name, "output_dir": str(output_dir)})
+    """The base run config with one trial's values set at their dotted keys (as values, not reparsed as text)."""
+    raw = {**copy.deepcopy(base), "name": name, "output_dir": str(output_dir)}
+    for key, value in params.items():
+        set_dotted(raw, key, value, f"sweep.space.{key}")
+    return load_config(None, [], base=raw)
 
 
 def _pruning_callback(trial, cfg: RunConfig, metric: str | None = None):
@@ -118,11 +122,24 @@ def objective_value(run_dir: Path, metric: str | None = None) -> float:
     return float(result["metrics"][key])
 
 
+def quiet_optuna() -> None:
+    """Optuna logs a trial that raised as failed, with a traceback; a stopped one gets its study's one line instead.
+
+    Set back to WARNING by the next search (`_search`); a stop ends the command anyway.
+    """
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+
+
 def make_objective(base: dict, space: dict, study_dir: Path):
     def objective(trial) -> float:
         cfg = trial_config(base, suggest(trial, space), f"trial-{trial.number}", study_dir)
         try:
             run_dir = run_training(cfg, on_epoch_end=_pruning_callback(trial, cfg))
+        except Stopped:
+            quiet_optuna()
+            raise
         finally:
             gc.collect()  # each trial loads its own model; free the last one before the next
         return objective_value(run_dir)
@@ -133,12 +150,21 @@ def make_objective(base: dict, space: dict, study_dir: Path):
 def _check_header(header: dict, path: Path) -> dict:
     sweep = header.get("sweep")
     if not isinstance(sweep, dict):
-        raise PeftlabError(f"{path}: a sweep needs a `sweep:` section with a `space:` (see docs/experiments.md)")
-    unknown = set(sweep) - SWEEP_KEYS
+        got = "it has none" if sweep is None else f"got {describe(sweep)}"
+        raise PeftlabError(f"{path}: a sweep needs a `sweep:` mapping with a `space:` (see docs/experiments.md), "
+                           f"{got}")
+    unknown = sorted(map(str, set(sweep) - SWEEP_KEYS))
     if unknown:
-        raise PeftlabError(f"{path}: unknown sweep key '{sorted(unknown)[0]}'; valid: {', '.join(sorted(SWEEP_KEYS))}")
-    if sweep.get("pruner", "median") not in ("median", "none"):
-        raise PeftlabError(f"sweep.pruner must be median or none, got '{sweep['pruner']}'")
+        raise PeftlabError(f"{path}: unknown sweep key '{unknown[0]}'; valid: {', '.join(sorted(SWEEP_KEYS))}")
+    with naming(path):
+        if sweep.get("pruner", "median") not in ("median", "none"):
+            raise PeftlabError(f"sweep.pruner must be median or none, got {sweep['pruner']!r}")
+        if sweep.get("direction", "maximize") not in ("maximize", "minimize"):
+            raise PeftlabError(f"sweep.direction must be maximize or minimize, got {sweep['direction']!r}")
+        for key, least in (("trials", 1), ("seed", 0), ("startup_trials", 0)):
+            if key in sweep:
+                _whole(f"sweep.{key}", sweep[key], least)
+        parse_space(sweep.get("space"))
     return sweep
 
 
@@ -192,17 +218,27 @@ def run_sweep(
     n_trials = int(trials or sweep.get("trials", 10))
     name = header.get("name", Path(path).stem)
     study_dir = Path(header.get("output_dir", "runs")) / name
-    base = apply_overrides(yaml.safe_load(yaml.safe_dump(header.get("base") or {})), list(overrides))
+    base = apply_overrides(copy.deepcopy(header["base"]), list(overrides))
     # Fail on a typo in the space or base before any trial trains.
-    trial_config(base, {k: s["choices"][0] if "choices" in s else s["low"] for k, s in space.items()}, "x", study_dir)
+    with naming(Path(path)):
+        trial_config(base, {k: s["choices"][0] if "choices" in s else s["low"] for k, s in space.items()}, "x",
+                     study_dir)
+    ensure_writable(study_dir, "set output_dir in the sweep to a writable folder")
     study_dir.mkdir(parents=True, exist_ok=True)
     study = _create_study(name, storage or f"sqlite:///{(study_dir / 'optuna.db').resolve()}", sweep, n_trials)
     finished = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
     done = len(study.get_trials(deepcopy=False, states=finished))
     print(f"sweep {study_dir}: {done} of {n_trials} trials finished", flush=True)
     if done < n_trials:
-        study.optimize(make_objective(base, space, study_dir), n_trials=n_trials - done, catch=(NonFiniteLoss,),
-                       callbacks=[optuna.study.MaxTrialsCallback(n_trials, states=finished)])
+        callbacks = [optuna.study.MaxTrialsCallback(n_trials, states=finished)]
+        try:
+            with stop_on_signals():  # between trials too: a trial is never left 'running' in the database
+                study.optimize(make_objective(base, space, study_dir), n_trials=n_trials - done,
+                               catch=(NonFiniteLoss,), callbacks=callbacks)
+        except Stopped as stop:  # the stopped trial starts over on the rerun; finished ones count
+            done = len(study.get_trials(deepcopy=False, states=finished))
+            raise Stopped(stop.signum, f"sweep stopped by {signal_name(stop.signum)}; {done} of {n_trials} trials "
+                                       "finished; rerun the same command to go on") from None
     if not study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
         raise PeftlabError(f"sweep {name}: no trial completed; see the trial folders under {study_dir}")
     best = study.best_trial
@@ -246,17 +282,43 @@ class TuneSpec:
 def parse_tune(raw: Any, where: str = "tune") -> TuneSpec:
     """Check a `tune:` section; unknown keys and malformed spaces are errors that name the key."""
     if not isinstance(raw, dict):
-        raise PeftlabError(f"{where} must be a mapping with trials, space, methods, select (see docs/experiments.md)")
-    unknown = set(raw) - TUNE_KEYS
+        raise PeftlabError(f"{where} must be a mapping with trials, space, methods, select (see docs/experiments.md)"
+                           f", got {describe(raw)}")
+    unknown = sorted(map(str, set(raw) - TUNE_KEYS))
     if unknown:
-        raise PeftlabError(f"unknown {where} key '{sorted(unknown)[0]}'; valid: {', '.join(sorted(TUNE_KEYS))}")
-    spec = TuneSpec(**raw)
+        raise PeftlabError(f"unknown {where} key '{unknown[0]}'; valid: {', '.join(sorted(TUNE_KEYS))}")
+    spec = TuneSpec(**{k: v for k, v in raw.items() if v is not None})  # `select:` left empty is no select
     if spec.pruner not in ("median", "none"):
-        raise PeftlabError(f"{where}.pruner must be median or none, got '{spec.pruner}'")
+        raise PeftlabError(f"{where}.pruner must be median or none, got {spec.pruner!r}")
+    for key, least in (("trials", 1), ("seed", 0), ("startup_trials", 0)):
+        _whole(f"{where}.{key}", getattr(spec, key), least)
+    for key in ("space", "methods", "select"):
+        if not isinstance(getattr(spec, key), dict):
+            raise PeftlabError(f"{where}.{key}: expected a mapping, got {describe(getattr(spec, key))}")
+    for name, extra in spec.methods.items():
+        if extra is not None and not isinstance(extra, dict):
+            raise PeftlabError(f"{where}.methods.{name}: expected {{config.key: {{low, high}} or {{choices}}}}")
+        _check_tune_space({**spec.space, **(extra or {})})  # checked now, not when that method's tuning starts
+    _check_tune_space(spec.space)
     for name, grid in spec.select.items():
         if not isinstance(grid, dict) or not all(isinstance(v, list) and v for v in grid.values()):
             raise PeftlabError(f"{where}.select.{name}: expected {{config.key: [values, ...]}}")
+    if spec.metric is not None and not isinstance(spec.metric, str):
+        raise PeftlabError(f"{where}.metric: expected a metric name, got {describe(spec.metric)}")
     return spec
+
+
+def _check_tune_space(space: dict) -> None:
+    """A tune space is a sweep space whose entries may also be `{factor: F}` (log-uniform around each default)."""
+    plain = {}
+    for key, s in space.items():
+        if isinstance(s, dict) and "factor" in s:
+            if _number(f"{key}.factor", s["factor"]) <= 1:
+                raise PeftlabError(f"sweep.space.{key}.factor must be above 1, got {s['factor']}")
+        else:
+            plain[key] = s
+    if plain:
+        parse_space(plain)
 
 
 def method_space(spec: TuneSpec, cfg: RunConfig) -> dict[str, dict]:
@@ -304,7 +366,7 @@ def _select(cfg: RunConfig, grid: dict, tune_dir: Path, metric: str | None, tick
             run_trial(trial)
             gc.collect()
         value = objective_value(trial.run_dir, metric)
-        tick(f"{cfg.name} select {i + 1}")
+        tick(f"{cfg.name} select {i + 1} done")
         if best["value"] is None or value > best["value"]:
             best = {"params": params, "value": value}
     return {**best, "trials": len(_grid_points(grid))}
@@ -322,11 +384,20 @@ def _search(cfg: RunConfig, spec: TuneSpec, space: dict, tune_dir: Path, tick) -
 
     def objective(trial) -> float:
         run = trial_config(base, suggest(trial, space), f"trial-{trial.number}", tune_dir)
+        ended = "failed"
         try:
             run_trial(run, on_epoch_end=_pruning_callback(trial, run, spec.metric))
+            ended = "done"
+        except optuna.TrialPruned:
+            ended = "pruned"
+            raise
+        except Stopped:
+            ended = "stopped"
+            quiet_optuna()
+            raise
         finally:
             gc.collect()
-            tick(f"{cfg.name} trial {trial.number + 1}")
+            tick(f"{cfg.name} trial {trial.number + 1} {ended}")  # the progress bar says how the trial ended
         return objective_value(run.run_dir, spec.metric)
 
     done = len(study.get_trials(deepcopy=False, states=finished))

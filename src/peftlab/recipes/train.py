@@ -20,9 +20,10 @@ import torch
 
 from peftlab.core.config import RunConfig, save_config
 from peftlab.core.errors import PeftlabError
-from peftlab.core.files import write_json, write_jsonl
+from peftlab.core.files import ensure_writable, write_json, write_jsonl
 from peftlab.core.lock import run_folder_lock
 from peftlab.core.resources import peak_rss_mb, versions
+from peftlab.core.signals import stop_on_signals
 from peftlab.data.mixture import Part, is_mixture, load_parts, parse_mixture, single_part
 from peftlab.data.splits import data_labels, load_splits
 from peftlab.data.targets import resolve_targets
@@ -35,8 +36,16 @@ from peftlab.methods.head import fit_head
 from peftlab.methods.registry import Method, apply_method, count_params, get_method, plain_path_reason, use_plain_path
 from peftlab.models.loading import load_model
 from peftlab.models.local import LoadedModel, check_max_length
-from peftlab.prompts.encoding import content_free_items, encode_split, few_shot_demos, format_for, sample_train
+from peftlab.prompts.encoding import (
+    content_free_items,
+    encode_split,
+    encode_train,
+    few_shot_demos,
+    format_for,
+    sample_train,
+)
 from peftlab.prompts.format import Encoded, PromptFormat
+from peftlab.train.checkpoint import CHECKPOINT
 from peftlab.train.loop import FitData, fit
 from peftlab.train.runtime import accelerator_and_dtype, seed_everything
 from peftlab.train.save import save_trained
@@ -56,6 +65,7 @@ class RunContext:
     train: list[Encoded] = field(default_factory=list)
     train_examples: list[Example] = field(default_factory=list)  # behind `train`, for a single task
     train_mix: dict[str, int] = field(default_factory=dict)  # training examples drawn per task
+    dropped: int = 0  # training rows left out: over data.max_length even cut (data.too_long: cut)
     # (part key, split) -> encoded items; split is "val", "test" or "content_free" (calibration prompts)
     enc: dict[tuple[str, str], list[Encoded]] = field(default_factory=dict)
 
@@ -68,8 +78,15 @@ def run_training(cfg: RunConfig, on_epoch_end=None, score_test: bool = True) -> 
     """Train (or, for zero/few-shot, only evaluate) one method and write its run folder.
 
     `score_test=False`: a tuning trial, judged on val alone; the test split is neither scored nor looked at, so
-    choosing a config cannot select on it.
+    choosing a config cannot select on it. A SIGTERM or Ctrl-C stops it with one line (`core.signals.Stopped`),
+    after the current training step and a checkpoint of it: `--resume` goes on from there.
     """
+    with stop_on_signals():
+        return _train_run(cfg, on_epoch_end, score_test)
+
+
+def _train_run(cfg: RunConfig, on_epoch_end, score_test: bool) -> Path:
+    ensure_writable(cfg.run_dir, "set output_dir to a writable folder")  # before the model loads, not after training
     ctx = prepare(cfg)
     if not score_test:
         ctx.enc.update({key: [] for key in ctx.enc if key[1] == "test"})
@@ -159,11 +176,14 @@ def _encode(ctx: RunContext) -> None:
     """Training items (teacher targets where configured, or a mixture's sampled draw), and each part's val/test."""
     cfg, fmt = ctx.cfg, ctx.fmt
     if len(ctx.parts) > 1:
-        ctx.train, ctx.train_mix = sample_train(ctx.parts, fmt, cfg.data.max_length, cfg.data.seed)
+        ctx.train, ctx.train_mix = sample_train(ctx.parts, fmt, cfg.data.max_length, cfg.data.seed,
+                                                cfg.data.too_long)
+        ctx.dropped = sum(ctx.train_mix.values()) - len(ctx.train)
     else:
         part = ctx.parts[0]
-        ctx.train_examples = resolve_targets(cfg, part.task, part.splits["train"])  # teacher outputs replace gold
-        ctx.train = encode_split(cfg, part.task, fmt, ctx.train_examples)
+        examples = resolve_targets(cfg, part.task, part.splits["train"])  # teacher outputs replace gold
+        ctx.train, ctx.train_examples = encode_train(cfg, part.task, fmt, examples)
+        ctx.dropped = len(examples) - len(ctx.train)
         ctx.train_mix = {part.task.name: len(ctx.train)}
     shots_k = cfg.data.shots or (3 if ctx.method.name == "few-shot" else 0)
     for part in ctx.parts:
@@ -174,6 +194,21 @@ def _encode(ctx: RunContext) -> None:
         ctx.enc[(part.key, "content_free")] = content_free_items(
             cfg, part.task, fmt, part.splits["train"], shots, template
         )
+    _log_cuts(ctx)
+
+
+def _log_cuts(ctx: RunContext) -> None:
+    """Say how many rows were cut to data.max_length and how many training rows were dropped (result.json keeps
+    both counts). A dropped row is a warning: the model trains on less than the file holds."""
+    if not ctx.accelerator.is_main_process:
+        return
+    cut = sum(e.truncated > 0 for items in [ctx.train, *ctx.enc.values()] for e in items)
+    if cut:
+        print(f"{cut} example(s) cut to data.max_length {ctx.cfg.data.max_length} (a context at its end, a "
+              "conversation at its oldest turns)", flush=True)
+    if ctx.dropped:
+        print(f"warning: {ctx.dropped} training row(s) left out: over data.max_length {ctx.cfg.data.max_length} "
+              "even cut (set data.too_long: error to stop on them instead)", file=sys.stderr)
 
 
 def train_model(ctx: RunContext, model: torch.nn.Module, on_epoch_end=None) -> dict:
@@ -193,7 +228,8 @@ def train_model(ctx: RunContext, model: torch.nn.Module, on_epoch_end=None) -> d
     if ctx.method.build is not None:  # the linear head: one feature pass and a convex fit, no gradient loop
         return fit_head(ctx.cfg, model, first.task, ctx.fmt, ctx.train, ctx.train_examples)
     data = FitData(first.task, ctx.fmt, ctx.train, ctx.enc[(first.key, "val")], first.splits["val"])
-    return fit(ctx.cfg, model, ctx.loaded, data, ctx.run_dir, ctx.accelerator, on_epoch_end)
+    # keep_checkpoint: the finished training stays on disk until result.json is written (see `finish`).
+    return fit(ctx.cfg, model, ctx.loaded, data, ctx.run_dir, ctx.accelerator, on_epoch_end, keep_checkpoint=True)
 
 
 def score_parts(ctx: RunContext, model: torch.nn.Module, best_val: dict | None) -> tuple[dict, list[dict]]:
@@ -254,6 +290,7 @@ def finish(ctx: RunContext, model: torch.nn.Module, summary: dict, params: tuple
         "weights_mb": sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20,
         "wall_seconds": time.perf_counter() - ctx.started,
         "truncated_examples": sum(e.truncated > 0 for items in [ctx.train, *ctx.enc.values()] for e in items),
+        "dropped_examples": ctx.dropped,  # training rows left out: over data.max_length even cut
         "train_mix": ctx.train_mix,
         # Why this run went without peftlab's speed paths (a tuner not checked against them), or None.
         "plain_path": plain_path_reason(cfg.method),
@@ -261,3 +298,4 @@ def finish(ctx: RunContext, model: torch.nn.Module, summary: dict, params: tuple
         "versions": versions(),
     }
     write_json(ctx.run_dir / "result.json", result)  # written last: its presence marks the run complete
+    (ctx.run_dir / CHECKPOINT).unlink(missing_ok=True)  # kept until now: a failed save above resumes past training

@@ -49,7 +49,7 @@ _COST_COLUMNS: list[tuple[str, str, str, float]] = [
 _RESULT_FIELDS = set(
     "name method task model task_kind primary_metric trainable_params total_params trainable_pct adapter_bytes"
     " train_steps train_seconds tokens_per_s peak_rss_mb best_val_loss last_train_loss versions run_dir"
-    " best_epoch lr wall_seconds truncated_examples peak_gpu_mb weights_mb".split()
+    " best_epoch lr wall_seconds truncated_examples dropped_examples peak_gpu_mb weights_mb".split()
 )
 # Test bookkeeping shown elsewhere (test n) or not a quality number.
 _NOT_METRICS = {"test_n", "test_truncated_examples"}

@@ -34,6 +34,8 @@ class Example:
     image: str | None = None  # path of the example's image; only vision-language models read it
     # A chat example's prompt as turns ({role, content}), rendered through the chat template; None for the rest.
     messages: tuple[dict[str, str], ...] | None = None
+    # Where the row is ("data.jsonl:12"), so an error about its length can name it; None for a row from elsewhere.
+    source: str | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True)

@@ -10,13 +10,17 @@ an error names the file, the row and the field the way the built-in tasks do.
   turns before it are the prompt, rendered through the model's chat template.
 
 When the outputs of the training file are a few short labels, the task is classification (label scoring, accuracy
-and macro-F1), else generation (ROUGE); `infer_labels` decides, and `data.labels` overrides it.
+and macro-F1), else generation (ROUGE); `infer_labels` decides, and `data.labels` overrides it. Labels that differ
+only in case or surrounding space are one label (`label_key`): "Yes" and "yes" would otherwise be two classes, and
+accuracy and macro-F1 would count a right answer wrong. Every row's label is then read as the label set's spelling
+(`match_label`), in every split.
 """
 
 from __future__ import annotations
 
 import shutil
 import tempfile
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -85,6 +89,7 @@ def alpaca_example(path: Path, line: int, obj: dict, labelled: bool = True) -> E
         target=target,
         references=(target,) if target else (),
         split=require_split(path, line, obj),
+        source=f"{path}:{line}",
     )
 
 
@@ -115,6 +120,7 @@ def chat_example(path: Path, line: int, obj: dict, labelled: bool = True) -> Exa
         references=(target,) if target else (),
         split=require_split(path, line, obj),
         messages=tuple(turns),
+        source=f"{path}:{line}",
     )
 
 
@@ -127,13 +133,50 @@ def _row_id(path: Path, line: int, obj: dict) -> str:
     return str(value)
 
 
+def label_key(label: str) -> str:
+    """What makes two labels one label: neither case nor surrounding space counts."""
+    return label.strip().casefold()
+
+
+def match_label(target: str, labels: Sequence[str]) -> str | None:
+    """The label of `labels` that `target` is: the same text, else the one label equal up to case and space."""
+    if target in labels:
+        return target
+    same = [label for label in labels if label_key(label) == label_key(target)]
+    return same[0] if len(same) == 1 else None
+
+
+def _spellings(examples: Sequence[Example]) -> list[Counter]:
+    """The targets grouped by `label_key`: each group's spellings with their counts."""
+    groups: dict[str, Counter] = {}
+    for ex in examples:
+        groups.setdefault(label_key(ex.target), Counter())[ex.target] += 1
+    return list(groups.values())
+
+
+def _canonical(spellings: Counter) -> str:
+    """A group's label: its most frequent spelling; a tie goes to the lower-case one, then to the first in order."""
+    return min(spellings, key=lambda s: (-spellings[s], s != s.lower(), s))
+
+
 def infer_labels(examples: Sequence[Example]) -> tuple[str, ...]:
-    """The label set when the targets are a few short labels, each seen at least twice; else () (generation)."""
-    targets = [ex.target for ex in examples]
-    distinct = sorted(set(targets))
-    counts = [targets.count(t) for t in distinct]
-    if not 2 <= len(distinct) <= MAX_LABELS or min(counts) < 2:
+    """The label set when the targets are a few short labels, each seen at least twice; else () (generation).
+
+    Spellings that differ only in case or space count as one label (`merged_labels` says which were merged).
+    """
+    groups = _spellings(examples)
+    if not 2 <= len(groups) <= MAX_LABELS or min(sum(g.values()) for g in groups) < 2:
         return ()
-    if any(len(t.split()) > MAX_LABEL_WORDS for t in distinct):
+    labels = [_canonical(g) for g in groups]
+    if any(len(t.split(maxsplit=MAX_LABEL_WORDS)) > MAX_LABEL_WORDS for t in labels):  # a huge text: few splits
         return ()
-    return tuple(distinct)
+    return tuple(sorted(labels))
+
+
+def merged_labels(examples: Sequence[Example]) -> str | None:
+    """The spellings `infer_labels` merged, for a warning: "'Yes' (3), 'yes' (5) -> 'yes'"; None when none were."""
+    merged = sorted((g for g in _spellings(examples) if len(g) > 1), key=_canonical)
+    if not merged:
+        return None
+    return "; ".join(", ".join(f"{s!r} ({n})" for s, n in sorted(g.items())) + f" -> {_canonical(g)!r}"
+                     for g in merged)

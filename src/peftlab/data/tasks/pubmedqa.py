@@ -54,7 +54,7 @@ def load(path: Path, labels: tuple[str, ...] = LABELS, labelled: bool = True) ->
             raise data_error(path, None, f"{pmid}.final_decision", "missing")
         elif decision not in LABELS:
             raise data_error(
-                path, None, f"{pmid}.final_decision", f"unknown label '{decision}'; valid: {', '.join(LABELS)}"
+                path, None, f"{pmid}.final_decision", f"unknown label {decision!r}; valid: {', '.join(LABELS)}"
             )
         if labelled and decision not in labels:
             continue
@@ -71,6 +71,7 @@ def load(path: Path, labels: tuple[str, ...] = LABELS, labelled: bool = True) ->
                 target=decision,
                 references=(decision,) if decision else (),
                 extra={"long_answer": long_answer, "contexts": contexts},
+                source=f"{path}: item {pmid}",
             )
         )
     return examples
