@@ -10,7 +10,7 @@ from pathlib import Path
 
 from peftlab.core.errors import PeftlabError, data_error
 from peftlab.data.tasks import Example, Task
-from peftlab.data.tasks.base import read_jsonl
+from peftlab.data.tasks.base import not_utf8, read_jsonl
 from peftlab.data.tasks.formats import match_label
 
 ID_KEYS = ("id", "example_id")
@@ -23,10 +23,15 @@ def read_outputs(path: Path) -> dict[str, str]:
     if not path.is_file():
         raise PeftlabError(f"{path}: no such teacher-output file")
     if path.suffix == ".csv":
-        rows = enumerate(csv.DictReader(path.open(encoding="utf-8-sig")), start=2)
+        try:
+            with path.open(encoding="utf-8-sig", newline="") as f:
+                rows = list(enumerate(csv.DictReader(f), start=2))
+        except UnicodeDecodeError:
+            raise not_utf8(path) from None
     else:
         rows = read_jsonl(path)
-    outputs = {}
+    outputs: dict[str, str] = {}
+    lines: dict[str, int] = {}
     for lineno, row in rows:
         id_key = next((k for k in ID_KEYS if k in row), None)
         out_key = next((k for k in OUTPUT_KEYS if k in row), None)
@@ -34,7 +39,11 @@ def read_outputs(path: Path) -> dict[str, str]:
             raise data_error(path, lineno, "id", "missing")
         if out_key is None or not str(row[out_key]).strip():
             raise data_error(path, lineno, out_key or "output", "missing or empty text")
-        outputs[str(row[id_key])] = str(row[out_key]).strip()
+        key, output = str(row[id_key]), str(row[out_key]).strip()
+        # Two different outputs for one id: keeping either would train that example on a guess.
+        if outputs.get(key, output) != output:
+            raise data_error(path, lineno, id_key, f"id {key!r} has another output on line {lines[key]}")
+        outputs[key], lines[key] = output, lines.get(key, lineno)
     return outputs
 
 
@@ -43,6 +52,7 @@ def resolve_targets(cfg, task: Task, examples: list[Example]) -> list[Example]:
     if cfg.data.target == "gold":
         return examples
     outputs = read_outputs(teacher_file(cfg))
+    _check_unique_ids(examples)
     missing = [ex.id for ex in examples if ex.id not in outputs]
     if missing:
         raise PeftlabError(
@@ -54,6 +64,17 @@ def resolve_targets(cfg, task: Task, examples: list[Example]) -> list[Example]:
             raise PeftlabError(f"{cfg.data.target}: id {bad[0][0]!r}: unknown label {bad[0][1]!r}")
         outputs = {ex.id: match_label(outputs[ex.id], task.labels) for ex in examples}
     return [dataclasses.replace(ex, target=outputs[ex.id]) for ex in examples]
+
+
+def _check_unique_ids(examples: list[Example]) -> None:
+    """Outputs are matched to examples by id: two different training rows with one id would both get the output
+    written for one of them."""
+    seen: dict[str, Example] = {}
+    for ex in examples:
+        other = seen.setdefault(ex.id, ex)
+        if other is not ex and (other.inputs, other.messages) != (ex.inputs, ex.messages):
+            raise PeftlabError(f"{ex.source or 'data'}: id {ex.id!r} is also the id of {other.source or 'another row'}"
+                               f"; data.target matches outputs to rows by id, so ids must be unique")
 
 
 def teacher_file(cfg) -> Path:

@@ -39,14 +39,27 @@ class ServedHead:
     max_length: int
 
     def example(self, fields: dict) -> Example:
-        """The request's input fields as an example; a missing or non-text field is a ValueError naming it."""
+        """The request's input fields as an example; a missing, non-text or unknown field is a ValueError naming it.
+
+        An unknown field is refused, not dropped: alpaca's `inputs` for `input` would otherwise be classified
+        without its context, and answer with a label for another question.
+        """
+        names = self.fields()
+        unknown = [n for n in fields if n not in names]
+        if unknown:
+            raise ValueError(f"unknown field {unknown[0]!r}; this classifier reads {', '.join(names)}")
         if self.task.read_record is not None:  # alpaca and chat take a record as their files hold it
             return self.task.read_record(fields)
-        names = _template_fields(self.task, self.template)
         missing = [n for n in names if not isinstance(fields.get(n), str) or not fields[n].strip()]
         if missing:
             raise ValueError(f"inputs needs text fields {', '.join(names)}; missing or empty: {', '.join(missing)}")
         return Example("request", {n: fields[n].strip() for n in names}, "", ())
+
+    def fields(self) -> list[str]:
+        """The input fields a request may send: the template's, or an alpaca or chat record's."""
+        if self.task.read_record is not None:
+            return ["instruction", "input"] if "instruction" in self.task.templates[0].text else ["messages"]
+        return _template_fields(self.task, self.template)
 
     def single_field(self) -> str | None:
         """The one input a plain completion prompt fills, when the task has just one (or alpaca's instruction)."""

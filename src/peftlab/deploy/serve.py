@@ -297,6 +297,27 @@ class Limits:
 
 def _check_request(pool: AdapterPool, limits: Limits, req, prompt_ids: list[int]) -> int:
     """Validate sampling options and lengths; return the max_tokens to use."""
+    max_tokens = _check_options(limits, req)
+    n = len(prompt_ids)
+    if n > limits.max_prompt_tokens:
+        raise ApiError(400, f"prompt is {n} tokens; the limit is {limits.max_prompt_tokens}", "prompt_too_long")
+    positions = pool.max_positions()
+    total = n + pool.virtual_tokens.get(req.model, 0) + max_tokens
+    if positions and pool.loaded.kind == "causal" and total > positions:
+        raise ApiError(
+            400,
+            f"prompt ({n} tokens) plus max_tokens ({max_tokens}) exceeds the model's {positions} positions",
+            "prompt_too_long",
+        )
+    return max_tokens
+
+
+def _check_options(limits: Limits, req) -> int:
+    """Refuse what greedy, one-answer, non-streamed decoding cannot honour; return the max_tokens to use.
+
+    A served classifier answers through the same check: `n: 3` or `temperature: 0.8` answered with one greedy
+    label would be a silently different answer from the one asked for.
+    """
     if req.stream:
         raise ApiError(400, "streaming is not supported", "unsupported")
     if req.n != 1:
@@ -310,17 +331,6 @@ def _check_request(pool: AdapterPool, limits: Limits, req, prompt_ids: list[int]
     max_tokens = req.max_tokens or asked or min(128, limits.max_tokens_cap)
     if max_tokens > limits.max_tokens_cap:
         raise ApiError(400, f"max_tokens {max_tokens} is over this server's cap {limits.max_tokens_cap}", "max_tokens")
-    n = len(prompt_ids)
-    if n > limits.max_prompt_tokens:
-        raise ApiError(400, f"prompt is {n} tokens; the limit is {limits.max_prompt_tokens}", "prompt_too_long")
-    positions = pool.max_positions()
-    total = n + pool.virtual_tokens.get(req.model, 0) + max_tokens
-    if positions and pool.loaded.kind == "causal" and total > positions:
-        raise ApiError(
-            400,
-            f"prompt ({n} tokens) plus max_tokens ({max_tokens}) exceeds the model's {positions} positions",
-            "prompt_too_long",
-        )
     return max_tokens
 
 
@@ -418,6 +428,7 @@ def create_app(
         req = await _read_json(request, limits.max_body_bytes, schema)
         known(req.model)
         if req.model in classifiers.heads:
+            _check_options(limits, req)
             return await _head_completion(classifiers, req, kind)
         prompt_ids = _chat_prompt(pool, req) if kind == "chat" else _completion_prompt(pool, req)
         max_tokens = _check_request(pool, limits, req, prompt_ids)
@@ -447,9 +458,12 @@ def create_app(
 
 
 class ClassifyRequest(BaseModel):
-    """An example's input fields, as in the run's data file (e.g. question and context, or instruction and input)."""
+    """An example's input fields, as in the run's data file (e.g. question and context, or instruction and input).
 
-    model_config = ConfigDict(extra="forbid")
+    As strict as the generating endpoints: an unknown field is refused by name, and no value is coerced.
+    """
+
+    model_config = _STRICT
     model: str
     inputs: dict[str, Any]
 

@@ -23,6 +23,10 @@ from peftlab.report import stats
 from peftlab.report.stats import MethodSummary, Replica
 
 MANIFEST = "study.json"
+# The data settings that decide which examples a run's test split holds. data.fold is left out: fold k of one method
+# pairs with fold k of another by their ids. With a test file of its own, only that file and the cut say which.
+SPLIT_KEYS = ("task", "path", "train", "val", "test", "split", "seed", "folds", "limit_eval", "mixture")
+TEST_FILE_KEYS = ("task", "test", "limit_eval", "mixture")
 # (result.json column, axis label) of the costs the frontier is drawn over.
 COSTS = [("trainable_params", "trainable parameters"), ("train_seconds", "train time (s)"),
          ("peak_rss_mb", "peak memory (MB)"), ("adapter_bytes", "adapter size (bytes)")]
@@ -37,6 +41,8 @@ class Group:
     results: list[dict]
     replicas: list[Replica]
     folders: list[Path] = field(default_factory=list)
+    # Per replica, its test rows as (id, references): two methods pair only when these are the same.
+    tests: list[tuple] = field(default_factory=list)
 
 
 def _rows(path: Path) -> list[dict]:
@@ -56,7 +62,7 @@ def load_groups(study_dir: Path) -> list[Group]:
         spec = {p.name: {"runs": [p.name]} for p in sorted(study_dir.iterdir()) if (p / "result.json").is_file()}
     groups = []
     for name, g in spec.items():
-        results, replicas, folders = [], [], []
+        results, replicas, folders, tests = [], [], [], []
         for run in g["runs"]:
             result_path = study_dir / run / "result.json"
             rows = _rows(study_dir / run / "predictions.jsonl")
@@ -67,8 +73,10 @@ def load_groups(study_dir: Path) -> list[Group]:
             results.append(result)
             replicas.append(stats.replica_from_rows(rows, labels if isinstance(labels, list) else None))
             folders.append(study_dir / run)
+            tests.append(tuple(sorted((str(r["id"]), json.dumps(r.get("references"))) for r in rows)))
         if results:
-            groups.append(Group(name, g.get("method") or results[0].get("method", name), results, replicas, folders))
+            groups.append(Group(name, g.get("method") or results[0].get("method", name), results, replicas, folders,
+                                tests))
     return groups
 
 
@@ -90,7 +98,7 @@ def decide(study_dir: Path, metric: str | None = None, seed: int = 0) -> dict | 
         return None  # the per-example rows carry only these metrics (a mixture's are prefixed by task)
     fn = stats.metric_fn(metric, n_labels)
     ids = {r.ids for g in groups for r in g.replicas}
-    if any({r.ids for r in g.replicas} != {r.ids for r in groups[0].replicas} for g in groups):
+    if _unpaired(groups) is not None:
         return None  # methods scored on different test examples cannot be paired
     if not _rows_reproduce_metric(groups, metric, fn):
         return None
@@ -117,6 +125,49 @@ def decide(study_dir: Path, metric: str | None = None, seed: int = 0) -> dict | 
         row["frontier"] = [label for key, label in COSTS if row["name"] in fronts[key]]
     return {"metric": metric, "n_test": n_test, "level": stats.LEVEL, "rows": rows, "frontier": fronts,
             "verdict": stats.verdict(summaries, metric, n_test), "data": data_source(groups[0].folders[0])}
+
+
+def test_split(run_dir: Path) -> dict:
+    """The data settings of a run (config.yaml) that decide its test examples; {} when the folder does not say."""
+    try:
+        config = read_yaml(run_dir / "config.yaml") if (run_dir / "config.yaml").is_file() else None
+    except PeftlabError:
+        return {}
+    data = config.get("data") if isinstance(config, dict) else None
+    if not isinstance(data, dict):
+        return {}
+    return {key: data.get(key) for key in (TEST_FILE_KEYS if data.get("test") else SPLIT_KEYS)}
+
+
+def _unpaired(groups: list[Group]) -> str | None:
+    """Why the methods were not scored on the same test examples, or None when they were.
+
+    The same ids are not enough: two files both number their rows row2, row3, ..., and a data file edited between
+    runs keeps its ids. So the settings that pick the test split must agree, and so must every row's references.
+    """
+    splits = {g.name: test_split(g.folders[0]) for g in groups}
+    differ = [k for k in dict.fromkeys(k for s in splits.values() for k in s)
+              if len({json.dumps(s.get(k)) for s in splits.values()}) > 1]
+    if differ:
+        return "; ".join(f"{name}: " + ", ".join(f"data.{k}={s.get(k)}" for k in differ) for name, s in splits.items())
+    if any(set(g.tests) != set(groups[0].tests) for g in groups):
+        odd = next(g.name for g in groups if set(g.tests) != set(groups[0].tests))
+        return f"{groups[0].name} and {odd} have different test ids or references (a data file changed between runs?)"
+    return None
+
+
+def unpaired_note(study_dir: Path) -> str | None:
+    """A sentence for the results page when methods of one task were scored on different test examples: their test
+    metrics are then no comparison, and no verdict is drawn. None when they share them. Runs of different tasks are
+    side by side on purpose, and are not compared."""
+    by_task: dict[str, list[Group]] = {}
+    for g in load_groups(study_dir):
+        by_task.setdefault(str(g.results[0].get("task")), []).append(g)
+    why = next((w for gs in by_task.values() if len(gs) > 1 and (w := _unpaired(gs)) is not None), None)
+    if why is None:
+        return None
+    return (f"The runs were not scored on the same test examples ({why}): their test metrics are not a comparison, "
+            "and no paired verdict is drawn. Rerun them on one test split.")
 
 
 def data_source(run_dir: Path) -> str | None:

@@ -16,6 +16,7 @@ from pathlib import Path
 import pandas as pd
 
 from peftlab.core.files import write_json
+from peftlab.report.decision import unpaired_note
 
 NOT_RUN = "not_run.json"
 
@@ -73,6 +74,9 @@ def memory_notes(df: pd.DataFrame) -> list[str]:
 def notes_markdown(study_dir: Path, df: pd.DataFrame) -> str:
     """Markdown to append under the results table (empty when there is nothing to note)."""
     parts = []
+    unpaired = unpaired_note(study_dir)
+    if unpaired:
+        parts.append(f"Warning: {unpaired}\n")
     skipped = not_run(study_dir)
     if skipped:
         parts.append("Not run here:\n\n" + "".join(f"- {r['name']} ({r['method']}): {r['reason']}\n" for r in skipped))
@@ -85,6 +89,9 @@ def notes_markdown(study_dir: Path, df: pd.DataFrame) -> str:
 def notes_html(study_dir: Path, df: pd.DataFrame) -> str:
     """The same notes as HTML for the report's results section."""
     parts = []
+    unpaired = unpaired_note(study_dir)
+    if unpaired:
+        parts.append(f'<p class="warning"><b>Warning</b>: {html.escape(unpaired)}</p>')
     skipped = not_run(study_dir)
     if skipped:
         items = "".join(f"<li><b>{html.escape(r['name'])}</b> ({html.escape(r['method'])}): "

@@ -1,8 +1,9 @@
 """Reading a user's own files: records from JSONL, JSON, CSV or Parquet, and the alpaca and chat formats.
 
-JSONL and JSON are read by peftlab's own readers, which name the line of a malformed record; CSV and Parquet go
-through Hugging Face `datasets` (offline: local files only). Every reader returns `(row number, record)` pairs, so
-an error names the file, the row and the field the way the built-in tasks do.
+JSONL, JSON and CSV are read by peftlab's own readers, which name the line of a malformed record; Parquet goes
+through Hugging Face `datasets` (offline: local files only). A CSV cell is text as written: a type-guessing reader
+would turn the id `007` into 7, and the words `NA`, `None` or `null` into a missing value. Every reader returns
+`(row number, record)` pairs, so an error names the file, the row and the field the way the built-in tasks do.
 
 - **alpaca**: `instruction`, an optional `input` (the context: truncation shortens it, never the instruction) and
   `output`, the target. The fields LLaMA-Factory, Axolotl and TRL take.
@@ -11,15 +12,17 @@ an error names the file, the row and the field the way the built-in tasks do.
 
 When the outputs of the training file are a few short labels, the task is classification (label scoring, accuracy
 and macro-F1), else generation (ROUGE); `infer_labels` decides, and `data.labels` overrides it. Labels that differ
-only in case or surrounding space are one label (`label_key`): "Yes" and "yes" would otherwise be two classes, and
+only in case, space or Unicode form are one label (`label_key`): "Yes" and "yes" would otherwise be two classes, and
 accuracy and macro-F1 would count a right answer wrong. Every row's label is then read as the label set's spelling
 (`match_label`), in every split.
 """
 
 from __future__ import annotations
 
+import csv
 import shutil
 import tempfile
+import unicodedata
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
@@ -45,27 +48,47 @@ def read_records(path: Path) -> list[tuple[int, dict]]:
         if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
             raise data_error(path, None, None, "expected a JSON list of objects (one per example)")
         return list(enumerate(data, start=1))
-    return _read_with_datasets(path)
+    if path.suffix == ".csv":
+        return _read_csv(path)
+    return _read_parquet(path)
 
 
-def _read_with_datasets(path: Path) -> list[tuple[int, dict]]:
-    """CSV and Parquet through `datasets`; CSV rows are numbered by their line (the header is line 1)."""
+def _read_csv(path: Path) -> list[tuple[int, dict]]:
+    """CSV records numbered by the line they start on (the header is line 1), every cell as the text it holds.
+
+    An empty cell is read as null, the closest CSV has to a missing value, so that a required field names it.
+    """
+    records = []
+    try:
+        with open(path, encoding="utf-8-sig", newline="") as f:
+            reader = csv.DictReader(f)
+            start = 2
+            for row in reader:
+                if None in row:  # more cells than the header has columns: which column is which is a guess
+                    raise data_error(path, start, None, f"{len(row) - 1 + len(row[None])} cells, but the header "
+                                     f"names {len(reader.fieldnames or [])} columns")
+                records.append((start, {k: (v if v != "" else None) for k, v in row.items()}))
+                start = reader.line_num + 1
+    except (csv.Error, UnicodeDecodeError) as err:
+        raise PeftlabError(f"{path}: cannot read this CSV file ({err})") from None
+    return records
+
+
+def _read_parquet(path: Path) -> list[tuple[int, dict]]:
+    """Parquet through `datasets`: its columns carry their own types, so nothing is guessed."""
     import datasets
 
     datasets.disable_progress_bars()
     datasets.logging.set_verbosity_error()
-    kind = "csv" if path.suffix == ".csv" else "parquet"
-    options = {"encoding": "utf-8-sig"} if kind == "csv" else {}
     cache = tempfile.mkdtemp(prefix="peftlab-datasets-")  # nothing left in the user's datasets cache
     try:
-        table = datasets.load_dataset(kind, data_files=str(path), split="train", cache_dir=cache,
-                                      keep_in_memory=True, **options)
-    except Exception as err:  # pyarrow and pandas raise many types; all mean the file cannot be read
-        raise PeftlabError(f"{path}: cannot read this {kind.upper()} file ({str(err).splitlines()[0]})") from None
+        table = datasets.load_dataset("parquet", data_files=str(path), split="train", cache_dir=cache,
+                                      keep_in_memory=True)
+    except Exception as err:  # pyarrow raises many types; all mean the file cannot be read
+        raise PeftlabError(f"{path}: cannot read this PARQUET file ({str(err).splitlines()[0]})") from None
     finally:
         shutil.rmtree(cache, ignore_errors=True)
-    first = 2 if kind == "csv" else 1
-    return [(i, dict(row)) for i, row in enumerate(table, start=first)]
+    return [(i, dict(row)) for i, row in enumerate(table, start=1)]
 
 
 def optional_text(path: Path, line: int, obj: dict, key: str) -> str:
@@ -134,8 +157,12 @@ def _row_id(path: Path, line: int, obj: dict) -> str:
 
 
 def label_key(label: str) -> str:
-    """What makes two labels one label: neither case nor surrounding space counts."""
-    return label.strip().casefold()
+    """What makes two labels one label: neither case, nor space (around or between words), nor Unicode form counts.
+
+    NFKC reads a decomposed "é" (e + a combining accent, as macOS file names and some exports write it) as the
+    composed one, and full-width "ｙｅｓ" as "yes": each pair looks the same, and would otherwise be two classes.
+    """
+    return " ".join(unicodedata.normalize("NFKC", label).casefold().split())
 
 
 def match_label(target: str, labels: Sequence[str]) -> str | None:
