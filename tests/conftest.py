@@ -60,8 +60,18 @@ def tiny_model(request, tiny_causal, tiny_seq2seq) -> Path:
 @pytest.fixture
 def small_pubmedqa(tmp_path) -> Path:
     """The first 40 PubMedQA items, as a file in the original format."""
-    items = dict(list(json.loads(PUBMEDQA.read_text()).items())[:40])
-    out = tmp_path / "pubmedqa.json"
+    return _first_pubmedqa(tmp_path)
+
+
+@pytest.fixture(scope="module")
+def small_pubmedqa_module(tmp_path_factory) -> Path:
+    """small_pubmedqa for a module's shared fixtures (a study run once and compared against)."""
+    return _first_pubmedqa(tmp_path_factory.mktemp("pubmedqa"))
+
+
+def _first_pubmedqa(folder: Path, n: int = 40) -> Path:
+    items = dict(list(json.loads(PUBMEDQA.read_text()).items())[:n])
+    out = folder / "pubmedqa.json"
     out.write_text(json.dumps(items))
     return out
 

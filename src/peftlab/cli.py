@@ -145,13 +145,16 @@ def cv(
     config: Annotated[Path, typer.Argument(help="run config YAML (or only key=value overrides on the defaults)")],
     overrides: Annotated[list[str] | None, typer.Argument(help="key=value overrides, e.g. method.head_c=0.3")] = None,
     folds: Annotated[int | None, typer.Option(help="number of folds (default: data.folds)")] = None,
+    executor: Annotated[str, typer.Option(help="where folds run: local (worker processes) or ray")] = "local",
+    workers: Annotated[int, typer.Option(min=1, help="folds at once")] = 1,
 ) -> None:
     """k-fold cross-validation: one run per fold in runs/<name>/fold-<k>/, then mean and spread in cv.md."""
     from peftlab.core.config import config_and_overrides, load_config
     from peftlab.recipes.cv import run_cv
+    from peftlab.recipes.executors import parse_executor
 
     cfg = load_config(*config_and_overrides(config, overrides))
-    summary = run_cv(cfg, folds)
+    summary = run_cv(cfg, folds, parse_executor(None, executor, workers))
     table = Table("metric", "mean", "std")
     for key, s in summary["metrics"].items():
         table.add_row(key, f"{s['mean']:.4f}", f"{s['std']:.4f}")
@@ -165,11 +168,15 @@ def compare(
     overrides: Annotated[list[str] | None, typer.Argument(help="key=value overrides applied to every run")] = None,
     only: Annotated[list[str] | None, typer.Option(help="run only these run names")] = None,
     plan: Annotated[bool, typer.Option("--plan", help="print the runs and an estimated time; train nothing")] = False,
+    executor: Annotated[str | None, typer.Option(help="where runs go: local (worker processes) or ray; default: "
+                                                      "the study's executor.kind, else local")] = None,
+    workers: Annotated[int | None, typer.Option(min=1, help="runs at once; default: the study's executor.workers, "
+                                                            "else 1")] = None,
 ) -> None:
     """Run every method of a study on the same data and budget; write results.md, results.csv and report.html."""
     from peftlab.recipes.compare import run_study
 
-    study_dir = run_study(study, overrides or [], only, plan=plan)
+    study_dir = run_study(study, overrides or [], only, plan=plan, executor_kind=executor, workers=workers)
     md = study_dir / "results.md"
     if plan:
         return

@@ -325,7 +325,8 @@ def test_a_failed_run_is_not_reported_done(tmp_path, tiny_causal, small_pubmedqa
         run_study(study)
     out = capsys.readouterr().out
     assert "bad done" not in out
-    assert out.index("run bad failed (exit 2); continuing") < out.index("| bad failed")
+    assert out.index("run bad failed: ") < out.index("| bad failed")
+    assert f"run bad failed: {tmp_path / 'missing.json'}: no such data file" in out  # the run's own reason
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -384,7 +385,7 @@ def test_sigterm_stops_the_whole_study_and_a_rerun_completes_it(tmp_path, tiny_c
     assert code == 143, out
     assert out.strip().splitlines()[-1] == ("error: study stopped by SIGTERM; 1 of 2 runs finished; rerun the same "
                                             "command to resume")
-    assert re.search(r"error: a: stopped by SIGTERM after step \d+; its checkpoint is \S+checkpoint.pt: rerun with "
+    assert re.search(r"a: stopped by SIGTERM after step \d+; its checkpoint is \S+checkpoint.pt: rerun with "
                      r"--resume to continue from there", out), out
     assert "Traceback" not in out
     assert not (study / "results.md").exists() and not (run / "result.json").exists()

@@ -9,12 +9,13 @@ from builders import PUBMEDQA
 from trainkit import tiny_cfg
 
 from peftlab.core.errors import PeftlabError
+from peftlab.core.result import RunResult
 from peftlab.recipes.cv import cv_markdown, run_cv, summarize
 
 
-def _result(acc: float, seconds: float) -> dict:
-    return {"metrics": {"test_accuracy": acc, "test_n": 2, "val_accuracy": 0.0}, "wall_seconds": seconds,
-            "train_seconds": seconds / 2}
+def _result(acc: float, seconds: float) -> RunResult:
+    return RunResult(name="fold", method="lora", metrics={"test_accuracy": acc, "test_n": 2, "val_accuracy": 0.0},
+                     wall_seconds=seconds, train_seconds=seconds / 2)
 
 
 def test_summarize_means_spreads_and_pools():

@@ -15,25 +15,23 @@ trains.
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from peftlab.core.config import RunConfig, deep_merge, load_config, save_config, to_dict
-from peftlab.core.errors import NotSupported, PeftlabError
+from peftlab.core.config import RunConfig, deep_merge, load_config, to_dict
+from peftlab.core.errors import PeftlabError
 from peftlab.core.files import ensure_writable, read_json, write_json
+from peftlab.core.result import RunResult
 from peftlab.core.signals import Stopped, signal_name, stop_on_signals
 from peftlab.experiments.distill import prepare_teacher
 from peftlab.methods.registry import get_method
+from peftlab.recipes.executors import ExecutorSpec, parse_executor, run_all
+from peftlab.recipes.runner import RunTask
 from peftlab.recipes.study import StudyRun, load_study, naming
 from peftlab.recipes.sweep import CHOSEN, TuneSpec, parse_tune, trial_config, tune_run
 from peftlab.recipes.throughput import measure
 from peftlab.report.decision import MANIFEST
-from peftlab.report.notes import NOT_RUN
 from peftlab.report.report import build_study_report
 
 __all__ = ["StudyRun", "load_study", "run_study"]
@@ -62,7 +60,8 @@ def _chosen(configs: list[RunConfig], only: list[str] | None) -> list[RunConfig]
     return [c for c in configs if only is None or c.name in only]
 
 
-def run_study(path: Path, overrides: list[str] = (), only: list[str] | None = None, plan: bool = False) -> Path:
+def run_study(path: Path, overrides: list[str] = (), only: list[str] | None = None, plan: bool = False,
+              executor_kind: str | None = None, workers: int | None = None) -> Path:
     """Run every run of a study that is not finished yet, then write results.md/csv and report.html.
 
     With `tune` or `repeats` in the study, each method is first chosen on val, then rerun per seed or fold. With
@@ -74,6 +73,7 @@ def run_study(path: Path, overrides: list[str] = (), only: list[str] | None = No
     with naming(Path(path)):
         spec = parse_tune(header["tune"]) if header.get("tune") is not None else None
         repeats = parse_repeats(header.get("repeats"))
+        executor = parse_executor(header.get("executor"), executor_kind, workers)
     chosen = _chosen(configs, only)
     if plan:
         print(plan_text(chosen, spec, repeats, study_dir))
@@ -87,13 +87,13 @@ def run_study(path: Path, overrides: list[str] = (), only: list[str] | None = No
                 prepare_teacher(header, configs, study_dir)
             if spec is not None or header.get("repeats") is not None:
                 metric = header.get("metric") or (spec and spec.metric)
-                failures = run_decision(chosen, spec, repeats, study_dir, metric)
+                failures = run_decision(chosen, spec, repeats, study_dir, metric, executor)
             else:
                 todo = [c for c in chosen if not (c.run_dir / "result.json").exists()]
                 print(f"study {study_dir}: {len(chosen)} runs, {len(chosen) - len(todo)} already done, "
                       f"{len(todo)} to run")
                 progress = Progress(sum(job_units(c) for c in todo))
-                failures = [c.name for c in todo if not _train_in_subprocess(c, progress)]
+                failures = run_finals(todo, executor, progress)
             # Every run failed: there is no table to write, only the failures to name.
             report = build_study_report(study_dir, title=header.get("name")) if _any_result(study_dir) else None
         except Stopped as stop:
@@ -109,62 +109,31 @@ def _any_result(study_dir: Path) -> bool:
     return any(study_dir.glob("*/result.json"))
 
 
-def _train_in_subprocess(cfg: RunConfig, progress: Progress) -> bool:
-    """Train one run in its own process; False when it failed (a run that cannot run here is not a failure)."""
-    progress.show(cfg.name)
-    cfg.run_dir.mkdir(parents=True, exist_ok=True)
-    (cfg.run_dir / NOT_RUN).unlink(missing_ok=True)  # retried: the machine may have what it lacked last time
-    save_config(cfg, cfg.run_dir / "config.yaml")
-    t0 = time.perf_counter()
-    returncode = _run_child(cfg)
-    if returncode == NotSupported.exit_code:  # the run wrote not_run.json; the report lists it
-        print(f"run {cfg.name} not run here (see the message above); continuing", flush=True)
-        outcome = "not run"
-    elif returncode != 0:
-        print(f"run {cfg.name} failed (exit {returncode}); continuing", flush=True)
-        outcome = "failed"
-    else:
-        print(f"run {cfg.name} done in {time.perf_counter() - t0:.0f} s", flush=True)
-        outcome = "done"
-    progress.advance(job_units(cfg), f"{cfg.name} {outcome}")
-    return outcome != "failed"
+def run_finals(configs: list[RunConfig], executor: ExecutorSpec, progress: Progress) -> list[str]:
+    """Run the configs on the executor, each in its own process; the names of the runs that failed (a run that
+    cannot run here is listed in the report, not counted as a failure)."""
+    tasks = [RunTask.of(c) for c in configs]
+    units = {c.name: job_units(c) for c in configs}
+    in_flight: set[str] = set()
 
+    def events(event: str, task: RunTask, result: RunResult | None) -> None:
+        if event == "start":
+            in_flight.add(task.name)
+            progress.show(f"{task.name} started ({len(in_flight)} in flight)")
+            return
+        in_flight.discard(task.name)
+        if result.status == "done":
+            print(f"run {task.name} done in {result.wall_seconds or 0:.0f} s", flush=True)
+        elif result.status == "stopped":  # the study stops too: the run's own line says where it can go on from
+            print(result.reason, flush=True)
+        else:
+            what = "not run here" if result.status == "not_run" else result.status
+            print(f"run {task.name} {what}: {result.reason}; continuing", flush=True)
+        progress.advance(units[task.name], f"{task.name} {result.status.replace('_', ' ')} "
+                                           f"({len(in_flight)} in flight)")
 
-STOP_GRACE_S = 60  # how long a stopped child may take to checkpoint its current step before it is killed
-
-
-def _run_child(cfg: RunConfig) -> int:
-    """`peftlab train CONFIG --resume` in a child process; its exit code. A stop here stops the child first.
-
-    The child stays in this process group: a terminal's Ctrl-C and a scheduler's signal to the group reach it
-    directly, and a SIGKILL to the group leaves no orphan that would hold the run's lock.
-    """
-    proc = None
-    try:
-        # --resume: a run killed mid-training continues from its last checkpoint instead of step 0.
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "peftlab", "train", str(cfg.run_dir / "config.yaml"), "--resume"],
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        )
-        return proc.wait()
-    except BaseException:  # Stopped by SIGTERM/SIGINT, or anything else: the child must not outlive the study
-        if proc is not None:
-            stop_child(proc)
-        raise
-
-
-def stop_child(proc: subprocess.Popen, grace: float = STOP_GRACE_S) -> None:
-    """SIGTERM, then wait: the child checkpoints its current step and exits (train.loop). SIGKILL after `grace`
-    seconds, or at once on a second signal; its last periodic checkpoint then stays for the rerun."""
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-    deadline, killed = time.monotonic() + grace, False
-    while proc.returncode is None:
-        try:
-            proc.wait(timeout=None if killed else max(0.0, deadline - time.monotonic()))
-        except (subprocess.TimeoutExpired, Stopped):
-            proc.kill()
-            killed = True
+    results = run_all(executor, tasks, events)
+    return [r.name for r in results if r.status in ("failed", "stopped")]
 
 
 def study_stopped(stop: Stopped, configs: list[RunConfig], repeats: Repeats) -> Stopped:
@@ -236,8 +205,9 @@ def chosen_config(cfg: RunConfig, chosen: dict) -> RunConfig:
 
 
 def run_decision(configs: list[RunConfig], spec: TuneSpec | None, repeats: Repeats, study_dir: Path,
-                 metric: str | None) -> list[str]:
-    """Tune each method on val, rerun the chosen config per seed/fold, write study.json; returns failed run names."""
+                 metric: str | None, executor: ExecutorSpec) -> list[str]:
+    """Tune each method on val, then run every method's chosen config per seed/fold together on the executor;
+    write study.json; returns the failed run names."""
     progress = Progress(sum(plan_units(c, spec, repeats, study_dir) for c in configs))
     finals = [f for c in configs for f in repeat_configs(c, repeats)]
     left = sum(not (f.run_dir / "result.json").exists() for f in finals)
@@ -247,7 +217,7 @@ def run_decision(configs: list[RunConfig], spec: TuneSpec | None, repeats: Repea
     manifest = study_dir / MANIFEST
     # `--only` runs some methods: the others stay in the manifest, and in the decision.
     groups: dict = read_json(manifest)["groups"] if manifest.is_file() else {}
-    failures = []
+    todo = []
     for cfg in configs:
         chosen = {"params": {}, "value": None, "trials": 0}
         if spec is not None:
@@ -256,14 +226,10 @@ def run_decision(configs: list[RunConfig], spec: TuneSpec | None, repeats: Repea
                               tick=lambda label, u=units: progress.advance(u, label))
             print(f"{cfg.name}: chosen {chosen['params'] or '(no knobs)'} val {chosen['value']}", flush=True)
         finals = repeat_configs(chosen_config(cfg, chosen), repeats)
-        for final in finals:
-            if (final.run_dir / "result.json").exists():
-                continue  # finished on an earlier pass: a rerun skips it
-            if not _train_in_subprocess(final, progress):
-                failures.append(final.name)
+        todo += [f for f in finals if not (f.run_dir / "result.json").exists()]  # a rerun skips finished ones
         groups[cfg.name] = {"method": cfg.method.name, "runs": [f.name for f in finals], "chosen": chosen}
         write_json(manifest, {"metric": metric, "repeats": vars_repeats(repeats), "groups": groups})
-    return failures
+    return run_finals(todo, executor, progress)
 
 
 def vars_repeats(repeats: Repeats) -> dict:

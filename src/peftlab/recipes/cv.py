@@ -10,18 +10,47 @@ in one process: frozen-feature methods (the linear head) pay for the features on
 
 from __future__ import annotations
 
-import json
 import statistics
 from dataclasses import replace
 from pathlib import Path
 
 from peftlab.core.config import RunConfig
 from peftlab.core.errors import PeftlabError
-from peftlab.core.files import read_json, write_json, write_text_atomic
+from peftlab.core.files import read_jsonl, write_json, write_text_atomic
+from peftlab.core.result import RunResult, has_result, read_result
+from peftlab.core.signals import Stopped, signal_name, stop_on_signals
 from peftlab.data.metrics import classification_metrics
 from peftlab.data.tasks import get_task
+from peftlab.recipes.executors import ExecutorSpec, run_all
+from peftlab.recipes.runner import RunTask
 from peftlab.recipes.train import run_training
 from peftlab.report.report import build_study_report
+
+
+def _run_folds(todo: list[RunConfig], executor: ExecutorSpec) -> None:
+    """The unfinished folds as tasks on the executor; a fold that did not finish is an error naming it."""
+
+    def events(event: str, task: RunTask, result: RunResult | None) -> None:
+        print(f"{task.name} {'started' if event == 'start' else result.status.replace('_', ' ')}", flush=True)
+
+    for result in run_all(executor, [RunTask.of(f) for f in todo], events):
+        if not result.done:
+            raise PeftlabError(f"cross-validation {result.name}: {result.reason}; rerun to retry it")
+
+
+def _run_here(fold_cfgs: list[RunConfig], todo: list[RunConfig]) -> None:
+    """The unfinished folds in this process. A fold stopped by SIGTERM or Ctrl-C goes on from its checkpoint when
+    the same command is run again (`peftlab cv` has no --resume: without it the fold would start over)."""
+    with stop_on_signals():
+        try:
+            for k, fold_cfg in enumerate(fold_cfgs):
+                if fold_cfg in todo:
+                    print(f"fold {k + 1}/{len(fold_cfgs)}", flush=True)
+                    run_training(replace(fold_cfg, train=replace(fold_cfg.train, resume=True)))
+        except Stopped as stop:
+            done = sum(has_result(f.run_dir) for f in fold_cfgs)
+            raise Stopped(stop.signum, f"cross-validation stopped by {signal_name(stop.signum)}; {done} of "
+                                       f"{len(fold_cfgs)} folds finished; rerun the same command to go on") from None
 
 
 def fold_config(cfg: RunConfig, fold: int, folds: int) -> RunConfig:
@@ -34,19 +63,19 @@ def fold_config(cfg: RunConfig, fold: int, folds: int) -> RunConfig:
     )
 
 
-def summarize(results: list[dict], predictions: list[list[dict]], labels: tuple[str, ...] | None) -> dict:
+def summarize(results: list[RunResult], predictions: list[list[dict]], labels: tuple[str, ...] | None) -> dict:
     """Mean and sample standard deviation of every numeric test metric over folds, plus pooled scores.
 
     Pooled scores treat all folds' test predictions as one set (each example is tested exactly once).
     """
-    keys = [k for k, v in results[0]["metrics"].items() if k.startswith("test_") and isinstance(v, int | float)]
+    keys = [k for k, v in results[0].metrics.items() if k.startswith("test_") and isinstance(v, int | float)]
     summary: dict = {"folds": len(results), "metrics": {}}
     for key in keys:
-        values = [float(r["metrics"][key]) for r in results]
+        values = [float(r.metrics[key]) for r in results]
         spread = statistics.stdev(values) if len(values) > 1 else 0.0
         summary["metrics"][key] = {"mean": statistics.fmean(values), "std": spread, "values": values}
-    summary["wall_seconds"] = sum(r.get("wall_seconds", 0.0) for r in results)
-    summary["train_seconds"] = sum(r.get("train_seconds") or 0.0 for r in results)
+    summary["wall_seconds"] = sum(r.wall_seconds or 0.0 for r in results)
+    summary["train_seconds"] = sum(r.train_seconds or 0.0 for r in results)
     if labels:
         rows = [row for fold in predictions for row in fold]
         pooled = classification_metrics([r["prediction"] for r in rows], [r["references"][0] for r in rows], labels)
@@ -72,23 +101,19 @@ def cv_markdown(name: str, summary: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def run_cv(cfg: RunConfig, folds: int | None = None) -> dict:
+def run_cv(cfg: RunConfig, folds: int | None = None, executor: ExecutorSpec | None = None) -> dict:
     """Run (or resume) every fold, then write cv.json, cv.md and the study report into runs/<name>/."""
-
-    folds = folds or cfg.data.folds
+    folds = folds if folds is not None else cfg.data.folds  # `folds or` ran --folds 0 as the default 10
     if folds < 3:
-
         raise PeftlabError(f"cross-validation needs at least 3 folds (test, val, train), got {folds}")
-    results, predictions = [], []
-    for k in range(folds):
-        fold_cfg = fold_config(cfg, k, folds)
-        done = fold_cfg.run_dir / "result.json"
-        if not done.exists():  # finished folds are kept: a killed job resumes where it stopped
-            print(f"fold {k + 1}/{folds}", flush=True)
-            run_training(fold_cfg)
-        results.append(read_json(done))
-        lines = (fold_cfg.run_dir / "predictions.jsonl").read_text().splitlines()
-        predictions.append([json.loads(line) for line in lines if line.strip()])
+    fold_cfgs = [fold_config(cfg, k, folds) for k in range(folds)]
+    todo = [f for f in fold_cfgs if not has_result(f.run_dir)]  # finished folds are kept: a rerun resumes
+    if executor is None or executor == ExecutorSpec():  # one local worker: here, one fold after another
+        _run_here(fold_cfgs, todo)
+    else:
+        _run_folds(todo, executor)
+    results = [read_result(f.run_dir) for f in fold_cfgs]
+    predictions = [read_jsonl(f.run_dir / "predictions.jsonl") for f in fold_cfgs]
     task = get_task(cfg.data.task)
     summary = summarize(results, predictions, task.labels if task.kind == "classification" else None)
     study_dir = Path(cfg.output_dir) / cfg.name

@@ -17,7 +17,7 @@ from peftlab.core.errors import PeftlabError
 from peftlab.core.yamlio import describe, read_yaml
 
 STUDY_KEYS = {"name", "output_dir", "base", "runs", "grids", "select_teacher", "teachers", "sweep", "tune", "repeats",
-              "metric"}
+              "metric", "executor"}
 
 
 @dataclass

@@ -23,6 +23,7 @@ from peftlab.core.errors import PeftlabError
 from peftlab.core.files import ensure_writable, write_json, write_jsonl
 from peftlab.core.lock import run_folder_lock
 from peftlab.core.resources import peak_rss_mb, versions
+from peftlab.core.result import RunResult, write_result
 from peftlab.core.signals import stop_on_signals
 from peftlab.data.mixture import Part, is_mixture, load_parts, parse_mixture, single_part
 from peftlab.data.splits import data_labels, load_splits
@@ -271,31 +272,31 @@ def finish(ctx: RunContext, model: torch.nn.Module, summary: dict, params: tuple
     write_json(ctx.run_dir / "metrics.json", {"task": task_name, **metrics})
     write_jsonl(ctx.run_dir / "predictions.jsonl", rows)
     trainable, total = params
-    result = {
-        "name": cfg.name,
-        "method": cfg.method.name,
-        "task": task_name,
-        "model": cfg.model.name,
-        "task_kind": "mixture" if mixture else first.task.kind,
+    result = RunResult(
+        name=cfg.name,
+        method=cfg.method.name,
+        task=task_name,
+        model=cfg.model.name,
+        task_kind="mixture" if mixture else first.task.kind,
         # A mixture's is the first task's, like its validation.
-        "primary_metric": f"{first.key}_{first.task.primary_metric}" if mixture else first.task.primary_metric,
-        "trainable_params": trainable if trains else 0,
-        "total_params": total,
-        "trainable_pct": 100 * trainable / total if trains else 0.0,
-        "adapter_bytes": adapter_bytes,
+        primary_metric=f"{first.key}_{first.task.primary_metric}" if mixture else first.task.primary_metric,
+        trainable_params=trainable if trains else 0,
+        total_params=total,
+        trainable_pct=100 * trainable / total if trains else 0.0,
+        adapter_bytes=adapter_bytes,
         **summary,
-        "peak_rss_mb": peak_rss_mb(),
-        "peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None,
+        peak_rss_mb=peak_rss_mb(),
+        peak_gpu_mb=torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None,
         # Bytes of the weights as stored (a 4-bit base at its packed size): what QLoRA saves, apart from activations.
-        "weights_mb": sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20,
-        "wall_seconds": time.perf_counter() - ctx.started,
-        "truncated_examples": sum(e.truncated > 0 for items in [ctx.train, *ctx.enc.values()] for e in items),
-        "dropped_examples": ctx.dropped,  # training rows left out: over data.max_length even cut
-        "train_mix": ctx.train_mix,
+        weights_mb=sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20,
+        wall_seconds=time.perf_counter() - ctx.started,
+        truncated_examples=sum(e.truncated > 0 for items in [ctx.train, *ctx.enc.values()] for e in items),
+        dropped_examples=ctx.dropped,
+        train_mix=ctx.train_mix,
         # Why this run went without peftlab's speed paths (a tuner not checked against them), or None.
-        "plain_path": plain_path_reason(cfg.method),
-        "metrics": metrics,
-        "versions": versions(),
-    }
-    write_json(ctx.run_dir / "result.json", result)  # written last: its presence marks the run complete
+        plain_path=plain_path_reason(cfg.method),
+        metrics=metrics,
+        versions=versions(),
+    )
+    write_result(ctx.run_dir, result)  # written last: its presence marks the run complete
     (ctx.run_dir / CHECKPOINT).unlink(missing_ok=True)  # kept until now: a failed save above resumes past training

@@ -1,0 +1,287 @@
+"""Where a study's runs go: a local pool of worker processes, or a Ray cluster.
+
+A study, a cross-validation or a sweep hands its runs to an executor as `RunTask`s and gets `RunResult`s back, in
+the order given, whatever order they finished in. Each run gets a fresh process (its memory goes back to the
+system when it ends, and a crash or an out-of-memory kill costs that run only).
+
+- `local` (the default, 1 worker): worker processes on this machine. With N workers, `train.threads` left unset
+  becomes cores / N per run. The workers' output goes to `<run>/worker.log` when there is more than one, so that
+  two progress bars do not interleave; the study prints one line as each run starts and ends.
+- `ray`: each run is a Ray task that asks for its CPUs (and a GPU where the run uses one). A node trains in its own
+  scratch folder (`PEFTLAB_SCRATCH`, default the system temp folder), and the finished run folder comes back to the
+  driver's output_dir through Ray's object store: no shared filesystem is needed. A started run's folder (its
+  checkpoint) travels with the task, so it resumes on whichever node takes it. A worker killed mid-run is retried
+  once by Ray, from the checkpoint it left on that node if the retry lands there, else from the start.
+
+SIGTERM or Ctrl-C to the driver stops every run in flight (each checkpoints its current step) and the study exits
+with one line; a rerun resumes.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import pickle
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from multiprocessing.connection import wait
+from pathlib import Path
+
+from peftlab.core.allocator import reuse_freed_memory
+from peftlab.core.errors import NotSupported, PeftlabError
+from peftlab.core.result import RunResult
+from peftlab.recipes.runner import RunTask, default_threads, ended, run_task
+
+KINDS = ("local", "ray")
+STOP_GRACE_S = 60  # how long a stopped run may take to checkpoint its current step before it is killed
+
+# (event, task, result): "start" as a run begins (result None), "end" as it ends
+Events = Callable[[str, RunTask, RunResult | None], None]
+
+
+@dataclass(frozen=True)
+class ExecutorSpec:
+    """A study's `executor:` section, or `--executor`/`--workers` on the command line."""
+
+    kind: str = "local"
+    workers: int = 1
+    address: str | None = None  # ray: `auto`, `ray://host:port`; None starts a local Ray on this machine
+
+
+def parse_executor(raw, kind: str | None = None, workers: int | None = None) -> ExecutorSpec:
+    """The study's `executor:` mapping, with the command line's `--executor` and `--workers` on top."""
+    raw = {} if raw is None else raw
+    if not isinstance(raw, dict):
+        raise PeftlabError(f"executor: expected a mapping such as {{kind: local, workers: 2}}, got {raw!r}")
+    unknown = sorted(set(raw) - {"kind", "workers", "address"})
+    if unknown:
+        raise PeftlabError(f"unknown key 'executor.{unknown[0]}'; valid: address, kind, workers")
+    spec = ExecutorSpec(**raw)
+    spec = replace(spec, kind=kind or spec.kind, workers=workers if workers is not None else spec.workers)
+    if spec.kind not in KINDS:
+        raise PeftlabError(f"executor.kind must be local or ray, got {spec.kind!r}")
+    if not isinstance(spec.workers, int) or isinstance(spec.workers, bool) or spec.workers < 1:
+        raise PeftlabError(f"executor.workers must be an integer >= 1, got {spec.workers!r}")
+    if spec.address is not None and spec.kind != "ray":
+        raise PeftlabError("executor.address is for kind ray")
+    return spec
+
+
+def run_all(spec: ExecutorSpec, tasks: list[RunTask], events: Events) -> list[RunResult]:
+    """Run every task on the executor `spec` names; the results in the order of `tasks`."""
+    if not tasks:
+        return []
+    threads = default_threads(spec.workers) if spec.kind == "local" else None
+    tasks = [replace(t, threads=t.threads or threads) for t in tasks]
+    if spec.kind == "ray":
+        return RayPool(spec.workers, spec.address).run(tasks, events)
+    return LocalPool(spec.workers).run(tasks, events)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Local: worker processes on this machine
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def worker_main(result_fd: int) -> None:
+    """A worker process (`python -m peftlab.recipes.executors FD`): read one pickled task on stdin, run it, and
+    write its pickled result to file descriptor FD. A bug is a failed result, its traceback in the run's output."""
+    task = pickle.load(sys.stdin.buffer)
+    reuse_freed_memory()  # as the CLI does for a run (core.allocator)
+    try:
+        result = run_task(task)
+    except BaseException as err:
+        traceback.print_exc()
+        result = ended(task, "failed", f"{type(err).__name__}: {err}".splitlines()[0])
+    with os.fdopen(result_fd, "wb") as out:
+        pickle.dump(result, out)
+
+
+class LocalPool:
+    """At most `workers` runs at once, each in a fresh Python process (no state inherited from the driver: torch's
+    thread pool and allocator start clean). The workers stay in the driver's process group, so a terminal's
+    Ctrl-C reaches them at once and a kill of the group leaves no orphan holding a run's lock."""
+
+    def __init__(self, workers: int) -> None:
+        self.workers = workers
+
+    def run(self, tasks: list[RunTask], events: Events) -> list[RunResult]:
+        pending, running, results = list(tasks), {}, {}
+        try:
+            while pending or running:
+                while pending and len(running) < self.workers:
+                    task = pending.pop(0)
+                    running[self._start(task)] = task
+                    events("start", task, None)
+                ready = wait([pipe for _, pipe in running])  # a result written, or a worker gone without one
+                for proc, pipe in [key for key in running if key[1] in ready]:
+                    task = running.pop((proc, pipe))
+                    results[task.name] = self._collect(task, proc, pipe)
+                    events("end", task, results[task.name])
+        except BaseException:  # SIGTERM/SIGINT (core.signals.Stopped) or anything else: no run outlives the study
+            stop_processes([proc for proc, _ in running])
+            for (proc, pipe), task in running.items():  # each says where it stopped (its checkpoint)
+                events("end", task, self._collect(task, proc, pipe))
+            raise
+        return [results[t.name] for t in tasks]
+
+    def _start(self, task: RunTask) -> tuple:
+        read_end, write_end = os.pipe()
+        log = None
+        if self.workers > 1:  # several workers: each run's output to its own log, not interleaved on the terminal
+            task.run_dir.mkdir(parents=True, exist_ok=True)
+            log = open(task.run_dir / "worker.log", "ab")  # closed below, once the child holds its own copy
+        try:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "peftlab.recipes.executors", str(write_end)], pass_fds=(write_end,),
+                stdin=subprocess.PIPE, stdout=log, stderr=subprocess.STDOUT if log else None,
+                env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        finally:
+            os.close(write_end)  # the child holds the only write end: its exit ends the pipe
+            if log is not None:
+                log.close()
+        proc.stdin.write(pickle.dumps(task))
+        proc.stdin.close()
+        return proc, os.fdopen(read_end, "rb")
+
+    @staticmethod
+    def _collect(task: RunTask, proc: subprocess.Popen, pipe) -> RunResult:
+        data = pipe.read()
+        pipe.close()
+        proc.wait()
+        if not data:  # the process died without a word: killed (out of memory) or crashed in C
+            return ended(task, "failed", f"its worker process ended with exit code {proc.returncode} and no result")
+        return pickle.loads(data)  # written by our own worker process above
+
+
+def stop_processes(procs: list[subprocess.Popen], grace: float = STOP_GRACE_S) -> None:
+    """SIGTERM each process, then wait: a run checkpoints its current step and exits (train.loop). SIGKILL after
+    `grace` seconds, or at once on another signal; the run's last periodic checkpoint then stays for the rerun."""
+    for proc in procs:
+        if proc.poll() is None:
+            proc.terminate()
+    deadline = time.monotonic() + grace
+    try:
+        for proc in procs:
+            proc.wait(max(0.0, deadline - time.monotonic()))
+    except BaseException:  # past the grace period, or a second signal: kill at once below
+        pass
+    for proc in procs:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Ray: each run a task on a cluster; run folders come back through the object store
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def pack(folder: Path) -> bytes:
+    """A run folder as a gzipped tar (its lock file left out)."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        for path in sorted(folder.rglob("*")):
+            if path.is_file() and path.name != ".lock":
+                tar.add(path, arcname=str(path.relative_to(folder)), recursive=False)
+    return buf.getvalue()
+
+
+def unpack(data: bytes, folder: Path) -> None:
+    """Lay a packed run folder out at `folder`, over what is there (a started run's older checkpoint)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(fileobj=io.BytesIO(data), mode="r:gz") as tar:
+        tar.extractall(folder, filter="data")
+
+
+def scratch_root() -> Path:
+    """Where a Ray node trains: `PEFTLAB_SCRATCH`, else the system temp folder; never the driver's output_dir."""
+    return Path(os.environ.get("PEFTLAB_SCRATCH") or tempfile.gettempdir()) / "peftlab-scratch"
+
+
+def ray_task(task: RunTask, started: bytes | None) -> tuple[RunResult, bytes]:
+    """The body of a Ray task: run in this node's scratch folder, then send the run folder back packed.
+
+    The scratch folder is named after the study's output folder and the run, so a retry on the same node finds
+    the checkpoint the killed attempt left; `started` (the driver's copy of a started run) seeds it otherwise.
+    """
+    reuse_freed_memory()
+    study = task.config["output_dir"].strip("/").replace("/", "_")
+    local = scratch_root() / study
+    run_dir = local / task.name
+    if started is not None and not (run_dir / "checkpoint.pt").is_file():
+        unpack(started, run_dir)
+    result = run_task(replace(task, config={**task.config, "output_dir": str(local)}))
+    data = pack(run_dir) if run_dir.is_dir() else b""
+    if result.status in ("done", "not_run"):
+        shutil.rmtree(run_dir, ignore_errors=True)  # it lives on at the driver; a stopped one stays to resume
+    return result, data
+
+
+class RayPool:
+    """Up to `workers` runs in flight on a Ray cluster (`address`), or on a local Ray started for the study."""
+
+    def __init__(self, workers: int, address: str | None) -> None:
+        self.workers, self.address = workers, address
+
+    def _connect(self):
+        try:
+            import ray
+        except ImportError:
+            raise NotSupported("executor kind ray needs Ray: pip install 'peftlab[ray]'") from None
+        if not ray.is_initialized():
+            # Without an address, a Ray of this machine's cores; with one, join that cluster.
+            ray.init(address=self.address, include_dashboard=False, log_to_driver=False,
+                     logging_level="WARNING", configure_logging=False)
+        return ray
+
+    def run(self, tasks: list[RunTask], events: Events) -> list[RunResult]:
+        ray = self._connect()
+        # max_calls=1: a fresh worker process per run, as locally; max_retries=1: a killed worker is tried again
+        remote = ray.remote(max_retries=1, max_calls=1)(ray_task)
+        pending, running, results = list(tasks), {}, {}
+        try:
+            while pending or running:
+                while pending and len(running) < self.workers:
+                    task = pending.pop(0)
+                    running[self._submit(remote, task)] = task
+                    events("start", task, None)
+                ready, _ = ray.wait(list(running), num_returns=1)
+                task = running.pop(ready[0])
+                results[task.name] = self._collect(ray, task, ready[0])
+                events("end", task, results[task.name])
+        except BaseException:
+            for ref in running:
+                ray.cancel(ref, force=True)
+            raise
+        return [results[t.name] for t in tasks]
+
+    @staticmethod
+    def _submit(remote, task: RunTask):
+        started = pack(task.run_dir) if (task.run_dir / "checkpoint.pt").is_file() else None
+        threads = task.config["train"]["threads"] or task.threads or 1
+        # A run asks for the CPUs its torch threads use, and one GPU where it runs on one.
+        gpus = 1 if str(task.config["model"]["device"]).startswith("cuda") else 0
+        return remote.options(num_cpus=threads, num_gpus=gpus).remote(
+            replace(task, config={**task.config, "train": {**task.config["train"], "threads": threads}}), started)
+
+    @staticmethod
+    def _collect(ray, task: RunTask, ref) -> RunResult:
+        try:
+            result, data = ray.get(ref)
+        except Exception as err:  # the task failed twice (a node lost, a worker killed): the study goes on
+            return ended(task, "failed", f"Ray task failed: {str(err).splitlines()[0]}")
+        if data:
+            unpack(data, task.run_dir)
+        return result
+
+
+if __name__ == "__main__":
+    worker_main(int(sys.argv[1]))
