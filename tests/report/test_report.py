@@ -12,6 +12,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from peftlab.core.errors import PeftlabError
 from peftlab.report.report import build_study_report, load_results, results_table, write_report, write_tables
 
 LONG_PROMPT = "Review: <script>alert('x')</script> " + "a truly wonderful film " * 30
@@ -222,7 +223,7 @@ def test_single_run_without_log(tmp_path: Path) -> None:
 
 
 def test_empty_study_raises(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="no run folder"):
+    with pytest.raises(PeftlabError, match="no run folder"):  # one line at the CLI, not a ValueError traceback
         write_report(tmp_path)
 
 

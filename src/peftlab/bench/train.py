@@ -361,6 +361,8 @@ def run_train_bench(
     check_dtype(dtype)
     check_autocasts(list(autocasts), device)
     unknown = [m for m in methods if m not in FLOPS_PER_PARAM]
+    if not methods:  # `--methods ""` (or ",") measured nothing and printed an empty table, exit 0
+        raise PeftlabError(f"bench train: --methods names no method; choose from {sorted(FLOPS_PER_PARAM)}")
     if unknown:
         raise PeftlabError(f"bench train: unknown methods {unknown}; choose from {sorted(FLOPS_PER_PARAM)}")
     references = tuple(usable_references(list(references)))

@@ -356,6 +356,10 @@ def validate(cfg: RunConfig) -> RunConfig:
     for key, value in (("data.limit_train", d.limit_train), ("data.limit_eval", d.limit_eval)):
         if value is not None and value < 1:  # 0 used to mean "everything" and a negative "all but N"
             raise PeftlabError(f"{key} must be >= 1 (leave it unset to use every example), got {value}")
+    for key, value in (("experiments.probe_limit", cfg.experiments.probe_limit),
+                       ("experiments.forgetting_limit", cfg.experiments.forgetting_limit)):
+        if value < 1:  # a slice [:0] probes nothing, and [:-1] all but the last example
+            raise PeftlabError(f"{key} must be >= 1, got {value}")
     if d.too_long not in ("cut", "error"):
         raise PeftlabError(f"data.too_long must be cut or error, got {d.too_long!r}")
     if d.max_length < 8 or d.shots < 0:
@@ -367,6 +371,13 @@ def validate(cfg: RunConfig) -> RunConfig:
     if len(cfg.data.split) != 3 or abs(sum(cfg.data.split) - 1) > 1e-6:
         raise PeftlabError(f"data.split must be three fractions summing to 1, got {cfg.data.split}")
     return cfg
+
+
+def check_limit(limit: int | None) -> None:
+    """A command's `--limit`: unset (every example) or at least 1. 0 used to mean every example, and a negative
+    number all but that many, since both went into a slice."""
+    if limit is not None and limit < 1:
+        raise PeftlabError(f"--limit must be >= 1 (leave it out to score every example), got {limit}")
 
 
 def load_config(path: str | Path | None, overrides: list[str] = (), base: dict | None = None) -> RunConfig:
@@ -391,6 +402,19 @@ def read_config_file(path: Path) -> dict:
         raise PeftlabError(f"{path}: expected a mapping of config sections (name, model, data, method, train, "
                            f"...), got {describe(loaded)}")
     return loaded
+
+
+def read_run_config(path: Path) -> RunConfig:
+    """The config.yaml a run wrote into its folder. The run writes every section, so a missing one means the file
+    was cut off or edited: the defaults would fill the gap, and the run would be scored as a different run (the
+    default task, method or base model) without a word."""
+    raw = read_config_file(Path(path))
+    sections = [name for name, tp in typing.get_type_hints(RunConfig).items() if _is_dataclass_type(tp)]
+    missing = [s for s in sections if not isinstance(raw.get(s), dict)]
+    if missing:
+        raise PeftlabError(f"{path}: no '{missing[0]}' section; a run writes every section, so the file was cut off "
+                           "or edited: train the run again")
+    return validate(from_dict(RunConfig, raw))
 
 
 def deep_merge(base: dict, extra: dict) -> dict:

@@ -133,6 +133,17 @@ def ensure_writable(folder: Path, fix: str) -> None:
     os.unlink(tmp)
 
 
+def ensure_file_writable(path: Path, flag: str, example: str) -> None:
+    """`ensure_writable` for the file an option names (`flag`: --out, --gguf), which must not be a folder either.
+
+    `example` is a file name to suggest inside the folder given by mistake.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise PeftlabError(f"{path}: is a folder; {flag} names the file to write, e.g. {path / example}")
+    ensure_writable(path.parent, f"choose another {flag}")
+
+
 def json_bytes(obj: Any) -> bytes:
     """`obj` as indented JSON, one trailing newline (how every peftlab JSON file reads)."""
     return (json.dumps(obj, indent=2, default=_jsonable) + "\n").encode("utf-8")
@@ -165,7 +176,19 @@ def append_jsonl(path: Path, row: dict) -> None:
 
 
 def read_json(path: Path) -> Any:
-    return json.loads(Path(path).read_text())
+    """A JSON file peftlab wrote; one cut off or overwritten (not JSON, not UTF-8) is one line naming it."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except ValueError as err:  # JSONDecodeError and UnicodeDecodeError both are
+        raise PeftlabError(f"{path}: not readable JSON ({str(err).splitlines()[0]}); the file may have been cut "
+                           "off or overwritten") from None
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """The rows of a JSONL file that peftlab wrote (blank lines skipped); a user's data file goes through the
+    task loaders instead, which name the line of a malformed row."""
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
 
 
 def _jsonable(obj: Any) -> Any:

@@ -21,9 +21,9 @@ import numpy as np
 import torch
 from safetensors import SafetensorError
 
-from peftlab.core.config import load_config
+from peftlab.core.config import read_run_config
 from peftlab.core.errors import PeftlabError
-from peftlab.core.files import ensure_writable, save_reason
+from peftlab.core.files import ensure_file_writable, ensure_writable, save_reason
 from peftlab.models.adapters import load_adapter, read_adapter_config
 from peftlab.models.loading import load_model
 from peftlab.models.local import LoadedModel
@@ -49,7 +49,7 @@ def merged_model(run_dir: str | Path) -> LoadedModel:
             f"{run}: a {peft_type} adapter adds virtual tokens instead of changing weights, so it cannot be "
             "merged (serve it with `peftlab serve` instead)"
         )
-    cfg = load_config(run / "config.yaml")
+    cfg = read_run_config(run / "config.yaml")
     # fp32 on the CPU: merging adds a low-rank product to every adapted weight, and bf16 would round it away.
     loaded = load_model(cfg.model.name, device="cpu", dtype=torch.float32, allow_pickle=cfg.model.allow_pickle)
     try:
@@ -65,6 +65,8 @@ def merged_model(run_dir: str | Path) -> LoadedModel:
 def merge_run(run_dir: str | Path, out: str | Path) -> Path:
     """Merge the run's adapter into its base and save a standard transformers folder (safetensors + tokenizer)."""
     out = Path(out)
+    if out.exists() and not out.is_dir():  # iterdir below would say only "Not a directory"
+        raise PeftlabError(f"{out}: is a file; --out names the folder to save the merged model in")
     if out.exists() and any(out.iterdir()):
         raise PeftlabError(f"{out} already exists and is not empty; choose another --out or delete it")
     ensure_writable(out, "choose another --out")  # before the merge, not after it
@@ -92,7 +94,7 @@ def merge_run(run_dir: str | Path, out: str | Path) -> Path:
 
 def export_gguf(run_dir: str | Path, out_file: str | Path, f16: bool = False) -> Path:
     """Merge the run's adapter and write the model as a GGUF file (F32, or F16 matrices with `f16`)."""
-    ensure_writable(Path(out_file).parent, "choose another --gguf")  # before the merge, not after it
+    ensure_file_writable(out_file, "--gguf", "model.gguf")  # before the merge, not after it
     loaded = merged_model(run_dir)
     return write_gguf(loaded, Path(out_file), f16=f16, name=Path(run_dir).resolve().name)
 

@@ -532,6 +532,8 @@ def serve(
 
 def bind(host: str, port: int) -> socket.socket:
     """A TCP socket bound to host:port for the server to listen on; a taken or forbidden port is a one-line error."""
+    if not 0 <= port <= 65535:  # socket.bind raises OverflowError, a traceback, for these
+        raise PeftlabError(f"--port must be 0 to 65535, got {port}")
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT from a previous server is no conflict

@@ -16,9 +16,9 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from peftlab.core.config import from_dict
+from peftlab.core.config import check_limit, from_dict
 from peftlab.core.errors import PeftlabError
-from peftlab.core.files import write_json, write_jsonl
+from peftlab.core.files import ensure_file_writable, write_json, write_jsonl
 from peftlab.data.splits import load_splits
 from peftlab.data.targets import read_outputs
 from peftlab.data.tasks import Example, Task, task_for
@@ -75,6 +75,8 @@ def generate_teacher_outputs(teacher: str, cfg, out: Path, split: str = "train",
     """
 
     out = Path(out)
+    check_limit(limit)  # 0 used to distill every example, and -1 all but the last
+    ensure_file_writable(out, "--out", "teacher.jsonl")  # before the teacher runs over the split, not after
     if Path(teacher).suffix in (".jsonl", ".csv") and Path(teacher).is_file():
         write_jsonl(out, [{"id": k, "output": v} for k, v in read_outputs(Path(teacher)).items()])
         return out

@@ -14,9 +14,8 @@ from pathlib import Path
 
 import torch
 
-from peftlab.core.config import RunConfig, from_dict, validate
+from peftlab.core.config import RunConfig, read_run_config
 from peftlab.core.errors import PeftlabError
-from peftlab.core.yamlio import read_yaml
 from peftlab.data.splits import load_splits
 from peftlab.data.tasks import Task, task_for
 from peftlab.kernels.memory import fused_rmsnorm, lean_swiglu
@@ -49,7 +48,7 @@ def run_config(run_dir: Path) -> RunConfig:
     run_dir = Path(run_dir)
     if not (run_dir / "result.json").is_file() or not (run_dir / "config.yaml").is_file():
         raise PeftlabError(f"{run_dir}: not a finished run folder (no result.json / config.yaml)")
-    return validate(from_dict(RunConfig, read_yaml(run_dir / "config.yaml") or {}))
+    return read_run_config(run_dir / "config.yaml")
 
 
 def load_run(run_dir: Path, device: str | None = None, cfg: RunConfig | None = None) -> SavedRun:

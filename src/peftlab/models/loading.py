@@ -34,6 +34,9 @@ def load_model(
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # a 2-second "Loading weights" bar is noise next to peftlab's own bars
+    # peft reads transformers' deprecated `is_gradient_checkpointing` whenever it wraps a model: two lines of
+    # warning that the user cannot act on, in front of every adapter command's output or one-line error.
+    warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
     dev = pick_device(device)
     dtype = dtype or default_dtype(dev)
     if quantize:  # checked before any weight is read: a missing bitsandbytes fails fast, naming what to install

@@ -14,11 +14,11 @@ import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
-from peftlab.core.config import RunConfig, from_dict, validate
+from peftlab.core.config import RunConfig, check_limit, from_dict, validate
 from peftlab.core.errors import PeftlabError
 from peftlab.core.files import ensure_writable, json_bytes, jsonl_bytes, write_files_atomic, write_jsonl
 from peftlab.data.splits import data_labels, in_file_order, load_splits, read_examples, read_file
-from peftlab.data.tasks import Example, get_task
+from peftlab.data.tasks import Example, get_task, task_for
 from peftlab.evaluate.evaluate import evaluate, predict
 from peftlab.methods.saved import SavedRun, load_run, run_config
 from peftlab.models.adapters import load_for_inference
@@ -46,11 +46,6 @@ class EvalOptions:
     calibrate: bool | None = None
 
 
-def _check_limit(limit: int | None) -> None:
-    if limit is not None and limit < 1:
-        raise PeftlabError(f"--limit must be >= 1 (leave it out to score every example), got {limit}")
-
-
 def run_eval(opts: EvalOptions, out: Path) -> dict:
     """Score a model on a task's data; writes `out/metrics.json` and `out/predictions.jsonl`; returns the metrics."""
     split, shots, template = opts.split or "all", opts.shots or 0, opts.template or 0
@@ -59,7 +54,7 @@ def run_eval(opts: EvalOptions, out: Path) -> dict:
         raise PeftlabError(f"--split must be all, train, val or test, got '{split}'")
     if opts.task is None:
         raise PeftlabError("give a run folder (peftlab eval RUN) or --task")
-    _check_limit(opts.limit)
+    check_limit(opts.limit)
     ensure_writable(out, FIX_OUT)  # before the model loads and scores, not after
     t = get_task(opts.task)
     cfg = validate(from_dict(RunConfig, {"data": {"task": opts.task, "path": opts.data, "template": template,
@@ -113,7 +108,7 @@ def _with_flags(cfg: RunConfig, opts: EvalOptions, force: bool) -> RunConfig:
 
 def eval_run(run_dir: Path, opts: EvalOptions, out: Path | None = None, force: bool = False) -> dict:
     """Score a finished run on its own test split (default) or on `opts.data`, with the run's settings."""
-    _check_limit(opts.limit)
+    check_limit(opts.limit)
     out = out or Path(run_dir) / "eval" / (Path(opts.data).stem if opts.data else opts.split or "test")
     ensure_writable(out, FIX_OUT)  # a read-only run folder is refused before scoring, not after
     run = load_run(run_dir, opts.device, _with_flags(run_config(run_dir), opts, force))
@@ -139,12 +134,14 @@ def eval_run(run_dir: Path, opts: EvalOptions, out: Path | None = None, force: b
 def predict_run(run_dir: Path, input_file: Path, out: Path, limit: int | None = None, device: str | None = None
                 ) -> list[dict]:
     """Answer every row of `input_file` (targets not needed) with a finished run; writes JSONL to `out`."""
-    _check_limit(limit)
+    check_limit(limit)
     if Path(out).is_dir():
         raise PeftlabError(f"{out}: is a folder; --out names the JSONL file to write, e.g. {out}/predictions.jsonl")
     ensure_writable(Path(out).parent, FIX_OUT)
-    run = load_run(run_dir, device)
-    examples = read_file(run.task, Path(input_file), labelled=False)[:limit]
+    cfg = run_config(run_dir)
+    # The rows are read before the model loads: a missing or malformed input file fails in a second.
+    examples = read_file(task_for(cfg.data), Path(input_file), labelled=False)[:limit]
+    run = load_run(run_dir, device, cfg)
     answers = predict(run.model, run.fmt, run.task, examples, _encode(run, examples), content_free=run.content_free)
     rows = [{"id": ex.id, "prediction": text} for ex, text in zip(examples, answers.texts, strict=True)]
     if answers.scores is not None:

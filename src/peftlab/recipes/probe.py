@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from peftlab.core.files import read_json, write_json
+from peftlab.core.config import check_limit
+from peftlab.core.errors import PeftlabError
+from peftlab.core.files import ensure_writable, read_json, write_json
 from peftlab.data.splits import load_splits
 from peftlab.experiments.probe import probe_split
 from peftlab.methods.saved import load_run, run_config
@@ -13,13 +15,19 @@ from peftlab.methods.saved import load_run, run_config
 def run_probe(run_dir: Path, limit: int | None = None) -> dict:
     """`peftlab probe RUN_DIR`: probe a finished run (any method kind) and add the probe's keys to its result.json."""
     run_dir = Path(run_dir)
+    check_limit(limit)
     cfg = run_config(run_dir)
-    if limit:
+    # Both are needed after the probe: a result.json that cannot be read or a folder that cannot be written is
+    # refused before the model loads, not after every prompt has been perturbed and scored.
+    result = read_json(run_dir / "result.json")
+    if not isinstance(result, dict):
+        raise PeftlabError(f"{run_dir / 'result.json'}: not a run result (a JSON object); train the run again")
+    ensure_writable(run_dir, "copy the run folder somewhere writable and probe the copy")
+    if limit is not None:
         cfg.experiments.probe_limit = limit
     run = load_run(run_dir, cfg=cfg)  # a vision-language run keeps its images in the probe
     splits = load_splits(cfg, run.task, val_in_train=not run.method.trains)  # the demo pool the run itself had
     metrics = probe_split(cfg, run.model, run.fmt, run.task, splits, run_dir)
-    result = read_json(run_dir / "result.json")
-    result["metrics"] = {**result.get("metrics", {}), **metrics}
+    result["metrics"] = {**(result.get("metrics") or {}), **metrics}
     write_json(run_dir / "result.json", result)
     return metrics

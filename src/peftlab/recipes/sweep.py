@@ -184,13 +184,28 @@ def _storage(url: str):
         return optuna.storages.RDBStorage(url, heartbeat_interval=60, grace_period=180, **retry)
 
 
+def _open_storage(url: str):
+    """`_storage`, with a URL that is not one, or a database that cannot be opened, as one line naming the URL."""
+    import sqlalchemy.exc
+
+    try:
+        return _storage(url)
+    except (sqlalchemy.exc.ArgumentError, ValueError, ImportError) as err:  # no scheme, unknown dialect or driver
+        reason = str(err).splitlines()[0]
+        raise PeftlabError(f"--storage {url!r}: not a database URL Optuna can use ({reason}); e.g. "
+                           "sqlite:///runs/sweep.db or postgresql://user@host/db") from None
+    except sqlalchemy.exc.SQLAlchemyError as err:  # a missing folder, a refused connection, a bad password
+        reason = str(getattr(err, "orig", None) or err).splitlines()[0]
+        raise PeftlabError(f"--storage {url!r}: cannot open the database ({reason})") from None
+
+
 def _create_study(name: str, storage: str, sweep: dict, n_trials: int):
     import optuna
 
     pruner = (optuna.pruners.MedianPruner(n_startup_trials=int(sweep.get("startup_trials", 5)))
               if sweep.get("pruner", "median") == "median" else optuna.pruners.NopPruner())
-    study = optuna.create_study(study_name=name, storage=_storage(storage), load_if_exists=True, pruner=pruner,
-                                direction=sweep.get("direction", "maximize"))
+    study = optuna.create_study(study_name=name, storage=_open_storage(storage), load_if_exists=True,
+                                pruner=pruner, direction=sweep.get("direction", "maximize"))
     # Offset the seed by the trials already stored: a resumed sweep must not redraw the first run's parameters.
     # TPE models the space after a third of the budget (at most 10 random trials), so short sweeps still use it.
     seed = int(sweep.get("seed", 0)) + len(study.get_trials(deepcopy=False))
@@ -215,7 +230,8 @@ def run_sweep(
     sweep = _check_header(header, Path(path))
     sweep = {**sweep, "seed": sweep.get("seed", 0) if seed is None else seed}
     space = parse_space(sweep.get("space"))
-    n_trials = int(trials or sweep.get("trials", 10))
+    # `trials or ...` read --trials 0 as "the study's count" and ran it; a negative count ran nothing, exit 0.
+    n_trials = _whole("--trials", trials, 1) if trials is not None else int(sweep.get("trials", 10))
     name = header.get("name", Path(path).stem)
     study_dir = Path(header.get("output_dir", "runs")) / name
     base = apply_overrides(copy.deepcopy(header["base"]), list(overrides))
@@ -224,8 +240,10 @@ def run_sweep(
         trial_config(base, {k: s["choices"][0] if "choices" in s else s["low"] for k, s in space.items()}, "x",
                      study_dir)
     ensure_writable(study_dir, "set output_dir in the sweep to a writable folder")
-    study_dir.mkdir(parents=True, exist_ok=True)
+    if storage is None:  # the default database lives in the study folder
+        study_dir.mkdir(parents=True, exist_ok=True)
     study = _create_study(name, storage or f"sqlite:///{(study_dir / 'optuna.db').resolve()}", sweep, n_trials)
+    study_dir.mkdir(parents=True, exist_ok=True)  # after a --storage that opens: a bad one leaves no empty folder
     finished = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
     done = len(study.get_trials(deepcopy=False, states=finished))
     print(f"sweep {study_dir}: {done} of {n_trials} trials finished", flush=True)

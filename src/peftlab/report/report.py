@@ -21,7 +21,8 @@ import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from peftlab.core.files import write_text_atomic
+from peftlab.core.errors import PeftlabError
+from peftlab.core.files import read_json, write_text_atomic
 from peftlab.report.decision import decision_html, decision_markdown, pareto_figure, write_decision
 from peftlab.report.notes import notes_html, notes_markdown
 from peftlab.report.peft_result import write_peft_result
@@ -92,7 +93,7 @@ def load_results(study_dir: Path) -> pd.DataFrame:
     # A single run folder (`peftlab train`) reports as a one-run study.
     runs = [study_dir] if (study_dir / "result.json").is_file() else sorted(study_dir.iterdir())
     for run_dir in (p for p in runs if (p / "result.json").is_file()):
-        result = json.loads((run_dir / "result.json").read_text(encoding="utf-8"))
+        result = read_run_result(run_dir)
         row = {k: v for k, v in result.items() if k != "metrics"}
         # Top-level fields win over a same-named metric so the cost columns keep their meaning.
         for key, value in (result.get("metrics") or {}).items():
@@ -107,6 +108,16 @@ def load_results(study_dir: Path) -> pd.DataFrame:
         df["trainable_params"] = float("nan")
     # Stable sort with the name as tie-breaker: zero-shot and few-shot both have 0 trainable params.
     return df.sort_values(["trainable_params", "name"], na_position="last", kind="stable").reset_index(drop=True)
+
+
+def read_run_result(run_dir: Path) -> dict:
+    """A run's result.json as a mapping; one cut off or overwritten is one line naming it, not a traceback."""
+    path = Path(run_dir) / "result.json"
+    result = read_json(path)
+    if not isinstance(result, dict):
+        raise PeftlabError(f"{path}: not a run result (a JSON object); delete it and rerun that run, or move its "
+                           "folder out of the study")
+    return result
 
 
 def _is_missing(value: Any) -> bool:
@@ -165,7 +176,8 @@ def _markdown(table: pd.DataFrame) -> str:
 def _require_runs(study_dir: Path) -> pd.DataFrame:
     df = load_results(study_dir)
     if df.empty:
-        raise ValueError(f"no run folder with result.json in {study_dir}")
+        raise PeftlabError(f"{study_dir}: no run folder with a result.json here; give a study folder (or a run "
+                           "folder) that holds finished runs")
     return df
 
 
@@ -404,7 +416,10 @@ def build_study_report(study_dir: Path, title: str | None = None) -> Path:
     """
     study_dir = Path(study_dir)
     runs = [study_dir] if (study_dir / "result.json").is_file() else sorted(p for p in study_dir.iterdir())
-    for run in (p for p in runs if (p / "result.json").is_file()):
+    finished = [p for p in runs if (p / "result.json").is_file()]
+    for run in finished:  # every result is read once before any file is written: a bad one is one line
+        read_run_result(run)
+    for run in finished:
         write_peft_result(run)
     decision = write_decision(study_dir) if not (study_dir / "result.json").is_file() else None
     write_tables(study_dir, decision)

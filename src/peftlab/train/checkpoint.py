@@ -7,6 +7,7 @@ tensors and plain values go in, so it loads with `torch.load(weights_only=True)`
 from __future__ import annotations
 
 import math
+import pickle
 import random
 from dataclasses import dataclass, field, fields
 from io import BytesIO
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from peftlab.core.errors import PeftlabError
 from peftlab.core.files import write_bytes_atomic
 
 
@@ -61,11 +63,21 @@ def save_checkpoint(path: Path, state: TrainState, model, optimizer, scheduler) 
 
 
 def load_checkpoint(path: Path, model, optimizer, scheduler) -> TrainState:
-    """Restore a checkpoint written by `save_checkpoint` (tensors only: `weights_only=True`, no pickled code)."""
-    payload = torch.load(path, weights_only=True)
-    model.load_state_dict(payload["model"], strict=False)
-    optimizer.load_state_dict(payload["optimizer"])
-    scheduler.load_state_dict(payload["scheduler"])
-    torch.set_rng_state(payload["torch_rng"])
-    random.setstate(payload["python_rng"])
-    return TrainState(**payload["state"], best_state=payload["best_state"])
+    """Restore a checkpoint written by `save_checkpoint` (tensors only: `weights_only=True`, no pickled code).
+
+    A checkpoint that cannot be read (cut off, overwritten) or that does not fit the run (its method settings were
+    changed since) is one line naming it: nothing of it is used, and the run can start over without --resume.
+    """
+    try:
+        payload = torch.load(path, weights_only=True)
+        state = TrainState(**payload["state"], best_state=payload["best_state"])
+        model.load_state_dict(payload["model"], strict=False)
+        optimizer.load_state_dict(payload["optimizer"])
+        scheduler.load_state_dict(payload["scheduler"])
+        torch.set_rng_state(payload["torch_rng"])
+        random.setstate(payload["python_rng"])
+    except (OSError, EOFError, RuntimeError, pickle.UnpicklingError, KeyError, TypeError, ValueError) as err:
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise PeftlabError(f"{path}: not a checkpoint of this run ({reason[:200]}); rerun without --resume to train "
+                           "from step 0 (it replaces the checkpoint)") from None
+    return state

@@ -120,7 +120,8 @@ def fit(
         disable=not accelerator.is_main_process,
     )
     # A SIGTERM or Ctrl-C waits for the end of the step (stop_deferred): the checkpoint then holds whole steps.
-    with stop_deferred():
+    # The bar closes on the way out too, so a stop's one-line message starts a line of its own.
+    with stop_deferred(), bar:
         for epoch in range(s.epoch, 0 if s.done else math.ceil(total_steps / steps_per_epoch)):
             s.epoch = epoch
             model.train()

@@ -6,13 +6,14 @@ Adding a task is one small module that builds a `Task` and registers it (see `ta
 
 from __future__ import annotations
 
+import codecs
 import json
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from peftlab.core.errors import data_error
+from peftlab.core.errors import PeftlabError, data_error
 
 TaskKind = Literal["classification", "generation"]
 
@@ -84,17 +85,20 @@ class Task:
 def read_jsonl(path: Path) -> Iterator[tuple[int, dict]]:
     """Yield (line number, object) for each non-blank line; a malformed line is an error naming file and line."""
     # utf-8-sig: a byte-order mark, as many Windows editors write one, is read past rather than refused.
-    with open(path, encoding="utf-8-sig") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise data_error(path, lineno, None, f"malformed JSON ({err.msg})") from None
-            if not isinstance(obj, dict):
-                raise data_error(path, lineno, None, "expected a JSON object")
-            yield lineno, obj
+    try:
+        with open(path, encoding="utf-8-sig") as f:
+            for lineno, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise data_error(path, lineno, None, f"malformed JSON ({err.msg})") from None
+                if not isinstance(obj, dict):
+                    raise data_error(path, lineno, None, "expected a JSON object")
+                yield lineno, obj
+    except UnicodeDecodeError:
+        raise not_utf8(path) from None
 
 
 def read_json(path: Path) -> Any:
@@ -104,6 +108,21 @@ def read_json(path: Path) -> Any:
             return json.load(f)
     except json.JSONDecodeError as err:
         raise data_error(path, err.lineno, None, f"malformed JSON ({err.msg})") from None
+    except UnicodeDecodeError:
+        raise not_utf8(path) from None
+
+
+def not_utf8(path: Path) -> PeftlabError:
+    """The error for a data file that is not UTF-8 text (a binary file, or text saved as Latin-1 or UTF-16),
+    naming the line of its first bad byte. Read again only on this error, as bytes, to find that line."""
+    data = Path(path).read_bytes()
+    body = data[len(codecs.BOM_UTF8):] if data.startswith(codecs.BOM_UTF8) else data
+    try:
+        body.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = body[: err.start].count(b"\n") + 1
+        return data_error(path, line, None, f"not UTF-8 text (byte 0x{body[err.start]:02x}); save the file as UTF-8")
+    return data_error(path, None, None, "not UTF-8 text; save the file as UTF-8")
 
 
 def require_text(path: Path, line: int | None, obj: dict, key: str, name: str | None = None) -> str:
