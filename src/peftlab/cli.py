@@ -121,7 +121,7 @@ def train(
 ) -> None:
     """Train one method as configured and write runs/<name>/ (adapter, logs, metrics, predictions, result.json)."""
     from peftlab.core.config import config_and_overrides, load_config
-    from peftlab.core.files import read_json
+    from peftlab.core.result import has_result, read_result
     from peftlab.recipes.train import run_training
 
     config, overrides = config_and_overrides(config, overrides)
@@ -133,10 +133,8 @@ def train(
 
         write_not_run(cfg, str(err))  # the study report shows why this run has no row
         raise
-    result_file = run_dir / "result.json"
-    if result_file.exists():
-        result = read_json(result_file)
-        print_metrics({k: v for k, v in result["metrics"].items() if k.startswith("test_")})
+    if has_result(run_dir):
+        print_metrics({k: v for k, v in read_result(run_dir).metrics.items() if k.startswith("test_")})
         console.print(f"run folder: {run_dir}")
 
 

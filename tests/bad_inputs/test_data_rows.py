@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from badkit import cli_error
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from peftlab import cli
@@ -25,18 +26,6 @@ def _cli(argv: list[str], monkeypatch, capsys) -> list[str]:
     monkeypatch.setattr(sys, "argv", ["peftlab", *argv])
     cli.main()
     return [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
-
-
-def _cli_error(argv: list[str], monkeypatch, capsys) -> str:
-    """The one stderr line of a CLI command that must fail with exit code 2."""
-    monkeypatch.setattr(sys, "argv", ["peftlab", *argv])
-    with pytest.raises(SystemExit) as exit_info:
-        cli.main()
-    err = capsys.readouterr().err
-    assert exit_info.value.code == 2, err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, err
-    return lines[0]
 
 
 def _jsonl(path: Path, rows: list[dict]) -> Path:
@@ -160,7 +149,7 @@ def test_long_conversations_are_cut_and_counted(tmp_path, tiny_causal, monkeypat
 def test_too_long_error_keeps_the_old_behaviour_and_names_the_row(tmp_path, tiny_causal, monkeypatch, capsys):
     # was: "example c2: ..." named neither the file nor the row.
     data = _chat_file(tmp_path)
-    line = _cli_error(_train(tmp_path, tiny_causal, "data.task=chat", f"data.path={data}", "data.max_length=128",
+    line = cli_error(_train(tmp_path, tiny_causal, "data.task=chat", f"data.path={data}", "data.max_length=128",
                              "data.too_long=error"), monkeypatch, capsys)
     match = re.fullmatch(rf"error: {re.escape(str(data))}:3: the conversation is (\d+) tokens, over data.max_length "
                          "128; raise it, or set data.too_long: cut", line)
@@ -170,7 +159,7 @@ def test_too_long_error_keeps_the_old_behaviour_and_names_the_row(tmp_path, tiny
 def test_an_eval_row_whose_answer_cannot_fit_is_an_error(tmp_path, tiny_causal, monkeypatch, capsys):
     # An eval row is never dropped: the score would silently cover fewer rows than the file holds.
     data = _jsonl(tmp_path / "d.jsonl", [_conversation(0, 0, "a long answer about the patients " * 12)])
-    line = _cli_error(["eval", "--task", "chat", "--data", str(data), "--model", str(tiny_causal), "--out",
+    line = cli_error(["eval", "--task", "chat", "--data", str(data), "--model", str(tiny_causal), "--out",
                        str(tmp_path / "o"), "--max-length", "64"], monkeypatch, capsys)
     assert re.fullmatch(rf"error: {re.escape(str(data))}:1: the answer alone is \d+ tokens with the chat framing, "
                         "over data.max_length 64", line), line
@@ -178,7 +167,7 @@ def test_an_eval_row_whose_answer_cannot_fit_is_an_error(tmp_path, tiny_causal, 
 
 
 def test_too_long_takes_cut_or_error(tmp_path, tiny_causal, monkeypatch, capsys):
-    line = _cli_error(_train(tmp_path, tiny_causal, "data.too_long=drop"), monkeypatch, capsys)
+    line = cli_error(_train(tmp_path, tiny_causal, "data.too_long=drop"), monkeypatch, capsys)
     assert line == "error: data.too_long must be cut or error, got 'drop'"
 
 

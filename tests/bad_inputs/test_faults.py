@@ -9,9 +9,7 @@ simulated: `_read_only` makes every create and write under it fail with the errn
 
 from __future__ import annotations
 
-import builtins
 import errno
-import io
 import json
 import os
 import re
@@ -25,68 +23,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from badkit import cli_error, must_not_load, read_only
 from safetensors import SafetensorError
 
 from peftlab import cli
 from peftlab.core import files
-
-
-def _cli_error(argv: list[str], monkeypatch, capsys, code: int = 2) -> str:
-    """The one stderr line of a CLI command that must fail with exit code `code`."""
-    monkeypatch.setattr(sys, "argv", ["peftlab", *argv])
-    with pytest.raises(SystemExit) as exit_info:
-        cli.main()
-    err = capsys.readouterr().err
-    assert exit_info.value.code == code, err
-    shown = [line.rsplit("\r", 1)[-1].strip() for line in err.split("\n")]  # what a terminal shows of each line
-    lines = [line for line in shown if line and not re.search(r"\|.*\[\d+:\d+", line)]  # less the progress bars
-    assert len(lines) == 1, err
-    return lines[0]
-
-
-def _read_only(monkeypatch, root: Path, code: int = errno.EROFS) -> None:
-    """Every file or folder created, or file opened for writing, under `root` fails with `code` (EROFS: a read-only
-    mount, EACCES: no permission). Reads work, as they do on a read-only mount."""
-    root = Path(os.path.abspath(root))
-    root.mkdir(parents=True, exist_ok=True)  # a mount point exists
-    real_open, real_os_open, real_mkdir = builtins.open, os.open, os.mkdir
-
-    def under(path) -> bool:
-        return isinstance(path, str | os.PathLike) and Path(os.path.abspath(path)).is_relative_to(root)
-
-    def refuse(path):
-        raise OSError(code, os.strerror(code), str(path))
-
-    def fake_open(file, mode="r", *args, **kwargs):
-        if under(file) and set(mode) & set("wax+"):
-            refuse(file)
-        return real_open(file, mode, *args, **kwargs)
-
-    def fake_os_open(path, flags, *args, **kwargs):
-        if under(path) and flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT):
-            refuse(path)
-        return real_os_open(path, flags, *args, **kwargs)
-
-    def fake_mkdir(path, *args, **kwargs):
-        if under(path):
-            if os.path.exists(path):
-                raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(path))
-            refuse(path)
-        return real_mkdir(path, *args, **kwargs)
-
-    monkeypatch.setattr(builtins, "open", fake_open)
-    monkeypatch.setattr(io, "open", fake_open)
-    monkeypatch.setattr(os, "open", fake_os_open)
-    monkeypatch.setattr(os, "mkdir", fake_mkdir)
-
-
-def _must_not_load(monkeypatch, *targets: str) -> None:
-    """The check must come before the model loads: loading it is a test failure."""
-    def loaded(*args, **kwargs):
-        raise AssertionError("the model was loaded before the output folder was checked")
-
-    for target in targets:
-        monkeypatch.setattr(target, loaded)
 
 
 def _lora_copy(tiny_lora_run: Path, tmp_path: Path) -> Path:
@@ -101,25 +42,25 @@ def _lora_copy(tiny_lora_run: Path, tmp_path: Path) -> Path:
 @pytest.mark.parametrize("code,reason", [(errno.EROFS, "read-only file system"), (errno.EACCES, "permission denied")])
 def test_eval_out_on_a_read_only_folder(code, reason, tmp_path, tiny_causal, small_pubmedqa, monkeypatch, capsys):
     # was: an OSError traceback from write_json, after every example had been scored
-    _read_only(monkeypatch, tmp_path / "ro", code)
-    _must_not_load(monkeypatch, "peftlab.recipes.eval.load_for_inference")
-    line = _cli_error(["eval", "--task", "pubmedqa", "--data", str(small_pubmedqa), "--model", str(tiny_causal),
+    read_only(monkeypatch, tmp_path / "ro", code)
+    must_not_load(monkeypatch, "peftlab.recipes.eval.load_for_inference")
+    line = cli_error(["eval", "--task", "pubmedqa", "--data", str(small_pubmedqa), "--model", str(tiny_causal),
                        "--out", str(tmp_path / "ro" / "out")], monkeypatch, capsys)
     assert line == f"error: {tmp_path}/ro/out: cannot write here ({reason}); choose another --out"
 
 
 def test_predict_out_on_a_read_only_folder(tmp_path, tiny_lora_run, small_pubmedqa, monkeypatch, capsys):
     # was: an OSError traceback from write_jsonl, after every row had been answered
-    _read_only(monkeypatch, tmp_path / "ro")
-    _must_not_load(monkeypatch, "peftlab.recipes.eval.load_run")
-    line = _cli_error(["predict", str(tiny_lora_run), "--input", str(small_pubmedqa),
+    read_only(monkeypatch, tmp_path / "ro")
+    must_not_load(monkeypatch, "peftlab.recipes.eval.load_run")
+    line = cli_error(["predict", str(tiny_lora_run), "--input", str(small_pubmedqa),
                        "--out", str(tmp_path / "ro" / "p.jsonl")], monkeypatch, capsys)
     assert line == f"error: {tmp_path}/ro: cannot write here (read-only file system); choose another --out"
 
 
 def test_predict_out_that_is_a_folder(tmp_path, tiny_lora_run, small_pubmedqa, monkeypatch, capsys):
     # was: IsADirectoryError traceback from os.replace, after every row had been answered
-    line = _cli_error(["predict", str(tiny_lora_run), "--input", str(small_pubmedqa), "--out", str(tmp_path)],
+    line = cli_error(["predict", str(tiny_lora_run), "--input", str(small_pubmedqa), "--out", str(tmp_path)],
                       monkeypatch, capsys)
     assert line == (f"error: {tmp_path}: is a folder; --out names the JSONL file to write, e.g. "
                     f"{tmp_path}/predictions.jsonl")
@@ -128,8 +69,8 @@ def test_predict_out_that_is_a_folder(tmp_path, tiny_lora_run, small_pubmedqa, m
 def test_eval_of_a_read_only_run_folder(tmp_path, tiny_lora_run, monkeypatch, capsys):
     # was: an OSError traceback writing RUN/eval/test/metrics.json, after scoring
     run = _lora_copy(tiny_lora_run, tmp_path)
-    _read_only(monkeypatch, run)
-    line = _cli_error(["eval", str(run)], monkeypatch, capsys)
+    read_only(monkeypatch, run)
+    line = cli_error(["eval", str(run)], monkeypatch, capsys)
     assert line == f"error: {run}/eval/test: cannot write here (read-only file system); choose another --out"
     # The advice works: the run is only read, and --out elsewhere scores it.
     monkeypatch.setattr(sys, "argv", ["peftlab", "eval", str(run), "--out", str(tmp_path / "elsewhere")])
@@ -148,9 +89,9 @@ def _train_argv(tmp_path: Path, model: Path, data: Path, *overrides: str) -> lis
 
 def test_train_into_a_read_only_output_dir(tmp_path, tiny_causal, small_pubmedqa, monkeypatch, capsys):
     # was: an OSError traceback from the run folder lock, after the model had loaded
-    _read_only(monkeypatch, tmp_path / "runs")
-    _must_not_load(monkeypatch, "peftlab.recipes.train.load_model")
-    line = _cli_error(_train_argv(tmp_path, tiny_causal, small_pubmedqa), monkeypatch, capsys)
+    read_only(monkeypatch, tmp_path / "runs")
+    must_not_load(monkeypatch, "peftlab.recipes.train.load_model")
+    line = cli_error(_train_argv(tmp_path, tiny_causal, small_pubmedqa), monkeypatch, capsys)
     assert line == f"error: {tmp_path}/runs/r: cannot write here (read-only file system); set output_dir to a " \
                    "writable folder"
 
@@ -161,8 +102,8 @@ def test_study_into_a_read_only_output_dir(tmp_path, tiny_causal, small_pubmedqa
     base = {"model": {"name": str(tiny_causal)}, "data": {"path": str(small_pubmedqa)}}
     study.write_text(yaml.safe_dump({"name": "s", "output_dir": str(tmp_path / "ro"), "base": base,
                                      "runs": [{"name": "zs", "method": {"name": "zero-shot"}}]}))
-    _read_only(monkeypatch, tmp_path / "ro")
-    line = _cli_error(["compare", str(study)], monkeypatch, capsys)
+    read_only(monkeypatch, tmp_path / "ro")
+    line = cli_error(["compare", str(study)], monkeypatch, capsys)
     assert line == (f"error: {tmp_path}/ro/s: cannot write here (read-only file system); set output_dir in the "
                     "study to a writable folder")
 
@@ -170,9 +111,9 @@ def test_study_into_a_read_only_output_dir(tmp_path, tiny_causal, small_pubmedqa
 def test_read_only_model_cache(tmp_path, small_pubmedqa, monkeypatch, capsys):
     # was: an OSError traceback from the GGUF conversion, after 40 s of dequantizing
     monkeypatch.setenv("PEFTLAB_HOME", str(tmp_path / "home"))
-    _read_only(monkeypatch, tmp_path / "home")
-    _must_not_load(monkeypatch, "peftlab.models.packaged._convert_gguf")
-    line = _cli_error(["eval", "--task", "pubmedqa", "--data", str(small_pubmedqa), "--model",
+    read_only(monkeypatch, tmp_path / "home")
+    must_not_load(monkeypatch, "peftlab.models.packaged._convert_gguf")
+    line = cli_error(["eval", "--task", "pubmedqa", "--data", str(small_pubmedqa), "--model",
                        "smollm2-135m-instruct", "--out", str(tmp_path / "o")], monkeypatch, capsys)
     assert line == (f"error: {tmp_path}/home/models/smollm2-135m-instruct: cannot write here (read-only file "
                     "system); set PEFTLAB_HOME to a writable folder with room for the converted model "
@@ -181,9 +122,9 @@ def test_read_only_model_cache(tmp_path, small_pubmedqa, monkeypatch, capsys):
 
 def test_merge_into_a_read_only_folder(tmp_path, tiny_lora_run, monkeypatch, capsys):
     # was: an OSError traceback creating the output folder, after the merge
-    _read_only(monkeypatch, tmp_path / "ro")
-    _must_not_load(monkeypatch, "peftlab.deploy.export.merged_model")
-    line = _cli_error(["merge", str(tiny_lora_run), "--out", str(tmp_path / "ro" / "merged")], monkeypatch, capsys)
+    read_only(monkeypatch, tmp_path / "ro")
+    must_not_load(monkeypatch, "peftlab.deploy.export.merged_model")
+    line = cli_error(["merge", str(tiny_lora_run), "--out", str(tmp_path / "ro" / "merged")], monkeypatch, capsys)
     assert line == f"error: {tmp_path}/ro/merged: cannot write here (read-only file system); choose another --out"
 
 
@@ -205,7 +146,7 @@ def test_train_whose_adapter_save_fills_the_disk_resumes_without_training(tmp_pa
 
     monkeypatch.setattr(peft.peft_model, "safe_save_file", full_disk)
     run = tmp_path / "runs" / "r"
-    line = _cli_error(_train_argv(tmp_path, tiny_causal, small_pubmedqa), monkeypatch, capsys)
+    line = cli_error(_train_argv(tmp_path, tiny_causal, small_pubmedqa), monkeypatch, capsys)
     assert line == (f"error: {run}/adapter: cannot save it (disk full); nothing was saved. The finished training is "
                     f"kept in {run}/checkpoint.pt: once that is fixed, rerun with --resume, which saves it without "
                     "training again")
@@ -241,7 +182,7 @@ def test_eval_out_on_a_full_disk_writes_both_files_or_neither(tmp_path, tiny_cau
     argv = ["eval", "--task", "pubmedqa", "--data", str(small_pubmedqa), "--model", str(tiny_causal)]
     out = tmp_path / "out"
     _fsync_fails_on(monkeypatch, "metrics.json")
-    line = _cli_error([*argv, "--limit", "4", "--out", str(out)], monkeypatch, capsys)
+    line = cli_error([*argv, "--limit", "4", "--out", str(out)], monkeypatch, capsys)
     assert line == f"error: {out}/metrics.json: disk full; nothing was written"
     assert not out.exists() or not list(out.iterdir())
 
@@ -250,7 +191,7 @@ def test_eval_out_on_a_full_disk_writes_both_files_or_neither(tmp_path, tiny_cau
     cli.main()
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     _fsync_fails_on(monkeypatch, "predictions.jsonl")  # an earlier eval in the folder: it stays whole
-    line = _cli_error([*argv, "--limit", "2", "--out", str(out)], monkeypatch, capsys)
+    line = cli_error([*argv, "--limit", "2", "--out", str(out)], monkeypatch, capsys)
     assert line == f"error: {out}/predictions.jsonl: disk full; the previous version of this file was kept"
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
 
@@ -261,7 +202,7 @@ def test_an_os_error_nobody_caught_is_one_line(tmp_path, tiny_lora_run, monkeypa
         raise OSError(errno.EIO, "Input/output error", str(tmp_path / "p.jsonl"))
 
     monkeypatch.setattr("peftlab.recipes.eval.predict_run", disk_gone)
-    line = _cli_error(["predict", str(tiny_lora_run), "--input", "x", "--out", str(tmp_path / "p.jsonl")],
+    line = cli_error(["predict", str(tiny_lora_run), "--input", "x", "--out", str(tmp_path / "p.jsonl")],
                       monkeypatch, capsys)
     assert line == f"error: {tmp_path}/p.jsonl: Input/output error"
 

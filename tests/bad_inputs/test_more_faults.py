@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from bad_inputs.test_faults import _cli_error, _must_not_load, _read_only
+from badkit import cli_error, must_not_load, read_only
 
 
 def _run_copy(tiny_lora_run: Path, tmp_path: Path) -> Path:
@@ -40,7 +40,7 @@ def _run_copy(tiny_lora_run: Path, tmp_path: Path) -> Path:
 def test_a_data_file_that_is_not_utf8(name, content, task, where, tmp_path, tiny_causal, monkeypatch, capsys):
     data = tmp_path / name
     data.write_bytes(content)
-    message = _cli_error(["eval", "--task", task, "--data", str(data), "--model", str(tiny_causal),
+    message = cli_error(["eval", "--task", task, "--data", str(data), "--model", str(tiny_causal),
                           "--out", str(tmp_path / "o")], monkeypatch, capsys)
     assert message == f"error: {data}:{where}; save the file as UTF-8"
 
@@ -49,7 +49,7 @@ def test_a_teacher_output_csv_that_is_not_utf8(tmp_path, small_pubmedqa, monkeyp
     # was: UnicodeDecodeError traceback from the CSV reader
     outputs = tmp_path / "teacher.csv"
     outputs.write_bytes(b"id,output\n1,s\xed\n")
-    message = _cli_error(["distill", "--teacher", str(outputs), "--task", "pubmedqa", "--data", str(small_pubmedqa),
+    message = cli_error(["distill", "--teacher", str(outputs), "--task", "pubmedqa", "--data", str(small_pubmedqa),
                           "--out", str(tmp_path / "t.jsonl")], monkeypatch, capsys)
     assert message == f"error: {outputs}:2: not UTF-8 text (byte 0xed); save the file as UTF-8"
     assert not (tmp_path / "t.jsonl").exists()
@@ -66,15 +66,15 @@ def test_eval_of_a_run_whose_config_was_cut_off(tmp_path, tiny_lora_run, monkeyp
     for argv in (["eval", str(run), "--out", str(tmp_path / "o")], ["merge", str(run), "--out", str(tmp_path / "m")],
                  ["predict", str(run), "--input", str(tiny_lora_run.parent / "pubmedqa.json"),
                   "--out", str(tmp_path / "p.jsonl")]):
-        assert _cli_error(argv, monkeypatch, capsys) == message
+        assert cli_error(argv, monkeypatch, capsys) == message
 
 
 def test_probe_of_a_run_whose_result_json_was_cut_off(tmp_path, tiny_lora_run, monkeypatch, capsys):
     # was: a JSONDecodeError traceback, after every test prompt had been perturbed and scored
     run = _run_copy(tiny_lora_run, tmp_path)
     (run / "result.json").write_text((run / "result.json").read_text()[:50])
-    _must_not_load(monkeypatch, "peftlab.recipes.probe.load_run")
-    line = _cli_error(["probe", str(run)], monkeypatch, capsys)
+    must_not_load(monkeypatch, "peftlab.recipes.probe.load_run")
+    line = cli_error(["probe", str(run)], monkeypatch, capsys)
     assert line.startswith(f"error: {run}/result.json: not readable JSON (Expecting ")
     assert line.endswith("); the file may have been cut off or overwritten")
     assert not (run / "probe.json").exists()
@@ -83,9 +83,9 @@ def test_probe_of_a_run_whose_result_json_was_cut_off(tmp_path, tiny_lora_run, m
 def test_probe_of_a_read_only_run_folder(tmp_path, tiny_lora_run, monkeypatch, capsys):
     # was: a traceback writing probe.json, after the probe's work
     run = _run_copy(tiny_lora_run, tmp_path)
-    _read_only(monkeypatch, run)
-    _must_not_load(monkeypatch, "peftlab.recipes.probe.load_run")
-    assert _cli_error(["probe", str(run)], monkeypatch, capsys) == (
+    read_only(monkeypatch, run)
+    must_not_load(monkeypatch, "peftlab.recipes.probe.load_run")
+    assert cli_error(["probe", str(run)], monkeypatch, capsys) == (
         f"error: {run}: cannot write here (read-only file system); copy the run folder somewhere writable and probe "
         "the copy")
 
@@ -100,7 +100,7 @@ def test_train_resume_from_a_cut_off_checkpoint(tmp_path, tiny_causal, small_pub
     ckpt.parent.mkdir(parents=True)
     for content, reason in ((b"", "EOFError"), (b"PK\x03\x04" + b"\x00" * 64, None)):
         ckpt.write_bytes(content)
-        line = _cli_error(argv, monkeypatch, capsys)
+        line = cli_error(argv, monkeypatch, capsys)
         assert line.startswith(f"error: {ckpt}: not a checkpoint of this run ("), line
         assert line.endswith("); rerun without --resume to train from step 0 (it replaces the checkpoint)")
         assert reason is None or f"({reason})" in line
@@ -115,7 +115,7 @@ def test_train_resume_from_a_cut_off_checkpoint(tmp_path, tiny_causal, small_pub
 def test_report_of_an_empty_folder(tmp_path, monkeypatch, capsys):
     # was: ValueError traceback "no run folder with result.json in ..."
     (tmp_path / "study" / "not-a-run").mkdir(parents=True)
-    assert _cli_error(["report", str(tmp_path / "study")], monkeypatch, capsys) == (
+    assert cli_error(["report", str(tmp_path / "study")], monkeypatch, capsys) == (
         f"error: {tmp_path}/study: no run folder with a result.json here; give a study folder (or a run folder) "
         "that holds finished runs")
 
@@ -131,7 +131,7 @@ def test_report_with_one_bad_result_among_good_ones(content, problem, tmp_path, 
     shutil.copytree(tiny_lora_run, study / "good")
     shutil.copytree(tiny_lora_run, study / "bad")
     (study / "bad" / "result.json").write_bytes(content)
-    assert _cli_error(["report", str(study)], monkeypatch, capsys) == f"error: {study}/bad/result.json: {problem}"
+    assert cli_error(["report", str(study)], monkeypatch, capsys) == f"error: {study}/bad/result.json: {problem}"
     assert not (study / "results.md").exists() and not (study / "good" / "peft_result.json").exists()
 
 
@@ -146,16 +146,16 @@ def test_limit_below_one_on_probe_and_distill(limit, tmp_path, tiny_lora_run, ti
     # was: probe --limit 0 probed the default 50 examples and -1 said "the test split is empty"; distill --limit 0
     # distilled every example and -1 all but the last, exit 0
     message = f"error: --limit must be >= 1 (leave it out to score every example), got {limit}"
-    assert _cli_error(["probe", str(tiny_lora_run), "--limit", limit], monkeypatch, capsys) == message
+    assert cli_error(["probe", str(tiny_lora_run), "--limit", limit], monkeypatch, capsys) == message
     out = tmp_path / "t.jsonl"
-    assert _cli_error(["distill", "--teacher", str(tiny_causal), "--task", "pubmedqa", "--data", str(small_pubmedqa),
+    assert cli_error(["distill", "--teacher", str(tiny_causal), "--task", "pubmedqa", "--data", str(small_pubmedqa),
                        "--out", str(out), "--limit", limit], monkeypatch, capsys) == message
     assert not out.exists()
 
 
 def test_probe_limit_below_one_in_a_config(tmp_path, monkeypatch, capsys):
     # was: experiments.probe_limit: 0 probed nothing, and -1 every test example but the last
-    line = _cli_error(["train", "experiments.probe=true", "experiments.probe_limit=0", f"output_dir={tmp_path}"],
+    line = cli_error(["train", "experiments.probe=true", "experiments.probe_limit=0", f"output_dir={tmp_path}"],
                       monkeypatch, capsys)
     assert line == "error: experiments.probe_limit must be >= 1, got 0"
 
@@ -164,11 +164,11 @@ def test_distill_and_export_outputs_that_are_folders(tmp_path, tiny_lora_run, ti
                                                      monkeypatch, capsys):
     # was: distill: "is a directory; the previous version of this file was kept", after the teacher had answered
     # every example; export: "cannot write the GGUF file (is a directory)", after the merge
-    _must_not_load(monkeypatch, "peftlab.experiments.distill._predict", "peftlab.deploy.export.merged_model")
-    assert _cli_error(["distill", "--teacher", str(tiny_causal), "--task", "pubmedqa", "--data", str(small_pubmedqa),
+    must_not_load(monkeypatch, "peftlab.experiments.distill._predict", "peftlab.deploy.export.merged_model")
+    assert cli_error(["distill", "--teacher", str(tiny_causal), "--task", "pubmedqa", "--data", str(small_pubmedqa),
                        "--out", str(tmp_path)], monkeypatch, capsys) == (
         f"error: {tmp_path}: is a folder; --out names the file to write, e.g. {tmp_path}/teacher.jsonl")
-    assert _cli_error(["export", str(tiny_lora_run), "--gguf", str(tmp_path)], monkeypatch, capsys) == (
+    assert cli_error(["export", str(tiny_lora_run), "--gguf", str(tmp_path)], monkeypatch, capsys) == (
         f"error: {tmp_path}: is a folder; --gguf names the file to write, e.g. {tmp_path}/model.gguf")
 
 
@@ -176,14 +176,14 @@ def test_merge_out_that_is_a_file(tmp_path, tiny_lora_run, monkeypatch, capsys):
     # was: "error: FILE: Not a directory"
     out = tmp_path / "merged"
     out.write_text("x")
-    assert _cli_error(["merge", str(tiny_lora_run), "--out", str(out)], monkeypatch, capsys) == (
+    assert cli_error(["merge", str(tiny_lora_run), "--out", str(out)], monkeypatch, capsys) == (
         f"error: {out}: is a file; --out names the folder to save the merged model in")
 
 
 def test_predict_reads_its_input_before_loading_the_model(tmp_path, tiny_lora_run, monkeypatch, capsys):
     # was: the run's base model and adapter loaded first, then "no such data file"
-    _must_not_load(monkeypatch, "peftlab.recipes.eval.load_run")
-    line = _cli_error(["predict", str(tiny_lora_run), "--input", str(tmp_path / "nope.jsonl"),
+    must_not_load(monkeypatch, "peftlab.recipes.eval.load_run")
+    line = cli_error(["predict", str(tiny_lora_run), "--input", str(tmp_path / "nope.jsonl"),
                        "--out", str(tmp_path / "p.jsonl")], monkeypatch, capsys)
     assert line.startswith(f"error: {tmp_path}/nope.jsonl: no such data file")
 
@@ -212,26 +212,26 @@ def _sweep_file(tmp_path: Path, model: Path, data: Path) -> Path:
 ])
 def test_sweep_bad_options(argv, message, tmp_path, tiny_causal, small_pubmedqa, monkeypatch, capsys):
     path = _sweep_file(tmp_path, tiny_causal, small_pubmedqa)
-    assert _cli_error(["sweep", str(path), *argv], monkeypatch, capsys) == message
+    assert cli_error(["sweep", str(path), *argv], monkeypatch, capsys) == message
     assert not (tmp_path / "runs").exists()
 
 
 @pytest.mark.parametrize("port", ["70000", "-1"])
 def test_serve_port_out_of_range(port, monkeypatch, capsys):
     # was: OverflowError traceback from socket.bind
-    line = _cli_error(["serve", "--port", port], monkeypatch, capsys)
+    line = cli_error(["serve", "--port", port], monkeypatch, capsys)
     assert line == f"error: --port must be 0 to 65535, got {port}"
 
 
 def test_cv_with_zero_folds(tmp_path, monkeypatch, capsys):
     # was: --folds 0 ran the default 10 folds
-    assert _cli_error(["cv", f"output_dir={tmp_path}", "--folds", "0"], monkeypatch, capsys) == (
+    assert cli_error(["cv", f"output_dir={tmp_path}", "--folds", "0"], monkeypatch, capsys) == (
         "error: cross-validation needs at least 3 folds (test, val, train), got 0")
 
 
 def test_bench_with_no_methods(monkeypatch, capsys):
     # was: exit 0 after benchmarking nothing, with an empty table
-    assert _cli_error(["bench", "train", "--smoke", "--methods", ","], monkeypatch, capsys) == (
+    assert cli_error(["bench", "train", "--smoke", "--methods", ","], monkeypatch, capsys) == (
         "error: bench train: --methods names no method; choose from ['full', 'lora', 'prompt-tuning']")
 
 

@@ -15,6 +15,7 @@ import unicodedata
 from pathlib import Path
 
 import pytest
+from badkit import cli_error
 from fastapi.testclient import TestClient
 
 from peftlab import cli
@@ -27,18 +28,6 @@ def _cli(argv: list[str], monkeypatch, capsys) -> list[str]:
     monkeypatch.setattr(sys, "argv", ["peftlab", *argv])
     cli.main()
     return [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
-
-
-def _cli_error(argv: list[str], monkeypatch, capsys) -> str:
-    """The one stderr line of a CLI command that must fail with exit code 2."""
-    monkeypatch.setattr(sys, "argv", ["peftlab", *argv])
-    with pytest.raises(SystemExit) as exit_info:
-        cli.main()
-    err = capsys.readouterr().err
-    assert exit_info.value.code == 2, err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, err
-    return lines[0]
 
 
 def _jsonl(path: Path, rows: list[dict]) -> Path:
@@ -110,7 +99,7 @@ def test_teacher_file_with_two_outputs_for_one_id(tmp_path, tiny_causal, monkeyp
     # was: exit 0; the later output silently replaced the earlier one, and an example trained on the wrong text.
     ids = [str(i) for i in range(10)]
     data, outputs = _teacher_case(tmp_path, ids, [(i, f"teacher {i}") for i in ids] + [("3", "another text")])
-    line = _cli_error(_train(tmp_path, tiny_causal, "r", "data.task=alpaca", f"data.path={data}",
+    line = cli_error(_train(tmp_path, tiny_causal, "r", "data.task=alpaca", f"data.path={data}",
                              f"data.target={outputs}"), monkeypatch, capsys)
     assert line == f"error: {outputs}:11: field 'id': id '3' has another output on line 4"
 
@@ -119,7 +108,7 @@ def test_teacher_outputs_for_rows_sharing_an_id(tmp_path, tiny_causal, monkeypat
     # was: exit 0; both rows with id '1' trained on the one teacher output written for id '1'.
     ids = [str(i % 5) for i in range(10)]
     data, outputs = _teacher_case(tmp_path, ids, [(str(i), f"teacher {i}") for i in range(5)])
-    line = _cli_error(_train(tmp_path, tiny_causal, "r", "data.task=alpaca", f"data.path={data}",
+    line = cli_error(_train(tmp_path, tiny_causal, "r", "data.task=alpaca", f"data.path={data}",
                              f"data.target={outputs}"), monkeypatch, capsys)
     assert line.startswith(f"error: {data}:") and line.endswith(
         "; data.target matches outputs to rows by id, so ids must be unique")

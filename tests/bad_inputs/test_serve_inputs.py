@@ -9,27 +9,14 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
+from badkit import cli_error
 from fastapi.testclient import TestClient
 
-from peftlab import cli
 from peftlab.deploy.serve import create_app
 from peftlab.models.loading import load_model
-
-
-def _cli_error(argv: list[str], monkeypatch, capsys) -> str:
-    """The one stderr line of a CLI command that must fail with exit code 2."""
-    monkeypatch.setattr(sys, "argv", ["peftlab", *argv])
-    with pytest.raises(SystemExit) as exit_info:
-        cli.main()
-    err = capsys.readouterr().err
-    assert exit_info.value.code == 2, err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, err
-    return lines[0]
 
 
 @pytest.fixture(scope="module")
@@ -249,7 +236,7 @@ def _argv(command: str, run: Path, tiny_causal: Path, data: Path, tmp_path: Path
 @pytest.mark.parametrize("command", ["eval --adapter", "eval RUN", "predict", "serve", "merge"])
 def test_unknown_peft_type(command, tiny_lora_run, tiny_causal, small_pubmedqa, tmp_path, monkeypatch, capsys):
     run = _run_with_config(tiny_lora_run, tmp_path, lambda c: {**c, "peft_type": "FOO"})
-    line = _cli_error(_argv(command, run, tiny_causal, small_pubmedqa, tmp_path), monkeypatch, capsys)
+    line = cli_error(_argv(command, run, tiny_causal, small_pubmedqa, tmp_path), monkeypatch, capsys)
     assert line == f"error: {run}/adapter/adapter_config.json: unknown peft_type 'FOO'; known: {_known()}"
     assert not (tmp_path / "o").exists() and not (tmp_path / "p.jsonl").exists()
 
@@ -272,5 +259,5 @@ CONFIG_CASES = [
 def test_bad_adapter_config(case, change, message, command, tiny_lora_run, tiny_causal, small_pubmedqa, tmp_path,
                             monkeypatch, capsys):
     run = _run_with_config(tiny_lora_run, tmp_path, change)
-    line = _cli_error(_argv(command, run, tiny_causal, small_pubmedqa, tmp_path), monkeypatch, capsys)
+    line = cli_error(_argv(command, run, tiny_causal, small_pubmedqa, tmp_path), monkeypatch, capsys)
     assert line == f"error: {run}/adapter/adapter_config.json: " + message.format(known=_known())

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from badkit import cli_error
 
 from peftlab import cli
 from peftlab.core.config import config_and_overrides, deep_merge, load_config, save_config
@@ -19,18 +20,6 @@ from peftlab.core.errors import PeftlabError
 from peftlab.core.yamlio import YamlSyntaxError, dump_yaml, parse_yaml, read_yaml
 from peftlab.recipes.study import load_study
 from peftlab.recipes.sweep import parse_space
-
-
-def _fail(argv: list[str], monkeypatch, capsys) -> str:
-    """The one stderr line of a command that must fail with exit code 2."""
-    monkeypatch.setattr(sys, "argv", ["peftlab", *argv])
-    with pytest.raises(SystemExit) as exit_info:
-        cli.main()
-    err = capsys.readouterr().err
-    assert exit_info.value.code == 2, err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, err
-    return lines[0]
 
 
 def _ok(argv: list[str], monkeypatch, capsys) -> str:
@@ -105,7 +94,7 @@ def test_config_and_study_files(case, command, text, message, tmp_path, monkeypa
     path.write_text(f"output_dir: {tmp_path / 'out'}\n{text}" if study else text)
     monkeypatch.chdir(tmp_path)  # a default run or study would land here, where the test can see it
     where = f"{path}:" if message[0].isdigit() else f"{path}: "
-    assert _fail([command, str(path)], monkeypatch, capsys) == f"error: {where}{message}"
+    assert cli_error([command, str(path)], monkeypatch, capsys) == f"error: {where}{message}"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["f.yaml"]  # no study or run folder was made
 
 
@@ -113,7 +102,7 @@ def test_only_names_an_unknown_run(tmp_path, monkeypatch, capsys):
     # was: `--only lroa` ran nothing and exited 0
     path = tmp_path / "s.yaml"
     path.write_text(f"output_dir: {tmp_path / 'out'}\nruns: [{{method: {{name: lora}}}}, {{name: b}}]\n")
-    line = _fail(["compare", str(path), "--only", "lroa"], monkeypatch, capsys)
+    line = cli_error(["compare", str(path), "--only", "lroa"], monkeypatch, capsys)
     assert line == "error: --only: no run 'lroa' in the study; its runs: lora, b"
     assert not (tmp_path / "out").exists()
 
@@ -131,7 +120,7 @@ def test_train_with_overrides_and_no_config_file(tmp_path, tiny_causal, small_pu
 def test_train_override_shaped_first_argument_still_reads_an_existing_file(tmp_path, monkeypatch, capsys):
     path = tmp_path / "lr=3.yaml"  # a config file whose name looks like an override is still the config file
     path.write_text("")
-    assert _fail(["train", str(path)], monkeypatch, capsys).startswith(f"error: {path}: empty config;")
+    assert cli_error(["train", str(path)], monkeypatch, capsys).startswith(f"error: {path}: empty config;")
 
 
 @pytest.mark.parametrize("first,rest,want", [
@@ -174,7 +163,7 @@ def test_task_yaml_values_of_the_wrong_type(text, message, tmp_path, tiny_causal
     spec.write_text(f"name: t\ninputs: [text]\ntarget: label\ntemplate: '{{text}}'\n{text}\n")
     argv = ["eval", "--task", str(spec), "--data", str(tmp_path / "d.jsonl"), "--model", str(tiny_causal), "--out",
             str(tmp_path / "out")]
-    assert _fail(argv, monkeypatch, capsys) == f"error: {spec}: {message}"
+    assert cli_error(argv, monkeypatch, capsys) == f"error: {spec}: {message}"
 
 
 @pytest.mark.parametrize("text", ["", "- name: t\n"])
@@ -185,7 +174,7 @@ def test_task_yaml_that_is_not_a_mapping(text, tmp_path, tiny_causal, monkeypatc
     argv = ["eval", "--task", str(spec), "--data", str(tmp_path / "d.jsonl"), "--model", str(tiny_causal), "--out",
             str(tmp_path / "out")]
     got = "an empty file" if not text else "a list"
-    assert _fail(argv, monkeypatch, capsys) == (f"error: {spec}: expected a task mapping (name, format, inputs, "
+    assert cli_error(argv, monkeypatch, capsys) == (f"error: {spec}: expected a task mapping (name, format, inputs, "
                                                 f"target, template, metric, ...), got {got}")
 
 

@@ -80,17 +80,18 @@ def write_result(run_dir: Path, result: RunResult) -> Path:
     return path
 
 
-def read_result(run_dir: Path) -> RunResult:
-    """Read `<run_dir>/result.json`; a missing or unreadable file is one line naming it."""
+def read_result(run_dir: Path, fix: str = "delete it and rerun that run") -> RunResult:
+    """Read `<run_dir>/result.json`; a missing, cut-off or overwritten file is one line naming it and `fix`."""
     path = Path(run_dir) / RESULT_FILE
     try:
         data: Any = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise PeftlabError(f"{path}: no such file; the run has not finished (rerun it)") from None
-    except (OSError, UnicodeDecodeError, ValueError) as err:
-        raise PeftlabError(f"{path}: not a readable run result ({str(err).splitlines()[0]})") from None
+    except ValueError as err:  # JSONDecodeError and UnicodeDecodeError both are
+        raise PeftlabError(f"{path}: not readable JSON ({str(err).splitlines()[0]}); the file may have been cut "
+                           "off or overwritten") from None
     if not isinstance(data, dict) or not isinstance(data.get("name"), str) or not isinstance(data.get("method"), str):
-        raise PeftlabError(f"{path}: not a run result (a JSON object with name and method)")
+        raise PeftlabError(f"{path}: not a run result (a JSON object); {fix}")
     return RunResult.from_dict(data)
 
 

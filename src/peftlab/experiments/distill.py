@@ -19,6 +19,7 @@ from rich.table import Table
 from peftlab.core.config import check_limit, from_dict
 from peftlab.core.errors import PeftlabError
 from peftlab.core.files import ensure_file_writable, write_json, write_jsonl
+from peftlab.core.result import has_result
 from peftlab.data.splits import load_splits
 from peftlab.data.targets import read_outputs
 from peftlab.data.tasks import Example, Task, task_for
@@ -44,7 +45,7 @@ def resolve_teacher(spec: str) -> tuple[str, str | None]:
     A run folder names its own base in config.yaml; its adapter/ (or model/ for full fine-tuning) is the teacher.
     """
     run = Path(spec)
-    if (run / "config.yaml").is_file() and (run / "result.json").is_file():
+    if (run / "config.yaml").is_file() and has_result(run):
         base = run_config(run).model.name
         trained = (run / "adapter").is_dir() or (run / "model").is_dir()
         return base, str(run) if trained else None

@@ -16,6 +16,7 @@ import torch
 
 from peftlab.core.config import RunConfig, read_run_config
 from peftlab.core.errors import PeftlabError
+from peftlab.core.result import has_result
 from peftlab.data.splits import load_splits
 from peftlab.data.tasks import Task, task_for
 from peftlab.kernels.memory import fused_rmsnorm, lean_swiglu
@@ -46,7 +47,7 @@ class SavedRun:
 def run_config(run_dir: Path) -> RunConfig:
     """The config a finished run folder was trained with."""
     run_dir = Path(run_dir)
-    if not (run_dir / "result.json").is_file() or not (run_dir / "config.yaml").is_file():
+    if not has_result(run_dir) or not (run_dir / "config.yaml").is_file():
         raise PeftlabError(f"{run_dir}: not a finished run folder (no result.json / config.yaml)")
     return read_run_config(run_dir / "config.yaml")
 

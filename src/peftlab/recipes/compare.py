@@ -22,7 +22,7 @@ from pathlib import Path
 from peftlab.core.config import RunConfig, deep_merge, load_config, to_dict
 from peftlab.core.errors import PeftlabError
 from peftlab.core.files import ensure_writable, read_json, write_json
-from peftlab.core.result import RunResult
+from peftlab.core.result import RunResult, has_result
 from peftlab.core.signals import Stopped, signal_name, stop_on_signals
 from peftlab.experiments.distill import prepare_teacher
 from peftlab.methods.registry import get_method
@@ -89,7 +89,7 @@ def run_study(path: Path, overrides: list[str] = (), only: list[str] | None = No
                 metric = header.get("metric") or (spec and spec.metric)
                 failures = run_decision(chosen, spec, repeats, study_dir, metric, executor)
             else:
-                todo = [c for c in chosen if not (c.run_dir / "result.json").exists()]
+                todo = [c for c in chosen if not has_result(c.run_dir)]
                 print(f"study {study_dir}: {len(chosen)} runs, {len(chosen) - len(todo)} already done, "
                       f"{len(todo)} to run")
                 progress = Progress(sum(job_units(c) for c in todo))
@@ -139,7 +139,7 @@ def run_finals(configs: list[RunConfig], executor: ExecutorSpec, progress: Progr
 def study_stopped(stop: Stopped, configs: list[RunConfig], repeats: Repeats) -> Stopped:
     """The study's one line for a stop: how many of its runs are finished, and how to go on."""
     finals = [f for c in configs for f in repeat_configs(c, repeats)]
-    done = sum((f.run_dir / "result.json").exists() for f in finals)
+    done = sum(has_result(f.run_dir) for f in finals)
     return Stopped(stop.signum, f"study stopped by {signal_name(stop.signum)}; {done} of {len(finals)} runs "
                                 "finished; rerun the same command to resume")
 
@@ -210,7 +210,7 @@ def run_decision(configs: list[RunConfig], spec: TuneSpec | None, repeats: Repea
     write study.json; returns the failed run names."""
     progress = Progress(sum(plan_units(c, spec, repeats, study_dir) for c in configs))
     finals = [f for c in configs for f in repeat_configs(c, repeats)]
-    left = sum(not (f.run_dir / "result.json").exists() for f in finals)
+    left = sum(not has_result(f.run_dir) for f in finals)
     tuned = sum(spec is not None and (study_dir / "tune" / c.name / CHOSEN).is_file() for c in configs)
     print(f"study {study_dir}: {len(configs)} methods, {tuned} already tuned; {len(finals)} final runs, "
           f"{len(finals) - left} already done, {left} to run", flush=True)
@@ -226,7 +226,7 @@ def run_decision(configs: list[RunConfig], spec: TuneSpec | None, repeats: Repea
                               tick=lambda label, u=units: progress.advance(u, label))
             print(f"{cfg.name}: chosen {chosen['params'] or '(no knobs)'} val {chosen['value']}", flush=True)
         finals = repeat_configs(chosen_config(cfg, chosen), repeats)
-        todo += [f for f in finals if not (f.run_dir / "result.json").exists()]  # a rerun skips finished ones
+        todo += [f for f in finals if not has_result(f.run_dir)]  # a rerun skips finished ones
         groups[cfg.name] = {"method": cfg.method.name, "runs": [f.name for f in finals], "chosen": chosen}
         write_json(manifest, {"metric": metric, "repeats": vars_repeats(repeats), "groups": groups})
     return run_finals(todo, executor, progress)
@@ -289,7 +289,7 @@ def _tune_points(cfg: RunConfig, spec: TuneSpec | None, study_dir: Path) -> int:
 
 def plan_units(cfg: RunConfig, spec: TuneSpec | None, repeats: Repeats, study_dir: Path) -> float:
     """Work left for one method: its tuning points and its unfinished repeats."""
-    finals = [f for f in repeat_configs(cfg, repeats) if not (f.run_dir / "result.json").exists()]
+    finals = [f for f in repeat_configs(cfg, repeats) if not has_result(f.run_dir)]
     return _tune_points(cfg, spec, study_dir) * trial_units(cfg) + sum(job_units(f) for f in finals)
 
 
@@ -328,7 +328,7 @@ def plan_text(configs: list[RunConfig], spec: TuneSpec | None, repeats: Repeats,
     total_runs, total_s = 0, 0.0
     for cfg in configs:
         points = _tune_points(cfg, spec, study_dir)
-        finals = [f for f in repeat_configs(cfg, repeats) if not (f.run_dir / "result.json").exists()]
+        finals = [f for f in repeat_configs(cfg, repeats) if not has_result(f.run_dir)]
         units = plan_units(cfg, spec, repeats, study_dir)
         seconds = units * speed.tokens_per_example / speed.tokens_per_s + (points + len(finals)) * speed.overhead_s
         total_runs += points + len(finals)

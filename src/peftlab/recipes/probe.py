@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 from peftlab.core.config import check_limit
-from peftlab.core.errors import PeftlabError
-from peftlab.core.files import ensure_writable, read_json, write_json
+from peftlab.core.files import ensure_writable
+from peftlab.core.result import read_result, write_result
 from peftlab.data.splits import load_splits
 from peftlab.experiments.probe import probe_split
 from peftlab.methods.saved import load_run, run_config
@@ -19,15 +20,12 @@ def run_probe(run_dir: Path, limit: int | None = None) -> dict:
     cfg = run_config(run_dir)
     # Both are needed after the probe: a result.json that cannot be read or a folder that cannot be written is
     # refused before the model loads, not after every prompt has been perturbed and scored.
-    result = read_json(run_dir / "result.json")
-    if not isinstance(result, dict):
-        raise PeftlabError(f"{run_dir / 'result.json'}: not a run result (a JSON object); train the run again")
+    result = read_result(run_dir, fix="train the run again")
     ensure_writable(run_dir, "copy the run folder somewhere writable and probe the copy")
     if limit is not None:
         cfg.experiments.probe_limit = limit
     run = load_run(run_dir, cfg=cfg)  # a vision-language run keeps its images in the probe
     splits = load_splits(cfg, run.task, val_in_train=not run.method.trains)  # the demo pool the run itself had
     metrics = probe_split(cfg, run.model, run.fmt, run.task, splits, run_dir)
-    result["metrics"] = {**(result.get("metrics") or {}), **metrics}
-    write_json(run_dir / "result.json", result)
+    write_result(run_dir, replace(result, metrics={**result.metrics, **metrics}))
     return metrics

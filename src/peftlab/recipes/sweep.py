@@ -29,6 +29,7 @@ from typing import Any
 from peftlab.core.config import RunConfig, apply_overrides, load_config, save_config, set_dotted, to_dict
 from peftlab.core.errors import PeftlabError
 from peftlab.core.files import ensure_writable, read_json, write_json
+from peftlab.core.result import has_result, read_result
 from peftlab.core.signals import Stopped, signal_name, stop_on_signals
 from peftlab.core.yamlio import describe
 from peftlab.methods.registry import get_method
@@ -115,11 +116,11 @@ def _pruning_callback(trial, cfg: RunConfig, metric: str | None = None):
 
 def objective_value(run_dir: Path, metric: str | None = None) -> float:
     """The run's final val metric (`metric`, default its primary metric), as written to result.json."""
-    result = read_json(run_dir / "result.json")
-    key = f"val_{metric or result['primary_metric']}"
-    if key not in result["metrics"]:
+    result = read_result(run_dir)
+    key = f"val_{metric or result.primary_metric}"
+    if key not in result.metrics:
         raise PeftlabError(f"{run_dir}: no {key} in result.json; a sweep needs a val split (data.split)")
-    return float(result["metrics"][key])
+    return float(result.metrics[key])
 
 
 def quiet_optuna() -> None:
@@ -380,7 +381,7 @@ def _select(cfg: RunConfig, grid: dict, tune_dir: Path, metric: str | None, tick
     best: dict = {"params": {}, "value": None, "trials": 0}
     for i, params in enumerate(_grid_points(grid)):
         trial = trial_config(_base_raw(cfg), params, f"select-{i}", tune_dir)
-        if not (trial.run_dir / "result.json").exists():
+        if not has_result(trial.run_dir):
             run_trial(trial)
             gc.collect()
         value = objective_value(trial.run_dir, metric)

@@ -18,6 +18,7 @@ from matplotlib.figure import Figure
 
 from peftlab.core.errors import PeftlabError
 from peftlab.core.files import write_json
+from peftlab.core.result import has_result, read_result
 from peftlab.core.yamlio import read_yaml
 from peftlab.report import stats
 from peftlab.report.stats import MethodSummary, Replica
@@ -59,16 +60,15 @@ def load_groups(study_dir: Path) -> list[Group]:
     if manifest.is_file():
         spec = json.loads(manifest.read_text(encoding="utf-8"))["groups"]
     else:
-        spec = {p.name: {"runs": [p.name]} for p in sorted(study_dir.iterdir()) if (p / "result.json").is_file()}
+        spec = {p.name: {"runs": [p.name]} for p in sorted(study_dir.iterdir()) if has_result(p)}
     groups = []
     for name, g in spec.items():
         results, replicas, folders, tests = [], [], [], []
         for run in g["runs"]:
-            result_path = study_dir / run / "result.json"
             rows = _rows(study_dir / run / "predictions.jsonl")
-            if not result_path.is_file() or not rows:
+            if not has_result(study_dir / run) or not rows:
                 continue
-            result = json.loads(result_path.read_text(encoding="utf-8"))
+            result = read_result(study_dir / run).to_dict()
             labels = (result.get("metrics") or {}).get("test_labels")
             results.append(result)
             replicas.append(stats.replica_from_rows(rows, labels if isinstance(labels, list) else None))

@@ -16,6 +16,7 @@ from pathlib import Path
 import pandas as pd
 
 from peftlab.core.files import write_json
+from peftlab.core.result import has_result
 from peftlab.report.decision import unpaired_note
 
 NOT_RUN = "not_run.json"
@@ -32,7 +33,7 @@ def not_run(study_dir: Path) -> list[dict]:
     """The recorded not-run runs of a study (a run that finished since is not listed)."""
     rows = []
     for path in sorted(Path(study_dir).glob(f"*/{NOT_RUN}")):
-        if not (path.parent / "result.json").exists():
+        if not has_result(path.parent):
             rows.append(json.loads(path.read_text(encoding="utf-8")))
     return rows
 

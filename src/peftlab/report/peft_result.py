@@ -24,6 +24,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from peftlab.core.files import write_json
+from peftlab.core.result import read_result
 from peftlab.core.yamlio import read_yaml
 
 PEFT_RESULT = "peft_result.json"
@@ -61,7 +62,7 @@ def _train_metrics(log: list[dict], result: dict) -> list[dict]:
 def peft_result(run_dir: Path) -> dict:
     """The run folder's result as peft's method_comparison JSON."""
     run_dir = Path(run_dir)
-    result = json.loads((run_dir / "result.json").read_text(encoding="utf-8"))
+    result = read_result(run_dir).to_dict()
     config = read_yaml(run_dir / "config.yaml") if (run_dir / "config.yaml").is_file() else {}
     adapter_cfg = run_dir / "adapter" / "adapter_config.json"
     log = _jsonl(run_dir / "train_log.jsonl")

@@ -22,7 +22,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from peftlab.core.errors import PeftlabError
-from peftlab.core.files import read_json, write_text_atomic
+from peftlab.core.files import write_text_atomic
+from peftlab.core.result import has_result, read_result
 from peftlab.report.decision import decision_html, decision_markdown, pareto_figure, write_decision
 from peftlab.report.notes import notes_html, notes_markdown
 from peftlab.report.peft_result import write_peft_result
@@ -91,8 +92,8 @@ def load_results(study_dir: Path) -> pd.DataFrame:
     rows = []
     study_dir = Path(study_dir)
     # A single run folder (`peftlab train`) reports as a one-run study.
-    runs = [study_dir] if (study_dir / "result.json").is_file() else sorted(study_dir.iterdir())
-    for run_dir in (p for p in runs if (p / "result.json").is_file()):
+    runs = [study_dir] if has_result(study_dir) else sorted(study_dir.iterdir())
+    for run_dir in (p for p in runs if has_result(p)):
         result = read_run_result(run_dir)
         row = {k: v for k, v in result.items() if k != "metrics"}
         # Top-level fields win over a same-named metric so the cost columns keep their meaning.
@@ -111,13 +112,9 @@ def load_results(study_dir: Path) -> pd.DataFrame:
 
 
 def read_run_result(run_dir: Path) -> dict:
-    """A run's result.json as a mapping; one cut off or overwritten is one line naming it, not a traceback."""
-    path = Path(run_dir) / "result.json"
-    result = read_json(path)
-    if not isinstance(result, dict):
-        raise PeftlabError(f"{path}: not a run result (a JSON object); delete it and rerun that run, or move its "
-                           "folder out of the study")
-    return result
+    """A run's result.json as a flat mapping (`core.result.RunResult`'s fields); one cut off or overwritten is one
+    line naming it, not a traceback."""
+    return read_result(run_dir, fix="delete it and rerun that run, or move its folder out of the study").to_dict()
 
 
 def _is_missing(value: Any) -> bool:
@@ -415,12 +412,12 @@ def build_study_report(study_dir: Path, title: str | None = None) -> Path:
     scored on the same test examples gets decision.json, pareto.png and the verdict on top of both pages.
     """
     study_dir = Path(study_dir)
-    runs = [study_dir] if (study_dir / "result.json").is_file() else sorted(p for p in study_dir.iterdir())
-    finished = [p for p in runs if (p / "result.json").is_file()]
+    runs = [study_dir] if has_result(study_dir) else sorted(p for p in study_dir.iterdir())
+    finished = [p for p in runs if has_result(p)]
     for run in finished:  # every result is read once before any file is written: a bad one is one line
         read_run_result(run)
     for run in finished:
         write_peft_result(run)
-    decision = write_decision(study_dir) if not (study_dir / "result.json").is_file() else None
+    decision = write_decision(study_dir) if not has_result(study_dir) else None
     write_tables(study_dir, decision)
     return write_report(study_dir, title, decision)

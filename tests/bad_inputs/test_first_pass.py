@@ -14,19 +14,9 @@ from pathlib import Path
 
 import pytest
 import yaml
+from badkit import cli_error
 
 from peftlab import cli
-
-
-def _run(argv: list[str], monkeypatch, capsys) -> str:
-    monkeypatch.setattr(sys, "argv", ["peftlab", *argv])
-    with pytest.raises(SystemExit) as exit_info:
-        cli.main()
-    err = capsys.readouterr().err
-    assert exit_info.value.code == 2, err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, err
-    return lines[0]
 
 
 def _pubmedqa_file(tmp_path: Path, **changes) -> Path:
@@ -77,7 +67,7 @@ def test_eval_bad_inputs(case, argv, message, tmp_path, tiny_causal, monkeypatch
     args = ["eval", *argv(tmp_path, tiny_causal), "--out", str(tmp_path / "out")]
     if "--model" not in args:
         args += ["--model", str(tiny_causal)]
-    assert _run(args, monkeypatch, capsys) == message.format(tmp=tmp_path)
+    assert cli_error(args, monkeypatch, capsys) == message.format(tmp=tmp_path)
 
 
 def _config(tmp_path: Path, train: dict) -> Path:
@@ -103,11 +93,11 @@ CONFIG_CASES = [
 
 @pytest.mark.parametrize("case,train,message", CONFIG_CASES, ids=[c[0] for c in CONFIG_CASES])
 def test_config_bad_inputs(case, train, message, tmp_path, monkeypatch, capsys):
-    assert _run(["train", str(_config(tmp_path, train))], monkeypatch, capsys) == message
+    assert cli_error(["train", str(_config(tmp_path, train))], monkeypatch, capsys) == message
 
 
 def test_missing_config_file(tmp_path, monkeypatch, capsys):
-    line = _run(["train", str(tmp_path / "none.yaml")], monkeypatch, capsys)
+    line = cli_error(["train", str(tmp_path / "none.yaml")], monkeypatch, capsys)
     assert line == f"error: {tmp_path}/none.yaml: no such config file"
 
 
@@ -126,7 +116,7 @@ def test_adapter_from_another_base_is_refused(tmp_path, tiny_causal, small_pubme
                                           "data.limit_train=4", "data.limit_eval=2", "train.max_steps=1",
                                           f"output_dir={tmp_path}/runs", "name=wide"]))
     capsys.readouterr()  # drop the training run's progress output
-    line = _run(["eval", "--task", "pubmedqa", "--data", str(small_pubmedqa), "--model", str(tiny_causal),
+    line = cli_error(["eval", "--task", "pubmedqa", "--data", str(small_pubmedqa), "--model", str(tiny_causal),
                  "--adapter", str(run), "--out", str(tmp_path / "o")], monkeypatch, capsys)
     assert re.fullmatch(
         rf"error: adapter {run}/adapter was trained on base '{other}' and does not fit base '{tiny_causal}' "
@@ -144,7 +134,7 @@ def test_pickled_weights_are_refused(tmp_path, tiny_causal, small_pubmedqa, monk
     folder = shutil.copytree(tiny_causal, tmp_path / "pickled")
     torch.save(load_file(folder / "model.safetensors"), folder / "pytorch_model.bin")
     (folder / "model.safetensors").unlink()
-    line = _run(["eval", "--task", "pubmedqa", "--data", str(small_pubmedqa), "--model", str(folder),
+    line = cli_error(["eval", "--task", "pubmedqa", "--data", str(small_pubmedqa), "--model", str(folder),
                  "--out", str(tmp_path / "o")], monkeypatch, capsys)
     assert line == (f"error: {folder}: weights are pickles (pytorch_model.bin), which can run code when loaded; "
                     "convert them to safetensors or pass --allow-pickle")
@@ -233,7 +223,7 @@ ISSUE30_EVAL_CASES = [
 @pytest.mark.parametrize("case,argv,message", ISSUE30_EVAL_CASES, ids=[c[0] for c in ISSUE30_EVAL_CASES])
 def test_issue30_eval_bad_inputs(case, argv, message, tmp_path, tiny_causal, monkeypatch, capsys):
     args = ["eval", *argv(tmp_path), "--out", str(tmp_path / "out"), "--model", str(tiny_causal)]
-    assert _run(args, monkeypatch, capsys) == message.format(tmp=tmp_path, model=tiny_causal)
+    assert cli_error(args, monkeypatch, capsys) == message.format(tmp=tmp_path, model=tiny_causal)
 
 
 def _train_args(tmp_path: Path, model: Path, data: Path, *overrides: str) -> list[str]:
@@ -245,7 +235,7 @@ def _train_args(tmp_path: Path, model: Path, data: Path, *overrides: str) -> lis
 
 def test_override_that_is_not_yaml(tmp_path, monkeypatch, capsys):
     # Found by the config property test: a control character in an override was a yaml traceback.
-    line = _run(_train_args(tmp_path, Path("m"), Path("d"), "train.lr=\x1f"), monkeypatch, capsys)
+    line = cli_error(_train_args(tmp_path, Path("m"), Path("d"), "train.lr=\x1f"), monkeypatch, capsys)
     assert line.startswith("error: override 'train.lr': the value '\\x1f' is not valid YAML (")
 
 
@@ -257,14 +247,14 @@ def test_override_that_is_not_yaml(tmp_path, monkeypatch, capsys):
     ("method.num_virtual_tokens=0", "error: method.num_virtual_tokens and method.r must be >= 1, got 0 and 8"),
 ])
 def test_issue30_config_values(override, message, tmp_path, tiny_causal, small_pubmedqa, monkeypatch, capsys):
-    assert _run(_train_args(tmp_path, tiny_causal, small_pubmedqa, override), monkeypatch, capsys) == message
+    assert cli_error(_train_args(tmp_path, tiny_causal, small_pubmedqa, override), monkeypatch, capsys) == message
     assert not (tmp_path / "runs" / "r" / "config.yaml").exists()
 
 
 def test_too_little_data_for_a_test_split(tmp_path, tiny_causal, monkeypatch, capsys):
     # 5: exit 0 with a metrics.json that held only the task's name, and no warning.
     data = _jsonl(tmp_path, [GOOD] * 2)
-    line = _run(_train_args(tmp_path, tiny_causal, data, "data.task=dialogsum"), monkeypatch, capsys)
+    line = cli_error(_train_args(tmp_path, tiny_causal, data, "data.task=dialogsum"), monkeypatch, capsys)
     assert line == (f"error: {data}: the test split is empty (2 train, 0 val); add examples or raise the test share "
                     "of data.split (now [0.8, 0.1, 0.1])")
     assert not (tmp_path / "runs" / "r").exists()
@@ -273,7 +263,7 @@ def test_too_little_data_for_a_test_split(tmp_path, tiny_causal, monkeypatch, ca
 def test_empty_data_file_leaves_no_run_folder(tmp_path, tiny_causal, monkeypatch, capsys):
     # 14: an empty data file left a config.yaml behind.
     data = _jsonl(tmp_path, [""])
-    line = _run(_train_args(tmp_path, tiny_causal, data, "data.task=dialogsum"), monkeypatch, capsys)
+    line = cli_error(_train_args(tmp_path, tiny_causal, data, "data.task=dialogsum"), monkeypatch, capsys)
     assert line == f"error: {data}: no examples in the file"
     assert not (tmp_path / "runs" / "r").exists()
 
@@ -292,7 +282,7 @@ def test_a_busy_run_folder_is_refused_with_the_holder_pid(tmp_path, tiny_causal,
         stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
-        line = _run(_train_args(tmp_path, tiny_causal, small_pubmedqa), monkeypatch, capsys)
+        line = cli_error(_train_args(tmp_path, tiny_causal, small_pubmedqa), monkeypatch, capsys)
         assert line == (f"error: {run_dir}: run folder in use by another peftlab process (PID {holder.pid}); "
                         "wait for it to finish or give this run another name")
     finally:
@@ -316,7 +306,7 @@ def test_truncated_adapter_is_one_line(tmp_path, tiny_causal, small_pubmedqa, mo
     weights = run / "adapter" / "adapter_model.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
     capsys.readouterr()
-    line = _run(["eval", "--task", "pubmedqa", "--data", str(small_pubmedqa), "--model", str(tiny_causal),
+    line = cli_error(["eval", "--task", "pubmedqa", "--data", str(small_pubmedqa), "--model", str(tiny_causal),
                  "--adapter", str(run), "--out", str(tmp_path / "o")], monkeypatch, capsys)
     assert line.startswith(f"error: {weights}: not a readable safetensors file (") and line.endswith(
         "the save may have been cut off: train the run again"), line
@@ -331,7 +321,7 @@ def test_busy_port_fails_before_the_model_loads(monkeypatch, capsys):
         taken.listen()
         port = taken.getsockname()[1]
         # An unknown model name would fail too, but only once the port is taken: the port is checked first.
-        line = _run(["serve", "--model", "smollm9", "--port", str(port)], monkeypatch, capsys)
+        line = cli_error(["serve", "--model", "smollm9", "--port", str(port)], monkeypatch, capsys)
     assert line == f"error: 127.0.0.1:{port}: cannot serve there (Address already in use); choose another --port"
 
 
@@ -414,5 +404,5 @@ FORMAT_CASES = [
 def test_own_file_bad_rows(case, task, name, text, message, tmp_path, tiny_causal, monkeypatch, capsys):
     data = _file(tmp_path, name, text)
     args = ["eval", "--task", task, "--data", str(data), "--model", str(tiny_causal), "--out", str(tmp_path / "o")]
-    assert _run(args, monkeypatch, capsys) == "error: " + message.format(tmp=tmp_path)
+    assert cli_error(args, monkeypatch, capsys) == "error: " + message.format(tmp=tmp_path)
     assert not (tmp_path / "o").exists()  # nothing half-written
