@@ -5,7 +5,9 @@ number, object or null into prompt text.
 
 from __future__ import annotations
 
+import atexit
 import json
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -49,10 +51,16 @@ def _as_text(value) -> str:
     return value.strip() if isinstance(value, str) else " ".join(v.strip() for v in value).strip()
 
 
+# One folder for the whole module, each example overwriting the last one's file: a folder per example left
+# thousands of folders in the system temp folder after a 2,000-example run.
+SCRATCH = Path(tempfile.mkdtemp(prefix="peftlab-fuzz-"))
+atexit.register(shutil.rmtree, SCRATCH, ignore_errors=True)
+
+
 def _write(rows: list[str], bom: bool, crlf: bool, suffix: str) -> Path:
     end = "\r\n" if crlf else "\n"
     data = ("\ufeff" if bom else "") + end.join(rows) + end
-    path = Path(tempfile.mkdtemp()) / f"data{suffix}"
+    path = SCRATCH / f"data{suffix}"
     path.write_text(data, encoding="utf-8", newline="")
     return path
 
@@ -128,7 +136,7 @@ SPLIT = st.one_of(st.sampled_from(["train", "val", "test", "Test", "dev", ""]), 
                      max_size=4),
        bom=st.booleans(), crlf=st.booleans())
 def test_custom_task_loads_texts_and_exact_splits_or_names_the_field(rows, bom, crlf):
-    spec = Path(tempfile.mkdtemp()) / "task.yaml"
+    spec = SCRATCH / "task.yaml"
     spec.write_text("name: fuzz\ninputs: [instruction]\ntarget: output\ntemplate: '{instruction}'\n")
     path = _write([json.dumps(_row(r)) for r in rows], bom, crlf, ".jsonl")
     try:
