@@ -25,6 +25,7 @@ import pytest
 import yaml
 from badkit import cli_error, must_not_load, read_only
 from safetensors import SafetensorError
+from trainkit import start_compare
 
 from peftlab import cli
 from peftlab.core import files
@@ -287,13 +288,6 @@ def _signal_study(tmp_path: Path, model: Path, data: Path) -> Path:
     return path
 
 
-def _compare(path: Path) -> subprocess.Popen:
-    """`peftlab compare` as a shell would start it: the leader of its own process group."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen([sys.executable, "-m", "peftlab", "compare", str(path)], env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
-
-
 def _group_is_gone(pgid: int) -> bool:
     try:
         os.killpg(pgid, 0)
@@ -320,7 +314,7 @@ def test_sigterm_stops_the_whole_study_and_a_rerun_completes_it(tmp_path, tiny_c
     # wrote a results.md without that run
     path = _signal_study(tmp_path, tiny_causal, small_pubmedqa)
     study, run = tmp_path / "runs" / "sig", tmp_path / "runs" / "sig" / "a"
-    proc = _compare(path)
+    proc = start_compare(path)
     code, out = _stop_mid_training(tmp_path, proc, lambda: proc.send_signal(signal.SIGTERM))  # the study alone
     assert _group_is_gone(proc.pid), "a peftlab process outlived the study"
     assert code == 143, out
@@ -332,7 +326,7 @@ def test_sigterm_stops_the_whole_study_and_a_rerun_completes_it(tmp_path, tiny_c
     assert not (study / "results.md").exists() and not (run / "result.json").exists()
     assert (run / "checkpoint.pt").exists()
 
-    again = _compare(path)
+    again = start_compare(path)
     out = again.communicate(timeout=180)[0]
     assert again.returncode == 0, out
     assert "2 runs, 1 already done, 1 to run" in out
@@ -345,7 +339,7 @@ def test_ctrl_c_stops_the_whole_study(tmp_path, tiny_causal, small_pubmedqa):
     # was: a KeyboardInterrupt traceback from each process; a child in training could leave no checkpoint of its
     # last steps
     path = _signal_study(tmp_path, tiny_causal, small_pubmedqa)
-    proc = _compare(path)
+    proc = start_compare(path)
     # A terminal's Ctrl-C goes to the whole foreground process group: the study and its training child.
     code, out = _stop_mid_training(tmp_path, proc, lambda: os.killpg(proc.pid, signal.SIGINT))
     assert _group_is_gone(proc.pid), "a peftlab process outlived the study"

@@ -6,14 +6,13 @@ import json
 import os
 import re
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pandas as pd
 import pytest
 import yaml
+from trainkit import start_compare
 
 from peftlab.recipes.compare import load_study, run_study
 
@@ -67,12 +66,6 @@ def _crash_study(tmp_path: Path, model: Path, data: Path, out: str) -> Path:
     return path
 
 
-def _compare(path: Path) -> subprocess.Popen:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen([sys.executable, "-m", "peftlab", "compare", str(path)], env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
-
-
 def _quality(csv: Path) -> pd.DataFrame:
     """results.csv without the columns that measure the machine (time, speed, memory)."""
     table = pd.read_csv(csv)
@@ -81,12 +74,12 @@ def _quality(csv: Path) -> pd.DataFrame:
 
 def test_a_study_killed_mid_training_resumes_the_run_and_ends_as_an_uninterrupted_one(tmp_path, tiny_causal,
                                                                                        small_pubmedqa):
-    straight = _compare(_crash_study(tmp_path, tiny_causal, small_pubmedqa, "straight"))
+    straight = start_compare(_crash_study(tmp_path, tiny_causal, small_pubmedqa, "straight"))
     assert straight.wait(timeout=300) == 0, straight.stdout.read()
 
     path = _crash_study(tmp_path, tiny_causal, small_pubmedqa, "killed")
     run = tmp_path / "killed" / "crash" / "a"
-    proc = _compare(path)
+    proc = start_compare(path)
     deadline = time.time() + 240
     while not (run / "checkpoint.pt").exists():  # run `a` has checkpointed at least one step
         assert proc.poll() is None, proc.stdout.read()
@@ -99,7 +92,7 @@ def test_a_study_killed_mid_training_resumes_the_run_and_ends_as_an_uninterrupte
     logged = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
     assert logged and logged[0]["step"] == 1  # the steps before the kill are in the log already
 
-    again = _compare(path)
+    again = start_compare(path)
     out = again.communicate(timeout=300)[0]
     assert again.returncode == 0, out
     resumed_at = int(re.search(r"resuming a from \S+ at step (\d+)", out).group(1))
