@@ -8,6 +8,7 @@ Everything here only reads those files, so a report can be rebuilt at any time.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import html
 import io
 import json
@@ -23,7 +24,7 @@ from matplotlib.figure import Figure
 
 from peftlab.core.errors import PeftlabError
 from peftlab.core.files import write_text_atomic
-from peftlab.core.result import has_result, read_result
+from peftlab.core.result import RunResult, has_result, read_result
 from peftlab.report.decision import decision_html, decision_markdown, pareto_figure, write_decision
 from peftlab.report.notes import notes_html, notes_markdown
 from peftlab.report.peft_result import write_peft_result
@@ -47,12 +48,8 @@ _COST_COLUMNS: list[tuple[str, str, str, float]] = [
     ("tokens/s", "tokens_per_s", ",.0f", 1.0),
     ("peak mem (MB)", "peak_rss_mb", ",.0f", 1.0),
 ]
-# Top-level result.json fields; any other flattened column came from `metrics`.
-_RESULT_FIELDS = set(
-    "name method task model task_kind primary_metric trainable_params total_params trainable_pct adapter_bytes"
-    " train_steps train_seconds tokens_per_s peak_rss_mb best_val_loss last_train_loss versions run_dir"
-    " best_epoch lr wall_seconds truncated_examples dropped_examples peak_gpu_mb weights_mb".split()
-)
+# Top-level result.json fields (`core.result.RunResult`); any other flattened column came from `metrics`.
+_RESULT_FIELDS = {f.name for f in dataclasses.fields(RunResult)} | {"run_dir"}
 # Test bookkeeping shown elsewhere (test n) or not a quality number.
 _NOT_METRICS = {"test_n", "test_truncated_examples"}
 
