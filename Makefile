@@ -29,7 +29,8 @@ test: install
 
 # The property tests' long randomized profile (tests/conftest.py): 2,000 examples per property, new inputs each run.
 fuzz: install
-	HYPOTHESIS_PROFILE=dev $(BIN)/pytest -q tests/data/test_loaders_fuzz.py tests/core/test_config_fuzz.py
+	HYPOTHESIS_PROFILE=dev $(BIN)/pytest -q tests/data/test_loaders_fuzz.py tests/core/test_config_fuzz.py \
+		tests/core/test_yamlio_fuzz.py
 
 bench: install
 	$(BIN)/python bench/train_throughput.py
