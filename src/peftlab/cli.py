@@ -281,12 +281,17 @@ def sweep(
     overrides: Annotated[list[str] | None, typer.Argument(help="key=value overrides applied to every trial")] = None,
     trials: Annotated[int | None, typer.Option(help="finished trials wanted in total (default: sweep.trials)")] = None,
     storage: Annotated[str | None, typer.Option(help="Optuna DB URL (default: <study>/optuna.db)")] = None,
-    seed: Annotated[int | None, typer.Option(help="sampler seed (default: sweep.seed); one per worker")] = None,
+    seed: Annotated[int | None, typer.Option(help="sampler seed (default: sweep.seed); one per machine sharing "
+                                                  "--storage")] = None,
+    executor: Annotated[str | None, typer.Option(help="where trials run: local (worker processes) or ray; default: "
+                                                      "the study's executor.kind, else local")] = None,
+    workers: Annotated[int | None, typer.Option(min=1, help="trials at once; default: the study's "
+                                                            "executor.workers, else 1")] = None,
 ) -> None:
     """Optuna search (TPE, median pruning) over a study's space; resumable; writes best_config.yaml."""
     from peftlab.recipes.sweep import run_sweep
 
-    study_dir = run_sweep(study, trials, storage, overrides or [], seed)
+    study_dir = run_sweep(study, trials, storage, overrides or [], seed, executor, workers)
     md = study_dir / "results.md"
     if md.exists():
         console.print(md.read_text())

@@ -19,7 +19,7 @@ from peftlab.core.config import config_and_overrides, deep_merge, load_config, s
 from peftlab.core.errors import PeftlabError
 from peftlab.core.yamlio import YamlSyntaxError, dump_yaml, parse_yaml, read_yaml
 from peftlab.recipes.study import load_study
-from peftlab.recipes.sweep import parse_space
+from peftlab.recipes.search import parse_space
 
 
 def _ok(argv: list[str], monkeypatch, capsys) -> str:

@@ -3,6 +3,10 @@ is a function call with a typed result."""
 
 from __future__ import annotations
 
+import os
+import signal
+import threading
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -79,6 +83,7 @@ def test_two_local_workers_give_the_results_of_one(one_worker, tiny_causal, smal
     out = capsys.readouterr().out
     assert "(2 in flight)" in out  # two runs did train at once
     assert (two / "lora-seed1" / "worker.log").is_file()  # each worker's output in its run folder
+    assert (two / "tune" / "lora" / "trial-1" / "worker.log").is_file()  # tuning trials ran as tasks on the pool
     _assert_same_results(one_worker, two)
 
 
@@ -104,3 +109,43 @@ def test_a_two_node_ray_cluster_without_a_shared_folder_gives_the_same_results(
     assert not left  # each node sent its finished folders back and kept no copy
     _assert_same_results(one_worker, on_ray)
     assert (on_ray / "lora-seed1" / "adapter" / "adapter_config.json").is_file()
+
+
+def _kill_when_checkpointed(scratch: Path, run: str, killed: list[int], deadline: float) -> None:
+    """SIGKILL the Ray worker that trains `run` as soon as its first checkpoint is on disk (its PID is in the run
+    folder's lock file)."""
+    while time.time() < deadline and not killed:
+        for ckpt in scratch.glob(f"peftlab-scratch/*/{run}/checkpoint.pt"):
+            pid = (ckpt.parent / ".lock").read_text().strip()
+            if pid:
+                os.kill(int(pid), signal.SIGKILL)
+                killed.append(int(pid))
+                return
+        time.sleep(0.02)
+
+
+def test_a_ray_worker_killed_mid_training_is_retried_from_its_checkpoint(tiny_causal, small_pubmedqa_module,
+                                                                          tmp_path, monkeypatch):
+    ray = pytest.importorskip("ray")
+    study = {"name": "kill", "output_dir": str(tmp_path / "out"),
+             "base": {"model": {"name": str(tiny_causal), "device": "cpu"},
+                      "data": {"path": str(small_pubmedqa_module), "limit_train": 16, "limit_eval": 4},
+                      "train": {"epochs": 4, "batch_size": 1, "checkpoint_every": 2, "threads": 1}},
+             "runs": [{"name": "lora", "method": {"name": "lora", "r": 2}}]}
+    path = tmp_path / "kill.yaml"
+    path.write_text(yaml.safe_dump(study))
+    monkeypatch.setenv("PEFTLAB_SCRATCH", str(tmp_path / "scratch"))  # the local Ray's workers inherit it
+    killed: list[int] = []
+    watcher = threading.Thread(target=_kill_when_checkpointed,
+                               args=(tmp_path / "scratch", "lora", killed, time.time() + 300), daemon=True)
+    watcher.start()
+    ray.init(num_cpus=1, include_dashboard=False)
+    try:
+        study_dir = run_study(path, executor_kind="ray", workers=1)
+    finally:
+        ray.shutdown()
+        watcher.join()
+    assert killed, "the worker was never seen with a checkpoint"
+    result = read_result(study_dir / "lora")
+    assert result.done and result.train_steps == 64
+    assert result.resumed_at and result.resumed_at[0] >= 2  # the retry went on from the killed attempt's checkpoint

@@ -16,7 +16,8 @@ from builders import REPO
 
 from peftlab.core.config import load_config
 from peftlab.core.errors import PeftlabError
-from peftlab.recipes.sweep import _pruning_callback, parse_space, suggest
+from peftlab.recipes.pruning import EpochPruner, Pruned
+from peftlab.recipes.search import parse_space, suggest
 
 
 def test_parse_space_and_suggest():
@@ -36,20 +37,27 @@ def test_parse_space_and_suggest():
         parse_space({"method.r": [4, 8]})
 
 
-def test_pruning_reports_per_epoch_and_spares_the_last():
-    study = optuna.create_study(direction="maximize", pruner=optuna.pruners.MedianPruner(n_startup_trials=1))
-    cfg = load_config(None, ["train.epochs=3"])
-    good = study.ask()
+def test_pruning_in_the_worker_judges_against_the_trials_finished_before_it():
+    owner = optuna.create_study(direction="maximize")
+    good = owner.ask()
     for epoch in (1, 2, 3):
-        _pruning_callback(good, cfg)(epoch, {"val_loss": 1.0, "val_accuracy": 0.9})
-    study.tell(good, 0.9)
-    bad = study.ask()
-    callback = _pruning_callback(bad, cfg)
-    with pytest.raises(optuna.TrialPruned):
-        callback(1, {"val_loss": 2.0, "val_accuracy": 0.1})
-    last = study.ask()  # at the final epoch the run is kept, whatever its value
-    _pruning_callback(last, cfg)(3, {"val_loss": 2.0, "val_accuracy": 0.1})
-    assert last.storage.get_trial(last._trial_id).intermediate_values == {3: 0.1}
+        good.report(0.9, epoch)
+    owner.tell(good, 0.9)
+    finished = tuple(owner.get_trials())
+    seen: dict[int, float] = {}
+    bad = EpochPruner("median", startup_trials=1, last_epoch=3, finished=finished).callback(seen)
+    with pytest.raises(Pruned, match="epoch 1: val_accuracy 0.1000 is below the median"):
+        bad(1, {"val_loss": 2.0, "val_accuracy": 0.1})
+    assert seen == {1: 0.1}  # the owner reports these to its study when the trial comes back
+    last = EpochPruner("median", startup_trials=1, last_epoch=3, finished=finished).callback(seen := {})
+    last(3, {"val_loss": 2.0, "val_accuracy": 0.1})  # at the final epoch the run is kept, whatever its value
+    assert seen == {3: 0.1}
+    early = EpochPruner("median", startup_trials=2, last_epoch=3, finished=finished).callback({})
+    early(1, {"val_loss": 2.0, "val_accuracy": 0.1})  # one finished trial is not yet a median to prune against
+    EpochPruner("none", finished=finished).callback({})(1, {"val_accuracy": 0.0})
+    judged = EpochPruner("median", startup_trials=1, metric="macro_f1", finished=finished).callback(seen := {})
+    judged(1, {"val_accuracy": 0.1, "val_macro_f1": 0.95})
+    assert seen == {1: 0.95}
 
 
 def _states(db) -> list[str]:
@@ -101,7 +109,7 @@ def test_sweep_resumes_after_kill(tiny_causal, small_pubmedqa, tmp_path):
 
 
 def test_tune_section_parses_and_centres_lr_on_each_method():
-    from peftlab.recipes.sweep import method_space, parse_tune
+    from peftlab.recipes.tuning import method_space, parse_tune
 
     spec = parse_tune({"trials": 3, "space": {"train.lr": {"factor": 10}},
                        "methods": {"lora": {"method.r": {"choices": [4, 8]}}},

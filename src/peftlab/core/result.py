@@ -19,7 +19,7 @@ from peftlab.core.files import write_json
 
 RESULT_FILE = "result.json"
 
-Status = Literal["done", "not_run", "failed", "stopped"]
+Status = Literal["done", "not_run", "failed", "stopped", "pruned"]
 
 
 @dataclass
@@ -29,7 +29,7 @@ class RunResult:
     name: str
     method: str
     status: Status = "done"
-    reason: str | None = None  # not_run, failed, stopped: the one line that says why
+    reason: str | None = None  # not_run, failed, stopped, pruned: the one line that says why
     task: str | None = None
     model: str | None = None
     task_kind: str | None = None  # classification, generation or mixture
@@ -49,6 +49,7 @@ class RunResult:
     peak_gpu_mb: float | None = None
     weights_mb: float | None = None  # the weights as stored (a 4-bit base at its packed size)
     wall_seconds: float | None = None
+    resumed_at: list = field(default_factory=list)  # steps at which training went on from a checkpoint
     truncated_examples: int = 0  # rows cut to data.max_length
     dropped_examples: int = 0  # training rows left out: over data.max_length even cut
     train_mix: dict | None = None  # a mixture: training rows drawn per task

@@ -6,7 +6,7 @@ process, so peak memory is measured per run and one crash does not take the stud
 `result.json` exists is skipped, so an interrupted study resumes where it stopped. SIGTERM or Ctrl-C stops the
 training child too (it checkpoints its current step), writes no results.md, and exits 143 or 130 with one line.
 
-A *decision study* adds `tune:` (every method chosen on val at the same budget, `recipes.sweep.tune_run`) and/or
+A *decision study* adds `tune:` (every method chosen on val at the same budget, `recipes.tuning.tune_run`) and/or
 `repeats:` (`{seeds: [0, 1, 2]}` or `{folds: 5}`: each chosen config rerun). It writes `study.json`, which maps each
 method to its repeat folders, so the report can give every number a 95% interval, test each method against the best
 and name the Pareto frontier (`report.decision`). `--plan` prints the runs and an estimated time before anything
@@ -28,9 +28,10 @@ from peftlab.experiments.distill import prepare_teacher
 from peftlab.methods.registry import get_method
 from peftlab.recipes.executors import ExecutorSpec, parse_executor, run_all
 from peftlab.recipes.runner import RunTask
+from peftlab.recipes.search import trial_config
 from peftlab.recipes.study import StudyRun, load_study, naming
-from peftlab.recipes.sweep import CHOSEN, TuneSpec, parse_tune, trial_config, tune_run
 from peftlab.recipes.throughput import measure
+from peftlab.recipes.tuning import CHOSEN, TuneSpec, parse_tune, tune_run
 from peftlab.report.decision import MANIFEST
 from peftlab.report.report import build_study_report
 
@@ -222,7 +223,7 @@ def run_decision(configs: list[RunConfig], spec: TuneSpec | None, repeats: Repea
         chosen = {"params": {}, "value": None, "trials": 0}
         if spec is not None:
             units = trial_units(cfg)
-            chosen = tune_run(tuning_config(cfg, repeats), spec, study_dir / "tune" / cfg.name,
+            chosen = tune_run(tuning_config(cfg, repeats), spec, study_dir / "tune" / cfg.name, executor,
                               tick=lambda label, u=units: progress.advance(u, label))
             print(f"{cfg.name}: chosen {chosen['params'] or '(no knobs)'} val {chosen['value']}", flush=True)
         finals = repeat_configs(chosen_config(cfg, chosen), repeats)

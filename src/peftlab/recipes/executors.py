@@ -23,6 +23,7 @@ import io
 import os
 import pickle
 import shutil
+import signal
 import subprocess
 import sys
 import tarfile
@@ -74,25 +75,104 @@ def parse_executor(raw, kind: str | None = None, workers: int | None = None) -> 
     return spec
 
 
-def run_all(spec: ExecutorSpec, tasks: list[RunTask], events: Events) -> list[RunResult]:
-    """Run every task on the executor `spec` names; the results in the order of `tasks`."""
-    if not tasks:
-        return []
-    threads = default_threads(spec.workers) if spec.kind == "local" else None
-    tasks = [replace(t, threads=t.threads or threads) for t in tasks]
+def open_pool(spec: ExecutorSpec, events: Events | None = None) -> Pool:
+    """The pool `spec` names, ready to take tasks (`with open_pool(spec) as pool:` stops what is in flight on a
+    signal or an error)."""
     if spec.kind == "ray":
-        return RayPool(spec.workers, spec.address).run(tasks, events)
-    return LocalPool(spec.workers).run(tasks, events)
+        return RayPool(spec.workers, spec.address, events)
+    return LocalPool(spec.workers, events)
+
+
+def run_all(spec: ExecutorSpec, tasks: list[RunTask], events: Events | None = None) -> list[RunResult]:
+    """Run every task on the executor `spec` names; the results in the order of `tasks`."""
+    results: dict[str, RunResult] = {}
+    with open_pool(spec, events) as pool:
+        for task in tasks:
+            if not pool.has_room:
+                done, result = pool.next_result()
+                results[done.name] = result
+            pool.submit(task)
+        while pool.busy:
+            done, result = pool.next_result()
+            results[done.name] = result
+    return [results[t.name] for t in tasks]
+
+
+class Pool:
+    """At most `workers` runs in flight. `submit` starts one, `next_result` waits for whichever ends first. Leaving
+    the `with` block on an exception (a stop signal, a bug) stops every run in flight, and each says where it
+    stopped. Subclasses say how a run starts, is waited for, is collected and is stopped."""
+
+    def __init__(self, workers: int, events: Events | None = None) -> None:
+        self.workers, self.events = workers, events or (lambda event, task, result: None)
+        self.running: dict = {}  # handle -> task
+
+    @property
+    def has_room(self) -> bool:
+        return len(self.running) < self.workers
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.running)
+
+    def submit(self, task: RunTask) -> None:
+        """Start `task` (there must be room); with `train.threads` unset it gets its share of the cores."""
+        if task.threads is None:
+            task = replace(task, threads=self.threads_per_run)
+        self.running[self._start(task)] = task
+        self.events("start", task, None)
+
+    def next_result(self) -> tuple[RunTask, RunResult]:
+        """Wait for the next run to end: its task and result."""
+        handle = self._wait()
+        task = self.running.pop(handle)
+        result = self._collect(task, handle)
+        self.events("end", task, result)
+        return task, result
+
+    def __enter__(self) -> Pool:
+        return self
+
+    def __exit__(self, kind, err, tb) -> None:
+        if kind is not None and self.running:  # SIGTERM/SIGINT (core.signals.Stopped) or a bug: no run outlives it
+            self._stop(list(self.running))
+            for handle, task in list(self.running.items()):
+                self.events("end", task, self._collect(task, handle))
+            self.running.clear()
+
+    threads_per_run: int | None = None  # train.threads for a run that leaves it unset; None: the run's own default
+
+    def _start(self, task: RunTask): ...
+    def _wait(self): ...
+    def _collect(self, task: RunTask, handle) -> RunResult: ...
+    def _stop(self, handles: list) -> None: ...
 
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Local: worker processes on this machine
 # ---------------------------------------------------------------------------------------------------------------------
 
+PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent() -> None:
+    """Linux: have the kernel SIGKILL this worker when the driver dies (kill -9, a lost terminal). An orphan would
+    keep training a run nobody waits for and hold its folder's lock against the rerun; killed, it leaves its last
+    periodic checkpoint, which the rerun resumes."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() == 1:  # the driver died before the line above
+        os._exit(1)
+
 
 def worker_main(result_fd: int) -> None:
     """A worker process (`python -m peftlab.recipes.executors FD`): read one pickled task on stdin, run it, and
     write its pickled result to file descriptor FD. A bug is a failed result, its traceback in the run's output."""
+    die_with_parent()
     task = pickle.load(sys.stdin.buffer)
     reuse_freed_memory()  # as the CLI does for a run (core.allocator)
     try:
@@ -104,33 +184,14 @@ def worker_main(result_fd: int) -> None:
         pickle.dump(result, out)
 
 
-class LocalPool:
-    """At most `workers` runs at once, each in a fresh Python process (no state inherited from the driver: torch's
-    thread pool and allocator start clean). The workers stay in the driver's process group, so a terminal's
-    Ctrl-C reaches them at once and a kill of the group leaves no orphan holding a run's lock."""
+class LocalPool(Pool):
+    """Each run in a fresh Python process (no state inherited from the driver: torch's thread pool and allocator
+    start clean). The workers stay in the driver's process group, so a terminal's Ctrl-C reaches them at once and
+    a kill of the group leaves no orphan holding a run's lock."""
 
-    def __init__(self, workers: int) -> None:
-        self.workers = workers
-
-    def run(self, tasks: list[RunTask], events: Events) -> list[RunResult]:
-        pending, running, results = list(tasks), {}, {}
-        try:
-            while pending or running:
-                while pending and len(running) < self.workers:
-                    task = pending.pop(0)
-                    running[self._start(task)] = task
-                    events("start", task, None)
-                ready = wait([pipe for _, pipe in running])  # a result written, or a worker gone without one
-                for proc, pipe in [key for key in running if key[1] in ready]:
-                    task = running.pop((proc, pipe))
-                    results[task.name] = self._collect(task, proc, pipe)
-                    events("end", task, results[task.name])
-        except BaseException:  # SIGTERM/SIGINT (core.signals.Stopped) or anything else: no run outlives the study
-            stop_processes([proc for proc, _ in running])
-            for (proc, pipe), task in running.items():  # each says where it stopped (its checkpoint)
-                events("end", task, self._collect(task, proc, pipe))
-            raise
-        return [results[t.name] for t in tasks]
+    @property
+    def threads_per_run(self) -> int:
+        return default_threads(self.workers)
 
     def _start(self, task: RunTask) -> tuple:
         read_end, write_end = os.pipe()
@@ -151,14 +212,22 @@ class LocalPool:
         proc.stdin.close()
         return proc, os.fdopen(read_end, "rb")
 
+    def _wait(self) -> tuple:
+        ready = wait([pipe for _, pipe in self.running])  # a result written, or a worker gone without one
+        return next(handle for handle in self.running if handle[1] in ready)
+
     @staticmethod
-    def _collect(task: RunTask, proc: subprocess.Popen, pipe) -> RunResult:
+    def _collect(task: RunTask, handle: tuple) -> RunResult:
+        proc, pipe = handle
         data = pipe.read()
         pipe.close()
         proc.wait()
         if not data:  # the process died without a word: killed (out of memory) or crashed in C
             return ended(task, "failed", f"its worker process ended with exit code {proc.returncode} and no result")
         return pickle.loads(data)  # written by our own worker process above
+
+    def _stop(self, handles: list) -> None:
+        stop_processes([proc for proc, _ in handles])
 
 
 def stop_processes(procs: list[subprocess.Popen], grace: float = STOP_GRACE_S) -> None:
@@ -225,11 +294,15 @@ def ray_task(task: RunTask, started: bytes | None) -> tuple[RunResult, bytes]:
     return result, data
 
 
-class RayPool:
-    """Up to `workers` runs in flight on a Ray cluster (`address`), or on a local Ray started for the study."""
+class RayPool(Pool):
+    """Runs on a Ray cluster (`address`), or on a local Ray started for the study."""
 
-    def __init__(self, workers: int, address: str | None) -> None:
-        self.workers, self.address = workers, address
+    def __init__(self, workers: int, address: str | None, events: Events | None = None) -> None:
+        super().__init__(workers, events)
+        self.address = address
+        self.ray = self._connect()
+        # max_calls=1: a fresh worker process per run, as locally; max_retries=1: a killed worker is tried again
+        self.remote = self.ray.remote(max_retries=1, max_calls=1)(ray_task)
 
     def _connect(self):
         try:
@@ -242,45 +315,32 @@ class RayPool:
                      logging_level="WARNING", configure_logging=False)
         return ray
 
-    def run(self, tasks: list[RunTask], events: Events) -> list[RunResult]:
-        ray = self._connect()
-        # max_calls=1: a fresh worker process per run, as locally; max_retries=1: a killed worker is tried again
-        remote = ray.remote(max_retries=1, max_calls=1)(ray_task)
-        pending, running, results = list(tasks), {}, {}
-        try:
-            while pending or running:
-                while pending and len(running) < self.workers:
-                    task = pending.pop(0)
-                    running[self._submit(remote, task)] = task
-                    events("start", task, None)
-                ready, _ = ray.wait(list(running), num_returns=1)
-                task = running.pop(ready[0])
-                results[task.name] = self._collect(ray, task, ready[0])
-                events("end", task, results[task.name])
-        except BaseException:
-            for ref in running:
-                ray.cancel(ref, force=True)
-            raise
-        return [results[t.name] for t in tasks]
-
-    @staticmethod
-    def _submit(remote, task: RunTask):
+    def _start(self, task: RunTask):
         started = pack(task.run_dir) if (task.run_dir / "checkpoint.pt").is_file() else None
         threads = task.config["train"]["threads"] or task.threads or 1
         # A run asks for the CPUs its torch threads use, and one GPU where it runs on one.
         gpus = 1 if str(task.config["model"]["device"]).startswith("cuda") else 0
-        return remote.options(num_cpus=threads, num_gpus=gpus).remote(
+        return self.remote.options(num_cpus=threads, num_gpus=gpus).remote(
             replace(task, config={**task.config, "train": {**task.config["train"], "threads": threads}}), started)
 
-    @staticmethod
-    def _collect(ray, task: RunTask, ref) -> RunResult:
+    def _wait(self):
+        ready, _ = self.ray.wait(list(self.running), num_returns=1)
+        return ready[0]
+
+    def _collect(self, task: RunTask, ref) -> RunResult:
         try:
-            result, data = ray.get(ref)
+            result, data = self.ray.get(ref)
+        except self.ray.exceptions.TaskCancelledError:  # the study was stopped (`_stop`)
+            return ended(task, "stopped", f"{task.name}: stopped with the study; a rerun starts it again")
         except Exception as err:  # the task failed twice (a node lost, a worker killed): the study goes on
             return ended(task, "failed", f"Ray task failed: {str(err).splitlines()[0]}")
         if data:
             unpack(data, task.run_dir)
         return result
+
+    def _stop(self, handles: list) -> None:
+        for ref in handles:
+            self.ray.cancel(ref, force=True)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from peftlab.core.config import RunConfig, from_dict, to_dict, validate
 from peftlab.core.errors import NotSupported, PeftlabError
 from peftlab.core.result import RunResult, has_result, read_result
 from peftlab.core.signals import Stopped
+from peftlab.recipes.pruning import EpochPruner, Pruned
 from peftlab.recipes.train import run_training
 from peftlab.report.notes import NOT_RUN, write_not_run
 
@@ -30,16 +31,17 @@ _PATH_FIELDS = (("data", "path"), ("data", "train"), ("data", "val"), ("data", "
 class RunTask:
     """One run to execute. `score_test=False` is a tuning trial, judged on val only (the test split is never
     scored). `threads` applies when the config leaves `train.threads` unset: an executor splits the cores it has
-    between its workers."""
+    between its workers. `pruner`: a tuning trial that may be stopped after an epoch (`recipes.pruning`)."""
 
     config: dict
     score_test: bool = True
     threads: int | None = None
+    pruner: EpochPruner | None = None
     tags: dict = field(default_factory=dict)  # the caller's own bookkeeping (which method, seed or fold)
 
     @classmethod
-    def of(cls, cfg: RunConfig, score_test: bool = True, **tags) -> RunTask:
-        return cls(config=_absolute_paths(to_dict(cfg)), score_test=score_test, tags=tags)
+    def of(cls, cfg: RunConfig, score_test: bool = True, pruner: EpochPruner | None = None, **tags) -> RunTask:
+        return cls(config=_absolute_paths(to_dict(cfg)), score_test=score_test, pruner=pruner, tags=tags)
 
     @property
     def name(self) -> str:
@@ -65,7 +67,9 @@ def _absolute_paths(raw: dict) -> dict:
 def run_task(task: RunTask) -> RunResult:
     """Train (or score) one run in this process and return its result; a finished run is only read back.
 
-    A run that was started and stopped goes on from its last checkpoint (`train.resume`).
+    A run that was started and stopped goes on from its last checkpoint (`train.resume`). A tuning trial's result
+    carries the val metric of each epoch in `extra["epochs"]` (for its owner's pruner), and its `extra["error"]`
+    names the kind of failure (`NonFiniteLoss` ends a trial, not a search).
     """
     cfg = validate(from_dict(RunConfig, task.config))
     if has_result(cfg.run_dir):
@@ -74,21 +78,27 @@ def run_task(task: RunTask) -> RunResult:
     if cfg.train.threads is None and task.threads:
         cfg.train.threads = task.threads
     (cfg.run_dir / NOT_RUN).unlink(missing_ok=True)  # retried: the machine may have what it lacked last time
+    epochs: dict[int, float] = {}
     try:
-        run_training(cfg, score_test=task.score_test)
+        run_training(cfg, task.pruner.callback(epochs) if task.pruner else None, score_test=task.score_test)
     except NotSupported as err:
         write_not_run(cfg, str(err))  # the study report shows why this run has no row
         return ended(task, "not_run", str(err))
     except Stopped as err:
         return ended(task, "stopped", str(err))
+    except Pruned as err:
+        return ended(task, "pruned", str(err), epochs=epochs)
     except PeftlabError as err:
-        return ended(task, "failed", str(err))
-    return read_result(cfg.run_dir)
+        return ended(task, "failed", str(err), error=type(err).__name__)
+    result = read_result(cfg.run_dir)
+    result.extra["epochs"] = epochs
+    return result
 
 
-def ended(task: RunTask, status: str, reason: str) -> RunResult:
+def ended(task: RunTask, status: str, reason: str, **extra) -> RunResult:
     """The result of a run that did not finish: how it ended and the one line that says why."""
-    return RunResult(name=task.name, method=task.config["method"]["name"], status=status, reason=reason)
+    return RunResult(name=task.name, method=task.config["method"]["name"], status=status, reason=reason,
+                     extra=extra)
 
 
 def default_threads(workers: int) -> int:

@@ -44,6 +44,7 @@ class TrainState:
     best_val_metrics: dict | None = None  # the best epoch's full val scores, when the whole split was scored
     log: list = field(default_factory=list)
     done: bool = False  # training finished; the run folder's results were not all written yet
+    resumed_at: list = field(default_factory=list)  # the steps at which the run went on from a checkpoint
 
 
 def save_checkpoint(path: Path, state: TrainState, model, optimizer, scheduler) -> None:

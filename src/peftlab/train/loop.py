@@ -107,6 +107,7 @@ def fit(
     ckpt = run_dir / CHECKPOINT
     if tc.resume and ckpt.exists():
         s = load_checkpoint(ckpt, raw, optimizer, scheduler)
+        s.resumed_at.append(s.step)
         finished = "; training had finished, so only the results are written" if s.done else ""
         print(f"resuming {cfg.name} from {ckpt} at step {s.step}{finished}", flush=True)
     log = run_dir / "train_log.jsonl"
@@ -194,6 +195,7 @@ def fit(
         "best_epoch": s.best_epoch,
         "best_val_metrics": s.best_val_metrics if s.best_state is not None else None,
         "lr": lr,
+        "resumed_at": s.resumed_at,
     }
 
 
