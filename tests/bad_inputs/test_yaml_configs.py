@@ -18,8 +18,8 @@ from peftlab import cli
 from peftlab.core.config import config_and_overrides, deep_merge, load_config, save_config
 from peftlab.core.errors import PeftlabError
 from peftlab.core.yamlio import YamlSyntaxError, dump_yaml, parse_yaml, read_yaml
-from peftlab.recipes.study import load_study
 from peftlab.recipes.search import parse_space
+from peftlab.recipes.study import load_study
 
 
 def _ok(argv: list[str], monkeypatch, capsys) -> str:
