@@ -16,6 +16,7 @@ from rich.console import Console
 from rich.table import Table
 
 from peftlab.core.allocator import reuse_freed_memory
+from peftlab.core.config import DEFAULT_MODEL
 from peftlab.core.errors import NotSupported, PeftlabError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.splitlines()[0] if __doc__ else None)
@@ -193,7 +194,7 @@ def report(study_dir: Annotated[Path, typer.Argument(help="a study folder holdin
 @app.command()
 def serve(
     adapter: Annotated[list[str] | None, typer.Option(help="name=DIR (peft folder or run folder); repeatable")] = None,
-    model: Annotated[str, typer.Option(help="packaged model name or local HF folder")] = "smollm2-135m-instruct",
+    model: Annotated[str, typer.Option(help="packaged model name or local HF folder")] = DEFAULT_MODEL,
     host: Annotated[str, typer.Option(help="address to bind; there is no authentication")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="TCP port")] = 8000,
     max_tokens_cap: Annotated[int, typer.Option(help="largest max_tokens a request may ask for")] = 256,
@@ -303,7 +304,7 @@ app.add_typer(bench_app, name="bench")
 
 @bench_app.command("train")
 def bench_train(
-    model: Annotated[str, typer.Option(help="packaged model name or local HF folder")] = "smollm2-135m-instruct",
+    model: Annotated[str, typer.Option(help="packaged model name or local HF folder")] = DEFAULT_MODEL,
     methods: Annotated[str, typer.Option(help="comma-separated list")] = "lora,full,prompt-tuning",
     n: Annotated[int, typer.Option(help="DialogSum dialogues trained on")] = 64,
     max_length: Annotated[int, typer.Option(help="max prompt + target tokens")] = 512,
@@ -334,7 +335,7 @@ def bench_train(
 
 @bench_app.command("eval")
 def bench_eval(
-    model: Annotated[str, typer.Option(help="packaged model name or local HF folder")] = "smollm2-135m-instruct",
+    model: Annotated[str, typer.Option(help="packaged model name or local HF folder")] = DEFAULT_MODEL,
     n: Annotated[int, typer.Option(help="DialogSum dialogues generated for")] = 64,
     max_new_tokens: Annotated[int, typer.Option(help="greedy tokens per dialogue")] = 60,
     score_n: Annotated[int, typer.Option(help="PubMedQA items for the label-scoring timing")] = 100,

@@ -185,17 +185,3 @@ def test_results_file_gets_a_header_once_and_dated_sections(tmp_path):
     text = path.read_text()
     assert text.count("# peftlab benchmark results") == 1
     assert text.index("## first") < text.index("## second")
-
-
-def test_cpu_model_names_the_instruction_set(monkeypatch, tmp_path):
-    import peftlab.bench.train as bench
-
-    cpuinfo = tmp_path / "cpuinfo"
-    cpuinfo.write_text("processor\t: 0\nmodel name\t: AMD EPYC 7B13\nflags\t\t: fpu sse avx avx2 fma\n")
-    real_path = bench.Path
-    monkeypatch.setattr(bench, "Path", lambda p: cpuinfo if p == "/proc/cpuinfo" else real_path(p))
-    assert bench.cpu_model().endswith("AMD EPYC 7B13 AVX2")
-    cpuinfo.write_text("model name\t: Intel(R) Xeon(R) Processor\nflags\t\t: avx2 avx512f amx_bf16 amx_tile\n")
-    assert bench.cpu_model().endswith("Intel(R) Xeon(R) Processor AMX")
-    cpuinfo.write_text("model name\t: AMD EPYC 9B14\nflags\t\t: avx2 avx512f avx512_bf16\n")
-    assert bench.cpu_model().endswith("AMD EPYC 9B14 AVX-512 with AVX512_BF16")

@@ -115,7 +115,7 @@ def _decision_study(tmp_path: Path, model: Path, data: Path) -> Path:
                  {"name": "pt", "method": {"name": "prompt-tuning", "num_virtual_tokens": 2}}],
         "tune": {"trials": 2, "metric": "macro_f1", "startup_trials": 1, "space": {"train.lr": {"factor": 10}},
                  "select": {"linear-head": {"method.head_c": [0.1, 1.0]}}},
-        "repeats": {"seeds": [0, 1]},
+        "repeats": {"seeds": [0, 1], "race": True},  # racing rounds (test_executors covers the unraced batch)
     }
     path = tmp_path / "dec.yaml"
     path.write_text(yaml.safe_dump(study))
@@ -128,12 +128,14 @@ def test_decision_study_plans_tunes_repeats_decides_and_resumes(tmp_path, tiny_c
     out = capsys.readouterr().out
     assert "| pt (prompt-tuning) | 2 | 2 |" in out and "| head (linear-head) | 2 | 1 |" in out
     assert re.search(r"total: 8 runs, about \d+:\d\d:\d\d", out) and "tokens/s" in out
+    assert re.search(r"racing \(alpha 0.05\): worst case as above \(no method stops\); best case about \d", out)
     assert not (tmp_path / "runs" / "dec").exists()
 
     study_dir = run_study(path)
     out = capsys.readouterr().out
     assert "3 methods, 0 already tuned; 4 final runs, 0 already done, 4 to run" in out
-    assert re.search(r"study \[#+\] 100% elapsed \S+ ETA 0:00:00", out)  # one bar over the whole study
+    # One bar over the whole study, with the runs done and in flight
+    assert re.search(r"study: 100%\|#+\| elapsed \S+ ETA 00:00 \| \d+ done, 0 in flight", out)
     manifest = json.loads((study_dir / "study.json").read_text())
     # Zero-shot and the linear head do not depend on the train seed: one run stands for both seeds.
     assert {k: g["runs"] for k, g in manifest["groups"].items()} == {
@@ -152,6 +154,9 @@ def test_decision_study_plans_tunes_repeats_decides_and_resumes(tmp_path, tiny_c
     assert "val_macro_f1" in trial_metrics and not any(k.startswith("test_") for k in trial_metrics)
     md = (study_dir / "results.md").read_text()
     assert md.startswith("## Verdict") and "Cheapest within 1 point" in md and "(95% interval" in md
+    race = manifest["race"]
+    assert race["rounds"] == 2 and race["total_runs"] == 4 and 0 <= race["saved_runs"] <= 1
+    assert "Raced out (paired test against the leader after each round, Holm-corrected, alpha 0.05)" in md
     assert (study_dir / "pt-seed0" / "peft_result.json").is_file()
 
     stamps = {p: p.stat().st_mtime_ns for p in study_dir.rglob("result.json")}

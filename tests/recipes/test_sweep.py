@@ -126,7 +126,7 @@ def test_tune_section_parses_and_centres_lr_on_each_method():
 
 
 def test_repeats_and_deterministic_methods():
-    from peftlab.recipes.compare import Repeats, parse_repeats, repeat_configs
+    from peftlab.recipes.repeats import Repeats, parse_repeats, repeat_configs
 
     assert parse_repeats({"seeds": [0, 1]}) == Repeats(seeds=(0, 1))
     assert parse_repeats({"folds": 5}) == Repeats(folds=5)

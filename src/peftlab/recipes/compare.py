@@ -15,24 +15,22 @@ trains.
 
 from __future__ import annotations
 
-import time
-from dataclasses import dataclass, replace
+from dataclasses import asdict
 from pathlib import Path
 
-from peftlab.core.config import RunConfig, deep_merge, load_config, to_dict
+from peftlab.core.config import RunConfig, deep_merge, load_config
 from peftlab.core.errors import PeftlabError
 from peftlab.core.files import ensure_writable, read_json, write_json
 from peftlab.core.result import RunResult, has_result
 from peftlab.core.signals import Stopped, signal_name, stop_on_signals
 from peftlab.experiments.distill import prepare_teacher
-from peftlab.methods.registry import get_method
+from peftlab.recipes.cost import Progress, job_units, plan_text, plan_units, trial_units
 from peftlab.recipes.executors import ExecutorSpec, parse_executor, run_all
+from peftlab.recipes.repeats import Repeats, chosen_config, parse_repeats, repeat_configs, tuning_config, vars_repeats
 from peftlab.recipes.runner import RunTask
-from peftlab.recipes.search import trial_config
 from peftlab.recipes.study import StudyRun, load_study, naming
-from peftlab.recipes.throughput import measure
 from peftlab.recipes.tuning import CHOSEN, TuneSpec, parse_tune, tune_run
-from peftlab.report.decision import MANIFEST
+from peftlab.report.decision import MANIFEST, race
 from peftlab.report.report import build_study_report
 
 __all__ = ["StudyRun", "load_study", "run_study"]
@@ -77,7 +75,7 @@ def run_study(path: Path, overrides: list[str] = (), only: list[str] | None = No
         executor = parse_executor(header.get("executor"), executor_kind, workers)
     chosen = _chosen(configs, only)
     if plan:
-        print(plan_text(chosen, spec, repeats, study_dir))
+        print(plan_text(chosen, spec, repeats, study_dir, executor))
         return study_dir
     ensure_writable(study_dir, "set output_dir in the study to a writable folder")
     study_dir.mkdir(parents=True, exist_ok=True)
@@ -115,14 +113,11 @@ def run_finals(configs: list[RunConfig], executor: ExecutorSpec, progress: Progr
     cannot run here is listed in the report, not counted as a failure)."""
     tasks = [RunTask.of(c) for c in configs]
     units = {c.name: job_units(c) for c in configs}
-    in_flight: set[str] = set()
 
     def events(event: str, task: RunTask, result: RunResult | None) -> None:
         if event == "start":
-            in_flight.add(task.name)
-            progress.show(f"{task.name} started ({len(in_flight)} in flight)")
+            progress.start(f"{task.name} started")
             return
-        in_flight.discard(task.name)
         if result.status == "done":
             print(f"run {task.name} done in {result.wall_seconds or 0:.0f} s", flush=True)
         elif result.status == "stopped":  # the study stops too: the run's own line says where it can go on from
@@ -130,8 +125,7 @@ def run_finals(configs: list[RunConfig], executor: ExecutorSpec, progress: Progr
         else:
             what = "not run here" if result.status == "not_run" else result.status
             print(f"run {task.name} {what}: {result.reason}; continuing", flush=True)
-        progress.advance(units[task.name], f"{task.name} {result.status.replace('_', ' ')} "
-                                           f"({len(in_flight)} in flight)")
+        progress.end(units[task.name], f"{task.name} {result.status.replace('_', ' ')}")
 
     results = run_all(executor, tasks, events)
     return [r.name for r in results if r.status in ("failed", "stopped")]
@@ -145,70 +139,10 @@ def study_stopped(stop: Stopped, configs: list[RunConfig], repeats: Repeats) -> 
                                 "finished; rerun the same command to resume")
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# Decision studies: tune, repeat, then intervals and a verdict (report.decision)
-# ---------------------------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Repeats:
-    """`seeds`: rerun with these train seeds on the same split; `folds`: rerun on each of k folds (data.fold)."""
-
-    seeds: tuple[int, ...] = ()
-    folds: int = 0
-
-
-def parse_repeats(raw) -> Repeats:
-    """`{seeds: [0, 1, 2]}` or `{folds: 5}`; None means one run per method at its configured seed."""
-    if raw is None:
-        return Repeats()
-    if not isinstance(raw, dict) or len(raw) != 1 or not set(raw) <= {"seeds", "folds"}:
-        raise PeftlabError("repeats: expected {seeds: [0, 1, 2]} or {folds: 5}")
-    if "seeds" in raw:
-        seeds = raw["seeds"]
-        if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) for s in seeds):
-            raise PeftlabError(f"repeats.seeds: expected a non-empty list of integers, got {seeds!r}")
-        return Repeats(seeds=tuple(seeds))
-    if not isinstance(raw["folds"], int) or raw["folds"] < 3:
-        raise PeftlabError(f"repeats.folds: expected an integer >= 3 (test, val, train), got {raw['folds']!r}")
-    return Repeats(folds=raw["folds"])
-
-
-def deterministic(cfg: RunConfig) -> bool:
-    """Methods whose result does not depend on the train seed: zero/few-shot (nothing trains) and the linear head
-    (a convex fit on frozen features). Over seeds they run once and that run stands for every seed."""
-    method = get_method(cfg.method.name)
-    return not method.trains or method.build is not None
-
-
-def repeat_configs(cfg: RunConfig, repeats: Repeats) -> list[RunConfig]:
-    """The final runs of one chosen config: one per seed (once for a deterministic method) or one per fold."""
-    if repeats.folds:
-        return [replace(cfg, name=f"{cfg.name}-fold{k}", data=replace(cfg.data, fold=k, folds=repeats.folds))
-                for k in range(repeats.folds)]
-    if not repeats.seeds:
-        return [cfg]
-    seeds = repeats.seeds[:1] if deterministic(cfg) else repeats.seeds
-    return [replace(cfg, name=f"{cfg.name}-seed{s}", train=replace(cfg.train, seed=s)) for s in seeds]
-
-
-def tuning_config(cfg: RunConfig, repeats: Repeats) -> RunConfig:
-    """What tuning runs on: the study split, or fold 0's train/val with folds (fold 0's test is never scored)."""
-    return replace(cfg, data=replace(cfg.data, fold=0, folds=repeats.folds)) if repeats.folds else cfg
-
-
-def chosen_config(cfg: RunConfig, chosen: dict) -> RunConfig:
-    """The run's config with the chosen values set (same name and folder as the run)."""
-    if not chosen.get("params"):
-        return cfg
-    raw = {k: v for k, v in to_dict(cfg).items() if k not in ("name", "output_dir")}
-    return trial_config(raw, chosen["params"], cfg.name, Path(cfg.output_dir))
-
-
 def run_decision(configs: list[RunConfig], spec: TuneSpec | None, repeats: Repeats, study_dir: Path,
                  metric: str | None, executor: ExecutorSpec) -> list[str]:
-    """Tune each method on val, then run every method's chosen config per seed/fold together on the executor;
-    write study.json; returns the failed run names."""
+    """Tune each method on val, then run every method's chosen config per seed/fold on the executor: all together,
+    or in racing rounds; write study.json; returns the failed run names."""
     progress = Progress(sum(plan_units(c, spec, repeats, study_dir) for c in configs))
     finals = [f for c in configs for f in repeat_configs(c, repeats)]
     left = sum(not has_result(f.run_dir) for f in finals)
@@ -218,123 +152,44 @@ def run_decision(configs: list[RunConfig], spec: TuneSpec | None, repeats: Repea
     manifest = study_dir / MANIFEST
     # `--only` runs some methods: the others stay in the manifest, and in the decision.
     groups: dict = read_json(manifest)["groups"] if manifest.is_file() else {}
-    todo = []
+    repeated: dict[str, list[RunConfig]] = {}
     for cfg in configs:
         chosen = {"params": {}, "value": None, "trials": 0}
         if spec is not None:
-            units = trial_units(cfg)
             chosen = tune_run(tuning_config(cfg, repeats), spec, study_dir / "tune" / cfg.name, executor,
-                              tick=lambda label, u=units: progress.advance(u, label))
+                              progress.events(cfg.name, trial_units(cfg)))
             print(f"{cfg.name}: chosen {chosen['params'] or '(no knobs)'} val {chosen['value']}", flush=True)
-        finals = repeat_configs(chosen_config(cfg, chosen), repeats)
-        todo += [f for f in finals if not has_result(f.run_dir)]  # a rerun skips finished ones
-        groups[cfg.name] = {"method": cfg.method.name, "runs": [f.name for f in finals], "chosen": chosen}
+        repeated[cfg.name] = repeat_configs(chosen_config(cfg, chosen), repeats)
+        groups[cfg.name] = {"method": cfg.method.name, "runs": [f.name for f in repeated[cfg.name]], "chosen": chosen}
         write_json(manifest, {"metric": metric, "repeats": vars_repeats(repeats), "groups": groups})
+    if repeats.race:
+        return race_finals(repeated, groups, repeats, study_dir, metric, executor, progress)
+    todo = [f for fs in repeated.values() for f in fs if not has_result(f.run_dir)]  # a rerun skips finished ones
     return run_finals(todo, executor, progress)
 
 
-def vars_repeats(repeats: Repeats) -> dict:
-    return {"seeds": list(repeats.seeds)} if repeats.seeds else ({"folds": repeats.folds} if repeats.folds else {})
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Cost model: one progress bar over the whole study, and `--plan`
-# ---------------------------------------------------------------------------------------------------------------------
-
-
-def _sizes(cfg: RunConfig) -> tuple[int, int]:
-    """(train examples, eval examples per split), as configured; 400/50 stand for PubMedQA's default split."""
-    return cfg.data.limit_train or 400, cfg.data.limit_eval or 50
-
-
-def _epochs_rows(cfg: RunConfig, n_train: int) -> float:
-    if cfg.train.max_steps:
-        return min(cfg.train.max_steps * cfg.train.batch_size * cfg.train.grad_accum, n_train * cfg.train.epochs)
-    return n_train * cfg.train.epochs
-
-
-def _units(cfg: RunConfig, test: bool) -> float:
-    """Cost of one run in example-forwards: training counts 3 per row (forward and backward), val once per epoch."""
-    n_train, n_eval = _sizes(cfg)
-    method = get_method(cfg.method.name)
-    evals = n_eval * (1 + int(test))
-    if not method.trains:
-        return evals * (1 + (cfg.data.shots or (3 if cfg.method.name == "few-shot" else 0)))
-    if method.build is not None:
-        return n_train + evals
-    return 3 * _epochs_rows(cfg, n_train) + n_eval * max(1, cfg.train.epochs) + n_eval * int(test)
-
-
-def job_units(cfg: RunConfig) -> float:
-    """A final run (scored on test)."""
-    return _units(cfg, test=True)
-
-
-def trial_units(cfg: RunConfig) -> float:
-    """A tuning trial or selection point (val only)."""
-    return _units(cfg, test=False)
-
-
-def _tune_points(cfg: RunConfig, spec: TuneSpec | None, study_dir: Path) -> int:
-    if spec is None or (study_dir / "tune" / cfg.name / CHOSEN).is_file():
-        return 0
-    method = get_method(cfg.method.name)
-    if method.trains and method.build is None:
-        return spec.trials
-    grid = spec.select.get(cfg.name, spec.select.get(cfg.method.name)) or {}
-    n = 1
-    for values in grid.values():
-        n *= len(values)
-    return n if grid else 0
-
-
-def plan_units(cfg: RunConfig, spec: TuneSpec | None, repeats: Repeats, study_dir: Path) -> float:
-    """Work left for one method: its tuning points and its unfinished repeats."""
-    finals = [f for f in repeat_configs(cfg, repeats) if not has_result(f.run_dir)]
-    return _tune_points(cfg, spec, study_dir) * trial_units(cfg) + sum(job_units(f) for f in finals)
-
-
-class Progress:
-    """One text progress bar for the whole study: share of the estimated work done, elapsed time and ETA."""
-
-    def __init__(self, total: float, width: int = 30) -> None:
-        self.total, self.done, self.width, self.t0 = max(total, 1e-9), 0.0, width, time.perf_counter()
-
-    def advance(self, units: float, label: str) -> None:
-        """Count `units` of work as done and show the bar with `label` (which says how that work ended)."""
-        self.done = min(self.total, self.done + units)
-        self.show(label)
-
-    def show(self, label: str) -> None:
-        share = self.done / self.total
-        elapsed = time.perf_counter() - self.t0
-        eta = elapsed * (1 - share) / share if share > 0 else None
-        bar = "#" * round(share * self.width) + "-" * (self.width - round(share * self.width))
-        print(f"study [{bar}] {100 * share:3.0f}% elapsed {_clock(elapsed)} ETA {_clock(eta)} | {label}", flush=True)
-
-
-def _clock(seconds: float | None) -> str:
-    if seconds is None:
-        return "?"
-    seconds = int(seconds)
-    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
-
-
-def plan_text(configs: list[RunConfig], spec: TuneSpec | None, repeats: Repeats, study_dir: Path) -> str:
-    """Runs per method and the estimated time, from tokens/s measured on this machine with the study's model."""
-    speed = measure(configs[0])
-    lines = [f"plan for {study_dir}: measured {speed.tokens_per_s:,.0f} tokens/s forward, "
-             f"{speed.tokens_per_example:.0f} tokens per example, {speed.load_s:.1f} s to load the model",
-             "| method | tuning runs | final runs | estimated |", "|---|---|---|---|"]
-    total_runs, total_s = 0, 0.0
-    for cfg in configs:
-        points = _tune_points(cfg, spec, study_dir)
-        finals = [f for f in repeat_configs(cfg, repeats) if not has_result(f.run_dir)]
-        units = plan_units(cfg, spec, repeats, study_dir)
-        seconds = units * speed.tokens_per_example / speed.tokens_per_s + (points + len(finals)) * speed.overhead_s
-        total_runs += points + len(finals)
-        total_s += seconds
-        lines.append(f"| {cfg.name} ({cfg.method.name}) | {points} | {len(finals)} | {_clock(seconds)} |")
-    lines.append(f"total: {total_runs} runs, about {_clock(total_s)} (h:mm:ss; pruned trials end early, so this is "
-                 "an upper bound for tuning)")
-    return "\n".join(lines)
+def race_finals(repeated: dict[str, list[RunConfig]], groups: dict, repeats: Repeats, study_dir: Path,
+                metric: str | None, executor: ExecutorSpec, progress: Progress) -> list[str]:
+    """The final runs in rounds: round k is repeat k (seed or fold) of every method still racing. After each round,
+    a method significantly worse than the leader (`report.decision.race`) gets no more repeats; study.json records
+    when and why, and what that saved. A rerun recomputes the same stops from the same finished runs."""
+    failures, skipped = [], []
+    for k in range(repeats.rounds):
+        racing = [name for name in repeated if "raced_out" not in groups[name]]
+        todo = [repeated[n][k] for n in racing if k < len(repeated[n]) and not has_result(repeated[n][k].run_dir)]
+        failures += run_finals(todo, executor, progress)
+        if k == repeats.rounds - 1:
+            break
+        for out in race(study_dir, k + 1, repeats.alpha, metric):
+            rest = repeated[out.name][k + 1:]
+            groups[out.name].update(raced_out=asdict(out), runs=[f.name for f in repeated[out.name][:k + 1]])
+            skipped += rest
+            why = f"{out.diff:+.3f} vs {out.leader}, Holm p {out.p_holm:.3f}"
+            progress.advance(sum(job_units(f) for f in rest), f"{out.name} raced out after round {k + 1}: {why}")
+        write_json(study_dir / MANIFEST, {"metric": metric, "repeats": vars_repeats(repeats), "groups": groups})
+    every = [f for fs in repeated.values() for f in fs]
+    saved = {"alpha": repeats.alpha, "rounds": repeats.rounds, "saved_runs": len(skipped), "total_runs": len(every),
+             "saved_share": sum(map(job_units, skipped)) / max(1e-9, sum(map(job_units, every)))}
+    write_json(study_dir / MANIFEST, {"metric": metric, "repeats": vars_repeats(repeats), "groups": groups,
+                                      "race": saved})
+    return failures

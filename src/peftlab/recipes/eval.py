@@ -14,7 +14,7 @@ import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
-from peftlab.core.config import RunConfig, check_limit, from_dict, validate
+from peftlab.core.config import DEFAULT_MODEL, RunConfig, check_limit, from_dict, validate
 from peftlab.core.errors import PeftlabError
 from peftlab.core.files import ensure_writable, json_bytes, jsonl_bytes, write_files_atomic, write_jsonl
 from peftlab.data.splits import data_labels, in_file_order, load_splits, read_examples, read_file
@@ -49,7 +49,7 @@ class EvalOptions:
 def run_eval(opts: EvalOptions, out: Path) -> dict:
     """Score a model on a task's data; writes `out/metrics.json` and `out/predictions.jsonl`; returns the metrics."""
     split, shots, template = opts.split or "all", opts.shots or 0, opts.template or 0
-    max_length, model = opts.max_length or 512, opts.model or "smollm2-135m-instruct"
+    max_length, model = opts.max_length or 512, opts.model or DEFAULT_MODEL
     if split not in ("all", "train", "val", "test"):
         raise PeftlabError(f"--split must be all, train, val or test, got '{split}'")
     if opts.task is None:

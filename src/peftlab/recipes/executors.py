@@ -19,6 +19,7 @@ with one line; a rerun resumes.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import pickle
@@ -291,6 +292,8 @@ def ray_task(task: RunTask, started: bytes | None) -> tuple[RunResult, bytes]:
     data = pack(run_dir) if run_dir.is_dir() else b""
     if result.status in ("done", "not_run"):
         shutil.rmtree(run_dir, ignore_errors=True)  # it lives on at the driver; a stopped one stays to resume
+        with contextlib.suppress(OSError):
+            local.rmdir()  # the study's scratch folder, once no run of it is left on this node
     return result, data
 
 

@@ -23,7 +23,7 @@ from peftlab.core.config import RunConfig, load_config, set_dotted
 from peftlab.core.errors import NotSupported, PeftlabError
 from peftlab.core.result import RunResult
 from peftlab.core.signals import Stopped
-from peftlab.recipes.executors import ExecutorSpec, open_pool
+from peftlab.recipes.executors import Events, ExecutorSpec, open_pool
 from peftlab.recipes.pruning import EpochPruner
 from peftlab.recipes.runner import RunTask
 
@@ -156,13 +156,13 @@ def finished_trials(study) -> list:
     return study.get_trials(deepcopy=False, states=states)
 
 
-def run_search(search: Search, study, executor: ExecutorSpec, tick: Callable[[str], None] = lambda label: None
-               ) -> None:
+def run_search(search: Search, study, executor: ExecutorSpec, events: Events | None = None) -> None:
     """Ask, train and tell until `search.trials` trials have finished, up to `executor.workers` at once.
 
     At most as many new trials are asked for as were missing at the start (as `study.optimize(n_trials=...)`), so
     a search whose trials all fail ends. A trial that fails is told as failed and the search goes on; a stop
     (SIGTERM, Ctrl-C) stops the trials in flight, which stay running in the study for the rerun to adopt.
+    `events` hears each trial start and end, as a study's runs do (`recipes.executors.Events`).
     """
     import optuna
 
@@ -170,7 +170,7 @@ def run_search(search: Search, study, executor: ExecutorSpec, tick: Callable[[st
     asks = search.trials - len(finished_trials(study))
     orphans = [t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
                if search.owned]
-    with open_pool(executor) as pool:
+    with open_pool(executor, events) as pool:
         while True:
             while pool.has_room and (orphans or (asks > 0 and len(finished_trials(study)) + len(running)
                                                  < search.trials)):
@@ -185,7 +185,6 @@ def run_search(search: Search, study, executor: ExecutorSpec, tick: Callable[[st
                 return
             task, result = pool.next_result()
             _tell(study, running.pop(task.name), result, search.metric)
-            tick(f"{search.name} trial {task.name.rsplit('-', 1)[-1]} {result.status.replace('_', ' ')}")
 
 
 def _trial_task(search: Search, study, trial) -> RunTask:

@@ -26,9 +26,11 @@ from pathlib import Path
 from peftlab.core.config import apply_overrides, save_config
 from peftlab.core.errors import PeftlabError
 from peftlab.core.files import ensure_writable
+from peftlab.core.result import RunResult
 from peftlab.core.signals import Stopped, signal_name, stop_on_signals
 from peftlab.core.yamlio import describe
 from peftlab.recipes.executors import parse_executor
+from peftlab.recipes.runner import RunTask
 from peftlab.recipes.search import Search, create_study, finished_trials, parse_space, run_search, trial_config, whole
 from peftlab.recipes.study import load_study, naming
 from peftlab.report.report import build_study_report
@@ -55,6 +57,15 @@ def _check_header(header: dict, path: Path) -> dict:
                 whole(f"sweep.{key}", sweep[key], least)
         parse_space(sweep.get("space"))
     return sweep
+
+
+def trial_events(event: str, task: RunTask, result: RunResult | None) -> None:
+    """A line as each trial starts and ends (how it ended, and why where it did not finish)."""
+    if event == "start":
+        print(f"{task.name} started", flush=True)
+    else:
+        why = f": {result.reason}" if result.reason and result.status != "done" else ""
+        print(f"{task.name} {result.status.replace('_', ' ')}{why}", flush=True)
 
 
 def run_sweep(path: Path, trials: int | None = None, storage: str | None = None, overrides: list[str] = (),
@@ -90,7 +101,7 @@ def run_sweep(path: Path, trials: int | None = None, storage: str | None = None,
     print(f"sweep {study_dir}: {len(finished_trials(study))} of {n_trials} trials finished", flush=True)
     try:
         with stop_on_signals():  # the trials in flight checkpoint and stay running in the study, for the rerun
-            run_search(search, study, executor, tick=lambda label: print(label, flush=True))
+            run_search(search, study, executor, trial_events)
     except Stopped as stop:
         raise Stopped(stop.signum, f"sweep stopped by {signal_name(stop.signum)}; {len(finished_trials(study))} of "
                                    f"{n_trials} trials finished; rerun the same command to go on") from None

@@ -13,6 +13,8 @@ import sys
 import time
 from dataclasses import dataclass, replace
 
+import torch
+
 from peftlab.core.config import RunConfig
 from peftlab.evaluate.scoring import mean_loss
 from peftlab.recipes.train import prepare
@@ -30,8 +32,11 @@ class Speed:
     overhead_s: float
 
 
-def measure(cfg: RunConfig) -> Speed:
-    """Load the study's model and data as a zero-shot run would and time forward passes over a few examples."""
+def measure(cfg: RunConfig, threads: int | None = None) -> Speed:
+    """Load the study's model and data as a zero-shot run would and time forward passes over a few examples, on
+    `threads` torch threads (a worker's share of the cores; default: torch's)."""
+    if threads is not None:
+        torch.set_num_threads(threads)
     t0 = time.perf_counter()
     ctx = prepare(replace(cfg, method=replace(cfg.method, name="zero-shot")))
     load_s = time.perf_counter() - t0

@@ -17,7 +17,7 @@ from peftlab.core.errors import PeftlabError
 from peftlab.core.files import read_json, write_json
 from peftlab.core.yamlio import describe
 from peftlab.methods.registry import get_method
-from peftlab.recipes.executors import ExecutorSpec, run_all
+from peftlab.recipes.executors import Events, ExecutorSpec, run_all
 from peftlab.recipes.runner import RunTask
 from peftlab.recipes.search import (
     Search,
@@ -125,17 +125,13 @@ def _grid_points(grid: dict) -> list[dict]:
     return [dict(zip(keys, values, strict=True)) for values in itertools.product(*(grid[k] for k in keys))]
 
 
-def _select(cfg: RunConfig, grid: dict, tune_dir: Path, metric: str | None, executor: ExecutorSpec, tick
-            ) -> dict:
+def _select(cfg: RunConfig, grid: dict, tune_dir: Path, metric: str | None, executor: ExecutorSpec,
+            events: Events | None) -> dict:
     """Score every grid point on val (each a resumable folder `select-<i>`), as tasks on the executor; the best
     point wins, the first on ties."""
     points = _grid_points(grid)
     tasks = [RunTask.of(trial_config(_base_raw(cfg), params, f"select-{i}", tune_dir), score_test=False)
              for i, params in enumerate(points)]
-
-    def events(event: str, task: RunTask, result) -> None:
-        if event == "end":
-            tick(f"{cfg.name} {task.name} {result.status.replace('_', ' ')}")
 
     best: dict = {"params": {}, "value": None}
     for params, result in zip(points, run_all(executor, tasks, events), strict=True):
@@ -147,7 +143,8 @@ def _select(cfg: RunConfig, grid: dict, tune_dir: Path, metric: str | None, exec
     return {**best, "trials": len(points)}
 
 
-def _search(cfg: RunConfig, spec: TuneSpec, space: dict, tune_dir: Path, executor: ExecutorSpec, tick) -> dict:
+def _search(cfg: RunConfig, spec: TuneSpec, space: dict, tune_dir: Path, executor: ExecutorSpec,
+            events: Events | None) -> dict:
     """Optuna TPE over `space`, median pruning; trials are `trial-<n>` folders; the study resumes from SQLite."""
     base = _base_raw(cfg)
     search = Search(name=cfg.name, storage=f"sqlite:///{(tune_dir / 'optuna.db').resolve()}", space=space,
@@ -155,18 +152,19 @@ def _search(cfg: RunConfig, spec: TuneSpec, space: dict, tune_dir: Path, executo
                     trials=spec.trials, seed=spec.seed, pruner=spec.pruner, startup_trials=spec.startup_trials,
                     metric=spec.metric)
     study = create_study(search)
-    run_search(search, study, executor, tick)
+    run_search(search, study, executor, events)
     if not any(t.state.name == "COMPLETE" for t in study.get_trials(deepcopy=False)):
         raise PeftlabError(f"tuning {cfg.name}: no trial completed; see the trial folders under {tune_dir}")
     return {"params": study.best_trial.params, "value": study.best_value, "trials": spec.trials}
 
 
 def tune_run(cfg: RunConfig, spec: TuneSpec, tune_dir: Path, executor: ExecutorSpec = LOCAL,
-             tick=lambda label: None) -> dict:
+             events: Events | None = None) -> dict:
     """Choose one run's config on val and write it to `<tune_dir>/chosen.json`; an existing one is reused as is.
 
     Gradient methods: `spec.trials` Optuna trials. Methods that train no gradients: their `select` grid, or nothing
-    when they have no knob. Returns {"params": {dotted key: value}, "value": val metric or None, "trials": n}.
+    when they have no knob. Trials and points run as tasks on `executor`; `events` hears each start and end.
+    Returns {"params": {dotted key: value}, "value": val metric or None, "trials": n}.
     """
     chosen_path = tune_dir / CHOSEN
     if chosen_path.is_file():
@@ -176,9 +174,9 @@ def tune_run(cfg: RunConfig, spec: TuneSpec, tune_dir: Path, executor: ExecutorS
     grid = spec.select.get(cfg.name, spec.select.get(cfg.method.name))
     space = method_space(spec, cfg) if method.trains and method.build is None else {}
     if space:
-        chosen = _search(cfg, spec, space, tune_dir, executor, tick)
+        chosen = _search(cfg, spec, space, tune_dir, executor, events)
     elif grid:
-        chosen = _select(cfg, grid, tune_dir, spec.metric, executor, tick)
+        chosen = _select(cfg, grid, tune_dir, spec.metric, executor, events)
     else:
         chosen = {"params": {}, "value": None, "trials": 0}
     write_json(chosen_path, chosen)

@@ -44,6 +44,7 @@ class Group:
     folders: list[Path] = field(default_factory=list)
     # Per replica, its test rows as (id, references): two methods pair only when these are the same.
     tests: list[tuple] = field(default_factory=list)
+    raced_out: dict | None = None  # racing stopped its repeats (`stats.RacedOut` as a dict); it cannot be best
 
 
 def _rows(path: Path) -> list[dict]:
@@ -76,7 +77,7 @@ def load_groups(study_dir: Path) -> list[Group]:
             tests.append(tuple(sorted((str(r["id"]), json.dumps(r.get("references"))) for r in rows)))
         if results:
             groups.append(Group(name, g.get("method") or results[0].get("method", name), results, replicas, folders,
-                                tests))
+                                tests, g.get("raced_out")))
     return groups
 
 
@@ -85,46 +86,94 @@ def _mean(results: list[dict], key: str) -> float | None:
     return sum(values) / len(values) if values else None
 
 
-def decide(study_dir: Path, metric: str | None = None, seed: int = 0) -> dict | None:
-    """The decision as a dict (what decision.json holds), or None when there are fewer than two comparable methods."""
-    groups = load_groups(study_dir)
-    if len(groups) < 2:
-        return None
+def _metric(study_dir: Path, groups: list[Group], metric: str | None) -> tuple[str, stats.Metric] | None:
+    """The metric judged and its function on per-example rows; None where the rows cannot give it."""
     first = groups[0].results[0]
     metric = metric or _manifest_metric(study_dir) or first.get("primary_metric")
     labels = (first.get("metrics") or {}).get("test_labels")
     n_labels = len(labels) if isinstance(labels, list) else 0
     if not ((n_labels and metric in ("accuracy", "macro_f1")) or metric == "rouge1"):
         return None  # the per-example rows carry only these metrics (a mixture's are prefixed by task)
-    fn = stats.metric_fn(metric, n_labels)
-    ids = {r.ids for g in groups for r in g.replicas}
-    if _unpaired(groups) is not None:
+    return metric, stats.metric_fn(metric, n_labels)
+
+
+def _costs(g: Group) -> tuple[float, float]:
+    return _mean(g.results, "trainable_params") or 0.0, _mean(g.results, "train_seconds") or 0.0
+
+
+def race(study_dir: Path, rounds: int, alpha: float, metric: str | None = None, seed: int = 0) -> list[stats.RacedOut]:
+    """After round `rounds` of a racing study: the methods still repeating that are now significantly worse than
+    the leader (`stats.race_round`), judged on the run folders finished so far. [] when they cannot be compared."""
+    groups = [g for g in load_groups(study_dir) if g.raced_out is None]
+    judged = _metric(study_dir, groups, metric) if len(groups) > 1 else None
+    if judged is None or _unpaired(groups) is not None:
+        return []
+    name, fn = judged
+    return stats.race_round({g.name: g.replicas for g in groups}, {g.name: _costs(g) for g in groups}, name, fn,
+                            rounds, alpha, seed)
+
+
+def _row(g: Group, interval: tuple[float, float, float], paired: stats.Paired | None, best: bool) -> dict:
+    mean, low, high = interval
+    costs = {key: _mean(g.results, key) for key, _ in COSTS}
+    return {"name": g.name, "method": g.method, "replicas": len(g.replicas), "mean": mean, "low": low, "high": high,
+            **costs, "best": best, "diff": paired.diff if paired else 0.0, "diff_low": paired.low if paired else 0.0,
+            "diff_high": paired.high if paired else 0.0, "p": paired.p if paired else None,
+            "test": paired.test if paired else None, "tied": paired is not None and not paired.distinguishable,
+            "raced_out": g.raced_out}
+
+
+def decide(study_dir: Path, metric: str | None = None, seed: int = 0) -> dict | None:
+    """The decision as a dict (what decision.json holds), or None when there are fewer than two comparable methods.
+
+    A method that racing stopped is listed with the repeats it had, and is never best: the paired tests and the
+    verdict are over the methods that ran every repeat.
+    """
+    groups = load_groups(study_dir)
+    contenders = [g for g in groups if g.raced_out is None]
+    if len(groups) < 2 or not contenders:
+        return None
+    judged = _metric(study_dir, groups, metric)
+    if judged is None or _unpaired(contenders) is not None:
         return None  # methods scored on different test examples cannot be paired
+    metric, fn = judged
     if not _rows_reproduce_metric(groups, metric, fn):
         return None
     intervals = {g.name: stats.bootstrap_interval(g.replicas, fn, seed=seed) for g in groups}
-    best = max(groups, key=lambda g: stats.rank_key(intervals[g.name][0], _mean(g.results, "trainable_params"),
-                                                    _mean(g.results, "train_seconds")))
+    best = max(contenders, key=lambda g: stats.rank_key(intervals[g.name][0], *_costs(g)))
     rows, summaries = [], []
     for g in groups:
-        mean, low, high = intervals[g.name]
-        paired = None if g is best else stats.compare_to_best(g.replicas, best.replicas, metric, fn, seed=seed)
-        costs = {key: _mean(g.results, key) for key, _ in COSTS}
-        rows.append({"name": g.name, "method": g.method, "replicas": len(g.replicas), "mean": mean, "low": low,
-                     "high": high, **costs, "best": g is best,
-                     "diff": paired.diff if paired else 0.0, "diff_low": paired.low if paired else 0.0,
-                     "diff_high": paired.high if paired else 0.0, "p": paired.p if paired else None,
-                     "test": paired.test if paired else None,
-                     "tied": paired is not None and not paired.distinguishable})
-        summaries.append(MethodSummary(g.name, mean, low, high, paired, costs["trainable_params"] or 0.0,
-                                       costs["train_seconds"] or 0.0))
+        paired = None
+        if g is not best and g.raced_out is None:
+            paired = stats.compare_to_best(g.replicas, best.replicas, metric, fn, seed=seed)
+        rows.append(_row(g, intervals[g.name], paired, g is best))
+        if g.raced_out is None:
+            summaries.append(MethodSummary(g.name, *intervals[g.name], paired, *_costs(g)))
+    ids = {r.ids for g in contenders for r in g.replicas}
     # Seeds share one test split; folds each have their own, and together they test every example once.
-    n_test = len(groups[0].replicas[0].ids) if _shared(groups) else sum(len(i) for i in ids)
-    fronts = {key: stats.pareto_front(rows, "mean", key) for key, _ in COSTS}
+    n_test = len(contenders[0].replicas[0].ids) if _shared(contenders) else sum(len(i) for i in ids)
+    fronts = {key: stats.pareto_front([r for r in rows if not r["raced_out"]], "mean", key) for key, _ in COSTS}
     for row in rows:
         row["frontier"] = [label for key, label in COSTS if row["name"] in fronts[key]]
+    verdict = stats.verdict(summaries, metric, n_test) if len(summaries) > 1 else [
+        f"Best: {best.name}, test {metric} {intervals[best.name][0]:.3f} (95% interval "
+        f"{intervals[best.name][1]:.3f}-{intervals[best.name][2]:.3f}); every other method was raced out."]
     return {"metric": metric, "n_test": n_test, "level": stats.LEVEL, "rows": rows, "frontier": fronts,
-            "verdict": stats.verdict(summaries, metric, n_test), "data": data_source(groups[0].folders[0])}
+            "verdict": verdict + _race_lines(study_dir, groups), "data": data_source(contenders[0].folders[0])}
+
+
+def _race_lines(study_dir: Path, groups: list[Group]) -> list[str]:
+    """What racing did: each method it stopped, when and why, and the compute it saved."""
+    out = [g for g in groups if g.raced_out]
+    manifest = Path(study_dir) / MANIFEST
+    info = json.loads(manifest.read_text(encoding="utf-8")).get("race") if manifest.is_file() else None
+    if not info:
+        return []
+    stopped = "; ".join(f"{g.name} after {r['rounds']} of {info['rounds']} rounds ({r['diff']:+.3f} vs {r['leader']}, "
+                        f"Holm p {r['p_holm']:.3f})" for g in out for r in [g.raced_out]) or "none"
+    return [f"Raced out (paired test against the leader after each round, Holm-corrected, alpha {info['alpha']}): "
+            f"{stopped}. Racing skipped {info['saved_runs']} of {info['total_runs']} final runs, about "
+            f"{100 * info['saved_share']:.0f}% of their estimated compute."]
 
 
 def test_split(run_dir: Path) -> dict:
@@ -222,6 +271,8 @@ def decision_markdown(d: dict) -> str:
     for r in d["rows"]:
         vs = "best" if r["best"] else f"{r['diff']:+.3f} ({r['diff_low']:+.3f}, {r['diff_high']:+.3f})"
         p = "" if r["p"] is None else f"{r['p']:.3f} ({r['test']})"
+        if r.get("raced_out"):
+            vs, p = f"raced out after {r['raced_out']['rounds']} rounds", f"{r['raced_out']['p_holm']:.3f} (Holm)"
         lines.append(
             f"| {r['name']} | {r['replicas']} | {r['mean']:.3f} ({r['low']:.3f}-{r['high']:.3f}) | {vs} | {p} | "
             f"{'yes' if r['tied'] else ('-' if r['best'] else 'no')} | {_n(r['trainable_params'], ',.0f')} | "

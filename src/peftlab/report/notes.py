@@ -72,6 +72,19 @@ def memory_notes(df: pd.DataFrame) -> list[str]:
     return notes
 
 
+def precision_notes(df: pd.DataFrame) -> list[str]:
+    """What the gradient-trained runs computed in, grouped: "fp32 (measured: bf16 0.93x fp32 ...): lora, pt"."""
+    if df.empty or "precision" not in df:
+        return []
+    groups: dict[str, list[str]] = {}
+    for row in df.to_dict("records"):
+        choice = row.get("precision")
+        if isinstance(choice, dict) and choice.get("autocast"):
+            groups.setdefault(f"{choice['autocast']} ({choice.get('source')}: {choice.get('reason')})",
+                              []).append(str(row["name"]))
+    return [f"{what}: {', '.join(names)}" for what, names in groups.items()]
+
+
 def notes_markdown(study_dir: Path, df: pd.DataFrame) -> str:
     """Markdown to append under the results table (empty when there is nothing to note)."""
     parts = []
@@ -84,6 +97,10 @@ def notes_markdown(study_dir: Path, df: pd.DataFrame) -> str:
     memory = memory_notes(df)
     if memory:
         parts.append("Memory:\n\n" + "".join(f"- {line}\n" for line in memory))
+    precision = precision_notes(df)
+    if precision:
+        parts.append("Training precision (scoring and generation run in fp32):\n\n"
+                     + "".join(f"- {line}\n" for line in precision))
     return "".join(f"\n{p}" for p in parts)
 
 
@@ -101,4 +118,8 @@ def notes_html(study_dir: Path, df: pd.DataFrame) -> str:
     memory = memory_notes(df)
     if memory:
         parts.append("<p><b>Memory</b></p><ul>" + "".join(f"<li>{html.escape(m)}</li>" for m in memory) + "</ul>")
+    precision = precision_notes(df)
+    if precision:
+        parts.append("<p><b>Training precision</b> (scoring and generation run in fp32)</p><ul>"
+                     + "".join(f"<li>{html.escape(m)}</li>" for m in precision) + "</ul>")
     return "\n".join(parts)

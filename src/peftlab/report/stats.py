@@ -295,3 +295,47 @@ def _size_line(best: MethodSummary, runner: MethodSummary, n_test: int, point_si
             f"their difference (gap {gap:.3f}) ±{half:.3f} is no wider than the gap, but the "
             f"{runner.vs_best.test} test cannot tell them apart (p {runner.vs_best.p:.3f}); a larger test split "
             "would settle it.")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Racing: stop repeating a method once it is significantly worse than the leader
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def holm(pvalues: Sequence[float]) -> list[float]:
+    """Holm's step-down adjustment of m p-values (in their given order): the i-th smallest is multiplied by
+    m - i + 1, and the adjusted values are made non-decreasing in that order. Controls the family-wise error."""
+    m = len(pvalues)
+    order = sorted(range(m), key=lambda i: pvalues[i])
+    adjusted, running = [0.0] * m, 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (m - rank) * pvalues[i]))
+        adjusted[i] = running
+    return adjusted
+
+
+@dataclass(frozen=True)
+class RacedOut:
+    """A method that stopped repeating: after how many rounds, against which leader, and the evidence."""
+
+    name: str
+    rounds: int
+    leader: str
+    diff: float  # its metric minus the leader's, over the examples scored so far
+    p_holm: float
+    test: str
+
+
+def race_round(candidates: dict[str, Sequence[Replica]], costs: dict[str, tuple[float, float]], metric_name: str,
+               metric: Metric, rounds: int, alpha: float = 0.05, seed: int = 0) -> list[RacedOut]:
+    """The methods to stop after round `rounds`: each remaining method is tested against the current leader with the
+    paired test over every example scored so far (`compare_to_best`), the p-values are Holm-corrected together,
+    and a method whose corrected p is below `alpha` and which scores below the leader stops. The leader never
+    stops. `costs` holds (trainable params, train seconds) per method, to break exact ties as the verdict does."""
+    scores = {name: point(reps, metric) for name, reps in candidates.items()}
+    leader = max(candidates, key=lambda n: rank_key(scores[n], *costs.get(n, (0.0, 0.0))))
+    others = [name for name in candidates if name != leader]
+    tests = [compare_to_best(candidates[name], candidates[leader], metric_name, metric, seed=seed) for name in others]
+    adjusted = holm([t.p for t in tests])
+    return [RacedOut(name, rounds, leader, t.diff, p, t.test)
+            for name, t, p in zip(others, tests, adjusted, strict=True) if p < alpha and t.diff < 0]

@@ -45,6 +45,7 @@ class TrainState:
     log: list = field(default_factory=list)
     done: bool = False  # training finished; the run folder's results were not all written yet
     resumed_at: list = field(default_factory=list)  # the steps at which the run went on from a checkpoint
+    precision: dict | None = None  # the run's `measured_precision.PrecisionChoice`, kept across a resume
 
 
 def save_checkpoint(path: Path, state: TrainState, model, optimizer, scheduler) -> None:

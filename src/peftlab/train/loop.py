@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import NoReturn
 
@@ -34,11 +34,13 @@ from peftlab.data.tasks import Example, Task
 from peftlab.evaluate.evaluate import evaluate
 from peftlab.evaluate.scoring import mean_loss
 from peftlab.methods.registry import get_method, start_schedule
+from peftlab.models.forward import target_loss, weighted_targets
 from peftlab.models.local import LoadedModel
 from peftlab.prompts.batches import batch_tokens, right_padded_ok, token_batches
 from peftlab.prompts.format import Encoded, PromptFormat
 from peftlab.prompts.weights import example_weights
 from peftlab.train.checkpoint import CHECKPOINT, TrainState, load_checkpoint, save_checkpoint, trainable_state
+from peftlab.train.measured_precision import PrecisionChoice, choose
 from peftlab.train.runtime import precision
 from peftlab.train.step import micro_tokens, shares_prefix, split_rows, step_inputs, train_step
 
@@ -110,6 +112,10 @@ def fit(
         s.resumed_at.append(s.step)
         finished = "; training had finished, so only the results are written" if s.done else ""
         print(f"resuming {cfg.name} from {ckpt} at step {s.step}{finished}", flush=True)
+    # A resumed run keeps the precision it started in, even on another machine.
+    s.precision = s.precision or asdict(_precision_choice(cfg, model, loaded.kind, train, pad, right, autocast,
+                                                          accelerator.device.type))
+    autocast = torch.bfloat16 if s.precision["autocast"] == "bf16" else None
     log = run_dir / "train_log.jsonl"
     if accelerator.is_main_process:  # the log as of the checkpoint (empty on a fresh start), then a line per step
         write_jsonl(log, s.log)
@@ -196,7 +202,21 @@ def fit(
         "best_val_metrics": s.best_val_metrics if s.best_state is not None else None,
         "lr": lr,
         "resumed_at": s.resumed_at,
+        "precision": s.precision,
     }
+
+
+def _precision_choice(cfg: RunConfig, model, kind: str, train: list, pad: int, right: bool, autocast, device: str
+                      ) -> PrecisionChoice:
+    """The precision the run trains in: as configured, or with `mixed_precision: auto` on a CPU, measured on the
+    run's first batch (`train.measured_precision`)."""
+    if cfg.train.mixed_precision != "auto" or device != "cpu":
+        why = f"train.mixed_precision: {cfg.train.mixed_precision} on {device}"
+        return PrecisionChoice("bf16" if autocast is not None else "fp32", "configured", why)
+    first = token_batches(train, cfg.train.batch_tokens, cfg.train.batch_size, seed=cfg.train.seed * 1000)[0]
+    (batch,), _ = step_inputs(train, [first], kind, pad, right, share=False)
+    key = f"{cfg.model.name} | {cfg.method.name} | batch {tuple(batch['input_ids'].shape)}"
+    return choose(key, model, lambda: target_loss(model, kind, batch)[0] / max(1, weighted_targets(batch)))
 
 
 def _stop_after_step(cfg: RunConfig, s: TrainState, ckpt: Path, parts: tuple, accelerator) -> NoReturn:

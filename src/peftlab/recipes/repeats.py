@@ -1,0 +1,97 @@
+"""A decision study's repeats: each chosen config rerun per seed or per fold, so every number gets an interval.
+
+`repeats: {seeds: [0, 1, 2]}` reruns each method with these train seeds on the same split (a method whose result
+does not depend on the seed runs once); `repeats: {folds: 5}` reruns it on each of k folds, so every example is a
+test example exactly once. Tuning sees fold 0's train and val only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from peftlab.core.config import RunConfig, to_dict
+from peftlab.core.errors import PeftlabError
+from peftlab.methods.registry import get_method
+from peftlab.recipes.search import trial_config
+
+
+@dataclass(frozen=True)
+class Repeats:
+    """`seeds`: rerun with these train seeds on the same split; `folds`: rerun on each of k folds (data.fold).
+
+    `race`: repeats go in rounds (seed or fold k of every method), and after each round a method significantly
+    worse than the leader (paired test, Holm-corrected at `alpha`) gets no more repeats (`report.stats.race_round`).
+    """
+
+    seeds: tuple[int, ...] = ()
+    folds: int = 0
+    race: bool = False
+    alpha: float = 0.05
+
+    @property
+    def rounds(self) -> int:
+        return self.folds or len(self.seeds) or 1
+
+
+def parse_repeats(raw) -> Repeats:
+    """`{seeds: [0, 1, 2]}` or `{folds: 5}`, either with `race: true` (and `alpha`); None means one run per method
+    at its configured seed."""
+    if raw is None:
+        return Repeats()
+    shape = "repeats: expected {seeds: [0, 1, 2]} or {folds: 5}, optionally with race: true and alpha: 0.05"
+    if not isinstance(raw, dict) or len({"seeds", "folds"} & set(raw)) != 1:
+        raise PeftlabError(shape)
+    unknown = sorted(map(str, set(raw) - {"seeds", "folds", "race", "alpha"}))
+    if unknown:
+        raise PeftlabError(f"unknown key 'repeats.{unknown[0]}'; valid: alpha, folds, race, seeds")
+    race, alpha = raw.get("race", False), raw.get("alpha", 0.05)
+    if not isinstance(race, bool):
+        raise PeftlabError(f"repeats.race: expected true or false, got {race!r}")
+    if isinstance(alpha, bool) or not isinstance(alpha, int | float) or not 0 < alpha < 1:
+        raise PeftlabError(f"repeats.alpha: expected a number between 0 and 1, got {alpha!r}")
+    if "seeds" in raw:
+        seeds = raw["seeds"]
+        if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) for s in seeds):
+            raise PeftlabError(f"repeats.seeds: expected a non-empty list of integers, got {seeds!r}")
+        return Repeats(seeds=tuple(seeds), race=race, alpha=float(alpha))
+    if not isinstance(raw["folds"], int) or raw["folds"] < 3:
+        raise PeftlabError(f"repeats.folds: expected an integer >= 3 (test, val, train), got {raw['folds']!r}")
+    return Repeats(folds=raw["folds"], race=race, alpha=float(alpha))
+
+
+def deterministic(cfg: RunConfig) -> bool:
+    """Methods whose result does not depend on the train seed: zero/few-shot (nothing trains) and the linear head
+    (a convex fit on frozen features). Over seeds they run once and that run stands for every seed."""
+    method = get_method(cfg.method.name)
+    return not method.trains or method.build is not None
+
+
+def repeat_configs(cfg: RunConfig, repeats: Repeats) -> list[RunConfig]:
+    """The final runs of one chosen config: one per seed (once for a deterministic method) or one per fold."""
+    if repeats.folds:
+        return [replace(cfg, name=f"{cfg.name}-fold{k}", data=replace(cfg.data, fold=k, folds=repeats.folds))
+                for k in range(repeats.folds)]
+    if not repeats.seeds:
+        return [cfg]
+    seeds = repeats.seeds[:1] if deterministic(cfg) else repeats.seeds
+    return [replace(cfg, name=f"{cfg.name}-seed{s}", train=replace(cfg.train, seed=s)) for s in seeds]
+
+
+def tuning_config(cfg: RunConfig, repeats: Repeats) -> RunConfig:
+    """What tuning runs on: the study split, or fold 0's train/val with folds (fold 0's test is never scored)."""
+    return replace(cfg, data=replace(cfg.data, fold=0, folds=repeats.folds)) if repeats.folds else cfg
+
+
+def chosen_config(cfg: RunConfig, chosen: dict) -> RunConfig:
+    """The run's config with the chosen values set (same name and folder as the run)."""
+    if not chosen.get("params"):
+        return cfg
+    raw = {k: v for k, v in to_dict(cfg).items() if k not in ("name", "output_dir")}
+    return trial_config(raw, chosen["params"], cfg.name, Path(cfg.output_dir))
+
+
+def vars_repeats(repeats: Repeats) -> dict:
+    """The repeats as study.json records them."""
+    out = {"seeds": list(repeats.seeds)} if repeats.seeds else ({"folds": repeats.folds} if repeats.folds else {})
+    return {**out, "race": repeats.race, "alpha": repeats.alpha} if repeats.race else out

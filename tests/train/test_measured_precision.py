@@ -1,0 +1,70 @@
+"""`train.mixed_precision: auto` on a CPU: bf16 only where this machine measures it faster and its loss agrees;
+the timing is simulated here (the bench measures it for real), and the probe leaves no trace on the run."""
+
+from __future__ import annotations
+
+import pytest
+from builders import PUBMEDQA
+from trainkit import tiny_cfg, train_losses
+
+import peftlab.train.measured_precision as mp
+from peftlab.core.result import read_result
+from peftlab.recipes.train import run_training
+
+
+def test_bf16_only_where_it_is_faster_and_agrees():
+    slow = mp.decide(fp32_s=1.0, bf16_s=1.9, fp32_loss=2.0, bf16_loss=2.0)  # an Intel core without AMX: 0.52x
+    assert slow.autocast == "fp32"
+    assert slow.reason == "bf16 measured 0.53x fp32 on this CPU, under the 1.2x it must gain"
+    small = mp.decide(fp32_s=1.0, bf16_s=0.9, fp32_loss=2.0, bf16_loss=2.0)  # 1.11x: not worth its rounding
+    assert small.autocast == "fp32"
+    off = mp.decide(fp32_s=2.0, bf16_s=1.0, fp32_loss=2.0, bf16_loss=2.2)  # fast, but the loss moved 10%
+    assert off.autocast == "fp32" and "differs from fp32's by 10.0%" in off.reason
+    assert mp.decide(2.0, 1.0, 2.0, float("nan")).autocast == "fp32"
+    fast = mp.decide(fp32_s=2.19, bf16_s=1.0, fp32_loss=2.0, bf16_loss=2.004)  # a Zen 4's AVX512_BF16
+    assert fast.autocast == "bf16" and fast.speedup == pytest.approx(2.19) and fast.dtype is not None
+
+
+@pytest.fixture
+def measured(monkeypatch, tmp_path):
+    """The probe on, with its cache in a fresh folder."""
+    monkeypatch.delenv("PEFTLAB_AUTO_PRECISION", raising=False)
+    monkeypatch.setenv("PEFTLAB_HOME", str(tmp_path / "home"))
+    return tmp_path
+
+
+def _simulate(monkeypatch, bf16_speed: float) -> list:
+    """Real passes (the probe runs the model), with bf16's time set to fp32's / `bf16_speed`."""
+    real, calls = mp._timed_pass, []
+
+    def timed(loss_fn, dtype):
+        seconds, loss = real(loss_fn, dtype)
+        calls.append(dtype)
+        return (1.0 if dtype is None else 1.0 / bf16_speed), loss
+
+    monkeypatch.setattr(mp, "_timed_pass", timed)
+    return calls
+
+
+def test_auto_where_bf16_is_slower_keeps_fp32_says_why_and_trains_as_without_the_probe(tiny_causal, measured,
+                                                                                        monkeypatch):
+    calls = _simulate(monkeypatch, bf16_speed=0.5)
+    run = run_training(tiny_cfg(tiny_causal, "lora", measured / "runs", "auto", PUBMEDQA, "train.mixed_precision=auto"))
+    precision = read_result(run).precision
+    assert precision["autocast"] == "fp32" and precision["source"] == "measured" and len(calls) == 2
+    assert precision["reason"] == "bf16 measured 0.50x fp32 on this CPU, under the 1.2x it must gain"
+    plain = run_training(tiny_cfg(tiny_causal, "lora", measured / "runs", "no", PUBMEDQA, "train.mixed_precision=no"))
+    assert train_losses(run) == train_losses(plain)  # gradients cleared and the random state put back
+    assert read_result(plain).precision["source"] == "configured"
+
+    again = run_training(tiny_cfg(tiny_causal, "lora", measured / "runs", "again", PUBMEDQA, "train.mixed_precision=auto"))
+    assert read_result(again).precision["source"] == "cached" and len(calls) == 2  # measured once per machine
+
+
+def test_auto_where_bf16_is_faster_trains_in_bf16(tiny_causal, measured, monkeypatch):
+    _simulate(monkeypatch, bf16_speed=2.0)
+    run = run_training(tiny_cfg(tiny_causal, "lora", measured / "runs", "auto", PUBMEDQA, "train.mixed_precision=auto"))
+    precision = read_result(run).precision
+    assert precision["autocast"] == "bf16" and precision["speedup"] == pytest.approx(2.0)
+    bf16 = run_training(tiny_cfg(tiny_causal, "lora", measured / "runs", "bf16", PUBMEDQA, "train.mixed_precision=bf16"))
+    assert train_losses(run) == train_losses(bf16)  # the same training as asking for bf16
