@@ -7,14 +7,18 @@ measures the speed at each worker's share and divides the work between the worke
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from pathlib import Path
 
 from tqdm import tqdm
 
-from peftlab.core.config import RunConfig
+from peftlab.core.config import RunConfig, to_dict
+from peftlab.core.errors import PeftlabError
 from peftlab.core.result import RunResult, has_result
+from peftlab.data.splits import load_splits
+from peftlab.data.tasks import task_for
 from peftlab.methods.registry import get_method
 from peftlab.recipes.executors import Events, ExecutorSpec
 from peftlab.recipes.repeats import Repeats, repeat_configs
@@ -25,9 +29,25 @@ from peftlab.recipes.tuning import CHOSEN, TuneSpec
 ONE_WORKER = ExecutorSpec()
 
 
+_SIZES: dict[str, tuple[int, int, int]] = {}  # data section (JSON) -> (train, val, test) examples
+
+
+def _split_sizes(cfg: RunConfig) -> tuple[int, int, int]:
+    key = json.dumps(to_dict(cfg)["data"], sort_keys=True, default=str)
+    if key not in _SIZES:
+        splits = load_splits(cfg, task_for(cfg.data))
+        _SIZES[key] = len(splits["train"]), len(splits["val"]), len(splits["test"])
+    return _SIZES[key]
+
+
 def _sizes(cfg: RunConfig) -> tuple[int, int]:
-    """(train examples, eval examples per split), as configured; 400/50 stand for PubMedQA's default split."""
-    return cfg.data.limit_train or 400, cfg.data.limit_eval or 50
+    """(train examples, eval examples per split) of the run, as its data and limits give them (the files are read,
+    once per data section); 400/50, PubMedQA's default split, where they cannot be read (a mixture)."""
+    try:
+        n_train, n_val, n_test = _split_sizes(cfg)
+    except (PeftlabError, OSError, KeyError, ValueError):
+        return cfg.data.limit_train or 400, cfg.data.limit_eval or 50
+    return n_train, max(n_val, n_test)
 
 
 def _epochs_rows(cfg: RunConfig, n_train: int) -> float:

@@ -215,7 +215,9 @@ def _precision_choice(cfg: RunConfig, model, kind: str, train: list, pad: int, r
         return PrecisionChoice("bf16" if autocast is not None else "fp32", "configured", why)
     first = token_batches(train, cfg.train.batch_tokens, cfg.train.batch_size, seed=cfg.train.seed * 1000)[0]
     (batch,), _ = step_inputs(train, [first], kind, pad, right, share=False)
-    key = f"{cfg.model.name} | {cfg.method.name} | batch {tuple(batch['input_ids'].shape)}"
+    rows, tokens = batch["input_ids"].shape
+    # Shapes to the next 64: runs that differ by a few tokens of padding share one measurement.
+    key = f"{cfg.model.name} | {cfg.method.name} | batch {-(-rows // 64) * 64}x{-(-tokens // 64) * 64}"
     return choose(key, model, lambda: target_loss(model, kind, batch)[0] / max(1, weighted_targets(batch)))
 
 
