@@ -88,7 +88,7 @@ def run_training(cfg: RunConfig, on_epoch_end=None, score_test: bool = True) -> 
 
 def _train_run(cfg: RunConfig, on_epoch_end, score_test: bool) -> Path:
     ensure_writable(cfg.run_dir, "set output_dir to a writable folder")  # before the model loads, not after training
-    ctx = prepare(cfg)
+    ctx = prepare(cfg, select=not score_test)
     if not score_test:
         ctx.enc.update({key: [] for key in ctx.enc if key[1] == "test"})
     main = ctx.accelerator.is_main_process
@@ -117,14 +117,17 @@ def _train_run(cfg: RunConfig, on_epoch_end, score_test: bool) -> Path:
     return ctx.run_dir
 
 
-def prepare(cfg: RunConfig) -> RunContext:
-    """Seed, read and split the data, load the base model, and encode every split."""
+def prepare(cfg: RunConfig, select: bool = False) -> RunContext:
+    """Seed, read and split the data, load the base model, and encode every split.
+
+    `select`: a tuning trial or selection point, judged on val, so a k-fold val fold stays val for every method.
+    """
     started = time.perf_counter()
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     seed_everything(cfg.train.seed)
     method = get_method(cfg.method.name)
-    parts = task_parts(cfg, method)
+    parts = task_parts(cfg, method, select)
     accelerator, device, dtype = accelerator_and_dtype(cfg, method)
     loaded = load_model(
         cfg.model.name,
@@ -140,7 +143,7 @@ def prepare(cfg: RunConfig) -> RunContext:
     return ctx
 
 
-def task_parts(cfg: RunConfig, method: Method) -> list[Part]:
+def task_parts(cfg: RunConfig, method: Method, select: bool = False) -> list[Part]:
     """The run's tasks with their splits: one part for a single task, one per task for a mixture.
 
     A split too small to fill the test split is an error before anything is written: a run scored on nothing would
@@ -151,14 +154,15 @@ def task_parts(cfg: RunConfig, method: Method) -> list[Part]:
             raise PeftlabError(
                 "a mixture trains on gold targets, without few-shot demos, the linear head or the brittleness probe"
             )
-        parts = load_parts(cfg, parse_mixture(cfg), val_in_train=not method.trains)
+        parts = load_parts(cfg, parse_mixture(cfg), val_in_train=not (method.trains or select))
     else:
         task = task_for(cfg.data)
         if task.relabel is not None and cfg.data.labels is None:  # alpaca, chat: labels from the training outputs
             cfg.data.labels = list(data_labels(cfg, task))  # saved with config.yaml: the run says which it used
             task = task.relabel(tuple(cfg.data.labels))
-        # A method that trains nothing selects nothing on a k-fold val fold, so the fold joins the demo pool.
-        parts = [single_part(cfg, task, load_splits(cfg, task, val_in_train=not method.trains))]
+        # A final run of a method that trains nothing has no use for a k-fold val fold: it joins the demo pool.
+        # A selection point of the same method is judged on that fold, so there it stays val.
+        parts = [single_part(cfg, task, load_splits(cfg, task, val_in_train=not (method.trains or select)))]
     for part in parts:
         sizes = {split: len(examples) for split, examples in part.splits.items()}
         where = part.entry.path or cfg.data.test or cfg.data.train or DEFAULT_DATA.get(part.task.name, part.task.name)

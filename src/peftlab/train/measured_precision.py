@@ -4,8 +4,8 @@ Whether bf16 pays on a CPU depends on the chip, not on a rule: on an AMD Zen 4 (
 measured a bf16 matmul at 2.19x fp32, on an Intel core without AMX bf16 ran at 0.52x, and a Zen 3 (AVX2) has no
 bf16 arithmetic at all. So `auto` times a short forward and backward of the run's own first batch in fp32 and under
 bf16 autocast, here, once, and caches the answer per CPU model, torch version, model, method and batch shape
-rounded up to 64 (`$PEFTLAB_HOME/precision.json`). It picks bf16 only where bf16 is at least `MIN_SPEEDUP` faster and the loss of
-that batch agrees with fp32's within bf16's rounding (`LOSS_TOLERANCE`); otherwise fp32.
+rounded up to 64 (`$PEFTLAB_HOME/precision.json`). It picks bf16 only where bf16 is at least `MIN_SPEEDUP` faster
+and the loss of that batch agrees with fp32's within bf16's rounding (`LOSS_TOLERANCE`); otherwise fp32.
 
 The probe leaves no trace on the run: gradients are cleared and the random number generator is put back, so a run
 that keeps fp32 trains exactly as without the probe. `PEFTLAB_AUTO_PRECISION=fp32` skips the probe (the test suite
