@@ -1,6 +1,6 @@
 """Evaluation-speed benchmark: `python bench/eval_throughput.py [OPTIONS]` runs `peftlab bench eval [OPTIONS]`.
 
-The logic lives in `peftlab.bench.eval`; see bench/README.md.
+The logic lives in `peftlab.bench.eval_bench`; see bench/README.md.
 """
 
 import sys

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Install Chromium so tests/report/test_report.py can render report.html headlessly. Idempotent.
+# Install Chromium so tests/report/test_study_report.py can render report.html headlessly. Idempotent.
 # Off CI a failed install only warns (the browser test then skips, saying why); in CI (CI set) it fails the run,
 # because a report test that skips quietly there would let a broken report land.
 set -u

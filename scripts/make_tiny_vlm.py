@@ -64,7 +64,7 @@ def build_qwen2_vl(out: Path, seed: int = 0, width: int = 32) -> Path:
     from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLProcessor
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-    from peftlab.models.vision import image_only
+    from peftlab.models.vision_models import image_only
 
     tok = build_tokenizer(QWEN_SPECIALS, eos="<|im_end|>")
     images = Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=112 * 112)

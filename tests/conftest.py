@@ -40,7 +40,7 @@ def tiny_causal_untied(tmp_path_factory) -> Path:
 def tiny_lora_run(tiny_causal, tmp_path_factory) -> Path:
     """A finished one-step LoRA run folder on tiny_causal (PubMedQA). Shared: copy it before changing it."""
     from peftlab.core.config import load_config
-    from peftlab.recipes.train import run_training
+    from peftlab.recipes.train_run import run_training
 
     root = tmp_path_factory.mktemp("lora-run")
     data = root / "pubmedqa.json"

@@ -9,7 +9,7 @@ import json
 
 import pytest
 
-from peftlab.recipes.eval import EvalOptions, run_eval
+from peftlab.recipes.eval_run import EvalOptions, run_eval
 
 # Measured with this test's settings (fp32, 2-core AMD EPYC Zen 4, torch 2.13.0, 2026-12-07): the label
 # log-probabilities of the first six questions of data/. The smallest yes/no margin among them is 0.08, so a CPU whose

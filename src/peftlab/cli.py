@@ -72,7 +72,7 @@ def eval_cmd(
 ) -> None:
     """Score a finished run (`peftlab eval RUN [--data FILE]`) or a model on a task, and write metrics.json and
     predictions.jsonl."""
-    from peftlab.recipes.eval import EvalOptions, eval_run, run_eval
+    from peftlab.recipes.eval_run import EvalOptions, eval_run, run_eval
 
     opts = EvalOptions(task, data, split, model, adapter, shots, limit, template, max_length, device, allow_pickle,
                        calibrate)
@@ -97,7 +97,7 @@ def predict_cmd(
     device: Annotated[str | None, typer.Option(help="auto, cpu, cuda, mps; default: the run's")] = None,
 ) -> None:
     """Answer new rows with a trained run, with the run's own prompt, labels and calibration."""
-    from peftlab.recipes.eval import predict_run
+    from peftlab.recipes.eval_run import predict_run
 
     rows = predict_run(run, input, out, limit, device)
     console.print(f"wrote {len(rows)} predictions to {out}")
@@ -123,7 +123,7 @@ def train(
     """Train one method as configured and write runs/<name>/ (adapter, logs, metrics, predictions, result.json)."""
     from peftlab.core.config import config_and_overrides, load_config
     from peftlab.core.result import has_result, read_result
-    from peftlab.recipes.train import run_training
+    from peftlab.recipes.train_run import run_training
 
     config, overrides = config_and_overrides(config, overrides)
     cfg = load_config(config, [*overrides, *(["train.resume=true"] if resume else [])])
@@ -186,7 +186,7 @@ def compare(
 @app.command()
 def report(study_dir: Annotated[Path, typer.Argument(help="a study folder holding run folders")]) -> None:
     """Rebuild results.md, results.csv and report.html from the run folders' result.json files."""
-    from peftlab.report.report import build_study_report
+    from peftlab.report.study_report import build_study_report
 
     console.print(f"report: {build_study_report(study_dir)}")
 
@@ -270,7 +270,7 @@ def probe(
     limit: Annotated[int | None, typer.Option(help="test examples to perturb (default 50)")] = None,
 ) -> None:
     """Brittleness probe: perturb a run's test prompts; flip rates and metric spread to probe.json, result.json."""
-    from peftlab.recipes.probe import run_probe
+    from peftlab.recipes.probe_run import run_probe
 
     print_metrics(run_probe(run_dir, limit))
     console.print(f"wrote {run_dir / 'probe.json'}")
@@ -320,7 +320,7 @@ def bench_train(
     autocast: Annotated[str, typer.Option(help="no and/or bf16 (bf16 autocast over fp32 weights, every side)")] = "no",
 ) -> None:
     """Training tokens/s, memory and loss agreement of peftlab against transformers.Trainer + peft."""
-    from peftlab.bench.train import DEFAULT_RESULTS, run_train_bench
+    from peftlab.bench.train_bench import DEFAULT_RESULTS, run_train_bench
 
     if smoke:
         # max_length stays: at 128 every tiny-tokenizer row is cut to exactly 128 tokens, and the math check would
@@ -348,8 +348,8 @@ def bench_eval(
     generate_batch: Annotated[int, typer.Option(min=0, help="rows of batched model.generate (0: skip it)")] = 16,
 ) -> None:
     """Generation and scoring speed: peftlab's batched generate against one-at-a-time model.generate."""
-    from peftlab.bench.eval import run_eval_bench
-    from peftlab.bench.train import DEFAULT_RESULTS
+    from peftlab.bench.eval_bench import run_eval_bench
+    from peftlab.bench.train_bench import DEFAULT_RESULTS
 
     if smoke:
         n, max_new_tokens, score_n = min(n, 6), min(max_new_tokens, 8), min(score_n, 10)

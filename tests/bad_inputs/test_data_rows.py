@@ -18,7 +18,7 @@ from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from peftlab import cli
 from peftlab.core.config import load_config
-from peftlab.recipes.train import run_training
+from peftlab.recipes.train_run import run_training
 
 
 def _cli(argv: list[str], monkeypatch, capsys) -> list[str]:

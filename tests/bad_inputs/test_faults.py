@@ -44,7 +44,7 @@ def _lora_copy(tiny_lora_run: Path, tmp_path: Path) -> Path:
 def test_eval_out_on_a_read_only_folder(code, reason, tmp_path, tiny_causal, small_pubmedqa, monkeypatch, capsys):
     # was: an OSError traceback from write_json, after every example had been scored
     read_only(monkeypatch, tmp_path / "ro", code)
-    must_not_load(monkeypatch, "peftlab.recipes.eval.load_for_inference")
+    must_not_load(monkeypatch, "peftlab.recipes.eval_run.load_for_inference")
     line = cli_error(["eval", "--task", "pubmedqa", "--data", str(small_pubmedqa), "--model", str(tiny_causal),
                        "--out", str(tmp_path / "ro" / "out")], monkeypatch, capsys)
     assert line == f"error: {tmp_path}/ro/out: cannot write here ({reason}); choose another --out"
@@ -53,7 +53,7 @@ def test_eval_out_on_a_read_only_folder(code, reason, tmp_path, tiny_causal, sma
 def test_predict_out_on_a_read_only_folder(tmp_path, tiny_lora_run, small_pubmedqa, monkeypatch, capsys):
     # was: an OSError traceback from write_jsonl, after every row had been answered
     read_only(monkeypatch, tmp_path / "ro")
-    must_not_load(monkeypatch, "peftlab.recipes.eval.load_run")
+    must_not_load(monkeypatch, "peftlab.recipes.eval_run.load_run")
     line = cli_error(["predict", str(tiny_lora_run), "--input", str(small_pubmedqa),
                        "--out", str(tmp_path / "ro" / "p.jsonl")], monkeypatch, capsys)
     assert line == f"error: {tmp_path}/ro: cannot write here (read-only file system); choose another --out"
@@ -91,7 +91,7 @@ def _train_argv(tmp_path: Path, model: Path, data: Path, *overrides: str) -> lis
 def test_train_into_a_read_only_output_dir(tmp_path, tiny_causal, small_pubmedqa, monkeypatch, capsys):
     # was: an OSError traceback from the run folder lock, after the model had loaded
     read_only(monkeypatch, tmp_path / "runs")
-    must_not_load(monkeypatch, "peftlab.recipes.train.load_model")
+    must_not_load(monkeypatch, "peftlab.recipes.train_run.load_model")
     line = cli_error(_train_argv(tmp_path, tiny_causal, small_pubmedqa), monkeypatch, capsys)
     assert line == f"error: {tmp_path}/runs/r: cannot write here (read-only file system); set output_dir to a " \
                    "writable folder"
@@ -202,7 +202,7 @@ def test_an_os_error_nobody_caught_is_one_line(tmp_path, tiny_lora_run, monkeypa
     def disk_gone(*args, **kwargs):
         raise OSError(errno.EIO, "Input/output error", str(tmp_path / "p.jsonl"))
 
-    monkeypatch.setattr("peftlab.recipes.eval.predict_run", disk_gone)
+    monkeypatch.setattr("peftlab.recipes.eval_run.predict_run", disk_gone)
     line = cli_error(["predict", str(tiny_lora_run), "--input", "x", "--out", str(tmp_path / "p.jsonl")],
                       monkeypatch, capsys)
     assert line == f"error: {tmp_path}/p.jsonl: Input/output error"

@@ -106,7 +106,7 @@ def test_adapter_from_another_base_is_refused(tmp_path, tiny_causal, small_pubme
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from peftlab.core.config import load_config
-    from peftlab.recipes.train import run_training
+    from peftlab.recipes.train_run import run_training
 
     other = build_tiny_causal(tmp_path / "other")  # same tokenizer, wider model: the adapter's shapes differ
     config = LlamaConfig.from_pretrained(other)
@@ -298,7 +298,7 @@ def test_a_busy_run_folder_is_refused_with_the_holder_pid(tmp_path, tiny_causal,
 def test_truncated_adapter_is_one_line(tmp_path, tiny_causal, small_pubmedqa, monkeypatch, capsys):
     # 10: a cut-off adapter_model.safetensors raised SafetensorError with a traceback in eval and serve.
     from peftlab.core.config import load_config
-    from peftlab.recipes.train import run_training
+    from peftlab.recipes.train_run import run_training
 
     run = run_training(load_config(None, [f"model.name={tiny_causal}", "method.name=lora",
                                           f"data.path={small_pubmedqa}", "data.limit_train=4", "data.limit_eval=2",

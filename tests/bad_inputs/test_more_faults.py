@@ -73,7 +73,7 @@ def test_probe_of_a_run_whose_result_json_was_cut_off(tmp_path, tiny_lora_run, m
     # was: a JSONDecodeError traceback, after every test prompt had been perturbed and scored
     run = _run_copy(tiny_lora_run, tmp_path)
     (run / "result.json").write_text((run / "result.json").read_text()[:50])
-    must_not_load(monkeypatch, "peftlab.recipes.probe.load_run")
+    must_not_load(monkeypatch, "peftlab.recipes.probe_run.load_run")
     line = cli_error(["probe", str(run)], monkeypatch, capsys)
     assert line.startswith(f"error: {run}/result.json: not readable JSON (Expecting ")
     assert line.endswith("); the file may have been cut off or overwritten")
@@ -84,7 +84,7 @@ def test_probe_of_a_read_only_run_folder(tmp_path, tiny_lora_run, monkeypatch, c
     # was: a traceback writing probe.json, after the probe's work
     run = _run_copy(tiny_lora_run, tmp_path)
     read_only(monkeypatch, run)
-    must_not_load(monkeypatch, "peftlab.recipes.probe.load_run")
+    must_not_load(monkeypatch, "peftlab.recipes.probe_run.load_run")
     assert cli_error(["probe", str(run)], monkeypatch, capsys) == (
         f"error: {run}: cannot write here (read-only file system); copy the run folder somewhere writable and probe "
         "the copy")
@@ -182,7 +182,7 @@ def test_merge_out_that_is_a_file(tmp_path, tiny_lora_run, monkeypatch, capsys):
 
 def test_predict_reads_its_input_before_loading_the_model(tmp_path, tiny_lora_run, monkeypatch, capsys):
     # was: the run's base model and adapter loaded first, then "no such data file"
-    must_not_load(monkeypatch, "peftlab.recipes.eval.load_run")
+    must_not_load(monkeypatch, "peftlab.recipes.eval_run.load_run")
     line = cli_error(["predict", str(tiny_lora_run), "--input", str(tmp_path / "nope.jsonl"),
                        "--out", str(tmp_path / "p.jsonl")], monkeypatch, capsys)
     assert line.startswith(f"error: {tmp_path}/nope.jsonl: no such data file")

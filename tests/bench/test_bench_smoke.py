@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from peftlab.bench.train import append_results, markdown_table
+from peftlab.bench.train_bench import append_results, markdown_table
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -43,7 +43,7 @@ def test_bench_train_smoke_matches_both_references(tmp_path):
 BF16_WORKERS = """
 import json, sys
 from pathlib import Path
-from peftlab.bench.train import encode_dialogsum, tiny_model
+from peftlab.bench.train_bench import encode_dialogsum, tiny_model
 from peftlab.bench.workers import run_check, run_ref, run_trl
 model = str(tiny_model(Path(sys.argv[1])))
 _, items, _ = encode_dialogsum(model, 6, 512)
@@ -94,7 +94,7 @@ def _fake_worker(calls: list, batches: dict):
 
 def test_bench_method_rounds_are_a_palindrome_and_each_reference_is_checked_on_its_batches(monkeypatch, tmp_path,
                                                                                             capsys):
-    import peftlab.bench.train as bench
+    import peftlab.bench.train_bench as bench
 
     calls: list = []
     monkeypatch.setattr(bench, "run_worker", _fake_worker(calls, {"ref": [[0, 1], [2, 3]], "trl": [[1, 0], [3, 2]]}))
@@ -116,7 +116,7 @@ def test_bench_method_rounds_are_a_palindrome_and_each_reference_is_checked_on_i
 
 
 def test_the_trl_reference_shares_the_trainers_check_when_it_draws_the_same_batches(monkeypatch, tmp_path):
-    import peftlab.bench.train as bench
+    import peftlab.bench.train_bench as bench
 
     calls: list = []
     monkeypatch.setattr(bench, "run_worker", _fake_worker(calls, {"ref": [[0, 1]], "trl": [[0, 1]]}))
@@ -127,7 +127,7 @@ def test_the_trl_reference_shares_the_trainers_check_when_it_draws_the_same_batc
 def test_native_bf16_reads_the_cpu_flags(monkeypatch):
     import torch
 
-    import peftlab.bench.train as bench
+    import peftlab.bench.train_bench as bench
 
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
     assert bench.native_bf16_cpu("flags\t\t: fpu avx2 avx512f avx512_bf16\n")
@@ -140,7 +140,7 @@ def test_native_bf16_reads_the_cpu_flags(monkeypatch):
 def test_bench_train_options_are_checked(monkeypatch):
     import importlib.util
 
-    import peftlab.bench.train as bench
+    import peftlab.bench.train_bench as bench
     from peftlab.core.errors import PeftlabError
 
     with pytest.raises(PeftlabError, match="--autocast"):
@@ -153,7 +153,7 @@ def test_bench_train_options_are_checked(monkeypatch):
 
 
 def test_bench_eval_smoke_batched_generation_is_identical(tmp_path):
-    from peftlab.bench.train import native_bf16_cpu
+    from peftlab.bench.train_bench import native_bf16_cpu
 
     out = tmp_path / "eval.json"
     proc = _peftlab("bench", "eval", "--smoke", "--json", str(out), cwd=tmp_path)

@@ -16,7 +16,7 @@ from peftlab.core.errors import PeftlabError
 from peftlab.core.files import read_json
 from peftlab.data.tasks import get_task
 from peftlab.data.tasks.scienceqa import Reference, parse_answer
-from peftlab.recipes.train import run_training
+from peftlab.recipes.train_run import run_training
 
 SYNTH = REPO / "data" / "scienceqa-synthetic" / "problems.json"
 

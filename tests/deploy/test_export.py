@@ -16,7 +16,7 @@ from peftlab.core.errors import PeftlabError
 from peftlab.deploy.export import export_gguf, llama_permute, merge_run, merged_model, write_gguf
 from peftlab.models.adapters import load_adapter
 from peftlab.models.loading import load_model
-from peftlab.recipes.train import run_training
+from peftlab.recipes.train_run import run_training
 
 PROMPTS = ["Does aspirin reduce pain?", "Is smoking linked to cancer?", "yes no maybe", "Hello there", "Summarise:"]
 

@@ -15,7 +15,7 @@ from peftlab.core.config import load_config
 from peftlab.core.errors import PeftlabError
 from peftlab.deploy.serve import create_app, parse_adapter_specs
 from peftlab.models.loading import load_model
-from peftlab.recipes.train import run_training
+from peftlab.recipes.train_run import run_training
 
 PROMPTS = ["Does aspirin reduce pain?", "Is smoking linked to cancer?", "yes or no", "Summarise the dialogue."]
 # Three LoRA adapters trained with different seeds and learning rates, so they answer differently, and one soft
@@ -273,7 +273,7 @@ def test_a_served_linear_head_answers_as_eval_does(tiny_causal, adapters, tmp_pa
 
     from peftlab.data.splits import load_splits
     from peftlab.methods.saved import load_run
-    from peftlab.recipes.eval import EvalOptions, eval_run
+    from peftlab.recipes.eval_run import EvalOptions, eval_run
 
     run = run_training(tiny_cfg(tiny_causal, "linear-head", tmp_path, "head", PUBMEDQA, "method.head_layer=1"))
     eval_run(run, EvalOptions(device="cpu"), tmp_path / "eval")

@@ -18,7 +18,7 @@ from peftlab.data.targets import read_outputs, teacher_file
 from peftlab.data.tasks import get_task
 from peftlab.experiments.distill import generate_teacher_outputs, resolve_teacher
 from peftlab.recipes.compare import run_study
-from peftlab.recipes.train import run_training
+from peftlab.recipes.train_run import run_training
 
 
 def _cfg(model, data, tmp_path, *extra):

@@ -14,7 +14,7 @@ from peftlab.data.mixture import metric_key
 from peftlab.experiments.forgetting import general_items
 from peftlab.models.loading import load_model
 from peftlab.prompts.format import PromptFormat
-from peftlab.recipes.train import run_training
+from peftlab.recipes.train_run import run_training
 
 
 def _run(tiny_causal, small_pubmedqa, small_dialogsum, tmp_path, method: str, *extra: str) -> dict:

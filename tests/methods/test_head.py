@@ -15,7 +15,7 @@ from peftlab.data.tasks import get_task
 from peftlab.methods.head import build, fit_logistic
 from peftlab.models.loading import load_model
 from peftlab.prompts.weights import class_weights
-from peftlab.recipes.train import run_training
+from peftlab.recipes.train_run import run_training
 
 
 def test_class_weights_interpolate_between_none_and_balanced():
@@ -83,7 +83,7 @@ def test_linear_head_run_fits_saves_and_beats_chance_on_its_train_split(tiny_cau
     from safetensors.torch import load_file
 
     from peftlab.data.splits import load_splits
-    from peftlab.evaluate.evaluate import evaluate
+    from peftlab.evaluate.split_scoring import evaluate
     from peftlab.prompts.encoding import encode_split
     from peftlab.prompts.format import PromptFormat
 

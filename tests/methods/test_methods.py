@@ -11,7 +11,7 @@ from peftlab.core.errors import PeftlabError
 from peftlab.data.tasks import get_task
 from peftlab.methods.registry import METHODS, apply_method, count_params, get_method
 from peftlab.models.loading import load_model
-from peftlab.recipes.train import run_training
+from peftlab.recipes.train_run import run_training
 
 # The original methods; the named peft variants and the `peft` pass-through are tested in test_variants.py.
 CORE = {"zero-shot", "few-shot", "full", "lora", "qlora", "ia3", "prompt-tuning", "prefix-tuning", "p-tuning",

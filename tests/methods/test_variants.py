@@ -31,7 +31,7 @@ from peftlab.methods.registry import (
     save_adapter,
 )
 from peftlab.models.loading import load_model
-from peftlab.recipes.train import run_training
+from peftlab.recipes.train_run import run_training
 
 NAMED = [m.name for m in NAMED_VARIANTS]
 KINDS = ["causal", "seq2seq"]

@@ -18,7 +18,7 @@ from peftlab.core.errors import NotSupported
 from peftlab.core.files import read_json
 from peftlab.models.quant import check_available, quantized_placement
 from peftlab.prompts.encoding import format_for
-from peftlab.recipes.train import run_training
+from peftlab.recipes.train_run import run_training
 from peftlab.report.notes import memory_notes, not_run, notes_markdown
 
 
@@ -55,7 +55,7 @@ def test_device_without_a_backend_is_named(monkeypatch):
 
 def test_train_command_records_not_run_and_exits_3(monkeypatch, tmp_path, tiny_causal, capsys):
     """`peftlab train` of an impossible run: one error line, exit code 3, and not_run.json for the study report."""
-    import peftlab.recipes.train as train_mod
+    import peftlab.recipes.train_run as train_mod
 
     def refuse(cfg, on_epoch_end=None):
         raise NotSupported("method qlora needs bitsandbytes, which is not installed")
@@ -118,7 +118,7 @@ def sharp_causal(llama64, tmp_path_factory):
 @needs_bnb
 @pytest.mark.parametrize("quant,layer", [("nf4", "Linear4bit"), ("int8", "Linear8bitLt")])
 def test_qlora_trains_over_a_quantized_frozen_base(quant, layer, llama64, tmp_path, monkeypatch):
-    import peftlab.recipes.train as train_mod
+    import peftlab.recipes.train_run as train_mod
 
     seen = {}
     original = train_mod.count_params
@@ -140,7 +140,7 @@ def test_qlora_trains_over_a_quantized_frozen_base(quant, layer, llama64, tmp_pa
     config = json.loads((run_dir / "adapter" / "adapter_config.json").read_text())
     assert config["peft_type"] == "LORA"
     # A run is a model: reloaded over a base quantized the same way, it scores its test split as it did in training.
-    from peftlab.recipes.eval import EvalOptions, eval_run
+    from peftlab.recipes.eval_run import EvalOptions, eval_run
 
     metrics = eval_run(run_dir, EvalOptions(device="cpu"), tmp_path / "eval")
     assert metrics["accuracy"] == result["metrics"]["test_accuracy"]

@@ -8,7 +8,7 @@ from builders import PUBMEDQA
 from peftlab.core.errors import PeftlabError
 from peftlab.data.tasks import get_task
 from peftlab.models.forward import IGNORE
-from peftlab.models.local import load_tokenizer
+from peftlab.models.hf_folder import load_tokenizer
 from peftlab.prompts.batches import collate, token_batches
 from peftlab.prompts.encoding import encode, few_shot_demos
 from peftlab.prompts.format import Encoded, PromptFormat

@@ -62,7 +62,7 @@ def test_cv_needs_three_folds(tiny_causal, tmp_path):
 def test_methods_that_do_not_train_get_the_val_fold_as_demo_pool(small_pubmedqa):
     from peftlab.core.config import load_config
     from peftlab.methods.registry import get_method
-    from peftlab.recipes.train import task_parts
+    from peftlab.recipes.train_run import task_parts
 
     def splits(method: str) -> dict:
         cfg = load_config(None, base={"data": {"path": str(small_pubmedqa), "fold": 2, "folds": 5},

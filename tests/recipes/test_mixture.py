@@ -15,7 +15,7 @@ from peftlab.data.mixture import load_parts, parse_mixture
 from peftlab.models.loading import load_model
 from peftlab.prompts.encoding import encode, sample_train
 from peftlab.prompts.format import PromptFormat
-from peftlab.recipes.train import run_training
+from peftlab.recipes.train_run import run_training
 
 
 def _mix(pubmedqa, dialogsum, pw=1, dw=3, ptpl="[0, 2]", *extra):

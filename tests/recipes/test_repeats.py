@@ -6,7 +6,7 @@ from builders import PUBMEDQA
 
 from peftlab.core.config import load_config
 from peftlab.methods.registry import get_method
-from peftlab.recipes.train import task_parts
+from peftlab.recipes.train_run import task_parts
 
 
 def test_a_fold_val_is_val_for_selection_and_demos_for_a_final_few_shot_run():

@@ -12,7 +12,7 @@ from studykit import fake_run as _run
 
 from peftlab.report.decision import MANIFEST, decide
 from peftlab.report.peft_result import PEFT_RESULT, peft_result
-from peftlab.report.report import build_study_report
+from peftlab.report.study_report import build_study_report
 
 
 @pytest.fixture

@@ -9,7 +9,7 @@ from trainkit import tiny_cfg, train_losses
 
 import peftlab.train.measured_precision as mp
 from peftlab.core.result import read_result
-from peftlab.recipes.train import run_training
+from peftlab.recipes.train_run import run_training
 
 
 def test_bf16_only_where_it_is_faster_and_agrees():
@@ -46,25 +46,29 @@ def _simulate(monkeypatch, bf16_speed: float) -> list:
     return calls
 
 
+def _lora(model, tmp, name: str, precision: str):
+    return run_training(tiny_cfg(model, "lora", tmp / "runs", name, PUBMEDQA, f"train.mixed_precision={precision}"))
+
+
 def test_auto_where_bf16_is_slower_keeps_fp32_says_why_and_trains_as_without_the_probe(tiny_causal, measured,
                                                                                         monkeypatch):
     calls = _simulate(monkeypatch, bf16_speed=0.5)
-    run = run_training(tiny_cfg(tiny_causal, "lora", measured / "runs", "auto", PUBMEDQA, "train.mixed_precision=auto"))
+    run = _lora(tiny_causal, measured, "auto", "auto")
     precision = read_result(run).precision
     assert precision["autocast"] == "fp32" and precision["source"] == "measured" and len(calls) == 2
     assert precision["reason"] == "bf16 measured 0.50x fp32 on this CPU, under the 1.2x it must gain"
-    plain = run_training(tiny_cfg(tiny_causal, "lora", measured / "runs", "no", PUBMEDQA, "train.mixed_precision=no"))
+    plain = _lora(tiny_causal, measured, "no", "no")
     assert train_losses(run) == train_losses(plain)  # gradients cleared and the random state put back
     assert read_result(plain).precision["source"] == "configured"
 
-    again = run_training(tiny_cfg(tiny_causal, "lora", measured / "runs", "again", PUBMEDQA, "train.mixed_precision=auto"))
+    again = _lora(tiny_causal, measured, "again", "auto")
     assert read_result(again).precision["source"] == "cached" and len(calls) == 2  # measured once per machine
 
 
 def test_auto_where_bf16_is_faster_trains_in_bf16(tiny_causal, measured, monkeypatch):
     _simulate(monkeypatch, bf16_speed=2.0)
-    run = run_training(tiny_cfg(tiny_causal, "lora", measured / "runs", "auto", PUBMEDQA, "train.mixed_precision=auto"))
+    run = _lora(tiny_causal, measured, "auto", "auto")
     precision = read_result(run).precision
     assert precision["autocast"] == "bf16" and precision["speedup"] == pytest.approx(2.0)
-    bf16 = run_training(tiny_cfg(tiny_causal, "lora", measured / "runs", "bf16", PUBMEDQA, "train.mixed_precision=bf16"))
+    bf16 = _lora(tiny_causal, measured, "bf16", "bf16")
     assert train_losses(run) == train_losses(bf16)  # the same training as asking for bf16

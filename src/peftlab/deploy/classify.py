@@ -16,10 +16,10 @@ from pathlib import Path
 
 from peftlab.core.errors import PeftlabError
 from peftlab.data.tasks import Example, Task, task_for
-from peftlab.evaluate.evaluate import predict
+from peftlab.evaluate.split_scoring import predict
 from peftlab.methods.head import LinearHead, load_head
 from peftlab.methods.saved import run_config
-from peftlab.models.local import LoadedModel
+from peftlab.models.hf_folder import LoadedModel
 from peftlab.prompts.encoding import encode
 from peftlab.prompts.format import PromptFormat
 

@@ -25,8 +25,8 @@ from peftlab.core.config import read_run_config
 from peftlab.core.errors import PeftlabError
 from peftlab.core.files import ensure_file_writable, ensure_writable, save_reason
 from peftlab.models.adapters import load_adapter, read_adapter_config
+from peftlab.models.hf_folder import LoadedModel
 from peftlab.models.loading import load_model
-from peftlab.models.local import LoadedModel
 
 # Adapter kinds that are not weights to fold in: virtual tokens (prompt learning) and adaption prompts.
 UNMERGEABLE = ("PROMPT_TUNING", "PREFIX_TUNING", "P_TUNING", "MULTITASK_PROMPT_TUNING", "ADAPTION_PROMPT", "CPT")

@@ -34,8 +34,8 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 from peftlab.core.errors import PeftlabError
 from peftlab.deploy.classify import HeadPool, is_head_run
 from peftlab.models.adapters import check_adapter_base, find_adapter_dir
+from peftlab.models.hf_folder import LoadedModel
 from peftlab.models.loading import load_model
-from peftlab.models.local import LoadedModel
 from peftlab.prompts.format import PromptFormat
 
 

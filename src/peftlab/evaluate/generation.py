@@ -16,7 +16,7 @@ from peftlab.kernels.kvcache import kv_cache_tokens
 from peftlab.models.forward import is_prompt_learning
 from peftlab.prompts.batches import budget_groups
 from peftlab.prompts.format import Encoded, PromptFormat
-from peftlab.prompts.vision import media_inputs
+from peftlab.prompts.vision_prompts import media_inputs
 
 
 def _decodes_fast(model, fmt: PromptFormat, items: Sequence[Encoded]) -> bool:

@@ -23,7 +23,7 @@ from peftlab.core.result import has_result
 from peftlab.data.splits import load_splits
 from peftlab.data.targets import read_outputs
 from peftlab.data.tasks import Example, Task, task_for
-from peftlab.evaluate.evaluate import evaluate
+from peftlab.evaluate.split_scoring import evaluate
 from peftlab.methods.saved import run_config
 from peftlab.models.adapters import load_for_inference
 from peftlab.prompts.encoding import encode_split, format_for

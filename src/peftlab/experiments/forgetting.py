@@ -15,8 +15,8 @@ from peftlab.core.errors import PeftlabError
 from peftlab.data.mixture import metric_key
 from peftlab.data.splits import load_splits
 from peftlab.data.tasks import Example, Task, get_task
-from peftlab.evaluate.evaluate import evaluate
 from peftlab.evaluate.scoring import mean_loss
+from peftlab.evaluate.split_scoring import evaluate
 from peftlab.methods.registry import get_method
 from peftlab.models.device import parse_dtype
 from peftlab.models.loading import load_model

@@ -25,7 +25,7 @@ from peftlab.core.config import MethodConfig, RunConfig
 from peftlab.core.errors import PeftlabError
 from peftlab.data.tasks import Example, Task
 from peftlab.methods.text_features import TextHead, example_text, feature_set
-from peftlab.models.local import LoadedModel
+from peftlab.models.hf_folder import LoadedModel
 from peftlab.prompts.batches import collate, forward_tokens, token_batches
 from peftlab.prompts.format import Encoded, PromptFormat
 from peftlab.prompts.weights import class_weights

@@ -15,7 +15,7 @@ from peftlab.core.errors import PeftlabError
 from peftlab.data.tasks import Task
 from peftlab.methods.tuners import _target_modules, _task_type
 from peftlab.methods.variants import ADALORA_PLACEHOLDER_STEPS
-from peftlab.models.local import LoadedModel
+from peftlab.models.hf_folder import LoadedModel
 
 
 def _resolved(fields: dict, cfg: MethodConfig, loaded: LoadedModel, where: str) -> dict:

@@ -22,8 +22,8 @@ from peftlab.methods.passthrough import any_tuner, with_extras
 from peftlab.methods.speed import plain_path_reason as _plain_path_reason
 from peftlab.methods.speed import use_plain_path
 from peftlab.methods.tuners import _ia3, _lora, _p_tuning, _prefix_tuning, _prompt_tuning, _qlora, wrap_peft
-from peftlab.methods.vision import apply_vision_method
-from peftlab.models.local import LoadedModel
+from peftlab.methods.vision_methods import apply_vision_method
+from peftlab.models.hf_folder import LoadedModel
 from peftlab.models.quant import stored_params
 
 __all__ = ["METHODS", "Method", "apply_method", "count_params", "get_method", "plain_path_reason", "save_adapter",

@@ -23,8 +23,8 @@ from peftlab.kernels.memory import fused_rmsnorm, lean_swiglu
 from peftlab.methods.head import load_head
 from peftlab.methods.registry import Method, get_method, plain_path_reason, use_plain_path
 from peftlab.models.adapters import load_adapter
+from peftlab.models.hf_folder import LoadedModel
 from peftlab.models.loading import load_model
-from peftlab.models.local import LoadedModel
 from peftlab.prompts.encoding import content_free_items, few_shot_demos, format_for
 from peftlab.prompts.format import Encoded, PromptFormat
 

@@ -9,7 +9,7 @@ import torch
 from peftlab.core.config import MethodConfig
 from peftlab.core.errors import NotSupported, PeftlabError
 from peftlab.data.tasks import Task
-from peftlab.models.local import LoadedModel
+from peftlab.models.hf_folder import LoadedModel
 from peftlab.models.quant import require_quantized
 
 

@@ -16,7 +16,7 @@ import torch
 from peftlab.core.config import MethodConfig
 from peftlab.data.tasks import Task
 from peftlab.methods.tuners import _lora, _target_modules, _task_type
-from peftlab.models.local import LoadedModel
+from peftlab.models.hf_folder import LoadedModel
 
 # AdaLoRA's config needs a total step count when it is built, but the count is known only once the loop has sized
 # its batches; `methods.schedule.start_schedule` puts the run's count in before the first step.

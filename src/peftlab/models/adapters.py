@@ -15,8 +15,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from peftlab.core.errors import PeftlabError
+from peftlab.models.hf_folder import LoadedModel
 from peftlab.models.loading import load_model
-from peftlab.models.local import LoadedModel
 
 
 def find_adapter_dir(path: str | Path) -> Path:

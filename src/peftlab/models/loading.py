@@ -11,10 +11,10 @@ import torch
 from peftlab.kernels.lastlayer import window
 from peftlab.models.device import default_dtype, pick_device
 from peftlab.models.forward import _pad_aware_positions
-from peftlab.models.local import LoadedModel, _check_weights_are_safe, from_local, load_tokenizer, model_kind
+from peftlab.models.hf_folder import LoadedModel, _check_weights_are_safe, from_local, load_tokenizer, model_kind
 from peftlab.models.packaged import DEFAULT_MODEL, resolve_model_dir
 from peftlab.models.quant import quantized_placement
-from peftlab.models.vision import is_vision_language, load_vision_model
+from peftlab.models.vision_models import is_vision_language, load_vision_model
 
 
 def load_model(
@@ -28,7 +28,7 @@ def load_model(
     """Load a base model and tokenizer from a packaged name or a local folder; never touches the network.
 
     `quantize` (nf4, fp4, int8) quantizes the frozen base with bitsandbytes while it loads, for QLoRA. A folder
-    holding a vision-language model loads with its processor (see `peftlab.models.vision`).
+    holding a vision-language model loads with its processor (see `peftlab.models.vision_models`).
     """
     from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
     from transformers.utils import logging as hf_logging

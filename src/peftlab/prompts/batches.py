@@ -14,7 +14,7 @@ import torch
 from peftlab.kernels.shared_prefix import opening_length
 from peftlab.models.forward import IGNORE, takes_unmasked_rows
 from peftlab.prompts.format import Encoded
-from peftlab.prompts.vision import add_media
+from peftlab.prompts.vision_prompts import add_media
 
 
 def shared_length(items: Sequence[Encoded]) -> int:

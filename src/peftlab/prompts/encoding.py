@@ -14,9 +14,9 @@ from peftlab.core.config import RunConfig
 from peftlab.core.errors import PeftlabError
 from peftlab.data.mixture import Part
 from peftlab.data.tasks import Example, Task
-from peftlab.models.local import LoadedModel
+from peftlab.models.hf_folder import LoadedModel
 from peftlab.prompts.format import Encoded, PromptFormat
-from peftlab.prompts.vision import VisionPromptFormat
+from peftlab.prompts.vision_prompts import VisionPromptFormat
 
 
 def format_for(loaded: LoadedModel) -> PromptFormat:

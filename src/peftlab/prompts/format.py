@@ -14,7 +14,7 @@ from typing import Any
 class Encoded:
     """One example as token ids. The loss covers `target_ids` only; `truncated` counts context tokens cut.
 
-    `media` is set for vision-language models only (a `prompts.vision.Media`: the example's image tensors).
+    `media` is set for vision-language models only (a `prompts.vision_prompts.Media`: the example's image tensors).
     """
 
     id: str

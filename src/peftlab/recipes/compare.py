@@ -31,7 +31,7 @@ from peftlab.recipes.runner import RunTask
 from peftlab.recipes.study import StudyRun, load_study, naming
 from peftlab.recipes.tuning import CHOSEN, TuneSpec, parse_tune, tune_run
 from peftlab.report.decision import MANIFEST, race
-from peftlab.report.report import build_study_report
+from peftlab.report.study_report import build_study_report
 
 __all__ = ["StudyRun", "load_study", "run_study"]
 

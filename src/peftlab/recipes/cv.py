@@ -23,8 +23,8 @@ from peftlab.data.metrics import classification_metrics
 from peftlab.data.tasks import get_task
 from peftlab.recipes.executors import ExecutorSpec, run_all
 from peftlab.recipes.runner import RunTask
-from peftlab.recipes.train import run_training
-from peftlab.report.report import build_study_report
+from peftlab.recipes.train_run import run_training
+from peftlab.report.study_report import build_study_report
 
 
 def _run_folds(todo: list[RunConfig], executor: ExecutorSpec) -> None:

@@ -18,7 +18,7 @@ from peftlab.core.errors import NotSupported, PeftlabError
 from peftlab.core.result import RunResult, has_result, read_result
 from peftlab.core.signals import Stopped
 from peftlab.recipes.pruning import EpochPruner, Pruned
-from peftlab.recipes.train import run_training
+from peftlab.recipes.train_run import run_training
 from peftlab.report.notes import NOT_RUN, write_not_run
 
 # Config fields that hold paths: made absolute before a task leaves the driver, so a worker whose working folder

@@ -33,7 +33,7 @@ from peftlab.recipes.executors import parse_executor
 from peftlab.recipes.runner import RunTask
 from peftlab.recipes.search import Search, create_study, finished_trials, parse_space, run_search, trial_config, whole
 from peftlab.recipes.study import load_study, naming
-from peftlab.report.report import build_study_report
+from peftlab.report.study_report import build_study_report
 
 SWEEP_KEYS = {"trials", "seed", "pruner", "startup_trials", "space", "direction"}
 

@@ -17,7 +17,7 @@ import torch
 
 from peftlab.core.config import RunConfig
 from peftlab.evaluate.scoring import mean_loss
-from peftlab.recipes.train import prepare
+from peftlab.recipes.train_run import prepare
 
 SAMPLE = 8
 
@@ -48,7 +48,7 @@ def measure(cfg: RunConfig, threads: int | None = None) -> Speed:
     seconds = time.perf_counter() - t0
     tokens = sum(e.length for e in items)
     t0 = time.perf_counter()
-    subprocess.run([sys.executable, "-c", "import peftlab.recipes.train"], check=True)  # a run's process start
+    subprocess.run([sys.executable, "-c", "import peftlab.recipes.train_run"], check=True)  # a run's process start
     start_s = time.perf_counter() - t0
     per_example = statistics.fmean(e.length for e in (ctx.train or items))
     return Speed(tokens / seconds, per_example, load_s, load_s + start_s)

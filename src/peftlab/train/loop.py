@@ -3,7 +3,7 @@
     encoded train split -> AdamW, warmup + schedule, clipping, accumulation -> per-epoch val loss and metric ->
     early stopping -> the best weights left in the model
 
-The recipe around it (`peftlab.recipes.train`) loads the data, the model and the method, and writes the run folder.
+The recipe around it (`peftlab.recipes.train_run`) loads the data, the model and the method, and writes the run folder.
 
 A plain loop rather than `transformers.Trainer`, because the speed tricks live in the batch layout: rows
 right-padded with no attention mask (SDPA's causal kernel), the LM head only at target positions, length-bucketed
@@ -31,11 +31,11 @@ from peftlab.core.errors import PeftlabError
 from peftlab.core.files import append_jsonl, write_jsonl
 from peftlab.core.signals import Stopped, signal_name, stop_deferred, stop_pending, take_stop
 from peftlab.data.tasks import Example, Task
-from peftlab.evaluate.evaluate import evaluate
 from peftlab.evaluate.scoring import mean_loss
+from peftlab.evaluate.split_scoring import evaluate
 from peftlab.methods.registry import get_method, start_schedule
 from peftlab.models.forward import target_loss, weighted_targets
-from peftlab.models.local import LoadedModel
+from peftlab.models.hf_folder import LoadedModel
 from peftlab.prompts.batches import batch_tokens, right_padded_ok, token_batches
 from peftlab.prompts.format import Encoded, PromptFormat
 from peftlab.prompts.weights import example_weights

@@ -1,6 +1,6 @@
 """Where a run executes: its device, dtype and mixed precision, and its seeds.
 
-Every run goes through here (`recipes.train`), so single tasks and mixtures place and cast the model the same way.
+Every run goes through here (`recipes.train_run`), so single tasks and mixtures place and cast the model the same way.
 """
 
 from __future__ import annotations

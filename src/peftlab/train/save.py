@@ -17,7 +17,7 @@ from peftlab.core.errors import PeftlabError
 from peftlab.core.files import save_reason
 from peftlab.methods.head import save_head
 from peftlab.methods.registry import save_adapter
-from peftlab.models.local import LoadedModel
+from peftlab.models.hf_folder import LoadedModel
 from peftlab.train.checkpoint import CHECKPOINT
 
 

@@ -1,6 +1,6 @@
 """Post-training experiments a run config can switch on (`experiments:`): forgetting and brittleness probes.
 
-The training recipe (`recipes.train.finish`) calls `run_experiments` once, after the test evaluation; the returned
+The training recipe (`recipes.train_run.finish`) calls `run_experiments` once, after the test evaluation; the returned
 keys join
 `result.json["metrics"]`, so they show up as extra columns in a study's results table.
 """
@@ -11,8 +11,8 @@ from pathlib import Path
 
 from peftlab.core.config import RunConfig
 from peftlab.data.tasks import Example, Task
+from peftlab.experiments.brittleness import probe_split
 from peftlab.experiments.forgetting import forgetting_metrics
-from peftlab.experiments.probe import probe_split
 from peftlab.prompts.format import PromptFormat
 
 

@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 
 from peftlab.core.errors import PeftlabError
-from peftlab.report.report import build_study_report, load_results, results_table, write_report, write_tables
+from peftlab.report.study_report import build_study_report, load_results, results_table, write_report, write_tables
 
 LONG_PROMPT = "Review: <script>alert('x')</script> " + "a truly wonderful film " * 30
 

@@ -8,8 +8,8 @@ import torch
 
 from peftlab.core.errors import NotSupported, PeftlabError
 from peftlab.methods.tuners import wrap_peft
-from peftlab.models.local import LoadedModel
-from peftlab.models.vision import VisionArch, vision_arch, vision_part
+from peftlab.models.hf_folder import LoadedModel
+from peftlab.models.vision_models import VisionArch, vision_arch, vision_part
 
 VISION_PARTS = ("tower", "projector")
 

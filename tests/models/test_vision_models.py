@@ -25,11 +25,11 @@ from peftlab.methods.registry import apply_method
 from peftlab.models.adapters import load_for_inference
 from peftlab.models.forward import target_logits
 from peftlab.models.loading import load_model
-from peftlab.models.vision import ARCHS, vision_part
+from peftlab.models.vision_models import ARCHS, vision_part
 from peftlab.prompts.batches import collate
 from peftlab.prompts.encoding import encode, encode_split, format_for
-from peftlab.prompts.vision import VisionPromptFormat
-from peftlab.recipes.train import run_training
+from peftlab.prompts.vision_prompts import VisionPromptFormat
+from peftlab.recipes.train_run import run_training
 
 SYNTH = REPO / "data" / "scienceqa-synthetic" / "problems.json"
 METHODS = ["lora", "ia3", "prompt-tuning", "prefix-tuning", "p-tuning", "full"]
@@ -230,7 +230,7 @@ def tiny_vlms_64(tmp_path_factory) -> dict:
 @pytest.mark.parametrize("arch", MODEL_TYPE)
 def test_qlora_quantizes_the_language_side(arch, tiny_vlms_64, tmp_path, monkeypatch):
     pytest.importorskip("bitsandbytes", reason="QLoRA needs bitsandbytes: pip install 'peftlab[qlora]'")
-    import peftlab.recipes.train as train_mod
+    import peftlab.recipes.train_run as train_mod
     from peftlab.models.quant import check_available
 
     try:

@@ -9,7 +9,7 @@ from peftlab.core.config import check_limit
 from peftlab.core.files import ensure_writable
 from peftlab.core.result import read_result, write_result
 from peftlab.data.splits import load_splits
-from peftlab.experiments.probe import probe_split
+from peftlab.experiments.brittleness import probe_split
 from peftlab.methods.saved import load_run, run_config
 
 

@@ -13,12 +13,12 @@ from typer.testing import CliRunner
 from peftlab.cli import app
 from peftlab.core.config import load_config
 from peftlab.data.tasks import Example, get_task
-from peftlab.evaluate.evaluate import evaluate
-from peftlab.experiments.probe import probe_model, reorder_context
+from peftlab.evaluate.split_scoring import evaluate
+from peftlab.experiments.brittleness import probe_model, reorder_context
 from peftlab.models.loading import load_model
 from peftlab.prompts.encoding import encode
 from peftlab.prompts.format import PromptFormat
-from peftlab.recipes.train import run_training
+from peftlab.recipes.train_run import run_training
 
 WHITESPACE_ONLY = ("trailing_space", "whitespace")
 

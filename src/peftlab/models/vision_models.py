@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from peftlab.models.forward import _pad_aware_positions
-from peftlab.models.local import LoadedModel, from_local
+from peftlab.models.hf_folder import LoadedModel, from_local
 
 # Module names that mark the image projector and the vision encoder across transformers' VLMs. The projector is
 # checked first: Qwen2-VL's projector (`visual.merger`) sits inside its vision encoder (`visual`).

@@ -7,9 +7,9 @@ import torch
 from builders import DIALOGSUM, PUBMEDQA
 
 from peftlab.data.tasks import get_task
-from peftlab.evaluate.evaluate import evaluate
 from peftlab.evaluate.generation import generate
 from peftlab.evaluate.scoring import label_scores
+from peftlab.evaluate.split_scoring import evaluate
 from peftlab.models.forward import target_loss
 from peftlab.models.loading import load_model
 from peftlab.prompts.batches import batch_tokens, collate, right_padded_ok

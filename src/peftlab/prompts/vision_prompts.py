@@ -12,8 +12,8 @@ from pathlib import Path
 import torch
 
 from peftlab.core.errors import PeftlabError
-from peftlab.models.local import LoadedModel
-from peftlab.models.vision import VisionArch, vision_arch
+from peftlab.models.hf_folder import LoadedModel
+from peftlab.models.vision_models import VisionArch, vision_arch
 from peftlab.prompts.format import PromptFormat
 
 # Processor outputs aligned with the text; everything else a processor returns belongs to the images.

@@ -12,8 +12,8 @@ from trainkit import tiny_cfg
 
 from peftlab.core.config import load_config
 from peftlab.core.errors import PeftlabError
-from peftlab.recipes.eval import EvalOptions, eval_run, predict_run
-from peftlab.recipes.train import run_training
+from peftlab.recipes.eval_run import EvalOptions, eval_run, predict_run
+from peftlab.recipes.train_run import run_training
 
 OWN = Path(__file__).resolve().parents[2] / "examples" / "own-data"
 KINDS = {  # method -> extra overrides

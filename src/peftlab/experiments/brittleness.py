@@ -18,7 +18,7 @@ from peftlab.core.config import RunConfig
 from peftlab.core.errors import PeftlabError
 from peftlab.core.files import write_json
 from peftlab.data.tasks import Example, Task, Template
-from peftlab.evaluate.evaluate import evaluate
+from peftlab.evaluate.split_scoring import evaluate
 from peftlab.prompts.encoding import encode, few_shot_demos
 from peftlab.prompts.format import Encoded, PromptFormat
 

@@ -19,12 +19,12 @@ from peftlab.data.tasks import get_task
 from peftlab.evaluate.scoring import label_scores
 from peftlab.methods.registry import METHODS, get_method
 from peftlab.models.forward import target_loss, weighted_targets
-from peftlab.models.local import load_tokenizer
+from peftlab.models.hf_folder import load_tokenizer
 from peftlab.prompts.batches import collate
 from peftlab.prompts.encoding import encode, encode_split
 from peftlab.prompts.format import PromptFormat
 from peftlab.prompts.weights import example_weights
-from peftlab.recipes.train import run_training
+from peftlab.recipes.train_run import run_training
 from peftlab.train.runtime import precision
 
 # QLoRA (a quantized base, bitsandbytes) and the linear head (no gradient loop) have their own tests in

@@ -87,7 +87,7 @@ def data_file(task_name: str) -> Path:
 
 def prompt_format(model: str):
     """The tokenizer-side of `load_model` (no weights): enough to encode."""
-    from peftlab.models.local import load_tokenizer, model_kind
+    from peftlab.models.hf_folder import load_tokenizer, model_kind
     from peftlab.models.packaged import resolve_model_dir
     from peftlab.prompts.format import PromptFormat
 

@@ -29,14 +29,14 @@ from peftlab.data.mixture import Part, is_mixture, load_parts, parse_mixture, si
 from peftlab.data.splits import data_labels, load_splits
 from peftlab.data.targets import resolve_targets
 from peftlab.data.tasks import DEFAULT_DATA, Example, task_for
-from peftlab.evaluate.evaluate import evaluate
 from peftlab.evaluate.scoring import mean_loss
-from peftlab.experiments.hooks import run_experiments
+from peftlab.evaluate.split_scoring import evaluate
+from peftlab.experiments.after_training import run_experiments
 from peftlab.kernels.memory import enable_checkpointing, fused_rmsnorm, lean_swiglu
 from peftlab.methods.head import fit_head
 from peftlab.methods.registry import Method, apply_method, count_params, get_method, plain_path_reason, use_plain_path
+from peftlab.models.hf_folder import LoadedModel, check_max_length
 from peftlab.models.loading import load_model
-from peftlab.models.local import LoadedModel, check_max_length
 from peftlab.prompts.encoding import (
     content_free_items,
     encode_split,
