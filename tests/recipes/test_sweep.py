@@ -140,3 +140,22 @@ def test_repeats_and_deterministic_methods():
     assert [c.name for c in repeat_configs(zs, Repeats(seeds=(0, 1)))] == ["z-seed0"]
     assert [(c.name, c.data.fold, c.data.folds) for c in repeat_configs(zs, Repeats(folds=3))] == [
         ("z-fold0", 0, 3), ("z-fold1", 1, 3), ("z-fold2", 2, 3)]
+
+
+def test_sweep_trials_run_two_at_once_on_local_workers(tiny_causal, small_pubmedqa, tmp_path, capsys):
+    from peftlab.recipes.sweep import run_sweep
+
+    study = {"name": "par", "output_dir": str(tmp_path / "runs"),
+             "base": {"model": {"name": str(tiny_causal), "device": "cpu"}, "method": {"name": "lora", "r": 2},
+                      "data": {"path": str(small_pubmedqa), "limit_train": 8, "limit_eval": 4},
+                      "train": {"epochs": 1}},
+             "sweep": {"trials": 3, "seed": 0, "space": {"train.lr": {"low": 1e-3, "high": 1e-1, "log": True}}}}
+    path = tmp_path / "par.yaml"
+    path.write_text(yaml.safe_dump(study))
+    study_dir = run_sweep(path, workers=2)
+    out = capsys.readouterr().out
+    assert out.index("trial-1 started") < out.index("trial-0 done")  # the second trial began before the first ended
+    loaded = optuna.load_study(study_name="par", storage=f"sqlite:///{study_dir / 'optuna.db'}")
+    assert len(loaded.get_trials(states=(optuna.trial.TrialState.COMPLETE,))) == 3
+    assert all((study_dir / f"trial-{n}" / "worker.log").is_file() for n in range(3))
+    assert (study_dir / "best_config.yaml").is_file()

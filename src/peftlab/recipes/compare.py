@@ -108,10 +108,12 @@ def _any_result(study_dir: Path) -> bool:
     return any(study_dir.glob("*/result.json"))
 
 
-def run_finals(configs: list[RunConfig], executor: ExecutorSpec, progress: Progress) -> list[str]:
+def run_finals(configs: list[RunConfig], executor: ExecutorSpec, progress: Progress, score_val: bool = True
+               ) -> list[str]:
     """Run the configs on the executor, each in its own process; the names of the runs that failed (a run that
-    cannot run here is listed in the report, not counted as a failure)."""
-    tasks = [RunTask.of(c) for c in configs]
+    cannot run here is listed in the report, not counted as a failure). `score_val=False`: configs chosen on val,
+    whose val is not scored again."""
+    tasks = [RunTask.of(c, score_val=score_val) for c in configs]
     units = {c.name: job_units(c) for c in configs}
 
     def events(event: str, task: RunTask, result: RunResult | None) -> None:
@@ -162,14 +164,16 @@ def run_decision(configs: list[RunConfig], spec: TuneSpec | None, repeats: Repea
         repeated[cfg.name] = repeat_configs(chosen_config(cfg, chosen), repeats)
         groups[cfg.name] = {"method": cfg.method.name, "runs": [f.name for f in repeated[cfg.name]], "chosen": chosen}
         write_json(manifest, {"metric": metric, "repeats": vars_repeats(repeats), "groups": groups})
+    # Tuned configs were chosen on val: their final runs are scored on test only.
+    score_val = spec is None
     if repeats.race:
-        return race_finals(repeated, groups, repeats, study_dir, metric, executor, progress)
+        return race_finals(repeated, groups, repeats, study_dir, metric, executor, progress, score_val)
     todo = [f for fs in repeated.values() for f in fs if not has_result(f.run_dir)]  # a rerun skips finished ones
-    return run_finals(todo, executor, progress)
+    return run_finals(todo, executor, progress, score_val)
 
 
 def race_finals(repeated: dict[str, list[RunConfig]], groups: dict, repeats: Repeats, study_dir: Path,
-                metric: str | None, executor: ExecutorSpec, progress: Progress) -> list[str]:
+                metric: str | None, executor: ExecutorSpec, progress: Progress, score_val: bool = True) -> list[str]:
     """The final runs in rounds: round k is repeat k (seed or fold) of every method still racing. After each round,
     a method significantly worse than the leader (`report.decision.race`) gets no more repeats; study.json records
     when and why, and what that saved. A rerun recomputes the same stops from the same finished runs."""
@@ -177,7 +181,7 @@ def race_finals(repeated: dict[str, list[RunConfig]], groups: dict, repeats: Rep
     for k in range(repeats.rounds):
         racing = [name for name in repeated if "raced_out" not in groups[name]]
         todo = [repeated[n][k] for n in racing if k < len(repeated[n]) and not has_result(repeated[n][k].run_dir)]
-        failures += run_finals(todo, executor, progress)
+        failures += run_finals(todo, executor, progress, score_val)
         if k == repeats.rounds - 1:
             break
         for out in race(study_dir, k + 1, repeats.alpha, metric):

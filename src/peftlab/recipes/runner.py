@@ -35,13 +35,16 @@ class RunTask:
 
     config: dict
     score_test: bool = True
+    score_val: bool = True  # False: a final run of a decision study, whose val already chose its config
     threads: int | None = None
     pruner: EpochPruner | None = None
     tags: dict = field(default_factory=dict)  # the caller's own bookkeeping (which method, seed or fold)
 
     @classmethod
-    def of(cls, cfg: RunConfig, score_test: bool = True, pruner: EpochPruner | None = None, **tags) -> RunTask:
-        return cls(config=_absolute_paths(to_dict(cfg)), score_test=score_test, pruner=pruner, tags=tags)
+    def of(cls, cfg: RunConfig, score_test: bool = True, pruner: EpochPruner | None = None, score_val: bool = True,
+           **tags) -> RunTask:
+        return cls(config=_absolute_paths(to_dict(cfg)), score_test=score_test, score_val=score_val, pruner=pruner,
+                   tags=tags)
 
     @property
     def name(self) -> str:
@@ -80,7 +83,7 @@ def run_task(task: RunTask) -> RunResult:
     (cfg.run_dir / NOT_RUN).unlink(missing_ok=True)  # retried: the machine may have what it lacked last time
     epochs: dict[int, float] = {}
     try:
-        run_training(cfg, task.pruner.callback(epochs) if task.pruner else None, score_test=task.score_test)
+        run_training(cfg, task.pruner.callback(epochs) if task.pruner else None, task.score_test, task.score_val)
     except NotSupported as err:
         write_not_run(cfg, str(err))  # the study report shows why this run has no row
         return ended(task, "not_run", str(err))

@@ -69,26 +69,30 @@ class RunContext:
     dropped: int = 0  # training rows left out: over data.max_length even cut (data.too_long: cut)
     # (part key, split) -> encoded items; split is "val", "test" or "content_free" (calibration prompts)
     enc: dict[tuple[str, str], list[Encoded]] = field(default_factory=dict)
+    score_val: bool = True  # score val after training (a decision study's final runs skip it: val chose them)
 
     @property
     def run_dir(self) -> Path:
         return self.cfg.run_dir
 
 
-def run_training(cfg: RunConfig, on_epoch_end=None, score_test: bool = True) -> Path:
+def run_training(cfg: RunConfig, on_epoch_end=None, score_test: bool = True, score_val: bool = True) -> Path:
     """Train (or, for zero/few-shot, only evaluate) one method and write its run folder.
 
     `score_test=False`: a tuning trial, judged on val alone; the test split is neither scored nor looked at, so
-    choosing a config cannot select on it. A SIGTERM or Ctrl-C stops it with one line (`core.signals.Stopped`),
-    after the current training step and a checkpoint of it: `--resume` goes on from there.
+    choosing a config cannot select on it. `score_val=False`: a decision study's final run, whose config was
+    already chosen on val; val is not scored again after training (it still serves early stopping). A SIGTERM or
+    Ctrl-C stops it with one line (`core.signals.Stopped`), after the current training step and a checkpoint of
+    it: `--resume` goes on from there.
     """
     with stop_on_signals():
-        return _train_run(cfg, on_epoch_end, score_test)
+        return _train_run(cfg, on_epoch_end, score_test, score_val)
 
 
-def _train_run(cfg: RunConfig, on_epoch_end, score_test: bool) -> Path:
+def _train_run(cfg: RunConfig, on_epoch_end, score_test: bool, score_val: bool) -> Path:
     ensure_writable(cfg.run_dir, "set output_dir to a writable folder")  # before the model loads, not after training
     ctx = prepare(cfg, select=not score_test)
+    ctx.score_val = score_val
     if not score_test:
         ctx.enc.update({key: [] for key in ctx.enc if key[1] == "test"})
     main = ctx.accelerator.is_main_process
@@ -249,7 +253,7 @@ def score_parts(ctx: RunContext, model: torch.nn.Module, best_val: dict | None) 
         content_free = ctx.enc[(part.key, "content_free")]
         for split in ("val", "test"):
             items = ctx.enc[(part.key, split)]
-            if not items:
+            if not items or (split == "val" and not ctx.score_val and not best_val):
                 continue
             if split == "val" and best_val and not content_free and len(ctx.parts) == 1:
                 m, r = best_val, []
@@ -267,7 +271,7 @@ def finish(ctx: RunContext, model: torch.nn.Module, summary: dict, params: tuple
     cfg, first, trains = ctx.cfg, ctx.parts[0], ctx.method.trains
     metrics, rows = score_parts(ctx, model, summary.pop("best_val_metrics", None))
     metrics.update(run_experiments(cfg, model, ctx.fmt, first.task, first.splits, ctx.run_dir))
-    val = ctx.enc[(first.key, "val")]
+    val = ctx.enc[(first.key, "val")] if ctx.score_val else []
     if summary["best_val_loss"] is None and val and not trains:
         summary["best_val_loss"] = mean_loss(model, ctx.loaded.kind, val, ctx.fmt.tokenizer.pad_token_id)
     adapter_bytes = save_trained(model, ctx.loaded, cfg.method.name, ctx.run_dir) if trains else 0
