@@ -3,6 +3,7 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+LLAMA := $(VENV)/.llama-cpp
 
 .PHONY: install demo test fuzz lint bench clean
 
@@ -21,7 +22,13 @@ install: $(STAMP)
 demo: install
 	$(BIN)/peftlab compare examples/demo.yaml
 
-test: install
+# llama.cpp, to load and run the GGUF that `peftlab export` writes (tests/deploy/test_export.py); only the tests
+# need it. PyPI has no Linux CPU wheel of llama-cpp-python, so it is built here (scripts/install_llama_cpp.sh).
+$(LLAMA): $(STAMP)
+	bash scripts/install_llama_cpp.sh $(BIN)/pip
+	touch $(LLAMA)
+
+test: install $(LLAMA)
 	bash scripts/install_chromium.sh
 	$(BIN)/ruff check src tests bench scripts research
 	$(BIN)/lint-imports

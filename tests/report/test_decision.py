@@ -4,6 +4,9 @@ every run gets peft's method_comparison JSON."""
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -77,3 +80,35 @@ def test_peft_result_of_a_run_without_log_or_adapter(study):
     (study / "zs-seed0" / "train_log.jsonl").unlink()
     out = peft_result(study / "zs-seed0")
     assert out["run_info"]["peft_config"] is None and len(out["train_info"]["metrics"]) == 1
+
+
+def test_the_labels_of_close_methods_do_not_overlap(study):
+    from peftlab.report.decision import pareto_figure
+
+    d = decide(study)
+    twin = {**next(r for r in d["rows"] if r["name"] == "lora"), "name": "lora-twin"}
+    twin["mean"] += 0.001  # all but on top of lora in every plot
+    d["rows"].append(twin)
+    fig = pareto_figure(d)
+    renderer = fig.canvas.get_renderer()
+    for ax in fig.axes:
+        boxes = [t.get_window_extent(renderer) for t in ax.texts]
+        assert len(boxes) == 4
+        assert not [(a, b) for i, a in enumerate(boxes) for b in boxes[i + 1:] if a.overlaps(b)]
+
+
+# In CI (CI set) the browser is installed by `make test`; a missing one fails there instead of skipping.
+@pytest.mark.skipif(shutil.which("chromium") is None and not os.environ.get("CI"),
+                    reason="chromium not installed (scripts/install_chromium.sh)")
+def test_the_verdict_table_fits_a_1300_pixel_window(study, tmp_path):
+    report = build_study_report(study)
+    # The page measures itself: how many tables are wider than the room they have.
+    probe = tmp_path / "report.html"
+    probe.write_text(report.read_text().replace(
+        "</body>", "<script>document.body.dataset.overflow = [...document.querySelectorAll('table')]"
+                   ".filter(t => t.scrollWidth > t.clientWidth + 1).length;</script></body>"))
+    cmd = ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-sync",
+           f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1300,2000", "--dump-dom", probe.as_uri()]
+    dom = subprocess.run(cmd, capture_output=True, text=True, timeout=60, check=False)
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    assert 'data-overflow="0"' in dom.stdout

@@ -301,22 +301,26 @@ def decision_html(d: dict, plot: str) -> str:
     cells = [[c.strip() for c in line.strip("|").split(" | ")] for line in table_lines]
     head = "".join(f"<th>{html.escape(c)}</th>" for c in cells[0])
     body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in cells[1:])
-    return (f'<ul class="verdict">{items}</ul><table class="results"><tr>{head}</tr>{body}</table>'
+    return (f'<ul class="verdict">{items}</ul><table class="results decision"><tr>{head}</tr>{body}</table>'
             f"<p>{html.escape(_meaning(d))}</p>{plot}")
 
 
 def pareto_figure(d: dict) -> Figure:
     """Quality against each cost, with the 95% intervals as error bars; frontier methods in red, joined by a line."""
     fig = Figure(figsize=(12.0, 8.0), layout="constrained")
+    FigureCanvasAgg(fig)
     axes = fig.subplots(2, 2).ravel()
+    labels = []
     for ax, (key, label) in zip(axes, COSTS, strict=True):
         pts = [r for r in d["rows"] if r.get(key) is not None]
+        labels.append([])
         for r in pts:
             on = r["name"] in d["frontier"][key]
             x = max(float(r[key]), 1.0)  # log axis: 0 (zero-shot) sits at 1
             ax.errorbar(x, r["mean"], yerr=[[r["mean"] - r["low"]], [r["high"] - r["mean"]]], fmt="o",
                         color="tab:red" if on else "tab:blue", capsize=3)
-            ax.annotate(r["name"], (x, r["mean"]), textcoords="offset points", xytext=(4, 4), fontsize=8)
+            labels[-1].append(ax.annotate(r["name"], (x, r["mean"]), textcoords="offset points", xytext=(4, 4),
+                                          fontsize=8))
         front = sorted((max(float(r[key]), 1.0), r["mean"]) for r in pts if r["name"] in d["frontier"][key])
         if len(front) > 1:
             ax.plot(*zip(*front, strict=True), color="tab:red", lw=1, alpha=0.6)
@@ -324,7 +328,26 @@ def pareto_figure(d: dict) -> Figure:
         ax.margins(0.15)
         ax.set(xlabel=f"{label} (log)", ylabel=f"test {d['metric']}", title=f"{d['metric']} vs {label}")
         ax.grid(alpha=0.3)
+    spread_labels(fig, labels)
     return fig
+
+
+def spread_labels(fig: Figure, groups: list[list]) -> None:
+    """Move point labels up, each past the labels below it that it would overlap, so that the names of close
+    methods (prompt and prefix tuning at nearly the same memory) stay readable. Within each group (one axes)."""
+    fig.canvas.draw()  # lays the axes out (constrained layout) before the labels are measured
+    renderer = fig.canvas.get_renderer()
+    for labels in groups:
+        placed = []
+        for label in sorted(labels, key=lambda a: (a.xy[1], a.xy[0])):
+            for _ in range(len(labels)):
+                box = label.get_window_extent(renderer)
+                hit = next((p for p in placed if box.overlaps(p)), None)
+                if hit is None:
+                    break
+                dx, dy = label.xyann
+                label.xyann = (dx, dy + (hit.y1 - box.y0) * 72 / fig.dpi + 1)  # display pixels to points
+            placed.append(label.get_window_extent(renderer))
 
 
 def write_decision(study_dir: Path, metric: str | None = None) -> dict | None:

@@ -352,6 +352,7 @@ h1 { margin-bottom: 0.2em; } h2 { border-bottom: 1px solid #ccc; padding-bottom:
 table.results { border-collapse: collapse; font-size: 0.85em; display: block; overflow-x: auto; }
 table.results th, table.results td { border: 1px solid #ccc; padding: 0.3em 0.6em; text-align: right; }
 table.results td { white-space: nowrap; }
+table.decision td { white-space: normal; min-width: 4em; }  /* the verdict table wraps its long cells to fit */
 table.results th { background: #f0f3f7; } table.results td:nth-child(-n+2) { text-align: left; }
 img.plot { max-width: 100%; margin: 0.5em 0.5em 0.5em 0; vertical-align: top; }
 pre { white-space: pre-wrap; background: #f7f7f7; padding: 0.5em; margin: 0.3em 0; }
