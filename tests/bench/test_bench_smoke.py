@@ -185,3 +185,14 @@ def test_results_file_gets_a_header_once_and_dated_sections(tmp_path):
     text = path.read_text()
     assert text.count("# peftlab benchmark results") == 1
     assert text.index("## first") < text.index("## second")
+
+
+def test_the_headline_is_against_each_peers_best_precision():
+    from peftlab.bench.train_bench import best_precision_lines
+
+    rows = [{"method": "lora", "autocast": "no", "peftlab_tok_s": 252.0, "trainer_tok_s": 150.0, "trl_tok_s": 110.0},
+            {"method": "lora", "autocast": "bf16", "peftlab_tok_s": 324.0, "trainer_tok_s": 203.0, "trl_tok_s": 141.0},
+            {"method": "full", "autocast": "no", "peftlab_tok_s": 100.0, "trainer_tok_s": 60.0}]
+    (line,) = best_precision_lines(rows).splitlines()  # full has one precision: its table ratio is its headline
+    assert line == ("- lora: peftlab at its best (bf16, 324 tok/s) is 1.60x the Trainer's best (bf16, 203 tok/s) "
+                    "and 2.30x the TRL's best (bf16, 141 tok/s) (target >= 2.0x)")
