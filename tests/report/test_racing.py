@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from studykit import fake_run
 
-from peftlab.report.decision import MANIFEST, decide, decision_markdown, race
+from peftlab.report.decision import MANIFEST, decide, decision_markdown, race, unpaired_note
 from peftlab.report.stats import Replica, holm, metric_fn, race_round
 
 ACC = metric_fn("accuracy", 3)
@@ -111,4 +111,5 @@ def test_the_verdict_never_crowns_a_raced_out_method_and_matches_the_unraced_one
     assert all("full" not in names for names in raced["frontier"].values())
     assert raced["verdict"][-1].startswith("Raced out (paired test against the leader after each round")
     assert "full after 1 of 3 rounds" in raced["verdict"][-1] and "skipped 2 of 9 final runs" in raced["verdict"][-1]
-    assert "| full | 1 |" in decision_markdown(raced) and "raced out after 1 rounds" in decision_markdown(raced)
+    assert "| full | 1 |" in decision_markdown(raced) and "raced out after 1 round |" in decision_markdown(raced)
+    assert unpaired_note(tmp_path / "raced") is None  # a raced-out method's fewer folds are no unpaired split

@@ -211,6 +211,8 @@ def unpaired_note(study_dir: Path) -> str | None:
     side by side on purpose, and are not compared."""
     by_task: dict[str, list[Group]] = {}
     for g in load_groups(study_dir):
+        if g.raced_out:  # racing stopped its repeats on purpose: it holds some of the folds, not other examples
+            continue
         by_task.setdefault(str(g.results[0].get("task")), []).append(g)
     why = next((w for gs in by_task.values() if len(gs) > 1 and (w := _unpaired(gs)) is not None), None)
     if why is None:
@@ -272,7 +274,9 @@ def decision_markdown(d: dict) -> str:
         vs = "best" if r["best"] else f"{r['diff']:+.3f} ({r['diff_low']:+.3f}, {r['diff_high']:+.3f})"
         p = "" if r["p"] is None else f"{r['p']:.3f} ({r['test']})"
         if r.get("raced_out"):
-            vs, p = f"raced out after {r['raced_out']['rounds']} rounds", f"{r['raced_out']['p_holm']:.3f} (Holm)"
+            rounds = r["raced_out"]["rounds"]
+            vs = f"raced out after {rounds} round{'s' if rounds > 1 else ''}"
+            p = f"{r['raced_out']['p_holm']:.3f} (Holm)"
         lines.append(
             f"| {r['name']} | {r['replicas']} | {r['mean']:.3f} ({r['low']:.3f}-{r['high']:.3f}) | {vs} | {p} | "
             f"{'yes' if r['tied'] else ('-' if r['best'] else 'no')} | {_n(r['trainable_params'], ',.0f')} | "
