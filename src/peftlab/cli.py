@@ -74,8 +74,9 @@ def eval_cmd(
     predictions.jsonl."""
     from peftlab.recipes.eval_run import EvalOptions, eval_run, run_eval
 
-    opts = EvalOptions(task, data, split, model, adapter, shots, limit, template, max_length, device, allow_pickle,
-                       calibrate)
+    opts = EvalOptions(task=task, data=data, split=split, model=model, adapter=adapter, shots=shots, limit=limit,
+                       template=template, max_length=max_length, device=device, allow_pickle=allow_pickle,
+                       calibrate=calibrate)
     if run is not None:
         out = out or run / "eval" / (Path(data).stem if data else split or "test")
         metrics = eval_run(run, opts, out, force)

@@ -28,9 +28,10 @@ from peftlab.prompts.encoding import content_free_items, encode_split, few_shot_
 FIX_OUT = "choose another --out"
 
 
-@dataclass
+@dataclass(kw_only=True)
 class EvalOptions:
-    """What `peftlab eval` was given; None means not given (a run's own setting, or the default, applies)."""
+    """What `peftlab eval` was given; None means not given (a run's own setting, or the default, applies).
+    Keyword-only: fifteen options in a row are too easy to pass in the wrong order."""
 
     task: str | None = None
     data: str | None = None

@@ -40,7 +40,7 @@ from peftlab.prompts.batches import batch_tokens, right_padded_ok, token_batches
 from peftlab.prompts.format import Encoded, PromptFormat
 from peftlab.prompts.weights import example_weights
 from peftlab.train.checkpoint import CHECKPOINT, TrainState, load_checkpoint, save_checkpoint, trainable_state
-from peftlab.train.measured_precision import PrecisionChoice, choose
+from peftlab.train.measured_precision import PrecisionChoice, choose, pinned
 from peftlab.train.runtime import precision
 from peftlab.train.step import micro_tokens, shares_prefix, split_rows, step_inputs, train_step
 
@@ -213,6 +213,8 @@ def _precision_choice(cfg: RunConfig, model, kind: str, train: list, pad: int, r
     if cfg.train.mixed_precision != "auto" or device != "cpu":
         why = f"train.mixed_precision: {cfg.train.mixed_precision} on {device}"
         return PrecisionChoice("bf16" if autocast is not None else "fp32", "configured", why)
+    if pinned() is not None:
+        return pinned()
     first = token_batches(train, cfg.train.batch_tokens, cfg.train.batch_size, seed=cfg.train.seed * 1000)[0]
     (batch,), _ = step_inputs(train, [first], kind, pad, right, share=False)
     rows, tokens = batch["input_ids"].shape

@@ -92,10 +92,17 @@ def measure(model: torch.nn.Module, loss_fn) -> PrecisionChoice:
     return decide(fp32_s, bf16_s, fp32_loss, bf16_loss)
 
 
-def choose(key: str, model: torch.nn.Module, loss_fn) -> PrecisionChoice:
-    """The cached choice for `key` (model, method, batch shape) on this CPU and torch, else a fresh measurement."""
+def pinned() -> PrecisionChoice | None:
+    """fp32 without a probe where `PEFTLAB_AUTO_PRECISION=fp32` says so (the test suite), else None."""
     if os.environ.get("PEFTLAB_AUTO_PRECISION") == "fp32":
         return PrecisionChoice("fp32", "not measured", "PEFTLAB_AUTO_PRECISION=fp32")
+    return None
+
+
+def choose(key: str, model: torch.nn.Module, loss_fn) -> PrecisionChoice:
+    """The cached choice for `key` (model, method, batch shape) on this CPU and torch, else a fresh measurement."""
+    if pinned() is not None:
+        return pinned()
     path = peftlab_home() / CACHE_FILE
     full_key = f"{cpu_model()} | torch {torch.__version__} | {torch.get_num_threads()} threads | {key}"
     try:
