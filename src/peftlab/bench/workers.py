@@ -218,6 +218,7 @@ def run_peftlab(spec: dict) -> dict:
     """peftlab's real training loop (`train.loop.fit`), one epoch; times the fit() call wall-clock."""
     from accelerate import Accelerator
 
+    from peftlab.methods.registry import get_method
     from peftlab.prompts.format import PromptFormat
     from peftlab.train.loop import FitData, fit
 
@@ -225,7 +226,7 @@ def run_peftlab(spec: dict) -> dict:
     fmt = PromptFormat(loaded.tokenizer, loaded.kind, loaded.chat)
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
-        data = FitData(task, fmt, _items(spec), [], [])
+        data = FitData(task, fmt, _items(spec), [], [], get_method(cfg.method.name))
         summary = fit(cfg, model, loaded, data, Path(tmp), Accelerator(cpu=_on_cpu(spec)))
         seconds = time.perf_counter() - t0
     return {"seconds": seconds, "step_seconds": summary["train_seconds"], "steps": summary["train_steps"],

@@ -23,9 +23,7 @@ def run_experiments(
     ex = cfg.experiments
     metrics: dict[str, float] = {}
     if ex.forgetting or ex.general_text:
-
         metrics.update(forgetting_metrics(cfg, model, fmt))
     if ex.probe:
-
         metrics.update(probe_split(cfg, model, fmt, task, splits, run_dir))
     return metrics

@@ -236,7 +236,7 @@ def train_model(ctx: RunContext, model: torch.nn.Module, on_epoch_end=None) -> d
     first = ctx.parts[0]  # validation (best checkpoint, early stopping, pruning) follows the first task
     if ctx.method.build is not None:  # the linear head: one feature pass and a convex fit, no gradient loop
         return fit_head(ctx.cfg, model, first.task, ctx.fmt, ctx.train, ctx.train_examples)
-    data = FitData(first.task, ctx.fmt, ctx.train, ctx.enc[(first.key, "val")], first.splits["val"])
+    data = FitData(first.task, ctx.fmt, ctx.train, ctx.enc[(first.key, "val")], first.splits["val"], ctx.method)
     # keep_checkpoint: the finished training stays on disk until result.json is written (see `finish`).
     return fit(ctx.cfg, model, ctx.loaded, data, ctx.run_dir, ctx.accelerator, on_epoch_end, keep_checkpoint=True)
 

@@ -33,7 +33,7 @@ from peftlab.core.signals import Stopped, signal_name, stop_deferred, stop_pendi
 from peftlab.data.tasks import Example, Task
 from peftlab.evaluate.scoring import mean_loss
 from peftlab.evaluate.split_scoring import evaluate
-from peftlab.methods.registry import get_method, start_schedule
+from peftlab.methods.registry import Method, start_schedule
 from peftlab.models.forward import target_loss, weighted_targets
 from peftlab.models.hf_folder import LoadedModel
 from peftlab.prompts.batches import batch_tokens, right_padded_ok, token_batches
@@ -54,6 +54,7 @@ class FitData:
     train: list[Encoded]
     val: list[Encoded]
     val_examples: list[Example]  # the examples behind `val`, for the task metric
+    method: Method  # what trains: its default lr and whether it trains the base (precision)
 
 
 def _scheduler(cfg: RunConfig, optimizer, total_steps: int):
@@ -87,7 +88,7 @@ def fit(
     tc, train, fmt = cfg.train, data.train, data.fmt
     pad = fmt.tokenizer.pad_token_id
     world, rank = accelerator.num_processes, accelerator.process_index
-    lr = tc.lr or get_method(cfg.method.name).default_lr
+    lr = tc.lr or data.method.default_lr
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=tc.weight_decay)
     batches_per_epoch = len(token_batches(train, tc.batch_tokens, tc.batch_size)) // world
@@ -103,7 +104,7 @@ def fit(
     right = right_padded_ok(raw, loaded.kind, train)
     share = shares_prefix(cfg, right, world, accelerator.device)
     piece_tokens = micro_tokens(tc.micro_tokens, accelerator.device)
-    _, autocast = precision(cfg, get_method(cfg.method.name), accelerator.device.type)
+    _, autocast = precision(cfg, data.method, accelerator.device.type)
     weights = example_weights(data.task, fmt, train, tc.class_balance)
     s = TrainState()
     ckpt = run_dir / CHECKPOINT
