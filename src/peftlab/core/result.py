@@ -1,6 +1,6 @@
 """The result of one run: the single definition of `result.json`, written and read only here.
 
-A run is a function call that returns a `RunResult` (`recipes.tasks.run_task`), wherever it ran: a local worker
+A run is a function call that returns a `RunResult` (`recipes.runner.run_task`), wherever it ran: a local worker
 process or a Ray node. `status` says how it ended. Only a finished run (`done`) has a `result.json` in its folder:
 the file's presence marks the run complete, so a rerun of a study skips it. A run that could not run here
 (`not_run`: a missing package or backend) or that failed carries its one-line `reason` back to the study instead.
