@@ -10,10 +10,10 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from peftlab.core.config import RunConfig, to_dict
+from peftlab.core.config import RunConfig
 from peftlab.core.errors import PeftlabError
 from peftlab.methods.registry import get_method
-from peftlab.recipes.search import trial_config
+from peftlab.recipes.search import base_of, trial_config
 
 
 @dataclass(frozen=True)
@@ -87,8 +87,7 @@ def chosen_config(cfg: RunConfig, chosen: dict) -> RunConfig:
     """The run's config with the chosen values set (same name and folder as the run)."""
     if not chosen.get("params"):
         return cfg
-    raw = {k: v for k, v in to_dict(cfg).items() if k not in ("name", "output_dir")}
-    return trial_config(raw, chosen["params"], cfg.name, Path(cfg.output_dir))
+    return trial_config(base_of(cfg), chosen["params"], cfg.name, Path(cfg.output_dir))
 
 
 def vars_repeats(repeats: Repeats) -> dict:

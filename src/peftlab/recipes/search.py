@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from peftlab.core.config import RunConfig, load_config, set_dotted
+from peftlab.core.config import RunConfig, load_config, set_dotted, to_dict
 from peftlab.core.errors import NotSupported, PeftlabError
 from peftlab.core.result import RunResult
 from peftlab.core.signals import Stopped
@@ -82,6 +82,11 @@ def trial_config(base: dict, params: dict[str, Any], name: str, output_dir: Path
     for key, value in params.items():
         set_dotted(raw, key, value, f"sweep.space.{key}")
     return load_config(None, [], base=raw)
+
+
+def base_of(cfg: RunConfig) -> dict:
+    """A run's config as a mapping without its name and folder: the base that `trial_config` names anew."""
+    return {k: v for k, v in to_dict(cfg).items() if k not in ("name", "output_dir")}
 
 
 def trial_value(result: RunResult, metric: str | None = None) -> float:

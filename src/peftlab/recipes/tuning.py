@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from peftlab.core.config import RunConfig, to_dict
+from peftlab.core.config import RunConfig
 from peftlab.core.errors import PeftlabError
 from peftlab.core.files import read_json, write_json
 from peftlab.core.yamlio import describe
@@ -21,6 +21,7 @@ from peftlab.recipes.executors import Events, ExecutorSpec, run_all
 from peftlab.recipes.runner import RunTask
 from peftlab.recipes.search import (
     Search,
+    base_of,
     create_study,
     number,
     parse_space,
@@ -113,13 +114,6 @@ def method_space(spec: TuneSpec, cfg: RunConfig) -> dict[str, dict]:
     return parse_space(resolved) if resolved else {}
 
 
-def _base_raw(cfg: RunConfig) -> dict:
-    raw = to_dict(cfg)
-    raw.pop("name", None)
-    raw.pop("output_dir", None)
-    return raw
-
-
 def _grid_points(grid: dict) -> list[dict]:
     keys = list(grid)
     return [dict(zip(keys, values, strict=True)) for values in itertools.product(*(grid[k] for k in keys))]
@@ -130,7 +124,7 @@ def _select(cfg: RunConfig, grid: dict, tune_dir: Path, metric: str | None, exec
     """Score every grid point on val (each a resumable folder `select-<i>`), as tasks on the executor; the best
     point wins, the first on ties."""
     points = _grid_points(grid)
-    tasks = [RunTask.of(trial_config(_base_raw(cfg), params, f"select-{i}", tune_dir), score_test=False)
+    tasks = [RunTask.of(trial_config(base_of(cfg), params, f"select-{i}", tune_dir), score_test=False)
              for i, params in enumerate(points)]
 
     best: dict = {"params": {}, "value": None}
@@ -146,7 +140,7 @@ def _select(cfg: RunConfig, grid: dict, tune_dir: Path, metric: str | None, exec
 def _search(cfg: RunConfig, spec: TuneSpec, space: dict, tune_dir: Path, executor: ExecutorSpec,
             events: Events | None) -> dict:
     """Optuna TPE over `space`, median pruning; trials are `trial-<n>` folders; the study resumes from SQLite."""
-    base = _base_raw(cfg)
+    base = base_of(cfg)
     search = Search(name=cfg.name, storage=f"sqlite:///{(tune_dir / 'optuna.db').resolve()}", space=space,
                     make_config=lambda number, params: trial_config(base, params, f"trial-{number}", tune_dir),
                     trials=spec.trials, seed=spec.seed, pruner=spec.pruner, startup_trials=spec.startup_trials,
