@@ -21,6 +21,9 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 # the CPUs this project runs on differ. The suite trains in fp32 everywhere, so that it gives the same numbers on
 # every machine; tests/train/test_measured_precision.py turns the measurement on. Subprocesses inherit this.
 os.environ.setdefault("PEFTLAB_AUTO_PRECISION", "fp32")
+# The shared frozen-base pass is kept in each process only, so no test reads values another test (or the user's
+# own studies) stored under PEFTLAB_HOME; tests/methods/test_frozen_pass.py turns the store on.
+os.environ.setdefault("PEFTLAB_FROZEN_CACHE", "off")
 
 
 @pytest.fixture(scope="session")

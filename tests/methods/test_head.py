@@ -133,7 +133,7 @@ def test_text_heads_add_their_logprobs_to_the_hidden_state_head(tiny_causal, tmp
     fmt = PromptFormat(loaded.tokenizer, loaded.kind, loaded.chat)
     splits = load_splits(cfg, task)
     head = build(loaded, task, cfg.method)
-    fit_head(cfg, head, task, fmt, encode_split(cfg, task, fmt, splits["train"]), splits["train"])
+    fit_head(cfg.method, head, task, fmt, encode_split(cfg, task, fmt, splits["train"]), splits["train"])
     test = splits["test"]
     items = encode_split(cfg, task, fmt, test)
     fused = label_scores(head, fmt, items, task.labels, progress=False, examples=test)

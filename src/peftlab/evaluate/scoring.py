@@ -8,11 +8,13 @@ Generation (`evaluate.generation`) runs length-sorted batches with the KV cache 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import partial
 
 import torch
 from tqdm.auto import tqdm
 
 from peftlab.data.tasks import Example
+from peftlab.methods.frozen_pass import decoder_layers, label_field, prompt_pass, stored_rows
 from peftlab.models.forward import IGNORE, target_logits, target_loss
 from peftlab.prompts.batches import collate, forward_tokens, right_padded_ok, token_batches
 from peftlab.prompts.format import Encoded, PromptFormat
@@ -41,11 +43,13 @@ def mean_loss(model, kind: str, items: Sequence[Encoded], pad_id: int, max_token
 @torch.inference_mode()
 def label_scores(
     model, fmt: PromptFormat, items: Sequence[Encoded], labels: Sequence[str], max_tokens: int | None = None,
-    progress=True, examples: Sequence[Example] | None = None,
+    progress=True, examples: Sequence[Example] | None = None, frozen: bool = False,
 ) -> torch.Tensor:
     """Log-likelihood of each label after each prompt: shape (len(items), len(labels)).
 
-    `examples`, the items' source examples, are read only by a classifier head with text features.
+    `examples`, the items' source examples, are read only by a classifier head with text features. `frozen`: the
+    model is the unchanged base (zero-shot, few-shot), so the scores go through the shared frozen-base pass
+    (`methods.frozen_pass`): computed only for prompts that no earlier run scored.
     """
     if hasattr(model, "label_logprobs"):  # a classifier head (linear-head) scores its labels directly
         return model.label_logprobs(items, fmt.tokenizer.pad_token_id, progress, examples=examples)
@@ -53,10 +57,28 @@ def label_scores(
     single = all(len(ids) == 1 for ids in label_ids) and len({ids[0] for ids in label_ids}) == len(labels)
     # With distinct one-token labels, one pass over the prompts decides; otherwise score each label's tokens in full.
     candidates = [[ids[0]] for ids in label_ids] if single else label_ids
-    scores = torch.zeros(len(items), len(labels))
-    passes = 1 if single else len(labels)
-    bar = tqdm(total=len(items) * passes, desc="scoring", unit="ex", disable=not progress, leave=False)
     max_tokens = max_tokens or forward_tokens(_device(model))
+    pad_id = fmt.tokenizer.pad_token_id
+    text_only = all(e.media is None for e in items)  # an image is not part of the store's key: never shared
+    frozen = frozen and text_only
+    if frozen and single and fmt.kind == "causal" and decoder_layers(model) is not None:
+        # The one pass also pools every layer's states: a linear head on the same prompts reads them for free.
+        compute = partial(prompt_pass, model, pad_id=pad_id, max_tokens=max_tokens,
+                          label_ids=[ids[0] for ids in candidates], progress=progress)
+    else:
+        def compute(todo):
+            return {label_field(candidates): _scores(model, fmt, todo, candidates, single, max_tokens, progress)}
+    if frozen:
+        return stored_rows(model, items, label_field(candidates), compute)
+    return compute(list(items))[label_field(candidates)]
+
+
+def _scores(model, fmt: PromptFormat, items: Sequence[Encoded], candidates: Sequence[Sequence[int]], single: bool,
+            max_tokens: int, progress: bool) -> torch.Tensor:
+    """Each candidate's token log-likelihood after each prompt: one pass for one-token labels, else one each."""
+    scores = torch.zeros(len(items), len(candidates))
+    passes = 1 if single else len(candidates)
+    bar = tqdm(total=len(items) * passes, desc="scoring", unit="ex", disable=not progress, leave=False)
     for j in range(passes):
         probe = [Encoded(e.id, e.prompt_ids, candidates[j] if not single else [0], media=e.media) for e in items]
         for idx in token_batches(probe, max_tokens, max_rows=64):

@@ -38,18 +38,21 @@ def predict(
     max_tokens: int | None = None,
     progress: bool = True,
     content_free: Sequence[Encoded] = (),
+    frozen: bool = False,
 ) -> Predictions:
     """Answer `examples` (encoded as `items`): the best label for classification, greedy generation otherwise.
 
     With `content_free` prompts (classification only), predictions are contextually calibrated: see `calibrate`.
+    `frozen`: the model is the unchanged base, whose label scores are shared (`scoring.label_scores`).
     """
     model.eval()
     if task.kind != "classification":
         return Predictions(generate(model, fmt, items, task.max_new_tokens, progress=progress))
-    raw = label_scores(model, fmt, items, task.labels, max_tokens, progress, examples=examples)
+    raw = label_scores(model, fmt, items, task.labels, max_tokens, progress, examples=examples, frozen=frozen)
     scores = raw
     if content_free:
-        scores = calibrate(raw, label_scores(model, fmt, content_free, task.labels, max_tokens, progress=False))
+        bias = label_scores(model, fmt, content_free, task.labels, max_tokens, progress=False, frozen=frozen)
+        scores = calibrate(raw, bias)
     return Predictions([task.labels[int(i)] for i in scores.argmax(-1)], scores, raw)
 
 
@@ -63,10 +66,13 @@ def evaluate(
     max_tokens: int | None = None,
     progress: bool = True,
     content_free: Sequence[Encoded] = (),
+    frozen: bool = False,
 ) -> tuple[dict, list[dict]]:
-    """Score `examples` (already encoded as `items`): returns flat metrics and one prediction row per example."""
+    """Score `examples` (already encoded as `items`): returns flat metrics and one prediction row per example.
+
+    `frozen`: as in `predict`."""
     references = [ex.references for ex in examples]
-    answers = predict(model, fmt, task, examples, items, max_tokens, progress, content_free)
+    answers = predict(model, fmt, task, examples, items, max_tokens, progress, content_free, frozen)
     predictions, raw = answers.texts, answers.raw
     if task.kind == "classification":
         per_example = [float(p == r[0]) for p, r in zip(predictions, references, strict=True)]

@@ -17,31 +17,24 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 
 import torch
 
-from peftlab.core.config import MethodConfig, RunConfig
+from peftlab.core.config import MethodConfig
 from peftlab.core.errors import PeftlabError
 from peftlab.data.tasks import Example, Task
+from peftlab.methods.frozen_pass import decoder_layers, pooled_field, pooled_states, prompt_pass, stored_rows
 from peftlab.methods.text_features import TextHead, example_text, feature_set
 from peftlab.models.hf_folder import LoadedModel
-from peftlab.prompts.batches import collate, forward_tokens, token_batches
+from peftlab.prompts.batches import forward_tokens
 from peftlab.prompts.format import Encoded, PromptFormat
 from peftlab.prompts.weights import class_weights
 
 HEAD_FILE = "head.safetensors"
 HEAD_META = "head.json"
 TEXT_HEADS = "text_heads.json"
-# Frozen features depend only on (model, layer, prompt tokens): cross-validation folds share them in one process.
-_FEATURES: dict[tuple, torch.Tensor] = {}
-
-
-class _Reached(Exception):
-    """Raised by a forward hook once the probed layer has run: the layers above cannot change its states."""
-
-    def __init__(self, hidden: torch.Tensor):
-        self.hidden = hidden
 
 
 class LinearHead(torch.nn.Module):
@@ -58,32 +51,18 @@ class LinearHead(torch.nn.Module):
         self.linear = torch.nn.Linear(hidden_size, len(labels))
         self.text_heads: list[TextHead] = []  # fitted by fit_head when method.head_text names feature sets
 
-    def _decoder_layers(self) -> torch.nn.ModuleList:
-        layers = getattr(getattr(self.base, "model", None), "layers", None)
-        if layers is None:
-            raise PeftlabError("linear-head needs a decoder-only model with model.layers (Llama-style)")
-        return layers
-
     @torch.inference_mode()
     def features(self, input_ids, attention_mask, position_ids=None) -> torch.Tensor:
-        """Mean-pooled hidden states after decoder layer `layer` (1-based), running only the layers up to it."""
-        layers = self._decoder_layers()
-        if not 1 <= self.layer <= len(layers):
-            raise PeftlabError(f"method.head_layer must be in 1..{len(layers)}, got {self.layer}")
+        """Mean-pooled hidden states after decoder layer `layer` (1-based), running only the layers up to it.
 
-        def stop(_module, _args, output):
-            raise _Reached(output[0] if isinstance(output, tuple) else output)
-
-        handle = layers[self.layer - 1].register_forward_hook(stop)
-        try:
-            self.base(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
-            raise PeftlabError("linear-head: the probed layer never ran")
-        except _Reached as reached:
-            hidden = reached.hidden.float()
-        finally:
-            handle.remove()
-        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
-        return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
+        For a batch of prompts already encoded, `extract` reads the same states from the shared frozen pass.
+        """
+        layers = decoder_layers(self.base)
+        check_layer(self.base, self.layer)
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
+        if position_ids is None:
+            batch["position_ids"] = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        return pooled_states(self.base, layers[: self.layer], batch)
 
     def class_logprobs(self, pooled: torch.Tensor) -> torch.Tensor:
         return self.linear((pooled - self.mean) / self.scale).log_softmax(-1)
@@ -123,23 +102,21 @@ def build(loaded: LoadedModel, task: Task, cfg: MethodConfig) -> LinearHead:
     return head.to(next(loaded.model.parameters()).device)
 
 
-def extract(head: LinearHead, items: Sequence[Encoded], pad_id: int, progress: bool = True) -> torch.Tensor:
-    """Pooled features of each item's prompt, reusing the in-process cache."""
-    from tqdm.auto import tqdm
+def check_layer(base: torch.nn.Module, layer: int) -> None:
+    """The head's layer must be one of the base's decoder layers (Llama-style `model.layers`)."""
+    layers = decoder_layers(base)
+    if layers is None:
+        raise PeftlabError("linear-head needs a decoder-only model with model.layers (Llama-style)")
+    if not 1 <= layer <= len(layers):
+        raise PeftlabError(f"method.head_layer must be in 1..{len(layers)}, got {layer}")
 
-    keys = [(head.source, head.layer, tuple(e.prompt_ids)) for e in items]
-    todo = [i for i, k in enumerate(keys) if k not in _FEATURES]
-    probe = [Encoded(items[i].id, items[i].prompt_ids, [0]) for i in todo]
-    device = head.mean.device
-    bar = tqdm(total=len(todo), desc="features", unit="ex", disable=not progress or not todo)
-    for idx in token_batches(probe, forward_tokens(device), max_rows=32):
-        batch = collate([probe[i] for i in idx], "causal", pad_id)
-        pooled = head.features(*(batch[k].to(device) for k in ("input_ids", "attention_mask", "position_ids")))
-        for row, i in enumerate(idx):
-            _FEATURES[keys[todo[i]]] = pooled[row].cpu()
-        bar.update(len(idx))
-    bar.close()
-    return torch.stack([_FEATURES[k] for k in keys])
+
+def extract(head: LinearHead, items: Sequence[Encoded], pad_id: int, progress: bool = True) -> torch.Tensor:
+    """Pooled features of each item's prompt, from the shared frozen-base pass (`methods.frozen_pass`)."""
+    check_layer(head.base, head.layer)
+    compute = partial(prompt_pass, head.base, pad_id=pad_id, max_tokens=forward_tokens(head.mean.device),
+                      last_layer=head.layer, progress=progress)
+    return stored_rows(head.base, items, pooled_field(head.layer), compute)
 
 
 def fit_logistic(
@@ -169,17 +146,17 @@ def fit_logistic(
     return {"mean": mean, "scale": scale, "linear.weight": weight, "linear.bias": bias}
 
 
-def fit_head(cfg: RunConfig, head: LinearHead, task: Task, fmt: PromptFormat, train: Sequence[Encoded],
+def fit_head(cfg: MethodConfig, head: LinearHead, task: Task, fmt: PromptFormat, train: Sequence[Encoded],
              train_examples) -> dict:
     """The method's whole training: one feature pass over the train split, then a convex fit."""
     started = time.perf_counter()
     x = extract(head, train, fmt.tokenizer.pad_token_id)
     y = torch.tensor([task.labels.index(ex.target) for ex in train_examples])
-    fitted = fit_logistic(x, y, len(task.labels), cfg.method.head_c, cfg.method.class_balance)
+    fitted = fit_logistic(x, y, len(task.labels), cfg.head_c, cfg.class_balance)
     head.load_state_dict(fitted, strict=False)
     texts = [example_text(ex) for ex in train_examples]
-    head.text_heads = [TextHead(feature_set(name), len(task.labels)).fit(texts, y, cfg.method.class_balance)
-                       for name in cfg.method.head_text]
+    head.text_heads = [TextHead(feature_set(name), len(task.labels)).fit(texts, y, cfg.class_balance)
+                       for name in cfg.head_text]
     seconds = time.perf_counter() - started
     tokens = sum(len(e.prompt_ids) for e in train)
     return {"train_steps": 0, "train_seconds": seconds, "tokens_per_s": tokens / seconds, "last_train_loss": None,

@@ -33,6 +33,7 @@ from peftlab.evaluate.scoring import mean_loss
 from peftlab.evaluate.split_scoring import evaluate
 from peftlab.experiments.after_training import run_experiments
 from peftlab.kernels.memory import enable_checkpointing, fused_rmsnorm, lean_swiglu
+from peftlab.methods.frozen_pass import STATS, STORE_FILE, reset_stats
 from peftlab.methods.head import fit_head
 from peftlab.methods.registry import Method, apply_method, count_params, get_method, plain_path_reason, use_plain_path
 from peftlab.models.hf_folder import LoadedModel, check_max_length
@@ -91,6 +92,7 @@ def run_training(cfg: RunConfig, on_epoch_end=None, score_test: bool = True, sco
 
 def _train_run(cfg: RunConfig, on_epoch_end, score_test: bool, score_val: bool) -> Path:
     ensure_writable(cfg.run_dir, "set output_dir to a writable folder")  # before the model loads, not after training
+    frozen = reset_stats()  # counts this run's prompts through the shared frozen-base pass
     ctx = prepare(cfg, select=not score_test)
     ctx.score_val = score_val
     if not score_test:
@@ -117,6 +119,9 @@ def _train_run(cfg: RunConfig, on_epoch_end, score_test: bool, score_val: bool) 
         ctx.accelerator.wait_for_everyone()
         if main:
             finish(ctx, ctx.accelerator.unwrap_model(model), summary, (trainable, total))
+            if frozen.prompts:
+                print(f"frozen base: {frozen.from_store} of {frozen.prompts} prompt passes read from the store "
+                      f"({STORE_FILE} under PEFTLAB_HOME)", flush=True)
         ctx.accelerator.end_training()
     return ctx.run_dir
 
@@ -235,7 +240,7 @@ def train_model(ctx: RunContext, model: torch.nn.Module, on_epoch_end=None) -> d
         raise PeftlabError("the train split is empty; check data.path, data.split and data.limit_train")
     first = ctx.parts[0]  # validation (best checkpoint, early stopping, pruning) follows the first task
     if ctx.method.build is not None:  # the linear head: one feature pass and a convex fit, no gradient loop
-        return fit_head(ctx.cfg, model, first.task, ctx.fmt, ctx.train, ctx.train_examples)
+        return fit_head(ctx.cfg.method, model, first.task, ctx.fmt, ctx.train, ctx.train_examples)
     data = FitData(first.task, ctx.fmt, ctx.train, ctx.enc[(first.key, "val")], first.splits["val"], ctx.method)
     # keep_checkpoint: the finished training stays on disk until result.json is written (see `finish`).
     return fit(ctx.cfg, model, ctx.loaded, data, ctx.run_dir, ctx.accelerator, on_epoch_end, keep_checkpoint=True)
@@ -258,8 +263,9 @@ def score_parts(ctx: RunContext, model: torch.nn.Module, best_val: dict | None) 
             if split == "val" and best_val and not content_free and len(ctx.parts) == 1:
                 m, r = best_val, []
             else:
+                # A method that trains nothing scores with the unchanged base: its pass is shared.
                 m, r = evaluate(model, ctx.fmt, part.task, part.splits[split], items, split=split,
-                                content_free=content_free)
+                                content_free=content_free, frozen=not ctx.method.trains)
             metrics.update({part.metric(split, k): v for k, v in m.items() if k not in ("task", "split")})
             if split == "test":
                 rows += [{**row, "task": part.task.name} for row in r] if part.key else r
@@ -303,6 +309,7 @@ def finish(ctx: RunContext, model: torch.nn.Module, summary: dict, params: tuple
         train_mix=ctx.train_mix,
         # Why this run went without peftlab's speed paths (a tuner not checked against them), or None.
         plain_path=plain_path_reason(cfg.method),
+        frozen_pass=STATS.to_dict() if STATS.prompts else None,
         metrics=metrics,
         versions=versions(),
     )
