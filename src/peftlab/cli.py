@@ -321,7 +321,8 @@ def bench_train(
     autocast: Annotated[str, typer.Option(help="no and/or bf16 (bf16 autocast over fp32 weights, every side)")] = "no",
 ) -> None:
     """Training tokens/s, memory and loss agreement of peftlab against transformers.Trainer + peft."""
-    from peftlab.bench.train_bench import DEFAULT_RESULTS, run_train_bench
+    from peftlab.bench.common import DEFAULT_RESULTS
+    from peftlab.bench.train_bench import run_train_bench
 
     if smoke:
         # max_length stays: at 128 every tiny-tokenizer row is cut to exactly 128 tokens, and the math check would
@@ -349,8 +350,8 @@ def bench_eval(
     generate_batch: Annotated[int, typer.Option(min=0, help="rows of batched model.generate (0: skip it)")] = 16,
 ) -> None:
     """Generation and scoring speed: peftlab's batched generate against one-at-a-time model.generate."""
+    from peftlab.bench.common import DEFAULT_RESULTS
     from peftlab.bench.eval_bench import run_eval_bench
-    from peftlab.bench.train_bench import DEFAULT_RESULTS
 
     if smoke:
         n, max_new_tokens, score_n = min(n, 6), min(max_new_tokens, 8), min(score_n, 10)

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from peftlab.bench.train_bench import append_results, markdown_table
+from peftlab.bench.common import append_results
+from peftlab.bench.train_bench import markdown_table
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -43,7 +44,7 @@ def test_bench_train_smoke_matches_both_references(tmp_path):
 BF16_WORKERS = """
 import json, sys
 from pathlib import Path
-from peftlab.bench.train_bench import encode_dialogsum, tiny_model
+from peftlab.bench.common import encode_dialogsum, tiny_model
 from peftlab.bench.workers import run_check, run_ref, run_trl
 model = str(tiny_model(Path(sys.argv[1])))
 _, items, _ = encode_dialogsum(model, 6, 512)
@@ -124,19 +125,6 @@ def test_the_trl_reference_shares_the_trainers_check_when_it_draws_the_same_batc
     assert calls.count(("check", "no")) == 1
 
 
-def test_native_bf16_reads_the_cpu_flags(monkeypatch):
-    import torch
-
-    import peftlab.bench.train_bench as bench
-
-    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
-    assert bench.native_bf16_cpu("flags\t\t: fpu avx2 avx512f avx512_bf16\n")
-    assert bench.native_bf16_cpu("flags\t\t: avx512f amx_tile amx_bf16\n")
-    assert not bench.native_bf16_cpu("flags\t\t: fpu avx2 avx512f\n")  # AVX-512 without bf16 (a Zen 3 has AVX2)
-    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
-    assert not bench.native_bf16_cpu("flags\t\t: avx512_bf16\n")  # torch built or run without AVX-512 kernels
-
-
 def test_bench_train_options_are_checked(monkeypatch):
     import importlib.util
 
@@ -153,7 +141,7 @@ def test_bench_train_options_are_checked(monkeypatch):
 
 
 def test_bench_eval_smoke_batched_generation_is_identical(tmp_path):
-    from peftlab.bench.train_bench import native_bf16_cpu
+    from peftlab.bench.common import native_bf16_cpu
 
     out = tmp_path / "eval.json"
     proc = _peftlab("bench", "eval", "--smoke", "--json", str(out), cwd=tmp_path)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from peftlab.bench.train_bench import (
+from peftlab.bench.common import (
     append_results,
     check_dtype,
     data_file,
