@@ -14,6 +14,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from peftlab.bench.common import (
@@ -269,51 +270,76 @@ def bf16_lines(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
-def run_train_bench(
-    model: str, methods: list[str], n: int, max_length: int, batch: int, results: Path | None,
-    smoke: bool = False, json_out: Path | None = None, micro_tokens: int | None = None, rounds: int = 2,
-    device: str = "cpu", dtype: str = "float32", references: tuple[str, ...] = ("trainer", "trl"),
-    autocasts: tuple[str, ...] = ("no",),
-) -> list[dict]:
-    """Benchmark each method against each reference in each autocast (`no`: as loaded; `bf16`: bf16 autocast over
-    the fp32 weights, every side alike); print the table, append it to `results` (if given) and return the rows."""
-    check_dtype(dtype)
-    check_autocasts(list(autocasts), device)
-    unknown = [m for m in methods if m not in FLOPS_PER_PARAM]
-    if not methods:  # `--methods ""` (or ",") measured nothing and printed an empty table, exit 0
+@dataclass(frozen=True, kw_only=True)
+class TrainBenchOptions:
+    """What `peftlab bench train` was given. Keyword-only: fourteen options in a row are too easy to swap."""
+
+    model: str  # packaged model name or local HF folder (replaced by the tiny random model under `smoke`)
+    methods: tuple[str, ...]
+    n: int  # DialogSum dialogues trained on
+    max_length: int
+    batch: int
+    results: Path | None  # markdown file to append to; None: print only
+    smoke: bool = False
+    json_out: Path | None = None
+    micro_tokens: int | None = None  # peftlab's train.micro_tokens; None: the config's
+    rounds: int = 2
+    device: str = "cpu"
+    dtype: str = "float32"
+    references: tuple[str, ...] = ("trainer", "trl")
+    autocasts: tuple[str, ...] = ("no",)  # `no`: as loaded; `bf16`: bf16 autocast over the fp32 weights
+
+
+def _check_options(opts: TrainBenchOptions) -> tuple[str, ...]:
+    """Refuse what cannot be measured before any side runs; return the references that can run here."""
+    check_dtype(opts.dtype)
+    check_autocasts(list(opts.autocasts), opts.device)
+    unknown = [m for m in opts.methods if m not in FLOPS_PER_PARAM]
+    if not opts.methods:  # `--methods ""` (or ",") measured nothing and printed an empty table, exit 0
         raise PeftlabError(f"bench train: --methods names no method; choose from {sorted(FLOPS_PER_PARAM)}")
     if unknown:
         raise PeftlabError(f"bench train: unknown methods {unknown}; choose from {sorted(FLOPS_PER_PARAM)}")
-    references = tuple(usable_references(list(references)))
+    return tuple(usable_references(list(opts.references)))
+
+
+def run_train_bench(opts: TrainBenchOptions) -> list[dict]:
+    """Benchmark each method against each reference in each autocast (every side alike); print the table, append
+    it to `opts.results` (if given) and return the rows."""
+    references = _check_options(opts)
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(os.environ.get("PEFTLAB_BENCH_TMP") or tmp_name)  # set it to keep the workers' specs
-        if smoke:
-            model = str(tiny_model(tmp / "tiny-llama"))
-        _, items, _ = encode_dialogsum(model, n, max_length)
-        spec = {"model": model, "batch": batch, "max_length": max_length, "seed": 0,
+        model = str(tiny_model(tmp / "tiny-llama")) if opts.smoke else opts.model
+        _, items, _ = encode_dialogsum(model, opts.n, opts.max_length)
+        spec = {"model": model, "batch": opts.batch, "max_length": opts.max_length, "seed": 0,
                 "items": [[e.prompt_ids, e.target_ids] for e in items],
-                "real_tokens": sum(e.length for e in items), "device": device, "dtype": dtype,
-                "train": {} if micro_tokens is None else {"micro_tokens": micro_tokens}}
+                "real_tokens": sum(e.length for e in items), "device": opts.device, "dtype": opts.dtype,
+                "train": {} if opts.micro_tokens is None else {"micro_tokens": opts.micro_tokens}}
         # bf16 autocast rows are measured against the bf16 matmul ceiling, fp32 rows against the fp32 one.
-        sgemm = {a: sgemm_gflops(device, "bfloat16" if a == "bf16" else dtype) for a in autocasts}
-        print(f"{dtype} matmul {sgemm.get('no', 0.0):.1f} GFLOP/s, bf16 {sgemm.get('bf16', 0.0):.1f}; {n} dialogues, "
-              f"{spec['real_tokens']} real tokens; {machine_line(device)}")
+        sgemm = {a: sgemm_gflops(opts.device, "bfloat16" if a == "bf16" else opts.dtype) for a in opts.autocasts}
+        print(f"{opts.dtype} matmul {sgemm.get('no', 0.0):.1f} GFLOP/s, bf16 {sgemm.get('bf16', 0.0):.1f}; "
+              f"{opts.n} dialogues, {spec['real_tokens']} real tokens; {machine_line(opts.device)}")
         infer_mb = run_worker("infer", spec, tmp)["peak_mb"]
         rows = []
-        for method in methods:
-            rows += bench_method(method, spec, tmp, rounds, references, autocasts)
-            for r in rows[-len(autocasts):]:
+        for method in opts.methods:
+            rows += bench_method(method, spec, tmp, opts.rounds, references, opts.autocasts)
+            for r in rows[-len(opts.autocasts):]:
                 _print_rounds(r, references)
-    label = "tiny random model" if smoke else Path(model).name
-    title = f"Training throughput: {label}, n={n}, max_length={max_length}, batch={batch}, rounds={rounds}"
-    if micro_tokens is not None:
-        title += f", micro_tokens={micro_tokens}"
-    if device != "cpu" or dtype != "float32":
-        title += f", {device} {dtype}"
-    if autocasts != ("no",):
-        title += f", autocast {'+'.join(autocasts)}"
-    report_train(rows, sgemm, infer_mb, title, results, json_out, device, dtype)
+    report_train(rows, sgemm, infer_mb, opts)
     return rows
+
+
+def results_title(opts: TrainBenchOptions) -> str:
+    """The results file's heading for this run: model, data size, rounds and each setting off its default."""
+    label = "tiny random model" if opts.smoke else Path(opts.model).name
+    title = (f"Training throughput: {label}, n={opts.n}, max_length={opts.max_length}, batch={opts.batch}, "
+             f"rounds={opts.rounds}")
+    if opts.micro_tokens is not None:
+        title += f", micro_tokens={opts.micro_tokens}"
+    if opts.device != "cpu" or opts.dtype != "float32":
+        title += f", {opts.device} {opts.dtype}"
+    if opts.autocasts != ("no",):
+        title += f", autocast {'+'.join(opts.autocasts)}"
+    return title
 
 
 def _print_rounds(r: dict, references: tuple[str, ...]) -> None:
@@ -324,24 +350,24 @@ def _print_rounds(r: dict, references: tuple[str, ...]) -> None:
           "steps)", flush=True)
 
 
-def report_train(rows: list[dict], sgemm: float | dict, infer_mb: float, title: str, results: Path | None,
-                 json_out: Path | None, device: str = "cpu", dtype: str = "float32") -> None:
+def report_train(rows: list[dict], sgemm: float | dict, infer_mb: float, opts: TrainBenchOptions) -> None:
     """Print the table and the math-check verdicts; append to the results file and write the JSON if asked."""
-    table = markdown_table(rows, sgemm, infer_mb, dtype, "RSS" if device == "cpu" else "GPU")
+    table = markdown_table(rows, sgemm, infer_mb, opts.dtype, "RSS" if opts.device == "cpu" else "GPU")
     extra = "\n".join(part for part in (bf16_lines(rows), best_precision_lines(rows)) if part)
     print(table)
     if extra:
         print(extra)
     for r in rows:
-        tol = _tolerance(dtype, r.get("autocast", "no"))
+        tol = _tolerance(opts.dtype, r.get("autocast", "no"))
         verdict = "OK" if r["max_rel_diff"] <= tol and r["same_init"] else "MISMATCH"
         print(f"math check {r['method']} (autocast {r.get('autocast', 'no')}): max relative loss difference "
               f"{r['max_rel_diff']:.1e} -> {verdict}")
     ceilings = sgemm if isinstance(sgemm, dict) else {"no": sgemm}
-    ceiling = ", ".join(f"{'bf16' if a == 'bf16' else dtype} matmul ceiling {g:.1f} GFLOP/s"
+    ceiling = ", ".join(f"{'bf16' if a == 'bf16' else opts.dtype} matmul ceiling {g:.1f} GFLOP/s"
                         for a, g in ceilings.items())
-    if results is not None:
-        append_results(results, title, f"{ceiling}.\n\n{table}" + (f"\n\n{extra}" if extra else ""), device)
-        print(f"appended to {results}")
-    if json_out is not None:
-        json_out.write_text(json.dumps({"sgemm_gflops": ceilings, "inference_peak_mb": infer_mb, "rows": rows}))
+    if opts.results is not None:
+        body = f"{ceiling}.\n\n{table}" + (f"\n\n{extra}" if extra else "")
+        append_results(opts.results, results_title(opts), body, opts.device)
+        print(f"appended to {opts.results}")
+    if opts.json_out is not None:
+        opts.json_out.write_text(json.dumps({"sgemm_gflops": ceilings, "inference_peak_mb": infer_mb, "rows": rows}))
