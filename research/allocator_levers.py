@@ -28,7 +28,7 @@ def child(on: bool, n: int, repeats: int) -> dict:
     import torch
 
     import peftlab.evaluate.decode as decode
-    from peftlab.bench.train_bench import encode_dialogsum
+    from peftlab.bench.common import encode_dialogsum
     from peftlab.evaluate.generation import generate
     from peftlab.models.loading import load_model
     from peftlab.prompts.batches import forward_tokens
@@ -62,7 +62,7 @@ def main() -> None:
         print(json.dumps(child(args.child == "on", args.n, args.repeats)))
         return
 
-    from peftlab.bench.train_bench import machine_line
+    from peftlab.bench.common import machine_line
 
     runs = {True: [], False: []}
     for pair in range(args.pairs):

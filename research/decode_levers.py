@@ -32,7 +32,7 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 import peftlab.evaluate.decode as decode
 import peftlab.kernels.kvcache as kvcache
-from peftlab.bench.train_bench import encode_dialogsum, machine_line
+from peftlab.bench.common import encode_dialogsum, machine_line
 from peftlab.core.allocator import reuse_freed_memory
 from peftlab.kernels.memory import fused_rmsnorm
 from peftlab.models.loading import load_model

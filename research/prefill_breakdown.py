@@ -23,7 +23,8 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 import peftlab.evaluate.decode as decode
-from peftlab.bench.train_bench import encode_dialogsum, machine_line, sgemm_gflops
+from peftlab.bench.common import encode_dialogsum, machine_line
+from peftlab.bench.train_bench import sgemm_gflops
 from peftlab.core.allocator import reuse_freed_memory
 from peftlab.kernels.shared_prefix import opening_length
 from peftlab.models.loading import load_model

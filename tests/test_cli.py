@@ -112,3 +112,27 @@ def test_methods_lists_every_registered_method_with_its_default_lr(monkeypatch, 
         assert m.trained_part in row and m.description[:30] in row
         if m.default_lr:
             assert f"{m.default_lr:g}" in row
+
+
+def test_bench_options_are_parsed_once_into_their_dataclasses(monkeypatch):
+    import peftlab.bench.eval_bench as eval_bench
+    import peftlab.bench.train_bench as train_bench
+    from peftlab.bench.common import DEFAULT_RESULTS
+    from peftlab.core.config import DEFAULT_MODEL
+
+    seen: list = []
+    monkeypatch.setattr(train_bench, "run_train_bench", seen.append)
+    monkeypatch.setattr(eval_bench, "run_eval_bench", seen.append)
+    assert _cli(monkeypatch, "bench", "train", "--smoke", "--methods", "lora, full,", "--n", "20", "--batch", "4",
+                "--autocast", "no,bf16", "--references", "trainer", "--micro-tokens", "64") == 0
+    assert _cli(monkeypatch, "bench", "train", "--methods", "lora", "--device", "cuda", "--dtype", "bfloat16") == 0
+    assert _cli(monkeypatch, "bench", "eval", "--smoke", "--n", "64", "--generate-batch", "0") == 0
+    smoke, cuda, evaluation = seen
+    # --smoke caps n and batch and writes no results file unless asked; the lists come comma-separated
+    assert smoke == train_bench.TrainBenchOptions(
+        model=DEFAULT_MODEL, methods=("lora", "full"), n=8, max_length=512, batch=2, results=None, smoke=True,
+        micro_tokens=64, references=("trainer",), autocasts=("no", "bf16"))
+    assert cuda.results == DEFAULT_RESULTS and (cuda.device, cuda.dtype, cuda.n) == ("cuda", "bfloat16", 64)
+    assert cuda.references == ("trainer", "trl") and cuda.autocasts == ("no",)
+    assert evaluation == eval_bench.EvalBenchOptions(model=DEFAULT_MODEL, n=6, max_new_tokens=8, results=None,
+                                                     smoke=True, score_n=10, generate_batch=0)

@@ -325,17 +325,23 @@ def bench_train(
     autocast: Annotated[str, typer.Option(help="no and/or bf16 (bf16 autocast over fp32 weights, every side)")] = "no",
 ) -> None:
     """Training tokens/s, memory and loss agreement of peftlab against transformers.Trainer + peft."""
-    from peftlab.bench.train_bench import DEFAULT_RESULTS, run_train_bench
+    from peftlab.bench.common import DEFAULT_RESULTS
+    from peftlab.bench.train_bench import TrainBenchOptions, run_train_bench
 
     if smoke:
         # max_length stays: at 128 every tiny-tokenizer row is cut to exactly 128 tokens, and the math check would
         # never see a padded reference batch.
         n, batch = min(n, 8), min(batch, 2)
-    run_train_bench(model, [m.strip() for m in methods.split(",") if m.strip()], n, max_length, batch,
-                    results if results or smoke else DEFAULT_RESULTS, smoke=smoke, json_out=json_out,
-                    micro_tokens=micro_tokens, rounds=rounds, device=device, dtype=dtype,
-                    references=tuple(r.strip() for r in references.split(",") if r.strip()),
-                    autocasts=tuple(a.strip() for a in autocast.split(",") if a.strip()))
+    opts = TrainBenchOptions(model=model, methods=_names(methods), n=n, max_length=max_length, batch=batch,
+                             results=results if results or smoke else DEFAULT_RESULTS, smoke=smoke,
+                             json_out=json_out, micro_tokens=micro_tokens, rounds=rounds, device=device, dtype=dtype,
+                             references=_names(references), autocasts=_names(autocast))
+    run_train_bench(opts)
+
+
+def _names(text: str) -> tuple[str, ...]:
+    """A comma-separated option as its names, blanks dropped (`"lora, full,"` is lora and full)."""
+    return tuple(name.strip() for name in text.split(",") if name.strip())
 
 
 @bench_app.command("eval")
@@ -353,14 +359,15 @@ def bench_eval(
     generate_batch: Annotated[int, typer.Option(min=0, help="rows of batched model.generate (0: skip it)")] = 16,
 ) -> None:
     """Generation and scoring speed: peftlab's batched generate against one-at-a-time model.generate."""
-    from peftlab.bench.eval_bench import run_eval_bench
-    from peftlab.bench.train_bench import DEFAULT_RESULTS
+    from peftlab.bench.common import DEFAULT_RESULTS
+    from peftlab.bench.eval_bench import EvalBenchOptions, run_eval_bench
 
     if smoke:
         n, max_new_tokens, score_n = min(n, 6), min(max_new_tokens, 8), min(score_n, 10)
-    run_eval_bench(model, n, max_new_tokens, results if results or smoke else DEFAULT_RESULTS, smoke=smoke,
-                   json_out=json_out, score_n=score_n, rounds=rounds, device=device, dtype=dtype,
-                   generate_batch=generate_batch)
+    run_eval_bench(EvalBenchOptions(model=model, n=n, max_new_tokens=max_new_tokens,
+                                    results=results if results or smoke else DEFAULT_RESULTS, smoke=smoke,
+                                    json_out=json_out, score_n=score_n, rounds=rounds, device=device, dtype=dtype,
+                                    generate_batch=generate_batch))
 
 
 def main() -> None:

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from peftlab.bench.train_bench import append_results, markdown_table
+from peftlab.bench.common import append_results
+from peftlab.bench.train_bench import markdown_table
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -43,7 +44,7 @@ def test_bench_train_smoke_matches_both_references(tmp_path):
 BF16_WORKERS = """
 import json, sys
 from pathlib import Path
-from peftlab.bench.train_bench import encode_dialogsum, tiny_model
+from peftlab.bench.common import encode_dialogsum, tiny_model
 from peftlab.bench.workers import run_check, run_ref, run_trl
 model = str(tiny_model(Path(sys.argv[1])))
 _, items, _ = encode_dialogsum(model, 6, 512)
@@ -84,6 +85,8 @@ def _fake_worker(calls: list, batches: dict):
         seconds = {"ref": 4.0, "trl": 3.0, "peftlab": 2.0}.get(role, 0.0) / halved
         if role == "check":
             return {"losses": [2.0, 1.0], "init_checksum": 5.0}
+        if role == "infer":
+            return {"peak_mb": 3.0}
         if role == "peftlab":
             return {"seconds": seconds, "step_seconds": seconds, "steps": 2, "base_params": 10, "peak_mb": 1.0}
         return {"seconds": seconds, "losses": [2.0, 1.0002], "batches": batches[role], "init_checksum": 5.0,
@@ -108,7 +111,8 @@ def test_bench_method_rounds_are_a_palindrome_and_each_reference_is_checked_on_i
     assert fp32["ratio"] == 2.0 and fp32["trl_ratio"] == 1.5 and fp32["peftlab_tok_s"] == 50.0
     assert bf16["speedup_vs_fp32"] == 2.0 and bf16["loss_diff_vs_fp32"] == 0.0
     assert fp32["max_rel_diff"] == pytest.approx(0.0002 / 1.0002)  # relative to the reference's loss
-    bench.report_train(rows, {"no": 50.0, "bf16": 100.0}, 1.0, "t", None, None)
+    opts = bench.TrainBenchOptions(model="m", methods=("lora",), n=4, max_length=16, batch=2, results=None)
+    bench.report_train(rows, {"no": 50.0, "bf16": 100.0}, 1.0, opts)
     printed = capsys.readouterr().out
     assert "| lora | bf16 | 50 | 67 | 100 | 2.00x (>= 2.0x) | 1.50x (>= 1.5x) |" in printed
     assert "bf16 autocast 2.00x peftlab's fp32 (target >= 1.5x); first-5 losses max rel diff to fp32 0.0e+00" \
@@ -124,17 +128,56 @@ def test_the_trl_reference_shares_the_trainers_check_when_it_draws_the_same_batc
     assert calls.count(("check", "no")) == 1
 
 
-def test_native_bf16_reads_the_cpu_flags(monkeypatch):
-    import torch
+def test_run_train_bench_takes_everything_from_its_options(monkeypatch, tmp_path, capsys):
+    from types import SimpleNamespace
 
     import peftlab.bench.train_bench as bench
 
-    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
-    assert bench.native_bf16_cpu("flags\t\t: fpu avx2 avx512f avx512_bf16\n")
-    assert bench.native_bf16_cpu("flags\t\t: avx512f amx_tile amx_bf16\n")
-    assert not bench.native_bf16_cpu("flags\t\t: fpu avx2 avx512f\n")  # AVX-512 without bf16 (a Zen 3 has AVX2)
-    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
-    assert not bench.native_bf16_cpu("flags\t\t: avx512_bf16\n")  # torch built or run without AVX-512 kernels
+    calls: list = []
+    monkeypatch.setattr(bench, "run_worker", _fake_worker(calls, {"ref": [[0, 1]]}))
+    monkeypatch.setattr(bench, "sgemm_gflops", lambda device, dtype: 40.0)
+    items = [SimpleNamespace(prompt_ids=[1, 2], target_ids=[3], length=3)] * 2
+    monkeypatch.setattr(bench, "encode_dialogsum", lambda model, n, max_length: (None, items[:n], None))
+    results, json_out = tmp_path / "RESULTS.md", tmp_path / "out.json"
+    opts = bench.TrainBenchOptions(model="models/tiny", methods=("lora", "full"), n=2, max_length=16, batch=2,
+                                   results=results, json_out=json_out, micro_tokens=64, rounds=1,
+                                   references=("trainer",))
+    rows = bench.run_train_bench(opts)
+    assert [r["method"] for r in rows] == ["lora", "full"] and calls[0] == ("infer", None)
+    assert "## Training throughput: tiny, n=2, max_length=16, batch=2, rounds=1, micro_tokens=64 (" \
+        in results.read_text()
+    assert json.loads(json_out.read_text())["inference_peak_mb"] == 3.0
+    assert f"appended to {results}" in capsys.readouterr().out
+
+
+def test_run_eval_bench_takes_everything_from_its_options(monkeypatch, tmp_path, capsys):
+    from types import SimpleNamespace
+
+    import peftlab.bench.eval_bench as bench
+    import peftlab.models.loading as loading
+
+    seen: dict = {}
+    monkeypatch.setattr(bench, "tiny_model", lambda out: "tiny-llama")
+    monkeypatch.setattr(bench, "encode_dialogsum", lambda model, n, max_length: ("fmt", [model] * n, None))
+    monkeypatch.setattr(loading, "load_model", lambda name, device, dtype: SimpleNamespace(model=SimpleNamespace(
+        eval=lambda: None)))
+
+    def compare(loaded, fmt, items, max_new_tokens, rounds, batch):
+        seen.update(items=items, max_new_tokens=max_new_tokens, rounds=rounds, batch=batch)
+        return {"baseline_s": 2.0, "peftlab_s": 0.5, "peftlab_rounds_s": [0.5] * rounds, "speedup": 4.0,
+                "mismatches": [], "batched_s": None, "batched_mismatches": []}
+
+    monkeypatch.setattr(bench, "compare_generation", compare)
+    monkeypatch.setattr(bench, "scoring", lambda loaded, fmt, n, bf16: {"scored": n, "scoring_items_s": 9.0})
+    results, json_out = tmp_path / "RESULTS.md", tmp_path / "out.json"
+    opts = bench.EvalBenchOptions(model="models/tiny", n=3, max_new_tokens=7, results=results, smoke=True,
+                                  json_out=json_out, score_n=5, rounds=2, generate_batch=0)
+    r = bench.run_eval_bench(opts)
+    assert seen == {"items": ["tiny-llama"] * 3, "max_new_tokens": 7, "rounds": 2, "batch": 0}
+    assert r["scored"] == 5 and r["llama_cpp_s"] is None  # --smoke times no llama.cpp
+    assert "## Evaluation speed: tiny random model, n=3, max_new_tokens=7 (" in results.read_text()
+    assert json.loads(json_out.read_text()) == r
+    assert "| speedup (target >= 5x) | 4.00x |" in capsys.readouterr().out
 
 
 def test_bench_train_options_are_checked(monkeypatch):
@@ -153,7 +196,7 @@ def test_bench_train_options_are_checked(monkeypatch):
 
 
 def test_bench_eval_smoke_batched_generation_is_identical(tmp_path):
-    from peftlab.bench.train_bench import native_bf16_cpu
+    from peftlab.bench.common import native_bf16_cpu
 
     out = tmp_path / "eval.json"
     proc = _peftlab("bench", "eval", "--smoke", "--json", str(out), cwd=tmp_path)

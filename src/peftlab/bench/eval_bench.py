@@ -14,11 +14,12 @@ import os
 import tempfile
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from peftlab.bench.train_bench import (
+from peftlab.bench.common import (
     append_results,
     check_dtype,
     data_file,
@@ -200,29 +201,52 @@ def eval_table(r: dict, n: int) -> str:
     return "\n".join(["| measure | value |", "|---|---|", *(f"| {a} | {b} |" for a, b in rows)])
 
 
-def run_eval_bench(
-    model: str, n: int, max_new_tokens: int, results: Path | None, smoke: bool = False, json_out: Path | None = None,
-    score_n: int = 100, rounds: int = 4, device: str = "cpu", dtype: str = "float32",
-    generate_batch: int = GENERATE_BATCH,
-) -> dict:
-    """Run the evaluation benchmark; print the table, append it to `results` (if given) and return the numbers."""
+@dataclass(frozen=True, kw_only=True)
+class EvalBenchOptions:
+    """What `peftlab bench eval` was given. Keyword-only, like `TrainBenchOptions`: eleven options in a row are too
+    easy to swap."""
+
+    model: str  # packaged model name or local HF folder (replaced by the tiny random model under `smoke`)
+    n: int  # DialogSum dialogues generated for
+    max_new_tokens: int
+    results: Path | None  # markdown file to append to; None: print only
+    smoke: bool = False
+    json_out: Path | None = None
+    score_n: int = 100  # PubMedQA items for the label-scoring timing
+    rounds: int = 4
+    device: str = "cpu"
+    dtype: str = "float32"
+    generate_batch: int = GENERATE_BATCH  # rows of batched model.generate; 0 skips it
+
+
+def run_eval_bench(opts: EvalBenchOptions) -> dict:
+    """Run the evaluation benchmark; print the table, append it to `opts.results` (if given) and return the
+    numbers."""
     from peftlab.models.device import DTYPES
     from peftlab.models.loading import load_model
 
-    check_dtype(dtype)
+    check_dtype(opts.dtype)
     with tempfile.TemporaryDirectory() as tmp:
-        name = str(tiny_model(Path(tmp) / "tiny-llama")) if smoke else model
-        fmt, items, _ = encode_dialogsum(name, n, 1024)
-        loaded = load_model(name, device=device, dtype=DTYPES[dtype])
+        name = str(tiny_model(Path(tmp) / "tiny-llama")) if opts.smoke else opts.model
+        fmt, items, _ = encode_dialogsum(name, opts.n, 1024)
+        loaded = load_model(name, device=opts.device, dtype=DTYPES[opts.dtype])
         loaded.model.eval()
-        r = compare_generation(loaded, fmt, items, max_new_tokens, rounds, generate_batch)
+        r = compare_generation(loaded, fmt, items, opts.max_new_tokens, opts.rounds, opts.generate_batch)
         # llama.cpp runs on the CPU: timed only next to a CPU run, where the comparison means something.
-        r["device"], r["dtype"] = device, dtype
-        r["llama_cpp_s"] = None if smoke or device != "cpu" else llama_cpp_seconds(model, fmt, items, max_new_tokens)
+        r["device"], r["dtype"] = opts.device, opts.dtype
+        r["llama_cpp_s"] = (None if opts.smoke or opts.device != "cpu"
+                            else llama_cpp_seconds(opts.model, fmt, items, opts.max_new_tokens))
         # bf16 autocast scoring is timed where the CPU computes bf16 natively (fp32 weights: `dtype` float32)
-        r.update(scoring(loaded, fmt, score_n, device == "cpu" and dtype == "float32" and native_bf16_cpu()))
-    print(machine_line(device))
-    table = eval_table(r, n)
+        bf16 = opts.device == "cpu" and opts.dtype == "float32" and native_bf16_cpu()
+        r.update(scoring(loaded, fmt, opts.score_n, bf16))
+    report_eval(r, opts)
+    return r
+
+
+def report_eval(r: dict, opts: EvalBenchOptions) -> None:
+    """Print the table and every output that differs; append to the results file and write the JSON if asked."""
+    print(machine_line(opts.device))
+    table = eval_table(r, opts.n)
     print(table)
     for m in r["mismatches"]:
         print(f"mismatch {m['id']} (round {m['round']}):\n  one-at-a-time: {m['one_at_a_time']!r}\n"
@@ -230,13 +254,12 @@ def run_eval_bench(
     for m in r["batched_mismatches"]:
         print(f"batched generate mismatch {m['id']}:\n  one-at-a-time: {m['one_at_a_time']!r}\n"
               f"  batched:       {m['batched']!r}")
-    if results is not None:
-        label = "tiny random model" if smoke else Path(model).name
-        title = f"Evaluation speed: {label}, n={n}, max_new_tokens={max_new_tokens}"
-        if device != "cpu" or dtype != "float32":
-            title += f", {device} {dtype}"
-        append_results(results, title, table, device)
-        print(f"appended to {results}")
-    if json_out is not None:
-        json_out.write_text(json.dumps(r))
-    return r
+    if opts.results is not None:
+        label = "tiny random model" if opts.smoke else Path(opts.model).name
+        title = f"Evaluation speed: {label}, n={opts.n}, max_new_tokens={opts.max_new_tokens}"
+        if opts.device != "cpu" or opts.dtype != "float32":
+            title += f", {opts.device} {opts.dtype}"
+        append_results(opts.results, title, table, opts.device)
+        print(f"appended to {opts.results}")
+    if opts.json_out is not None:
+        opts.json_out.write_text(json.dumps(r))

@@ -8,20 +8,25 @@ How each side is built is written down in bench/README.md.
 
 from __future__ import annotations
 
-import datetime
 import json
 import os
 import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
+from peftlab.bench.common import (
+    append_results,
+    check_dtype,
+    encode_dialogsum,
+    machine_line,
+    native_bf16_cpu,
+    tiny_model,
+)
 from peftlab.core.errors import PeftlabError
-from peftlab.core.resources import cpu_model
 
-REPO = Path(__file__).resolve().parents[3]
-DEFAULT_RESULTS = Path("bench/RESULTS.md")
 # The issue's convention: a trained weight costs 6 FLOPs per token (forward, activation and weight gradients);
 # a frozen one 4 (no weight gradient). N is the base model's parameter count.
 FLOPS_PER_PARAM = {"full": 6, "lora": 4, "prompt-tuning": 4}
@@ -55,58 +60,6 @@ def sgemm_gflops(device: str = "cpu", dtype: str = "float32", repeats: int = 5) 
     return 2 * size**3 / best / 1e9
 
 
-def check_dtype(dtype: str) -> None:
-    """The benchmarks name their dtype outright ("auto" would hide what was measured)."""
-    from peftlab.core.errors import unknown_name
-    from peftlab.models.device import DTYPES
-
-    if dtype not in DTYPES:
-        raise unknown_name("dtype", dtype, list(DTYPES))
-
-
-def tiny_model(out: Path) -> Path:
-    """--smoke: the test suite's tiny random Llama (tests/builders.py), so the smoke run needs no model download."""
-    import importlib.util
-
-    builders = REPO / "tests" / "builders.py"
-    if not builders.is_file():
-        raise PeftlabError(f"--smoke needs the source checkout: {builders} not found")
-    spec = importlib.util.spec_from_file_location("peftlab_bench_builders", builders)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.build_tiny_causal(out)
-
-
-def data_file(task_name: str) -> Path:
-    """The task's shipped data file, relative to the working directory or else to the source checkout."""
-    from peftlab.data.tasks import DEFAULT_DATA
-
-    path = Path(DEFAULT_DATA[task_name])
-    return path if path.is_file() else REPO / path
-
-
-def prompt_format(model: str):
-    """The tokenizer-side of `load_model` (no weights): enough to encode."""
-    from peftlab.models.hf_folder import load_tokenizer, model_kind
-    from peftlab.models.packaged import resolve_model_dir
-    from peftlab.prompts.format import PromptFormat
-
-    path = resolve_model_dir(model)
-    tokenizer, kind = load_tokenizer(path), model_kind(path)
-    return PromptFormat(tokenizer, kind, kind == "causal" and bool(getattr(tokenizer, "chat_template", None)))
-
-
-def encode_dialogsum(model: str, n: int, max_length: int):
-    """The first n DialogSum dev dialogues, encoded once with peftlab's encoder and the model's chat template."""
-    from peftlab.data.tasks import get_task
-    from peftlab.prompts.encoding import encode
-
-    task = get_task("dialogsum")
-    fmt = prompt_format(model)
-    examples = task.load(data_file("dialogsum"))[:n]
-    return fmt, [encode(task, ex, fmt, max_length) for ex in examples], examples
-
-
 def run_worker(role: str, spec: dict, tmp: Path) -> dict:
     """Run one side in a fresh Python process and return its JSON answer."""
     spec_file, out_file = tmp / f"{role}-spec.json", tmp / f"{role}-out.json"
@@ -124,24 +77,6 @@ TARGET_RATIO_TRL = 1.5
 AUTOCASTS = ("no", "bf16")
 # Where the CPU computes bf16 natively, the bf16 row is to be this much faster than peftlab's own fp32 row.
 TARGET_BF16_SPEEDUP = 1.5
-
-
-def native_bf16_cpu(cpuinfo: str | None = None) -> bool:
-    """Whether this CPU computes bf16 natively (AVX512_BF16 or AMX): only there is bf16 autocast worth timing.
-
-    torch's `get_cpu_capability()` says AVX512 on both an AVX-512 CPU with and without AVX512_BF16, so the flags in
-    /proc/cpuinfo decide; AMX implies a bf16 matmul unit.
-    """
-    import torch
-
-    if cpuinfo is None:
-        try:
-            cpuinfo = Path("/proc/cpuinfo").read_text()
-        except OSError:
-            return False
-    flags = {f for line in cpuinfo.splitlines() if line.startswith("flags") for f in line.split(":", 1)[1].split()}
-    capability = torch.backends.cpu.get_cpu_capability()
-    return bool(flags & {"avx512_bf16", "amx_bf16"}) and capability in ("AVX512", "AVX512_BF16", "AMX")
 
 
 def check_autocasts(autocasts: list[str], device: str) -> None:
@@ -335,70 +270,76 @@ def bf16_lines(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
-def machine_line(device: str = "cpu") -> str:
-    import torch
+@dataclass(frozen=True, kw_only=True)
+class TrainBenchOptions:
+    """What `peftlab bench train` was given. Keyword-only: fourteen options in a row are too easy to swap."""
 
-    gpu = f", {torch.cuda.get_device_name(device)}" if device.startswith("cuda") else ""
-    return (f"{datetime.date.today().isoformat()}, {cpu_model()}, "
-            f"{os.cpu_count()} cores{gpu}, torch {torch.__version__}, {torch.get_num_threads()} threads")
+    model: str  # packaged model name or local HF folder (replaced by the tiny random model under `smoke`)
+    methods: tuple[str, ...]
+    n: int  # DialogSum dialogues trained on
+    max_length: int
+    batch: int
+    results: Path | None  # markdown file to append to; None: print only
+    smoke: bool = False
+    json_out: Path | None = None
+    micro_tokens: int | None = None  # peftlab's train.micro_tokens; None: the config's
+    rounds: int = 2
+    device: str = "cpu"
+    dtype: str = "float32"
+    references: tuple[str, ...] = ("trainer", "trl")
+    autocasts: tuple[str, ...] = ("no",)  # `no`: as loaded; `bf16`: bf16 autocast over the fp32 weights
 
 
-def append_results(path: Path, title: str, body: str, device: str = "cpu") -> None:
-    """Append a dated section to the results file, creating it with a header first."""
-    from peftlab.core.files import write_text_atomic
-
-    old = path.read_text() if path.is_file() else (
-        "# peftlab benchmark results\n\nAppended by `peftlab bench train` and `peftlab bench eval`; "
-        "bench/README.md says how each side is built.\n"
-    )
-    write_text_atomic(path, f"{old.rstrip()}\n\n## {title} ({machine_line(device)})\n\n{body}\n")
-
-
-def run_train_bench(
-    model: str, methods: list[str], n: int, max_length: int, batch: int, results: Path | None,
-    smoke: bool = False, json_out: Path | None = None, micro_tokens: int | None = None, rounds: int = 2,
-    device: str = "cpu", dtype: str = "float32", references: tuple[str, ...] = ("trainer", "trl"),
-    autocasts: tuple[str, ...] = ("no",),
-) -> list[dict]:
-    """Benchmark each method against each reference in each autocast (`no`: as loaded; `bf16`: bf16 autocast over
-    the fp32 weights, every side alike); print the table, append it to `results` (if given) and return the rows."""
-    check_dtype(dtype)
-    check_autocasts(list(autocasts), device)
-    unknown = [m for m in methods if m not in FLOPS_PER_PARAM]
-    if not methods:  # `--methods ""` (or ",") measured nothing and printed an empty table, exit 0
+def _check_options(opts: TrainBenchOptions) -> tuple[str, ...]:
+    """Refuse what cannot be measured before any side runs; return the references that can run here."""
+    check_dtype(opts.dtype)
+    check_autocasts(list(opts.autocasts), opts.device)
+    unknown = [m for m in opts.methods if m not in FLOPS_PER_PARAM]
+    if not opts.methods:  # `--methods ""` (or ",") measured nothing and printed an empty table, exit 0
         raise PeftlabError(f"bench train: --methods names no method; choose from {sorted(FLOPS_PER_PARAM)}")
     if unknown:
         raise PeftlabError(f"bench train: unknown methods {unknown}; choose from {sorted(FLOPS_PER_PARAM)}")
-    references = tuple(usable_references(list(references)))
+    return tuple(usable_references(list(opts.references)))
+
+
+def run_train_bench(opts: TrainBenchOptions) -> list[dict]:
+    """Benchmark each method against each reference in each autocast (every side alike); print the table, append
+    it to `opts.results` (if given) and return the rows."""
+    references = _check_options(opts)
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(os.environ.get("PEFTLAB_BENCH_TMP") or tmp_name)  # set it to keep the workers' specs
-        if smoke:
-            model = str(tiny_model(tmp / "tiny-llama"))
-        _, items, _ = encode_dialogsum(model, n, max_length)
-        spec = {"model": model, "batch": batch, "max_length": max_length, "seed": 0,
+        model = str(tiny_model(tmp / "tiny-llama")) if opts.smoke else opts.model
+        _, items, _ = encode_dialogsum(model, opts.n, opts.max_length)
+        spec = {"model": model, "batch": opts.batch, "max_length": opts.max_length, "seed": 0,
                 "items": [[e.prompt_ids, e.target_ids] for e in items],
-                "real_tokens": sum(e.length for e in items), "device": device, "dtype": dtype,
-                "train": {} if micro_tokens is None else {"micro_tokens": micro_tokens}}
+                "real_tokens": sum(e.length for e in items), "device": opts.device, "dtype": opts.dtype,
+                "train": {} if opts.micro_tokens is None else {"micro_tokens": opts.micro_tokens}}
         # bf16 autocast rows are measured against the bf16 matmul ceiling, fp32 rows against the fp32 one.
-        sgemm = {a: sgemm_gflops(device, "bfloat16" if a == "bf16" else dtype) for a in autocasts}
-        print(f"{dtype} matmul {sgemm.get('no', 0.0):.1f} GFLOP/s, bf16 {sgemm.get('bf16', 0.0):.1f}; {n} dialogues, "
-              f"{spec['real_tokens']} real tokens; {machine_line(device)}")
+        sgemm = {a: sgemm_gflops(opts.device, "bfloat16" if a == "bf16" else opts.dtype) for a in opts.autocasts}
+        print(f"{opts.dtype} matmul {sgemm.get('no', 0.0):.1f} GFLOP/s, bf16 {sgemm.get('bf16', 0.0):.1f}; "
+              f"{opts.n} dialogues, {spec['real_tokens']} real tokens; {machine_line(opts.device)}")
         infer_mb = run_worker("infer", spec, tmp)["peak_mb"]
         rows = []
-        for method in methods:
-            rows += bench_method(method, spec, tmp, rounds, references, autocasts)
-            for r in rows[-len(autocasts):]:
+        for method in opts.methods:
+            rows += bench_method(method, spec, tmp, opts.rounds, references, opts.autocasts)
+            for r in rows[-len(opts.autocasts):]:
                 _print_rounds(r, references)
-    label = "tiny random model" if smoke else Path(model).name
-    title = f"Training throughput: {label}, n={n}, max_length={max_length}, batch={batch}, rounds={rounds}"
-    if micro_tokens is not None:
-        title += f", micro_tokens={micro_tokens}"
-    if device != "cpu" or dtype != "float32":
-        title += f", {device} {dtype}"
-    if autocasts != ("no",):
-        title += f", autocast {'+'.join(autocasts)}"
-    report_train(rows, sgemm, infer_mb, title, results, json_out, device, dtype)
+    report_train(rows, sgemm, infer_mb, opts)
     return rows
+
+
+def results_title(opts: TrainBenchOptions) -> str:
+    """The results file's heading for this run: model, data size, rounds and each setting off its default."""
+    label = "tiny random model" if opts.smoke else Path(opts.model).name
+    title = (f"Training throughput: {label}, n={opts.n}, max_length={opts.max_length}, batch={opts.batch}, "
+             f"rounds={opts.rounds}")
+    if opts.micro_tokens is not None:
+        title += f", micro_tokens={opts.micro_tokens}"
+    if opts.device != "cpu" or opts.dtype != "float32":
+        title += f", {opts.device} {opts.dtype}"
+    if opts.autocasts != ("no",):
+        title += f", autocast {'+'.join(opts.autocasts)}"
+    return title
 
 
 def _print_rounds(r: dict, references: tuple[str, ...]) -> None:
@@ -409,24 +350,24 @@ def _print_rounds(r: dict, references: tuple[str, ...]) -> None:
           "steps)", flush=True)
 
 
-def report_train(rows: list[dict], sgemm: float | dict, infer_mb: float, title: str, results: Path | None,
-                 json_out: Path | None, device: str = "cpu", dtype: str = "float32") -> None:
+def report_train(rows: list[dict], sgemm: float | dict, infer_mb: float, opts: TrainBenchOptions) -> None:
     """Print the table and the math-check verdicts; append to the results file and write the JSON if asked."""
-    table = markdown_table(rows, sgemm, infer_mb, dtype, "RSS" if device == "cpu" else "GPU")
+    table = markdown_table(rows, sgemm, infer_mb, opts.dtype, "RSS" if opts.device == "cpu" else "GPU")
     extra = "\n".join(part for part in (bf16_lines(rows), best_precision_lines(rows)) if part)
     print(table)
     if extra:
         print(extra)
     for r in rows:
-        tol = _tolerance(dtype, r.get("autocast", "no"))
+        tol = _tolerance(opts.dtype, r.get("autocast", "no"))
         verdict = "OK" if r["max_rel_diff"] <= tol and r["same_init"] else "MISMATCH"
         print(f"math check {r['method']} (autocast {r.get('autocast', 'no')}): max relative loss difference "
               f"{r['max_rel_diff']:.1e} -> {verdict}")
     ceilings = sgemm if isinstance(sgemm, dict) else {"no": sgemm}
-    ceiling = ", ".join(f"{'bf16' if a == 'bf16' else dtype} matmul ceiling {g:.1f} GFLOP/s"
+    ceiling = ", ".join(f"{'bf16' if a == 'bf16' else opts.dtype} matmul ceiling {g:.1f} GFLOP/s"
                         for a, g in ceilings.items())
-    if results is not None:
-        append_results(results, title, f"{ceiling}.\n\n{table}" + (f"\n\n{extra}" if extra else ""), device)
-        print(f"appended to {results}")
-    if json_out is not None:
-        json_out.write_text(json.dumps({"sgemm_gflops": ceilings, "inference_peak_mb": infer_mb, "rows": rows}))
+    if opts.results is not None:
+        body = f"{ceiling}.\n\n{table}" + (f"\n\n{extra}" if extra else "")
+        append_results(opts.results, results_title(opts), body, opts.device)
+        print(f"appended to {opts.results}")
+    if opts.json_out is not None:
+        opts.json_out.write_text(json.dumps({"sgemm_gflops": ceilings, "inference_peak_mb": infer_mb, "rows": rows}))

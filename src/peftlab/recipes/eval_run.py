@@ -31,7 +31,7 @@ FIX_OUT = "choose another --out"
 @dataclass(kw_only=True)
 class EvalOptions:
     """What `peftlab eval` was given; None means not given (a run's own setting, or the default, applies).
-    Keyword-only: fifteen options in a row are too easy to pass in the wrong order."""
+    Keyword-only: twelve options in a row are too easy to pass in the wrong order."""
 
     task: str | None = None
     data: str | None = None

@@ -26,20 +26,9 @@ from pathlib import Path
 from peftlab.core.files import write_json
 from peftlab.core.result import read_result
 from peftlab.core.yamlio import read_yaml
+from peftlab.report.study_runs import read_jsonl
 
 PEFT_RESULT = "peft_result.json"
-
-
-def _jsonl(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    out = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue  # a run killed mid-write leaves a cut last line
-    return out
 
 
 def _train_metrics(log: list[dict], result: dict) -> list[dict]:
@@ -65,7 +54,7 @@ def peft_result(run_dir: Path) -> dict:
     result = read_result(run_dir).to_dict()
     config = read_yaml(run_dir / "config.yaml") if (run_dir / "config.yaml").is_file() else {}
     adapter_cfg = run_dir / "adapter" / "adapter_config.json"
-    log = _jsonl(run_dir / "train_log.jsonl")
+    log = read_jsonl(run_dir / "train_log.jsonl")
     speed = next((r.get("tokens_per_s") for r in reversed(log) if "tokens_per_s" in r), None)
     finished = datetime.fromtimestamp((run_dir / "result.json").stat().st_mtime, UTC)
     gpu = result.get("peak_gpu_mb")
