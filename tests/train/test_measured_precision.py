@@ -72,3 +72,52 @@ def test_auto_where_bf16_is_faster_trains_in_bf16(tiny_causal, measured, monkeyp
     assert precision["autocast"] == "bf16" and precision["speedup"] == pytest.approx(2.0)
     bf16 = _lora(tiny_causal, measured, "bf16", "bf16")
     assert train_losses(run) == train_losses(bf16)  # the same training as asking for bf16
+
+
+def test_scoring_keeps_fp32_unless_bf16_is_faster_with_every_answer_the_same():
+    assert mp.decide_scoring(fp32_s=1.0, bf16_s=0.95, changed=0, rows=64).reason == (
+        "bf16 scoring measured 1.05x fp32 on this CPU, under the 1.2x it must gain")
+    changed = mp.decide_scoring(fp32_s=1.3, bf16_s=1.0, changed=3, rows=64)  # SmolLM2 on PubMedQA, measured
+    assert changed.autocast == "fp32" and changed.answers_changed == 3
+    assert changed.reason == "bf16 scoring is 1.30x fp32 here, but it changed 3 of 64 answers of the probe batch"
+    assert mp.decide_scoring(fp32_s=1.5, bf16_s=1.0, changed=0, rows=64).autocast == "bf16"
+
+
+def _simulate_scoring(monkeypatch, bf16_speed: float, flip: bool = False) -> list:
+    """Real forwards, with bf16's time set to fp32's / `bf16_speed` (and, with `flip`, one answer changed)."""
+    real, calls = mp._timed_forward, []
+
+    def timed(forward, bf16):
+        seconds, answers = real(forward, bf16)
+        calls.append(bf16)
+        if bf16 and flip:
+            answers = answers.clone()
+            answers[0] += 1
+        return (1.0 / bf16_speed if bf16 else 1.0), answers
+
+    monkeypatch.setattr(mp, "_timed_forward", timed)
+    return calls
+
+
+@pytest.mark.parametrize("task", ["pubmedqa", "dialogsum"])
+def test_auto_scores_in_bf16_where_measured_faster_and_says_so(tiny_causal, measured, monkeypatch, task,
+                                                               small_dialogsum):
+    calls = _simulate_scoring(monkeypatch, bf16_speed=1.5)
+    data = PUBMEDQA if task == "pubmedqa" else small_dialogsum
+    run = run_training(tiny_cfg(tiny_causal, "zero-shot", measured / "runs", task, data, f"data.task={task}",
+                                "train.mixed_precision=auto", "data.limit_eval=3"))
+    choice = read_result(run).scoring_precision
+    assert choice["autocast"] == "bf16" and choice["speedup"] == pytest.approx(1.5) and calls == [False, True]
+    assert "test_accuracy" in read_result(run).metrics or "test_rouge1" in read_result(run).metrics
+
+
+def test_auto_keeps_fp32_scoring_where_bf16_changes_an_answer_and_scores_as_without_the_probe(
+        tiny_causal, measured, monkeypatch):
+    _simulate_scoring(monkeypatch, bf16_speed=2.0, flip=True)
+    run = run_training(tiny_cfg(tiny_causal, "lora", measured / "runs", "auto", PUBMEDQA,
+                                "train.mixed_precision=auto"))
+    choice = read_result(run).scoring_precision
+    assert choice["autocast"] == "fp32" and choice["answers_changed"] == 1 and "changed 1 of" in choice["reason"]
+    plain = run_training(tiny_cfg(tiny_causal, "lora", measured / "runs", "no", PUBMEDQA, "train.mixed_precision=no"))
+    assert read_result(plain).scoring_precision["source"] == "configured"
+    assert read_result(run).metrics == read_result(plain).metrics

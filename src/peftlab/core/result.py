@@ -51,6 +51,7 @@ class RunResult:
     wall_seconds: float | None = None
     resumed_at: list = field(default_factory=list)  # steps at which training went on from a checkpoint
     precision: dict | None = None  # what training computed in and why (`train.measured_precision.PrecisionChoice`)
+    scoring_precision: dict | None = None  # what test scoring computed in and why (`PrecisionChoice`)
     frozen_pass: dict | None = None  # prompts read through the shared frozen-base pass, and how many were stored
     truncated_examples: int = 0  # rows cut to data.max_length
     dropped_examples: int = 0  # training rows left out: over data.max_length even cut

@@ -96,6 +96,24 @@ def _scores(model, fmt: PromptFormat, items: Sequence[Encoded], candidates: Sequ
     return scores
 
 
+def first_batch_answers(model, fmt: PromptFormat, items: Sequence[Encoded], labels: Sequence[str] = ()):
+    """A callable scoring the first scoring batch of `items`, for a precision probe; and that batch's shape.
+
+    The callable returns (rows, choices) scores whose argmax is each row's answer: the labels' first tokens for a
+    classification task (`labels`), the whole vocabulary (the first greedy token) for generation.
+    """
+    device = _device(model)
+    probe = [Encoded(e.id, e.prompt_ids, [0], media=e.media) for e in items]
+    idx = token_batches(probe, forward_tokens(device), max_rows=64)[0]
+    batch = _to(collate([probe[i] for i in idx], fmt.kind, fmt.tokenizer.pad_token_id), device)
+    columns = [fmt.label_ids(label)[0] for label in labels] or slice(None)
+
+    def answers() -> torch.Tensor:
+        return target_logits(model, fmt.kind, batch)[:, 0, columns]
+
+    return answers, tuple(batch["input_ids"].shape)
+
+
 def calibrate(scores: torch.Tensor, content_free: torch.Tensor) -> torch.Tensor:
     """Contextual calibration (Zhao et al., 2021): label log-probabilities with the prompt's own bias divided out.
 

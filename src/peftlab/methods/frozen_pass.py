@@ -136,8 +136,10 @@ def reset_stats() -> PassStats:
 
 
 def _prompt_key(model_digest: str, prompt_ids: Sequence[int]) -> str:
+    # A pass under bf16 autocast (`train.mixed_precision: auto` may score in bf16) computes other values.
+    mode = str(torch.get_autocast_dtype("cpu")) if torch.is_autocast_enabled("cpu") else "no autocast"
     ids = torch.tensor(list(prompt_ids), dtype=torch.int64).numpy().tobytes()
-    return hashlib.blake2b(model_digest.encode() + ids, digest_size=20).hexdigest()
+    return hashlib.blake2b(f"{model_digest} {mode}".encode() + ids, digest_size=20).hexdigest()
 
 
 def label_field(candidates: Sequence[Sequence[int]]) -> str:

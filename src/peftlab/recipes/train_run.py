@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -29,7 +29,7 @@ from peftlab.data.mixture import Part, is_mixture, load_parts, parse_mixture, si
 from peftlab.data.splits import data_labels, load_splits
 from peftlab.data.targets import resolve_targets
 from peftlab.data.tasks import DEFAULT_DATA, Example, task_for
-from peftlab.evaluate.scoring import mean_loss
+from peftlab.evaluate.scoring import first_batch_answers, mean_loss
 from peftlab.evaluate.split_scoring import evaluate
 from peftlab.experiments.after_training import run_experiments
 from peftlab.kernels.memory import enable_checkpointing, fused_rmsnorm, lean_swiglu
@@ -49,6 +49,7 @@ from peftlab.prompts.encoding import (
 from peftlab.prompts.format import Encoded, PromptFormat
 from peftlab.train.checkpoint import CHECKPOINT
 from peftlab.train.loop import FitData, fit
+from peftlab.train.measured_precision import PrecisionChoice, choose, measure_scoring, pinned
 from peftlab.train.runtime import accelerator_and_dtype, seed_everything
 from peftlab.train.save import save_trained
 
@@ -71,6 +72,7 @@ class RunContext:
     # (part key, split) -> encoded items; split is "val", "test" or "content_free" (calibration prompts)
     enc: dict[tuple[str, str], list[Encoded]] = field(default_factory=dict)
     score_val: bool = True  # score val after training (a decision study's final runs skip it: val chose them)
+    scoring: PrecisionChoice | None = None  # what test scoring computes in (`scoring_precision`)
 
     @property
     def run_dir(self) -> Path:
@@ -247,34 +249,57 @@ def train_model(ctx: RunContext, model: torch.nn.Module, on_epoch_end=None) -> d
 
 
 def score_parts(ctx: RunContext, model: torch.nn.Module, best_val: dict | None) -> tuple[dict, list[dict]]:
-    """Val and test metrics of every part, and the test prediction rows (tagged by task in a mixture).
+    """Val and test metrics of every part, and the test prediction rows (tagged by task in a mixture), computed in
+    the run's scoring precision (`scoring_precision`).
 
     `best_val`: the kept epoch's val metrics from training; they stand for a single task's val split unless
     calibration changes the scores.
     """
     metrics: dict = {}
     rows: list[dict] = []
-    for part in ctx.parts:
-        content_free = ctx.enc[(part.key, "content_free")]
-        for split in ("val", "test"):
-            items = ctx.enc[(part.key, split)]
-            if not items or (split == "val" and not ctx.score_val and not best_val):
-                continue
-            if split == "val" and best_val and not content_free and len(ctx.parts) == 1:
-                m, r = best_val, []
-            else:
-                # A method that trains nothing scores with the unchanged base: its pass is shared.
-                m, r = evaluate(model, ctx.fmt, part.task, part.splits[split], items, split=split,
-                                content_free=content_free, frozen=not ctx.method.trains)
-            metrics.update({part.metric(split, k): v for k, v in m.items() if k not in ("task", "split")})
-            if split == "test":
-                rows += [{**row, "task": part.task.name} for row in r] if part.key else r
+    bf16 = ctx.scoring is not None and ctx.scoring.autocast == "bf16"
+    with torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext():
+        for part in ctx.parts:
+            content_free = ctx.enc[(part.key, "content_free")]
+            for split in ("val", "test"):
+                items = ctx.enc[(part.key, split)]
+                if not items or (split == "val" and not ctx.score_val and not best_val):
+                    continue
+                if split == "val" and best_val and not content_free and len(ctx.parts) == 1:
+                    m, r = best_val, []
+                else:
+                    # A method that trains nothing scores with the unchanged base: its pass is shared.
+                    m, r = evaluate(model, ctx.fmt, part.task, part.splits[split], items, split=split,
+                                    content_free=content_free, frozen=not ctx.method.trains)
+                metrics.update({part.metric(split, k): v for k, v in m.items() if k not in ("task", "split")})
+                if split == "test":
+                    rows += [{**row, "task": part.task.name} for row in r] if part.key else r
     return metrics, rows
+
+
+def scoring_precision(ctx: RunContext, model: torch.nn.Module) -> PrecisionChoice:
+    """What the run's scoring computes in: fp32, or under `train.mixed_precision: auto` on a CPU, bf16 where a
+    probe of the first test batch measures it faster and with the same answers (`measure_scoring`)."""
+    cfg, part = ctx.cfg, ctx.parts[0]
+    items = ctx.enc[(part.key, "test")] or ctx.enc[(part.key, "val")]
+    if ctx.method.build is not None:
+        return PrecisionChoice("fp32", "configured", "the linear head scores the fp32 states it was fitted on")
+    if cfg.train.mixed_precision != "auto" or ctx.accelerator.device.type != "cpu" or not items:
+        return PrecisionChoice("fp32", "configured", "scoring is probed under train.mixed_precision: auto on a "
+                               f"CPU; this run has {cfg.train.mixed_precision} on {ctx.accelerator.device.type}")
+    if pinned() is not None:
+        return pinned()
+    labels = part.task.labels if part.task.kind == "classification" else ()
+    answers, (rows, tokens) = first_batch_answers(model, ctx.fmt, items, labels)
+    what = "label scoring" if labels else "generation's first token"
+    key = f"{cfg.model.name} | {cfg.method.name} | {what} {-(-rows // 64) * 64}x{-(-tokens // 64) * 64}"
+    return choose(key, lambda: measure_scoring(answers))
 
 
 def finish(ctx: RunContext, model: torch.nn.Module, summary: dict, params: tuple[int, int]) -> None:
     """Test evaluation and the run folder: metrics, predictions, the saved adapter and result.json (written last)."""
     cfg, first, trains = ctx.cfg, ctx.parts[0], ctx.method.trains
+    ctx.scoring = scoring_precision(ctx, model)
     metrics, rows = score_parts(ctx, model, summary.pop("best_val_metrics", None))
     metrics.update(run_experiments(cfg, model, ctx.fmt, first.task, first.splits, ctx.run_dir))
     val = ctx.enc[(first.key, "val")] if ctx.score_val else []
@@ -309,6 +334,7 @@ def finish(ctx: RunContext, model: torch.nn.Module, summary: dict, params: tuple
         train_mix=ctx.train_mix,
         # Why this run went without peftlab's speed paths (a tuner not checked against them), or None.
         plain_path=plain_path_reason(cfg.method),
+        scoring_precision=asdict(ctx.scoring),
         frozen_pass=STATS.to_dict() if STATS.prompts else None,
         metrics=metrics,
         versions=versions(),

@@ -72,13 +72,17 @@ def memory_notes(df: pd.DataFrame) -> list[str]:
     return notes
 
 
-def precision_notes(df: pd.DataFrame) -> list[str]:
-    """What the gradient-trained runs computed in, grouped: "fp32 (measured: bf16 0.93x fp32 ...): lora, pt"."""
-    if df.empty or "precision" not in df:
+PRECISION_TITLES = {"precision": "Training precision", "scoring_precision": "Scoring precision"}
+
+
+def precision_notes(df: pd.DataFrame, column: str = "precision") -> list[str]:
+    """What the runs computed in, grouped: "fp32 (measured: bf16 0.93x fp32 ...): lora, pt". `column`: "precision"
+    (training) or "scoring_precision" (test scoring and generation)."""
+    if df.empty or column not in df:
         return []
     groups: dict[str, list[str]] = {}
     for row in df.to_dict("records"):
-        choice = row.get("precision")
+        choice = row.get(column)
         if isinstance(choice, dict) and choice.get("autocast"):
             groups.setdefault(f"{choice['autocast']} ({choice.get('source')}: {choice.get('reason')})",
                               []).append(str(row["name"]))
@@ -97,10 +101,10 @@ def notes_markdown(study_dir: Path, df: pd.DataFrame) -> str:
     memory = memory_notes(df)
     if memory:
         parts.append("Memory:\n\n" + "".join(f"- {line}\n" for line in memory))
-    precision = precision_notes(df)
-    if precision:
-        parts.append("Training precision (scoring and generation run in fp32):\n\n"
-                     + "".join(f"- {line}\n" for line in precision))
+    for column, title in PRECISION_TITLES.items():
+        lines = precision_notes(df, column)
+        if lines:
+            parts.append(f"{title}:\n\n" + "".join(f"- {line}\n" for line in lines))
     return "".join(f"\n{p}" for p in parts)
 
 
@@ -118,8 +122,9 @@ def notes_html(study_dir: Path, df: pd.DataFrame) -> str:
     memory = memory_notes(df)
     if memory:
         parts.append("<p><b>Memory</b></p><ul>" + "".join(f"<li>{html.escape(m)}</li>" for m in memory) + "</ul>")
-    precision = precision_notes(df)
-    if precision:
-        parts.append("<p><b>Training precision</b> (scoring and generation run in fp32)</p><ul>"
-                     + "".join(f"<li>{html.escape(m)}</li>" for m in precision) + "</ul>")
+    for column, title in PRECISION_TITLES.items():
+        lines = precision_notes(df, column)
+        if lines:
+            parts.append(f"<p><b>{title}</b></p><ul>" + "".join(f"<li>{html.escape(m)}</li>" for m in lines)
+                         + "</ul>")
     return "\n".join(parts)

@@ -40,7 +40,7 @@ from peftlab.prompts.batches import batch_tokens, right_padded_ok, token_batches
 from peftlab.prompts.format import Encoded, PromptFormat
 from peftlab.prompts.weights import example_weights
 from peftlab.train.checkpoint import CHECKPOINT, TrainState, load_checkpoint, save_checkpoint, trainable_state
-from peftlab.train.measured_precision import PrecisionChoice, choose, pinned
+from peftlab.train.measured_precision import PrecisionChoice, choose, measure, pinned
 from peftlab.train.runtime import precision
 from peftlab.train.step import micro_tokens, shares_prefix, split_rows, step_inputs, train_step
 
@@ -221,7 +221,11 @@ def _precision_choice(cfg: RunConfig, model, kind: str, train: list, pad: int, r
     rows, tokens = batch["input_ids"].shape
     # Shapes to the next 64: runs that differ by a few tokens of padding share one measurement.
     key = f"{cfg.model.name} | {cfg.method.name} | batch {-(-rows // 64) * 64}x{-(-tokens // 64) * 64}"
-    return choose(key, model, lambda: target_loss(model, kind, batch)[0] / max(1, weighted_targets(batch)))
+
+    def loss():
+        return target_loss(model, kind, batch)[0] / max(1, weighted_targets(batch))
+
+    return choose(key, lambda: measure(model, loss))
 
 
 def _stop_after_step(cfg: RunConfig, s: TrainState, ckpt: Path, parts: tuple, accelerator) -> NoReturn:

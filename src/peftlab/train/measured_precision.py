@@ -7,6 +7,9 @@ bf16 autocast, here, once, and caches the answer per CPU model, torch version, m
 rounded up to 64 (`$PEFTLAB_HOME/precision.json`). It picks bf16 only where bf16 is at least `MIN_SPEEDUP` faster
 and the loss of that batch agrees with fp32's within bf16's rounding (`LOSS_TOLERANCE`); otherwise fp32.
 
+Scoring (label scores, the first greedy token) is probed the same way, forward only, and there bf16 must also give
+every answer of the probe batch that fp32 gives (`measure_scoring`).
+
 The probe leaves no trace on the run: gradients are cleared and the random number generator is put back, so a run
 that keeps fp32 trains exactly as without the probe. `PEFTLAB_AUTO_PRECISION=fp32` skips the probe (the test suite
 sets it, so that CI is the same on every CPU).
@@ -17,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 
@@ -44,6 +48,7 @@ class PrecisionChoice:
     reason: str
     speedup: float | None = None  # bf16 forward+backward speed over fp32's, on this batch shape and machine
     loss_gap: float | None = None  # |loss_bf16 - loss_fp32| / |loss_fp32| on the same batch
+    answers_changed: int | None = None  # scoring: probe rows whose answer (argmax) bf16 changed
 
     @property
     def dtype(self) -> torch.dtype | None:
@@ -92,6 +97,42 @@ def measure(model: torch.nn.Module, loss_fn) -> PrecisionChoice:
     return decide(fp32_s, bf16_s, fp32_loss, bf16_loss)
 
 
+def decide_scoring(fp32_s: float, bf16_s: float, changed: int, rows: int) -> PrecisionChoice:
+    """Scoring's choice from measured times (seconds per forward) and how many of the probe's `rows` answers bf16
+    changed. A scored answer is an argmax: unlike a training loss, one flipped row is a different result, so bf16
+    must give every answer fp32 gives."""
+    speedup = fp32_s / bf16_s if bf16_s > 0 else 0.0
+    if speedup < MIN_SPEEDUP:
+        return PrecisionChoice("fp32", "measured", f"bf16 scoring measured {speedup:.2f}x fp32 on this CPU, under "
+                               f"the {MIN_SPEEDUP}x it must gain", speedup, answers_changed=changed)
+    if changed:
+        return PrecisionChoice("fp32", "measured", f"bf16 scoring is {speedup:.2f}x fp32 here, but it changed "
+                               f"{changed} of {rows} answers of the probe batch", speedup, answers_changed=changed)
+    return PrecisionChoice("bf16", "measured", f"bf16 scoring measured {speedup:.2f}x fp32 on this CPU, the same "
+                           f"answers on all {rows} rows of the probe batch", speedup, answers_changed=0)
+
+
+@torch.inference_mode()
+def _timed_forward(forward, bf16: bool) -> tuple[float, torch.Tensor]:
+    """Seconds per `forward()` (the best of `ROUNDS`, after one warm-up) and its answers (argmax per row)."""
+    times = []
+    for i in range(ROUNDS + 1):
+        t0 = time.perf_counter()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            scores = forward()
+        if i:
+            times.append(time.perf_counter() - t0)
+    return min(times), scores.float().argmax(-1)
+
+
+def measure_scoring(forward) -> PrecisionChoice:
+    """Time `forward()` (the first scoring batch: (rows, choices) scores whose argmax is the answer) in fp32 and
+    under bf16 autocast, and count the rows whose answer bf16 changes."""
+    fp32_s, fp32_answers = _timed_forward(forward, bf16=False)
+    bf16_s, bf16_answers = _timed_forward(forward, bf16=True)
+    return decide_scoring(fp32_s, bf16_s, int((fp32_answers != bf16_answers).sum()), len(fp32_answers))
+
+
 def pinned() -> PrecisionChoice | None:
     """fp32 without a probe where `PEFTLAB_AUTO_PRECISION=fp32` says so (the test suite), else None."""
     if os.environ.get("PEFTLAB_AUTO_PRECISION") == "fp32":
@@ -99,8 +140,9 @@ def pinned() -> PrecisionChoice | None:
     return None
 
 
-def choose(key: str, model: torch.nn.Module, loss_fn) -> PrecisionChoice:
-    """The cached choice for `key` (model, method, batch shape) on this CPU and torch, else a fresh measurement."""
+def choose(key: str, probe: Callable[[], PrecisionChoice]) -> PrecisionChoice:
+    """The cached choice for `key` (model, method, what is timed and its shape) on this CPU and torch, else
+    `probe()`'s fresh measurement (`measure` for training, `measure_scoring` for scoring), cached."""
     if pinned() is not None:
         return pinned()
     path = peftlab_home() / CACHE_FILE
@@ -114,7 +156,7 @@ def choose(key: str, model: torch.nn.Module, loss_fn) -> PrecisionChoice:
             return PrecisionChoice(**{**cached, "source": "cached"})
         except TypeError:
             pass
-    choice = measure(model, loss_fn)
+    choice = probe()
     try:
         known = read_json(path) if path.is_file() else {}
         write_json(path, {**(known if isinstance(known, dict) else {}), full_key: asdict(choice)})
