@@ -1,0 +1,87 @@
+"""Where peftlab's training step spends its time, fp32 against bf16 autocast: a profile, not a benchmark.
+
+    .venv/bin/python -m research.bf16_step_profile [--method lora] [--steps 4]
+
+Runs `peftlab bench train`'s peftlab side (the same spec: the first 64 DialogSum dialogues, 512 tokens, batch 4,
+SmolLM2-135M) for a few steps of `train.step.train_step` under torch.profiler, once in fp32 and once under bf16
+autocast, and prints the operators that took the most self CPU time in each, grouped into what the issue asks
+about: matmuls (GEMM), casts (`aten::to`/`_to_copy`/`copy_`), attention, the loss and LM head, norms and the rest.
+Run it alone on the machine: it times nothing for a table, but a second job shifts the shares.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import time
+
+import torch
+from accelerate import Accelerator
+from torch.profiler import ProfilerActivity, profile
+
+from peftlab.bench.common import encode_dialogsum
+from peftlab.bench.workers import _peftlab_model
+from peftlab.prompts.batches import token_batches
+from peftlab.train.step import step_inputs, train_step
+
+GROUPS = {
+    "gemm": ("aten::mm", "aten::addmm", "aten::bmm", "aten::linear", "aten::matmul", "aten::_mkldnn"),
+    "casts": ("aten::to", "aten::_to_copy", "aten::copy_"),
+    "attention": ("scaled_dot_product", "flash_attention", "_efficient_attention"),
+    "loss and softmax": ("cross_entropy", "log_softmax", "nll_loss", "_softmax"),
+    "norm": ("rms", "rsqrt", "aten::pow", "aten::mean"),
+}
+
+
+def _group(name: str) -> str:
+    return next((g for g, keys in GROUPS.items() if any(k in name for k in keys)), "other")
+
+
+def profile_steps(method: str, autocast: str, steps: int) -> tuple[float, dict[str, float], list]:
+    """Seconds per step (after one warm-up step) and the self CPU seconds per group and per op."""
+    spec = {"model": "smollm2-135m-instruct", "method": method, "lr": 1e-4, "batch": 4, "max_length": 512,
+            "seed": 0, "autocast": autocast}
+    cfg, loaded, task, model, _ = _peftlab_model(spec)
+    fmt, items, _ = encode_dialogsum(spec["model"], 64, 512)
+    batches = token_batches(items, cfg.train.batch_tokens, cfg.train.batch_size, seed=0)[: steps + 1]
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-4)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+    accelerator = Accelerator(cpu=True)
+    inputs = [step_inputs(items, [b], loaded.kind, fmt.tokenizer.pad_token_id, right=True, share=False)[0]
+              for b in batches]
+    dtype = torch.bfloat16 if autocast == "bf16" else None
+    model.train()
+
+    def step(micro):
+        train_step(model, micro, loaded.kind, accelerator, params, optimizer, scheduler, 1.0, autocast=dtype)
+
+    step(inputs[0])  # warm-up: allocation and kernel selection
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        t0 = time.perf_counter()
+        for batch in inputs[1:]:
+            step(batch)
+        seconds = (time.perf_counter() - t0) / steps
+    ops = sorted(((e.key, e.self_cpu_time_total / 1e6 / steps) for e in prof.key_averages()), key=lambda x: -x[1])
+    groups: dict[str, float] = collections.defaultdict(float)
+    for name, s in ops:
+        groups[_group(name)] += s
+    return seconds, dict(groups), ops[:12]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--method", default="lora")
+    parser.add_argument("--steps", type=int, default=4)
+    args = parser.parse_args()
+    for autocast in ("no", "bf16"):
+        seconds, groups, top = profile_steps(args.method, autocast, args.steps)
+        print(f"\n{args.method}, autocast {autocast}: {seconds:.2f} s per step (batch 4 x up to 512 tokens)")
+        for g, s in sorted(groups.items(), key=lambda x: -x[1]):
+            print(f"  {g:18s} {s:6.2f} s  {100 * s / sum(groups.values()):4.0f}%")
+        for name, s in top:
+            print(f"    {s:6.3f} s  {name}")
+
+
+if __name__ == "__main__":
+    main()
