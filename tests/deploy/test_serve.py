@@ -280,7 +280,7 @@ def test_a_served_linear_head_answers_as_eval_does(tiny_causal, adapters, tmp_pa
     expected = {json.loads(line)["id"]: json.loads(line)["prediction"]
                 for line in (tmp_path / "eval" / "predictions.jsonl").read_text().splitlines()}
     saved = load_run(run, "cpu")
-    examples = load_splits(saved.cfg, saved.task)["test"]
+    examples = load_splits(saved.cfg.data, saved.task)["test"]
     loaded = load_model(str(tiny_causal), device="cpu")
     client = TestClient(create_app(loaded, {"lora-one": adapters["lora-one"]}, heads={"head": run}))
     for ex in examples:

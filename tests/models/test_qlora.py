@@ -170,7 +170,7 @@ def test_merged_qlora_is_full_precision_and_matches_within_quantization_error(sh
     task = get_task("pubmedqa")
     quantized = load_model(str(sharp_causal), device="cpu", quantize="nf4")
     fmt = format_for(quantized)
-    batch = collate(encode_split(cfg, task, fmt, load_splits(cfg, task)["test"]), "causal", 0)
+    batch = collate(encode_split(cfg.data, task, fmt, load_splits(cfg.data, task)["test"]), "causal", 0)
 
     def logits(model):
         with torch.inference_mode():

@@ -139,7 +139,7 @@ def test_trains_and_reloads(arch, method, tiny_vlms, tmp_path):
     task = get_task("scienceqa")
     loaded, _ = load_for_inference(str(tiny_vlms[arch]), str(run_dir), device="cpu")
     fmt = format_for(loaded)
-    val = encode_split(cfg, task, fmt, load_splits(cfg, task)["val"])
+    val = encode_split(cfg.data, task, fmt, load_splits(cfg.data, task)["val"])
     reloaded = mean_loss(loaded.model, "causal", val, loaded.tokenizer.pad_token_id)
     assert reloaded == pytest.approx(result["best_val_loss"], abs=1e-5)
     base, _ = _loaded(tiny_vlms, arch)

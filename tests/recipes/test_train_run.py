@@ -94,7 +94,7 @@ def test_saved_weights_reload_to_identical_scores(method, sharp_causal, tmp_path
 
     task = get_task("pubmedqa")
     fmt = PromptFormat(load_tokenizer(sharp_causal), "causal", chat=True)
-    items = encode_split(cfg, task, fmt, load_splits(cfg, task)["test"])
+    items = encode_split(cfg.data, task, fmt, load_splits(cfg.data, task)["test"])
     model = _reload(run_dir, sharp_causal, method)
     reloaded = label_scores(model, fmt, items, task.labels, progress=False)
     assert torch.allclose(reloaded, saved, atol=1e-6), (reloaded - saved).abs().max()

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from peftlab.core.config import RunConfig, from_dict
+from peftlab.core.config import DataConfig, RunConfig, from_dict
 from peftlab.core.errors import PeftlabError
 from peftlab.data.mixture import metric_key
 from peftlab.data.splits import load_splits
@@ -67,9 +67,8 @@ def build_suite(cfg: RunConfig, fmt: PromptFormat) -> Suite:
     suite = Suite()
     for name in ex.forgetting:
         task = get_task(name)
-        other = from_dict(
-            RunConfig, {"data": {"task": name, "path": ex.forgetting_data.get(name), "seed": cfg.data.seed}}
-        )
+        other = from_dict(DataConfig, {"task": name, "path": ex.forgetting_data.get(name), "seed": cfg.data.seed},
+                          "data")
         examples = load_splits(other, task)["test"][: ex.forgetting_limit]
         items = [encode(task, e, fmt, cfg.data.max_length) for e in examples]
         suite.tasks.append((name, task, examples, items))

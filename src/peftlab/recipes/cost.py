@@ -35,7 +35,7 @@ _SIZES: dict[str, tuple[int, int, int]] = {}  # data section (JSON) -> (train, v
 def _split_sizes(cfg: RunConfig) -> tuple[int, int, int]:
     key = json.dumps(to_dict(cfg)["data"], sort_keys=True, default=str)
     if key not in _SIZES:
-        splits = load_splits(cfg, task_for(cfg.data))
+        splits = load_splits(cfg.data, task_for(cfg.data))
         _SIZES[key] = len(splits["train"]), len(splits["val"]), len(splits["test"])
     return _SIZES[key]
 

@@ -25,7 +25,7 @@ def run_probe(run_dir: Path, limit: int | None = None) -> dict:
     if limit is not None:
         cfg.experiments.probe_limit = limit
     run = load_run(run_dir, cfg=cfg)  # a vision-language run keeps its images in the probe
-    splits = load_splits(cfg, run.task, val_in_train=not run.method.trains)  # the demo pool the run itself had
+    splits = load_splits(cfg.data, run.task, val_in_train=not run.method.trains)  # the demo pool the run itself had
     metrics = probe_split(cfg, run.model, run.fmt, run.task, splits, run_dir)
     write_result(run_dir, replace(result, metrics={**result.metrics, **metrics}))
     return metrics

@@ -153,20 +153,20 @@ def task_parts(cfg: RunConfig, method: Method, select: bool = False) -> list[Par
     A split too small to fill the test split is an error before anything is written: a run scored on nothing would
     otherwise finish with exit 0 and a metrics.json that holds only the task's name.
     """
-    if is_mixture(cfg):
+    if is_mixture(cfg.data):
         if cfg.data.target != "gold" or method.name in ("few-shot", "linear-head") or cfg.experiments.probe:
             raise PeftlabError(
                 "a mixture trains on gold targets, without few-shot demos, the linear head or the brittleness probe"
             )
-        parts = load_parts(cfg, parse_mixture(cfg), val_in_train=not (method.trains or select))
+        parts = load_parts(cfg.data, parse_mixture(cfg.data), val_in_train=not (method.trains or select))
     else:
         task = task_for(cfg.data)
         if task.relabel is not None and cfg.data.labels is None:  # alpaca, chat: labels from the training outputs
-            cfg.data.labels = list(data_labels(cfg, task))  # saved with config.yaml: the run says which it used
+            cfg.data.labels = list(data_labels(cfg.data, task))  # saved with config.yaml: the run says which it used
             task = task.relabel(tuple(cfg.data.labels))
         # A final run of a method that trains nothing has no use for a k-fold val fold: it joins the demo pool.
         # A selection point of the same method is judged on that fold, so there it stays val.
-        parts = [single_part(cfg, task, load_splits(cfg, task, val_in_train=not (method.trains or select)))]
+        parts = [single_part(cfg.data, task, load_splits(cfg.data, task, val_in_train=not (method.trains or select)))]
     for part in parts:
         sizes = {split: len(examples) for split, examples in part.splits.items()}
         where = part.entry.path or cfg.data.test or cfg.data.train or DEFAULT_DATA.get(part.task.name, part.task.name)
@@ -190,8 +190,9 @@ def _encode(ctx: RunContext) -> None:
         ctx.dropped = sum(ctx.train_mix.values()) - len(ctx.train)
     else:
         part = ctx.parts[0]
-        examples = resolve_targets(cfg, part.task, part.splits["train"])  # teacher outputs replace gold
-        ctx.train, ctx.train_examples = encode_train(cfg, part.task, fmt, examples)
+        # teacher outputs replace gold
+        examples = resolve_targets(cfg.data, cfg.output_dir, part.task, part.splits["train"])
+        ctx.train, ctx.train_examples = encode_train(cfg.data, part.task, fmt, examples)
         ctx.dropped = len(examples) - len(ctx.train)
         ctx.train_mix = {part.task.name: len(ctx.train)}
     shots_k = cfg.data.shots or (3 if ctx.method.name == "few-shot" else 0)
@@ -199,9 +200,9 @@ def _encode(ctx: RunContext) -> None:
         template = part.entry.templates[0]
         shots = few_shot_demos(part.task, part.splits["train"], shots_k, cfg.data.seed, template)
         for split in ("val", "test"):
-            ctx.enc[(part.key, split)] = encode_split(cfg, part.task, fmt, part.splits[split], shots, template)
+            ctx.enc[(part.key, split)] = encode_split(cfg.data, part.task, fmt, part.splits[split], shots, template)
         ctx.enc[(part.key, "content_free")] = content_free_items(
-            cfg, part.task, fmt, part.splits["train"], shots, template
+            cfg.data, part.task, fmt, part.splits["train"], shots, template
         )
     _log_cuts(ctx)
 
