@@ -272,8 +272,8 @@ def test_a_served_linear_head_answers_as_eval_does(tiny_causal, adapters, tmp_pa
     from trainkit import tiny_cfg
 
     from peftlab.data.splits import load_splits
-    from peftlab.methods.saved import load_run
     from peftlab.recipes.eval_run import EvalOptions, eval_run
+    from peftlab.recipes.saved_run import load_run
 
     run = run_training(tiny_cfg(tiny_causal, "linear-head", tmp_path, "head", PUBMEDQA, "method.head_layer=1"))
     eval_run(run, EvalOptions(device="cpu"), tmp_path / "eval")

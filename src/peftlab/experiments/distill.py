@@ -19,12 +19,11 @@ from rich.table import Table
 from peftlab.core.config import DEFAULT_MODEL, check_limit, from_dict
 from peftlab.core.errors import PeftlabError
 from peftlab.core.files import ensure_file_writable, write_json, write_jsonl
-from peftlab.core.result import has_result
+from peftlab.core.result import has_result, run_config
 from peftlab.data.splits import load_splits
 from peftlab.data.targets import read_outputs
 from peftlab.data.tasks import Example, Task, task_for
 from peftlab.evaluate.split_scoring import evaluate
-from peftlab.methods.saved import run_config
 from peftlab.models.adapters import load_for_inference
 from peftlab.prompts.encoding import encode_split, format_for
 

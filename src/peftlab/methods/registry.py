@@ -2,7 +2,8 @@
 
 Adapter methods build a `peft` config (`methods.tuners`); `full` trains every weight; `linear-head` fits a
 logistic regression on frozen states (`methods.head`); `zero-shot` and `few-shot` train nothing but go through
-the same harness, so they sit in the same results table.
+the same harness, so they sit in the same results table. Each entry also says how what it trains is saved in a
+run folder and reloaded (`methods.storage`), and how many in-context demos it prompts with by default.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from peftlab.methods.head import build
 from peftlab.methods.lifecycle import remember_initial, save_adapter, start_schedule
 from peftlab.methods.passthrough import any_tuner, with_extras
 from peftlab.methods.speed import use_plain_path
+from peftlab.methods.storage import ADAPTER, BASE, HEAD, MODEL, Storage
 from peftlab.methods.tuners import (
     ia3_config,
     lora_config,
@@ -52,6 +54,12 @@ class Method:
     peft_type: str | None = None  # the peft tuner a named method builds (None: not a peft method, or `peft`)
     # A method outside peft and the gradient loop (the linear head): builds its model, fits it, saves it.
     build: Callable[[LoadedModel, Task, MethodConfig], torch.nn.Module] | None = None
+    default_shots: int = 0  # in-context demos per prompt when data.shots is 0 (few-shot's)
+    storage: Storage = ADAPTER  # how what it trains is saved in the run folder and reloaded from it
+
+    def shots(self, configured: int) -> int:
+        """In-context demos per prompt: `data.shots` when set, else the method's own default."""
+        return configured or self.default_shots
 
     @property
     def trained_part(self) -> str:
@@ -119,12 +127,15 @@ NAMED_VARIANTS = (
            lr_source=_MC.format(exp="hira/llama-3.2-3B-rank32-lr4.5e-3", lr="4.5e-3", x=45)),
 )
 
+_SHOTS = 3  # few-shot's demos per prompt unless data.shots says otherwise
+
 METHODS: dict[str, Method] = {
     m.name: m
     for m in (
-        Method("zero-shot", False, 0.0, "the base model as is"),
-        Method("few-shot", False, 0.0, "in-context examples from the train split (data.shots, default 3)"),
-        Method("full", True, 5e-5, "every weight trains"),
+        Method("zero-shot", False, 0.0, "the base model as is", storage=BASE),
+        Method("few-shot", False, 0.0, f"in-context examples from the train split (data.shots, default {_SHOTS})",
+               default_shots=_SHOTS, storage=BASE),
+        Method("full", True, 5e-5, "every weight trains", storage=MODEL),
         Method("lora", True, 2e-4, "low-rank updates to chosen linear layers", lora_config),
         Method("qlora", True, 2e-4, "LoRA over a frozen 4-bit NF4 (or 8-bit) base, via bitsandbytes", qlora_config,
                quantized=True),
@@ -132,9 +143,8 @@ METHODS: dict[str, Method] = {
         Method("prompt-tuning", True, 3e-2, "a trained soft prompt of virtual tokens", prompt_tuning_config),
         Method("prefix-tuning", True, 1e-2, "trained key/value prefixes in every layer", prefix_tuning_config),
         Method("p-tuning", True, 1e-2, "virtual tokens produced by a small prompt encoder", p_tuning_config),
-        Method(
-            "linear-head", True, 0.0, "logistic regression on the frozen model's mid-layer states", build=build
-        ),
+        Method("linear-head", True, 0.0, "logistic regression on the frozen model's mid-layer states", build=build,
+               storage=HEAD),
         *NAMED_VARIANTS,
         Method("peft", True, 2e-4, "any peft tuner: method.peft {peft_type: ..., fields} or method.peft_config "
                "(an adapter_config.json)", any_tuner, lr_source="LoRA's default; set train.lr for other tuners"),
@@ -149,12 +159,13 @@ def get_method(name: str) -> Method:
     return METHODS[name]
 
 
-def apply_method(loaded: LoadedModel, task: Task, cfg: MethodConfig) -> torch.nn.Module:
-    """Return the model to train: a peft model with only adapter weights trainable, or the whole model for `full`."""
-    method = get_method(cfg.name)
+def apply_method(method: Method, loaded: LoadedModel, task: Task, cfg: MethodConfig) -> torch.nn.Module:
+    """Return the model to train: a peft model with only adapter weights trainable, or the whole model for `full`.
+
+    `method`: the registry's entry for `cfg.name`; `cfg` carries its settings.
+    """
     model = loaded.model
     if getattr(loaded, "processor", None) is not None:  # a vision-language model: language side unless told
-
         return apply_vision_method(loaded, task, cfg, method)
     if method.build is not None:
         return method.build(loaded, task, cfg)
@@ -162,7 +173,7 @@ def apply_method(loaded: LoadedModel, task: Task, cfg: MethodConfig) -> torch.nn
         for p in model.parameters():
             p.requires_grad_(method.trains)
         return model
-    what = f"method '{cfg.name}' on {loaded.name} ({loaded.kind})"
+    what = f"method '{method.name}' on {loaded.name} ({loaded.kind})"
     config = method.peft_config(cfg, loaded, task)
     if method.name != "peft":
         config = with_extras(config, cfg, loaded)
@@ -172,15 +183,15 @@ def apply_method(loaded: LoadedModel, task: Task, cfg: MethodConfig) -> torch.nn
     return wrapped
 
 
-def plain_path_reason(cfg: MethodConfig) -> str | None:
-    """Why this method runs without some of peftlab's speed paths (`methods.speed`), or None."""
-    peft_type = cfg.peft_fields()[0] if cfg.name == "peft" else get_method(cfg.name).peft_type
+def plain_path_reason(method: Method, cfg: MethodConfig) -> str | None:
+    """Why this method runs without some of peftlab's speed paths (`methods.speed`), or None (`cfg`: its settings,
+    which name the tuner of `peft`)."""
+    peft_type = cfg.peft_fields()[0] if method.name == "peft" else method.peft_type
     return speed.plain_path_reason(peft_type)
 
 
 def count_params(model: torch.nn.Module) -> tuple[int, int]:
     """(trainable, total) parameter counts, counting the frozen base once (a 4-bit base at its unpacked size)."""
-
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(stored_params(p) for p in model.parameters())
     return trainable, total

@@ -62,7 +62,7 @@ def _units(cfg: RunConfig, test: bool) -> float:
     method = get_method(cfg.method.name)
     evals = n_eval * (1 + int(test))
     if not method.trains:
-        return evals * (1 + (cfg.data.shots or (3 if cfg.method.name == "few-shot" else 0)))
+        return evals * (1 + method.shots(cfg.data.shots))
     if method.build is not None:
         return n_train + evals
     return 3 * _epochs_rows(cfg, n_train) + n_eval * max(1, cfg.train.epochs) + n_eval * int(test)

@@ -17,13 +17,14 @@ from pathlib import Path
 from peftlab.core.config import DEFAULT_MODEL, RunConfig, check_limit, from_dict, validate
 from peftlab.core.errors import PeftlabError
 from peftlab.core.files import ensure_writable, json_bytes, jsonl_bytes, write_files_atomic, write_jsonl
+from peftlab.core.result import run_config
 from peftlab.data.splits import data_labels, in_file_order, load_splits, read_examples, read_file
 from peftlab.data.tasks import Example, get_task, task_for
 from peftlab.evaluate.split_scoring import evaluate, predict
-from peftlab.methods.saved import SavedRun, load_run, run_config
 from peftlab.models.adapters import load_for_inference
 from peftlab.models.hf_folder import check_max_length
 from peftlab.prompts.encoding import content_free_items, encode_split, few_shot_demos, format_for
+from peftlab.recipes.saved_run import SavedRun, load_run
 
 FIX_OUT = "choose another --out"
 
