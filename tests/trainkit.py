@@ -12,7 +12,10 @@ from pathlib import Path
 import torch
 from builders import PUBMEDQA
 
-from peftlab.core.config import RunConfig, load_config
+from peftlab.core.config import MethodConfig, RunConfig, load_config
+from peftlab.data.tasks import Task
+from peftlab.methods.registry import apply_method, get_method
+from peftlab.models.hf_folder import LoadedModel
 
 # The result.json keys every run must write (the study report reads them).
 RESULT_KEYS = {
@@ -30,6 +33,11 @@ def tiny_cfg(model: Path, method: str, out: Path, name: str | None = None, data:
         f"output_dir={out}", f"name={name or method}",
     ]
     return load_config(None, [*base, *overrides])
+
+
+def adapt(loaded: LoadedModel, task: Task, cfg: MethodConfig) -> torch.nn.Module:
+    """`apply_method` with the registry's entry for `cfg.name`, as the training recipe looks it up."""
+    return apply_method(get_method(cfg.name), loaded, task, cfg)
 
 
 def train_losses(run_dir: Path) -> list[float]:

@@ -90,9 +90,9 @@ def test_files_per_split_and_a_val_split_carved_from_train(tmp_path):
             for i in range(40)]
     train, test = write(rows[:30], tmp_path / "train.jsonl"), write(rows[30:], tmp_path / "test.csv")
     cfg = load_config(None, ["data.task=alpaca", f"data.train={train}", f"data.test={test}"])
-    task = task_for(cfg.data).relabel(data_labels(cfg, task_for(cfg.data)))
+    task = task_for(cfg.data).relabel(data_labels(cfg.data, task_for(cfg.data)))
     assert task.kind == "classification" and task.labels == ("no", "yes")
-    splits = load_splits(cfg, task)
+    splits = load_splits(cfg.data, task)
     assert [e.id for e in splits["test"]] == [f"r{i}" for i in range(30, 40)]  # the test file, whole and in order
     assert len(splits["val"]) in (3, 4) and len(splits["train"]) + len(splits["val"]) == 30  # ~1/9 of train, by class
     assert {e.target for e in splits["val"]} == {"no", "yes"}
@@ -103,4 +103,4 @@ def test_data_path_and_per_split_files_do_not_mix(tmp_path):
     train = write(ALPACA, tmp_path / "t.jsonl")
     cfg = load_config(None, ["data.task=alpaca", f"data.train={train}", f"data.path={train}"])
     with pytest.raises(PeftlabError, match="set data.path or data.train/data.val/data.test, not both"):
-        load_splits(cfg, get_task("alpaca"))
+        load_splits(cfg.data, get_task("alpaca"))

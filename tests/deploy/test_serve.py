@@ -272,15 +272,15 @@ def test_a_served_linear_head_answers_as_eval_does(tiny_causal, adapters, tmp_pa
     from trainkit import tiny_cfg
 
     from peftlab.data.splits import load_splits
-    from peftlab.methods.saved import load_run
     from peftlab.recipes.eval_run import EvalOptions, eval_run
+    from peftlab.recipes.saved_run import load_run
 
     run = run_training(tiny_cfg(tiny_causal, "linear-head", tmp_path, "head", PUBMEDQA, "method.head_layer=1"))
     eval_run(run, EvalOptions(device="cpu"), tmp_path / "eval")
     expected = {json.loads(line)["id"]: json.loads(line)["prediction"]
                 for line in (tmp_path / "eval" / "predictions.jsonl").read_text().splitlines()}
     saved = load_run(run, "cpu")
-    examples = load_splits(saved.cfg, saved.task)["test"]
+    examples = load_splits(saved.cfg.data, saved.task)["test"]
     loaded = load_model(str(tiny_causal), device="cpu")
     client = TestClient(create_app(loaded, {"lora-one": adapters["lora-one"]}, heads={"head": run}))
     for ex in examples:

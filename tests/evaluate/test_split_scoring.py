@@ -192,8 +192,8 @@ def test_calibrated_evaluation_uses_content_free_prompts_with_the_same_demos(cau
     examples = task.load(PUBMEDQA)[:8]
     cfg = load_config(None, base={"data": {"max_length": 1024, "calibrate": True}})
     demos = few_shot_demos(task, examples[:4], 1, seed=0)
-    items = encode_split(cfg, task, fmt, examples[4:], demos)
-    free = content_free_items(cfg, task, fmt, examples[:4], demos)
+    items = encode_split(cfg.data, task, fmt, examples[4:], demos)
+    free = content_free_items(cfg.data, task, fmt, examples[:4], demos)
     assert len(free) == 3 and all(demos[0][0][:40] in fmt.tokenizer.decode(e.prompt_ids) for e in free)
     assert "N/A" in fmt.tokenizer.decode(free[0].prompt_ids)
     metrics, rows = evaluate(loaded.model, fmt, task, examples[4:], items, progress=False, content_free=free)
@@ -203,4 +203,4 @@ def test_calibrated_evaluation_uses_content_free_prompts_with_the_same_demos(cau
     raw = [max(r["label_logprobs"], key=r["label_logprobs"].get) for r in rows]  # the uncalibrated scores are kept
     gold = [e.references[0] for e in examples[4:]]
     assert metrics["uncalibrated_accuracy"] == sum(p == g for p, g in zip(raw, gold, strict=True)) / 4
-    assert not content_free_items(load_config(None, base={}), task, fmt, examples[:4], demos)  # off by default
+    assert not content_free_items(load_config(None, base={}).data, task, fmt, examples[:4], demos)  # off by default

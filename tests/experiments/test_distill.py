@@ -30,14 +30,14 @@ def test_teacher_outputs_cover_the_train_split_and_train_a_student(tiny_causal, 
     cfg = _cfg(tiny_causal, small_pubmedqa, tmp_path, "name=student")
     out = generate_teacher_outputs(str(tiny_causal), cfg, tmp_path / "teacher.jsonl")
     outputs = read_outputs(out)
-    train = load_splits(cfg, get_task("pubmedqa"))["train"]
+    train = load_splits(cfg.data, get_task("pubmedqa"))["train"]
     assert set(outputs) == {ex.id for ex in train}
     assert set(outputs.values()) <= {"yes", "no", "maybe"}
     student = load_config(None, [f"data.target={out}"], base=json.loads(json.dumps(_raw(cfg))))
     assert (run_training(student) / "result.json").is_file()
     # `teacher` means the outputs file next to the run folders
     by_name = load_config(None, ["data.target=teacher"], base=_raw(cfg))
-    assert teacher_file(by_name) == tmp_path / "teacher.jsonl"
+    assert teacher_file(by_name.data, by_name.output_dir) == tmp_path / "teacher.jsonl"
 
 
 def _raw(cfg) -> dict:
@@ -49,7 +49,7 @@ def _raw(cfg) -> dict:
 def test_target_teacher_without_file_names_the_path(tmp_path):
     cfg = load_config(None, ["data.target=teacher", f"output_dir={tmp_path}"])
     with pytest.raises(PeftlabError, match=str(tmp_path / "teacher.jsonl")):
-        teacher_file(cfg)
+        teacher_file(cfg.data, cfg.output_dir)
 
 
 def test_resolve_teacher(tiny_causal, small_pubmedqa, tmp_path):
@@ -92,7 +92,7 @@ def test_rank_teachers_picks_the_best_on_val(tiny_causal, small_pubmedqa, tmp_pa
     assert [r["name"] for r in ranking] == ["strong", "middle", "weak"]
     assert used[-1][0] == "strong"  # the train split was distilled with the best teacher
     assert len(read_outputs(out)) == used[-1][1]
-    n_val = len(load_splits(cfg, get_task("pubmedqa"))["val"])
+    n_val = len(load_splits(cfg.data, get_task("pubmedqa"))["val"])
     assert [n for _, n in used[:3]] == [n_val] * 3 and n_val <= 4  # ranked on the (limited) val split
     with pytest.raises(PeftlabError, match="unknown config key 'teachers\\[0\\].bogus'"):
         distill.prepare_teacher({"teachers": [{"name": "x", "bogus": 1}]}, [cfg], tmp_path / "other")

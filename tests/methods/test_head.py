@@ -99,12 +99,12 @@ def test_linear_head_run_fits_saves_and_beats_chance_on_its_train_split(tiny_cau
     # Reload the saved head and score its own training split: a nearly unregularised head on 60 examples in 32
     # dimensions must fit them far better than the majority class does.
     task = get_task("pubmedqa")
-    train = load_splits(cfg, task)["train"]
+    train = load_splits(cfg.data, task)["train"]
     loaded = load_model(str(tiny_causal), device="cpu")
     head = build(loaded, task, cfg.method)
     head.load_state_dict(load_file(str(run_dir / "head" / "head.safetensors")), strict=False)
     fmt = PromptFormat(loaded.tokenizer, loaded.kind, loaded.chat)
-    metrics, _ = evaluate(head, fmt, task, train, encode_split(cfg, task, fmt, train), progress=False)
+    metrics, _ = evaluate(head, fmt, task, train, encode_split(cfg.data, task, fmt, train), progress=False)
     majority = max(sum(ex.target == label for ex in train) for label in task.labels) / len(train)
     assert metrics["accuracy"] > majority + 0.1
 
@@ -131,11 +131,11 @@ def test_text_heads_add_their_logprobs_to_the_hidden_state_head(tiny_causal, tmp
 
     task, loaded = get_task("pubmedqa"), load_model(str(tiny_causal), device="cpu")
     fmt = PromptFormat(loaded.tokenizer, loaded.kind, loaded.chat)
-    splits = load_splits(cfg, task)
+    splits = load_splits(cfg.data, task)
     head = build(loaded, task, cfg.method)
-    fit_head(cfg.method, head, task, fmt, encode_split(cfg, task, fmt, splits["train"]), splits["train"])
+    fit_head(cfg.method, head, task, fmt, encode_split(cfg.data, task, fmt, splits["train"]), splits["train"])
     test = splits["test"]
-    items = encode_split(cfg, task, fmt, test)
+    items = encode_split(cfg.data, task, fmt, test)
     fused = label_scores(head, fmt, items, task.labels, progress=False, examples=test)
     texts = [example_text(ex) for ex in test]
     hidden_only = fused - sum(h.logprobs(texts) for h in head.text_heads)

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 from builders import PUBMEDQA
-from trainkit import sharpen, tiny_cfg, train_losses
+from trainkit import adapt, sharpen, tiny_cfg, train_losses
 
 from peftlab.core.config import MethodConfig
 from peftlab.core.errors import PeftlabError
 from peftlab.data.tasks import get_task
-from peftlab.methods.registry import METHODS, apply_method, count_params, get_method
+from peftlab.methods.registry import METHODS, count_params, get_method
 from peftlab.models.loading import load_model
 from peftlab.recipes.train_run import run_training
 
@@ -33,11 +33,22 @@ def test_registry():
         get_method("qlora-xl")
 
 
+def test_each_entry_says_its_demos_and_where_its_training_is_saved():
+    few, zero = get_method("few-shot"), get_method("zero-shot")
+    assert (few.shots(0), few.shots(5), zero.shots(0), get_method("lora").shots(2)) == (3, 5, 0, 2)
+    folders = {name: m.storage.folder for name, m in METHODS.items()}
+    assert folders["full"] == "model" and folders["linear-head"] == "head"
+    assert {name for name, folder in folders.items() if folder == "adapter"} == set(METHODS) - {
+        "zero-shot", "few-shot", "full", "linear-head"}
+    # What trains is saved; what trains nothing has nothing to save and scores with the base as it is.
+    assert all((m.storage.save is not None) == m.trains for m in METHODS.values())
+
+
 @pytest.mark.parametrize("name", [n for n in UNQUANTIZED if METHODS[n].build is None])
 def test_apply_method_trainable_counts(name, tiny_model):
     loaded = load_model(str(tiny_model), device="cpu")
     base = loaded.num_params
-    model = apply_method(loaded, get_task("pubmedqa"), MethodConfig(name=name, num_virtual_tokens=4))
+    model = adapt(loaded, get_task("pubmedqa"), MethodConfig(name=name, num_virtual_tokens=4))
     trainable, total = count_params(model)
     if name in ("zero-shot", "few-shot"):
         assert trainable == 0 and total == base
@@ -51,14 +62,14 @@ def test_apply_method_trainable_counts(name, tiny_model):
 
 def test_lora_llama_names_map_to_t5(tiny_seq2seq):
     loaded = load_model(str(tiny_seq2seq), device="cpu")
-    model = apply_method(loaded, get_task("pubmedqa"), MethodConfig(name="lora", target_modules=["q_proj", "v_proj"]))
+    model = adapt(loaded, get_task("pubmedqa"), MethodConfig(name="lora", target_modules=["q_proj", "v_proj"]))
     assert set(model.peft_config["default"].target_modules) == {"q", "v"}
 
 
 def test_unknown_target_module_is_an_error(tiny_causal):
     loaded = load_model(str(tiny_causal), device="cpu")
     with pytest.raises(PeftlabError, match="query_key_value"):
-        apply_method(loaded, get_task("pubmedqa"), MethodConfig(name="lora", target_modules=["query_key_value"]))
+        adapt(loaded, get_task("pubmedqa"), MethodConfig(name="lora", target_modules=["query_key_value"]))
 
 
 @pytest.fixture(scope="module")

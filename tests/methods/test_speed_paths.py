@@ -14,12 +14,13 @@ import dataclasses
 import pytest
 import torch
 from builders import shared_rows
+from trainkit import adapt
 
 from peftlab.core.config import MethodConfig, TrainConfig
 from peftlab.data.tasks import get_task
 from peftlab.kernels.lastlayer import WINDOWED
 from peftlab.kernels.memory import fused_rmsnorm, lean_swiglu
-from peftlab.methods.registry import NAMED_VARIANTS, apply_method, plain_path_reason, use_plain_path
+from peftlab.methods.registry import NAMED_VARIANTS, get_method, plain_path_reason, use_plain_path
 from peftlab.methods.speed import BATCH_MIXING, CHECKED
 from peftlab.models.loading import load_model
 from peftlab.train.step import step_inputs, train_step
@@ -68,7 +69,7 @@ def test_speed_paths_give_the_plain_peft_loss_and_update(method, tiny_causal):
     task = get_task("pubmedqa")
     fast = load_model(str(tiny_causal), device="cpu")
     plain = dataclasses.replace(fast, model=AutoModelForCausalLM.from_pretrained(tiny_causal))
-    reason = plain_path_reason(cfg)
+    reason = plain_path_reason(get_method(method), cfg)
     if reason is None:
         assert lean_swiglu(fast.model) and fused_rmsnorm(fast.model)
     else:  # the fallback run_training takes: no window, no shared prefix, right-padded rows kept
@@ -76,9 +77,9 @@ def test_speed_paths_give_the_plain_peft_loss_and_update(method, tiny_causal):
         use_plain_path(fast.model, reason, train)
         assert train.shared_prefix is False and not hasattr(fast.model.model.layers[-1], WINDOWED)
     torch.manual_seed(0)  # SHiRA's random positions and the like: the same on both sides
-    fast_model = apply_method(fast, task, cfg)
+    fast_model = adapt(fast, task, cfg)
     torch.manual_seed(0)
-    plain_model = apply_method(plain, task, cfg)
+    plain_model = adapt(plain, task, cfg)
     peft_type = fast_model.peft_config["default"].peft_type.value
     assert (peft_type in CHECKED) == (reason is None) and (reason is None or peft_type in BATCH_MIXING)
     assert hasattr(fast.model.model.layers[-1], WINDOWED) == (reason is None)

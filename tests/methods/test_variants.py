@@ -14,7 +14,7 @@ import math
 import pytest
 import torch
 from builders import PUBMEDQA
-from trainkit import sharpen, tiny_cfg, train_losses
+from trainkit import adapt, sharpen, tiny_cfg, train_losses
 
 from peftlab.core.config import MethodConfig, load_config, save_config
 from peftlab.core.errors import NotSupported, PeftlabError
@@ -25,7 +25,6 @@ from peftlab.deploy.serve import AdapterPool
 from peftlab.methods.registry import (
     METHODS,
     NAMED_VARIANTS,
-    apply_method,
     count_params,
     plain_path_reason,
     save_adapter,
@@ -70,7 +69,7 @@ def test_variant_trains_two_steps_and_reports_its_size(method, kind, sharp, tmp_
     result = read_json(run_dir / "result.json")
     assert 0 < result["trainable_params"] < result["total_params"]
     assert result["adapter_bytes"] == sum(f.stat().st_size for f in (run_dir / "adapter").glob("*.safetensors")) > 0
-    assert result["plain_path"] == plain_path_reason(MethodConfig(name=method))
+    assert result["plain_path"] == plain_path_reason(METHODS[method], MethodConfig(name=method))
     assert (result["plain_path"] is None) == (method != "lily")
 
 
@@ -109,7 +108,7 @@ def test_variant_reloads_with_plain_peft_merges_and_serves(method, kind, tiny_ca
     cfg = tiny_cfg(path, method, tmp_path)
     loaded = load_model(str(path), device="cpu")
     torch.manual_seed(0)
-    model = apply_method(loaded, TASK, cfg.method)
+    model = adapt(loaded, TASK, cfg.method)
     _randomise(model)
     model.eval()
     want = _logits(model, kind)
@@ -154,26 +153,26 @@ def _fields(config) -> dict:
 @pytest.mark.parametrize("method", NAMED)
 def test_peft_fields_give_the_named_methods_adapter(method, tiny_causal):
     torch.manual_seed(0)
-    named = apply_method(load_model(str(tiny_causal), device="cpu"), TASK, MethodConfig(name=method))
+    named = adapt(load_model(str(tiny_causal), device="cpu"), TASK, MethodConfig(name=method))
     config = named.peft_config["default"]
     raw = {"name": "peft", "peft": {"peft_type": config.peft_type.value, **_fields(config)}}
     cfg = load_config(None, base={"method": json.loads(json.dumps(raw))})  # what a YAML file can hold
     torch.manual_seed(0)
-    via_peft = apply_method(load_model(str(tiny_causal), device="cpu"), TASK, cfg.method)
+    via_peft = adapt(load_model(str(tiny_causal), device="cpu"), TASK, cfg.method)
     assert type(via_peft.peft_config["default"]) is type(config)
     assert count_params(via_peft) == count_params(named)
 
 
 def test_a_saved_peft_config_runs_unchanged(tiny_causal, tmp_path):
     """An adapter_config.json (as in peft's method_comparison/ experiments) is a method, trainable again."""
-    named = apply_method(load_model(str(tiny_causal), device="cpu"), TASK, MethodConfig(name="vera", r=16))
+    named = adapt(load_model(str(tiny_causal), device="cpu"), TASK, MethodConfig(name="vera", r=16))
     named.save_pretrained(tmp_path / "exp")
     saved = json.loads((tmp_path / "exp" / "adapter_config.json").read_text())
     assert saved["inference_mode"] is True  # a saved config records inference mode; peftlab trains it anyway
     # A field another peft version has and this one lacks: dropped at its empty default, an error when set.
     (tmp_path / "exp" / "adapter_config.json").write_text(json.dumps({**saved, "future_field": None}))
     cfg = load_config(None, ["method.name=peft", f"method.peft_config={tmp_path / 'exp'}"])
-    via_file = apply_method(load_model(str(tiny_causal), device="cpu"), TASK, cfg.method)
+    via_file = adapt(load_model(str(tiny_causal), device="cpu"), TASK, cfg.method)
     assert count_params(via_file) == count_params(named) and count_params(via_file)[0] > 0
     (tmp_path / "exp" / "adapter_config.json").write_text(json.dumps({**saved, "future_field": 3}))
     with pytest.raises(PeftlabError, match="unknown field 'future_field' in .*exp for VeraConfig"):
@@ -196,16 +195,16 @@ def test_bad_peft_fields_fail_at_config_load_in_one_line(overrides, message):
 def test_bad_fields_on_a_named_method_and_a_wrong_task_type_fail_before_training(tiny_causal):
     loaded = load_model(str(tiny_causal), device="cpu")
     with pytest.raises(PeftlabError, match="unknown config key 'method.peft.lora_alph' for LoraConfig"):
-        apply_method(loaded, TASK, MethodConfig(name="dora", peft={"lora_alph": 4}))
+        adapt(loaded, TASK, MethodConfig(name="dora", peft={"lora_alph": 4}))
     with pytest.raises(PeftlabError, match="task_type is SEQ_2_SEQ_LM but .* is a causal model"):
-        apply_method(loaded, TASK, MethodConfig(name="peft", peft={"peft_type": "LORA", "task_type": "SEQ_2_SEQ_LM"}))
+        adapt(loaded, TASK, MethodConfig(name="peft", peft={"peft_type": "LORA", "task_type": "SEQ_2_SEQ_LM"}))
 
 
 def test_a_tuner_peft_cannot_apply_is_not_run_here(tiny_causal):
     # C3A's default 256-wide circulant blocks do not divide the tiny model's 32-wide projections.
     loaded = load_model(str(tiny_causal), device="cpu")
     with pytest.raises(NotSupported, match="peft does not support method 'peft'") as err:
-        apply_method(loaded, TASK, MethodConfig(name="peft", peft={"peft_type": "C3A", "target_modules": ["q_proj"]}))
+        adapt(loaded, TASK, MethodConfig(name="peft", peft={"peft_type": "C3A", "target_modules": ["q_proj"]}))
     assert "\n" not in str(err.value)
 
 

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 import torch
 from builders import PUBMEDQA
-from trainkit import sharpen, tiny_cfg, train_losses
+from trainkit import adapt, sharpen, tiny_cfg, train_losses
 
 from peftlab.cli import main
 from peftlab.core.errors import NotSupported
@@ -170,7 +170,7 @@ def test_merged_qlora_is_full_precision_and_matches_within_quantization_error(sh
     task = get_task("pubmedqa")
     quantized = load_model(str(sharp_causal), device="cpu", quantize="nf4")
     fmt = format_for(quantized)
-    batch = collate(encode_split(cfg, task, fmt, load_splits(cfg, task)["test"]), "causal", 0)
+    batch = collate(encode_split(cfg.data, task, fmt, load_splits(cfg.data, task)["test"]), "causal", 0)
 
     def logits(model):
         with torch.inference_mode():
@@ -223,7 +223,6 @@ def test_evaluation_between_epochs_keeps_qlora_gradients(llama64):
     the same gradients (the input gradient through a repacked layer would be lost)."""
     from peftlab.core.config import MethodConfig
     from peftlab.data.tasks import get_task
-    from peftlab.methods.registry import apply_method
     from peftlab.models.forward import target_logits, target_loss
     from peftlab.models.loading import load_model
     from peftlab.prompts.batches import collate
@@ -231,7 +230,7 @@ def test_evaluation_between_epochs_keeps_qlora_gradients(llama64):
 
     loaded = load_model(str(llama64), device="cpu", quantize="nf4")
     task = get_task("pubmedqa")
-    model = apply_method(loaded, task, MethodConfig(name="qlora", dropout=0.0))
+    model = adapt(loaded, task, MethodConfig(name="qlora", dropout=0.0))
     fmt = format_for(loaded)
     batch = collate([encode(task, e, fmt, 128) for e in task.load(PUBMEDQA)[:4]], "causal", 0)
 

@@ -13,7 +13,7 @@ import math
 import pytest
 import torch
 from builders import REPO
-from trainkit import tiny_cfg, train_losses
+from trainkit import adapt, tiny_cfg, train_losses
 
 from peftlab.core.config import MethodConfig
 from peftlab.core.errors import NotSupported, PeftlabError
@@ -21,7 +21,6 @@ from peftlab.core.files import read_json
 from peftlab.data.splits import load_splits
 from peftlab.data.tasks import get_task
 from peftlab.evaluate.scoring import mean_loss
-from peftlab.methods.registry import apply_method
 from peftlab.models.adapters import load_for_inference
 from peftlab.models.forward import target_logits
 from peftlab.models.loading import load_model
@@ -139,7 +138,7 @@ def test_trains_and_reloads(arch, method, tiny_vlms, tmp_path):
     task = get_task("scienceqa")
     loaded, _ = load_for_inference(str(tiny_vlms[arch]), str(run_dir), device="cpu")
     fmt = format_for(loaded)
-    val = encode_split(cfg, task, fmt, load_splits(cfg, task)["val"])
+    val = encode_split(cfg.data, task, fmt, load_splits(cfg.data, task)["val"])
     reloaded = mean_loss(loaded.model, "causal", val, loaded.tokenizer.pad_token_id)
     assert reloaded == pytest.approx(result["best_val_loss"], abs=1e-5)
     base, _ = _loaded(tiny_vlms, arch)
@@ -164,17 +163,17 @@ def test_language_side_by_default_vision_parts_on_request(arch, method, tiny_vlm
     for vision, parts in (([], {"language"}), (["projector"], {"language", "projector"}),
                           (["tower", "projector"], {"language", "projector", "tower"})):
         loaded, _ = _loaded(tiny_vlms, arch)
-        model = apply_method(loaded, task, MethodConfig(name=method, vision=vision))
+        model = adapt(loaded, task, MethodConfig(name=method, vision=vision))
         assert _adapted(model) == parts, vision
     loaded, _ = _loaded(tiny_vlms, arch)
     with pytest.raises(PeftlabError, match="method.vision: unknown part"):
-        apply_method(loaded, task, MethodConfig(name=method, vision=["eyes"]))
+        adapt(loaded, task, MethodConfig(name=method, vision=["eyes"]))
 
 
 def test_prompt_learning_cannot_adapt_vision_parts(tiny_vlms):
     loaded, _ = _loaded(tiny_vlms, "paligemma")
     with pytest.raises(PeftlabError, match="needs lora, qlora, ia3 or full"):
-        apply_method(loaded, get_task("scienceqa"), MethodConfig(name="prompt-tuning", vision=["projector"]))
+        adapt(loaded, get_task("scienceqa"), MethodConfig(name="prompt-tuning", vision=["projector"]))
 
 
 @pytest.mark.parametrize("arch", MODEL_TYPE)
@@ -203,7 +202,7 @@ def test_generation_agrees_with_scoring(arch, method, tiny_vlms, examples):
         for p in loaded.model.parameters():
             if p.dim() > 1:
                 p.normal_(0, 0.3)
-    model = apply_method(loaded, get_task("scienceqa"), MethodConfig(name=method, num_virtual_tokens=4)).eval()
+    model = adapt(loaded, get_task("scienceqa"), MethodConfig(name=method, num_virtual_tokens=4)).eval()
     items = [encode(get_task("scienceqa"), e, fmt, 256) for e in (examples["image"][5], examples["text"][3],
                                                                    examples["image"][9])]
     width = max(len(e.prompt_ids) for e in items)

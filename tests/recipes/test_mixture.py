@@ -27,22 +27,22 @@ def _mix(pubmedqa, dialogsum, pw=1, dw=3, ptpl="[0, 2]", *extra):
 
 
 def test_parse_mixture():
-    entries = parse_mixture(load_config(None, ["data.task=mix:pubmedqa,dialogsum"]))
+    entries = parse_mixture(load_config(None, ["data.task=mix:pubmedqa,dialogsum"]).data)
     assert [(e.task, e.weight, e.templates) for e in entries] == [("pubmedqa", 1.0, [0, 1, 2]), ("dialogsum", 1.0,
                                                                                                    [0, 1, 2])]
     with pytest.raises(PeftlabError, match="templates within 0..2"):
-        parse_mixture(load_config(None, ["data.mixture=[{task: pubmedqa, templates: [5]}, {task: dialogsum}]"]))
+        parse_mixture(load_config(None, ["data.mixture=[{task: pubmedqa, templates: [5]}, {task: dialogsum}]"]).data)
     with pytest.raises(PeftlabError, match="at least two tasks"):
-        parse_mixture(load_config(None, ["data.mixture=[{task: pubmedqa}]"]))
+        parse_mixture(load_config(None, ["data.mixture=[{task: pubmedqa}]"]).data)
     with pytest.raises(PeftlabError, match="unknown config key 'data.mixture\\[1\\].wieght'"):
-        parse_mixture(load_config(None, ["data.mixture=[{task: pubmedqa}, {task: dialogsum, wieght: 2}]"]))
+        parse_mixture(load_config(None, ["data.mixture=[{task: pubmedqa}, {task: dialogsum, wieght: 2}]"]).data)
 
 
 def test_weights_and_templates(tiny_causal, small_pubmedqa, small_dialogsum):
     cfg = _mix(small_pubmedqa, small_dialogsum)
     loaded = load_model(str(tiny_causal), device="cpu")
     fmt = PromptFormat(loaded.tokenizer, loaded.kind, loaded.chat)
-    parts = load_parts(cfg, parse_mixture(cfg))
+    parts = load_parts(cfg.data, parse_mixture(cfg.data))
     train, counts = sample_train(parts, fmt, 512, seed=0)
     assert counts == {"pubmedqa": 5, "dialogsum": 15}  # 20 examples in all, shared 1:3 (dialogsum repeats)
     assert Counter(e.id.split(":")[0] for e in train) == counts

@@ -16,6 +16,7 @@ from builders import REPO
 
 from peftlab.core.config import load_config
 from peftlab.core.errors import PeftlabError
+from peftlab.methods.registry import get_method
 from peftlab.recipes.pruning import EpochPruner, Pruned
 from peftlab.recipes.search import parse_space, suggest
 
@@ -114,10 +115,11 @@ def test_tune_section_parses_and_centres_lr_on_each_method():
     spec = parse_tune({"trials": 3, "space": {"train.lr": {"factor": 10}},
                        "methods": {"lora": {"method.r": {"choices": [4, 8]}}},
                        "select": {"linear-head": {"method.head_c": [0.01, 0.1]}}})
-    lora = method_space(spec, load_config(None, ["method.name=lora"]))
+    lora = method_space(spec, load_config(None, ["method.name=lora"]), get_method("lora"))
     assert lora["train.lr"]["low"] == pytest.approx(2e-5) and lora["train.lr"]["high"] == pytest.approx(2e-3)
     assert lora["train.lr"]["log"] and lora["method.r"] == {"choices": [4, 8]}
-    full = method_space(spec, load_config(None, ["method.name=full", "train.lr=1e-4"]))  # a set lr is the centre
+    # a set lr is the centre
+    full = method_space(spec, load_config(None, ["method.name=full", "train.lr=1e-4"]), get_method("full"))
     assert full["train.lr"]["low"] == pytest.approx(1e-5) and "method.r" not in full
     with pytest.raises(PeftlabError, match="unknown tune key 'trails'"):
         parse_tune({"trails": 3})

@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 from builders import PUBMEDQA
-from trainkit import RESULT_KEYS, sharpen, tiny_cfg, train_losses
+from trainkit import RESULT_KEYS, adapt, sharpen, tiny_cfg, train_losses
 
 import peftlab.train.loop as train_mod
 from peftlab.core.config import load_config
@@ -94,7 +94,7 @@ def test_saved_weights_reload_to_identical_scores(method, sharp_causal, tmp_path
 
     task = get_task("pubmedqa")
     fmt = PromptFormat(load_tokenizer(sharp_causal), "causal", chat=True)
-    items = encode_split(cfg, task, fmt, load_splits(cfg, task)["test"])
+    items = encode_split(cfg.data, task, fmt, load_splits(cfg.data, task)["test"])
     model = _reload(run_dir, sharp_causal, method)
     reloaded = label_scores(model, fmt, items, task.labels, progress=False)
     assert torch.allclose(reloaded, saved, atol=1e-6), (reloaded - saved).abs().max()
@@ -225,12 +225,11 @@ def test_bf16_weights_lose_adamw_steps_at_a_fine_tuning_lr():
 
 def test_adapters_train_in_fp32_over_a_bf16_base(tiny_causal):
     """Why only full fine-tuning needs autocast on a GPU: peft keeps every adapter's weights in fp32."""
-    from peftlab.methods.registry import apply_method
     from peftlab.models.loading import load_model
 
     for name in ("lora", "ia3", "prompt-tuning", "prefix-tuning", "p-tuning"):
         loaded = load_model(str(tiny_causal), device="cpu", dtype=torch.bfloat16)
-        model = apply_method(loaded, get_task("pubmedqa"), load_config(None, [f"method.name={name}"]).method)
+        model = adapt(loaded, get_task("pubmedqa"), load_config(None, [f"method.name={name}"]).method)
         assert {p.dtype for p in model.parameters() if p.requires_grad} == {torch.float32}, name
 
 

@@ -191,10 +191,11 @@ def run_trl(spec: dict) -> dict:
 
 
 def _peftlab_model(spec: dict):
+    """(config, method, loaded base, task, model to train, base parameters) for one spec."""
     from peftlab.core.config import load_config
     from peftlab.data.tasks import get_task
     from peftlab.kernels.memory import enable_checkpointing, fused_rmsnorm, lean_swiglu
-    from peftlab.methods.registry import apply_method
+    from peftlab.methods.registry import apply_method, get_method
 
     cfg = load_config(None, base={
         "model": {"name": spec["model"], "device": spec.get("device", "cpu"), "dtype": spec.get("dtype", "float32")},
@@ -204,6 +205,7 @@ def _peftlab_model(spec: dict):
                   "seed": spec["seed"], "weight_decay": 0.0, "max_grad_norm": 1.0,
                   "mixed_precision": spec.get("autocast", "no"), **spec.get("train", {})},
     })
+    method = get_method(cfg.method.name)
     loaded = load(spec)
     base_params = loaded.num_params
     task = get_task("dialogsum")
@@ -211,22 +213,21 @@ def _peftlab_model(spec: dict):
     enable_checkpointing(loaded.model, cfg.train.activation_checkpointing)
     lean_swiglu(loaded.model)
     fused_rmsnorm(loaded.model)
-    return cfg, loaded, task, apply_method(loaded, task, cfg.method), base_params
+    return cfg, method, loaded, task, apply_method(method, loaded, task, cfg.method), base_params
 
 
 def run_peftlab(spec: dict) -> dict:
     """peftlab's real training loop (`train.loop.fit`), one epoch; times the fit() call wall-clock."""
     from accelerate import Accelerator
 
-    from peftlab.methods.registry import get_method
     from peftlab.prompts.format import PromptFormat
     from peftlab.train.loop import FitData, fit
 
-    cfg, loaded, task, model, base_params = _peftlab_model(spec)
+    cfg, method, loaded, task, model, base_params = _peftlab_model(spec)
     fmt = PromptFormat(loaded.tokenizer, loaded.kind, loaded.chat)
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
-        data = FitData(task, fmt, _items(spec), [], [], get_method(cfg.method.name))
+        data = FitData(task, fmt, _items(spec), [], [], method)
         summary = fit(cfg, model, loaded, data, Path(tmp), Accelerator(cpu=_on_cpu(spec)))
         seconds = time.perf_counter() - t0
     return {"seconds": seconds, "step_seconds": summary["train_seconds"], "steps": summary["train_steps"],
@@ -241,7 +242,7 @@ def run_check(spec: dict) -> dict:
     from peftlab.prompts.batches import right_padded_ok
     from peftlab.train.step import micro_tokens, shares_prefix, split_rows, step_inputs, train_step
 
-    cfg, loaded, _, model, _ = _peftlab_model(spec)
+    cfg, _, loaded, _, model, _ = _peftlab_model(spec)
     items = _items(spec)
     right = right_padded_ok(model, loaded.kind, items)  # the layout peftlab's own loop trains with
     share = shares_prefix(cfg, right, device=spec.get("device", "cpu"))

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from peftlab.core.config import RunConfig, read_run_config
 from peftlab.core.errors import PeftlabError
 from peftlab.core.files import write_json
 
@@ -102,3 +103,11 @@ def read_result(run_dir: Path, fix: str = "delete it and rerun that run") -> Run
 def has_result(run_dir: Path) -> bool:
     """Whether the run in `run_dir` finished."""
     return (Path(run_dir) / RESULT_FILE).is_file()
+
+
+def run_config(run_dir: Path) -> RunConfig:
+    """The config a finished run folder was trained with (its `config.yaml`)."""
+    run_dir = Path(run_dir)
+    if not has_result(run_dir) or not (run_dir / "config.yaml").is_file():
+        raise PeftlabError(f"{run_dir}: not a finished run folder (no result.json / config.yaml)")
+    return read_run_config(run_dir / "config.yaml")

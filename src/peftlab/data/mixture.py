@@ -23,7 +23,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from peftlab.core.config import RunConfig, from_dict
+from peftlab.core.config import DataConfig, from_dict
 from peftlab.core.errors import PeftlabError
 from peftlab.data.splits import load_splits
 from peftlab.data.tasks import Example, Task, get_task
@@ -53,21 +53,21 @@ class Part:
         return f"{split}_{self.key}_{name}" if self.key else f"{split}_{name}"
 
 
-def is_mixture(cfg: RunConfig) -> bool:
+def is_mixture(data: DataConfig) -> bool:
     """Whether the run trains on a mixture of tasks (`data.mixture` or `data.task: mix:a,b`)."""
-    return bool(cfg.data.mixture) or cfg.data.task.startswith("mix:")
+    return bool(data.mixture) or data.task.startswith("mix:")
 
 
-def single_part(cfg: RunConfig, task: Task, splits: dict[str, list[Example]]) -> Part:
+def single_part(data: DataConfig, task: Task, splits: dict[str, list[Example]]) -> Part:
     """A single-task run as a part: its one template, unprefixed metric keys."""
-    return Part(MixtureEntry(task.name, cfg.data.path, templates=[cfg.data.template]), task, "", splits)
+    return Part(MixtureEntry(task.name, data.path, templates=[data.template]), task, "", splits)
 
 
-def parse_mixture(cfg: RunConfig) -> list[MixtureEntry]:
+def parse_mixture(data: DataConfig) -> list[MixtureEntry]:
     """The mixture entries of `data.mixture`, or of the `mix:a,b` shorthand, checked."""
-    raw = cfg.data.mixture
-    if not raw and cfg.data.task.startswith("mix:"):
-        raw = [{"task": name.strip()} for name in cfg.data.task[4:].split(",") if name.strip()]
+    raw = data.mixture
+    if not raw and data.task.startswith("mix:"):
+        raw = [{"task": name.strip()} for name in data.task[4:].split(",") if name.strip()]
     entries = [from_dict(MixtureEntry, r, f"data.mixture[{i}]") for i, r in enumerate(raw)]
     if len(entries) < 2:
         raise PeftlabError("a mixture needs at least two tasks (data.mixture or data.task: mix:a,b)")
@@ -79,13 +79,13 @@ def parse_mixture(cfg: RunConfig) -> list[MixtureEntry]:
     return entries
 
 
-def load_parts(cfg: RunConfig, entries: list[MixtureEntry], val_in_train: bool = False) -> list[Part]:
+def load_parts(data: DataConfig, entries: list[MixtureEntry], val_in_train: bool = False) -> list[Part]:
     """Each task's splits, drawn with the run's split settings and limits (`val_in_train`: see `load_splits`)."""
     parts = []
     for e in entries:
         task = get_task(e.task)
-        tcfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, task=e.task, path=e.path, mixture=[]))
-        parts.append(Part(e, task, metric_key(task.name), load_splits(tcfg, task, val_in_train)))
+        own = dataclasses.replace(data, task=e.task, path=e.path, mixture=[])
+        parts.append(Part(e, task, metric_key(task.name), load_splits(own, task, val_in_train)))
     keys = [p.key for p in parts]
     if len(set(keys)) != len(keys):
         raise PeftlabError(f"data.mixture lists a task twice: {keys}")

@@ -12,7 +12,7 @@ from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
 
-from peftlab.core.config import RunConfig
+from peftlab.core.config import DataConfig
 from peftlab.core.errors import PeftlabError
 from peftlab.data.tasks import DEFAULT_DATA, Example, Task
 from peftlab.data.tasks.base import SPLITS
@@ -70,9 +70,9 @@ def kfold_examples(examples: Sequence[Example], k: int, fold: int, seed: int = 0
     return {"train": train, "val": folds[val_fold], "test": folds[fold]}
 
 
-def read_examples(cfg: RunConfig, task: Task) -> list[Example]:
+def read_examples(data: DataConfig, task: Task) -> list[Example]:
     """Every example of the run's data file, in file order; a missing or empty file is an error naming it."""
-    path = cfg.data.path or DEFAULT_DATA.get(task.name)
+    path = data.path or DEFAULT_DATA.get(task.name)
     if path is None:
         raise PeftlabError(f"task '{task.name}' has no data file of its own: set data.path, or data.train/data.test")
     return read_file(task, Path(path))
@@ -93,23 +93,23 @@ def read_file(task: Task, path: Path, labelled: bool = True) -> list[Example]:
     return examples
 
 
-def split_files(cfg: RunConfig, task: Task) -> dict[str, list[Example]]:
+def split_files(data: DataConfig, task: Task) -> dict[str, list[Example]]:
     """Splits from `data.train`, `data.val` and `data.test`. A split without a file of its own is carved from the
     training file, seeded and stratified, in the proportions `data.split` gives it against train."""
-    d = cfg.data
-    if d.path:
+    if data.path:
         raise PeftlabError("set data.path or data.train/data.val/data.test, not both")
-    if d.fold is not None:
+    if data.fold is not None:
         raise PeftlabError("data.fold makes its own test folds from one file: use data.path, not data.train/test")
-    given = {s: read_file(task, Path(f)) for s, f in (("train", d.train), ("val", d.val), ("test", d.test)) if f}
+    files = (("train", data.train), ("val", data.val), ("test", data.test))
+    given = {s: read_file(task, Path(f)) for s, f in files if f}
     missing = [s for s in ("val", "test") if s not in given]
     if "train" not in given or not missing:
         return {s: given.get(s, []) for s in SPLITS}
     # The rows' own `split` field belongs to the one-file layout; here each file is its split.
     train = [dataclasses.replace(ex, split=None) for ex in given["train"]]
-    shares = [d.split[0], *(d.split[SPLITS.index(s)] if s in missing else 0.0 for s in ("val", "test"))]
+    shares = [data.split[0], *(data.split[SPLITS.index(s)] if s in missing else 0.0 for s in ("val", "test"))]
     total = sum(shares)
-    carved = split_examples(train, tuple(x / total for x in shares), d.seed, stratify=task.kind == "classification")
+    carved = split_examples(train, tuple(x / total for x in shares), data.seed, stratify=task.kind == "classification")
     # A split that has a file of its own takes nothing from train: whatever rounding put there stays in train.
     kept = carved["train"] + [ex for s in ("val", "test") if s in given for ex in carved[s]]
     return {"train": kept, **{s: given.get(s, carved[s]) for s in ("val", "test")}}
@@ -123,39 +123,39 @@ def in_file_order(examples: Sequence[Example], file_order: Sequence[Example]) ->
     return sorted(examples, key=lambda ex: position.get(ex.id, len(position)))
 
 
-def load_splits(cfg: RunConfig, task: Task, val_in_train: bool = False) -> dict[str, list[Example]]:
+def load_splits(data: DataConfig, task: Task, val_in_train: bool = False) -> dict[str, list[Example]]:
     """The task's examples, split deterministically (or by k-fold), with the configured limits applied.
 
     `val_in_train`: a k-fold val fold joins train. A method that does not train selects nothing on val, so its fold
     is better spent as few-shot demos; the caller, which knows the method, decides.
     """
-    if cfg.data.train or cfg.data.val or cfg.data.test:
-        splits = split_files(cfg, task)
-    elif cfg.data.fold is not None:
-        examples = read_examples(cfg, task)
-        splits = kfold_examples(examples, cfg.data.folds, cfg.data.fold, cfg.data.seed)
+    if data.train or data.val or data.test:
+        splits = split_files(data, task)
+    elif data.fold is not None:
+        examples = read_examples(data, task)
+        splits = kfold_examples(examples, data.folds, data.fold, data.seed)
         if val_in_train:
             splits = {"train": splits["train"] + splits["val"], "val": [], "test": splits["test"]}
     else:
-        examples = read_examples(cfg, task)
-        splits = split_examples(examples, tuple(cfg.data.split), cfg.data.seed, stratify=task.kind == "classification")
-    if cfg.data.limit_train:
-        splits["train"] = splits["train"][: cfg.data.limit_train]
-    if cfg.data.limit_eval:
-        splits["val"] = splits["val"][: cfg.data.limit_eval]
-        splits["test"] = splits["test"][: cfg.data.limit_eval]
+        examples = read_examples(data, task)
+        splits = split_examples(examples, tuple(data.split), data.seed, stratify=task.kind == "classification")
+    if data.limit_train:
+        splits["train"] = splits["train"][: data.limit_train]
+    if data.limit_eval:
+        splits["val"] = splits["val"][: data.limit_eval]
+        splits["test"] = splits["test"][: data.limit_eval]
     return splits
 
 
-def data_labels(cfg: RunConfig, task: Task) -> tuple[str, ...]:
+def data_labels(data: DataConfig, task: Task) -> tuple[str, ...]:
     """The label set of an open-format task (alpaca, chat): `data.labels` when set, else what the training file's
     outputs form (`infer_labels`: a few short labels, each seen twice), else () for free text.
 
     Spellings that differ only in case or space become one label, with a warning on stderr that names them.
     """
-    if cfg.data.labels is not None or task.relabel is None:
-        return tuple(cfg.data.labels or task.labels)
-    source = cfg.data.train or cfg.data.path
+    if data.labels is not None or task.relabel is None:
+        return tuple(data.labels or task.labels)
+    source = data.train or data.path
     if not source:
         return ()
     examples = read_file(task, Path(source))

@@ -8,6 +8,7 @@ import csv
 import dataclasses
 from pathlib import Path
 
+from peftlab.core.config import DataConfig
 from peftlab.core.errors import PeftlabError, data_error
 from peftlab.data.tasks import Example, Task
 from peftlab.data.tasks.base import not_utf8, read_jsonl
@@ -47,21 +48,22 @@ def read_outputs(path: Path) -> dict[str, str]:
     return outputs
 
 
-def resolve_targets(cfg, task: Task, examples: list[Example]) -> list[Example]:
-    """Replace each training example's target by the teacher's output when `data.target` names a file."""
-    if cfg.data.target == "gold":
+def resolve_targets(data: DataConfig, output_dir: str | Path, task: Task, examples: list[Example]) -> list[Example]:
+    """Replace each training example's target by the teacher's output when `data.target` names a file
+    (`output_dir`: where `data.target: teacher` finds the study's teacher.jsonl)."""
+    if data.target == "gold":
         return examples
-    outputs = read_outputs(teacher_file(cfg))
+    outputs = read_outputs(teacher_file(data, output_dir))
     _check_unique_ids(examples)
     missing = [ex.id for ex in examples if ex.id not in outputs]
     if missing:
         raise PeftlabError(
-            f"{cfg.data.target}: no teacher output for {len(missing)} training example(s), e.g. id '{missing[0]}'"
+            f"{data.target}: no teacher output for {len(missing)} training example(s), e.g. id '{missing[0]}'"
         )
     if task.kind == "classification":  # "Yes" is the label `yes`, as in the data files (`match_label`)
         bad = [(ex.id, outputs[ex.id]) for ex in examples if match_label(outputs[ex.id], task.labels) is None]
         if bad:
-            raise PeftlabError(f"{cfg.data.target}: id {bad[0][0]!r}: unknown label {bad[0][1]!r}")
+            raise PeftlabError(f"{data.target}: id {bad[0][0]!r}: unknown label {bad[0][1]!r}")
         outputs = {ex.id: match_label(outputs[ex.id], task.labels) for ex in examples}
     return [dataclasses.replace(ex, target=outputs[ex.id]) for ex in examples]
 
@@ -77,11 +79,11 @@ def _check_unique_ids(examples: list[Example]) -> None:
                                f"; data.target matches outputs to rows by id, so ids must be unique")
 
 
-def teacher_file(cfg) -> Path:
+def teacher_file(data: DataConfig, output_dir: str | Path) -> Path:
     """The outputs file `data.target` points at: `teacher` means `<output_dir>/teacher.jsonl` (a study's teacher)."""
-    if cfg.data.target != "teacher":
-        return Path(cfg.data.target)
-    path = Path(cfg.output_dir) / "teacher.jsonl"
+    if data.target != "teacher":
+        return Path(data.target)
+    path = Path(output_dir) / "teacher.jsonl"
     if not path.is_file():
         raise PeftlabError(
             f"data.target: teacher needs {path}; give the study a `teachers:` list (see docs/experiments.md) "

@@ -15,10 +15,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from peftlab.core.errors import PeftlabError
+from peftlab.core.result import run_config
 from peftlab.data.tasks import Example, Task, task_for
 from peftlab.evaluate.split_scoring import predict
 from peftlab.methods.head import LinearHead, load_head
-from peftlab.methods.saved import run_config
 from peftlab.models.hf_folder import LoadedModel
 from peftlab.prompts.encoding import encode
 from peftlab.prompts.format import PromptFormat

@@ -19,6 +19,7 @@ from peftlab.core.errors import PeftlabError
 from peftlab.core.files import write_json
 from peftlab.data.tasks import Example, Task, Template
 from peftlab.evaluate.split_scoring import evaluate
+from peftlab.methods.registry import Method
 from peftlab.prompts.encoding import encode, few_shot_demos
 from peftlab.prompts.format import Encoded, PromptFormat
 
@@ -118,13 +119,15 @@ def probe_metrics(report: dict) -> dict[str, float]:
     return out
 
 
-def probe_split(cfg: RunConfig, model, fmt: PromptFormat, task: Task, splits: dict, run_dir: Path) -> dict:
-    """Probe the first `experiments.probe_limit` test examples of a run; writes probe.json, returns its metrics."""
+def probe_split(cfg: RunConfig, method: Method, model, fmt: PromptFormat, task: Task, splits: dict, run_dir: Path
+                ) -> dict:
+    """Probe the first `experiments.probe_limit` test examples of a run (`model`, trained by `method`); writes
+    probe.json, returns its metrics."""
     examples = splits["test"][: cfg.experiments.probe_limit]
     if not examples:
         raise PeftlabError("the test split is empty; nothing to probe")
     # Few-shot runs keep their demos (as in train.run_training); only the query prompt is perturbed.
-    k = cfg.data.shots or (3 if cfg.method.name == "few-shot" else 0)
+    k = method.shots(cfg.data.shots)
     shots = few_shot_demos(task, splits["train"], k, cfg.data.seed, cfg.data.template)
     report = probe_model(model, fmt, task, examples, cfg.data.template, cfg.data.max_length, shots, cfg.data.seed)
     write_json(Path(run_dir) / "probe.json", report)

@@ -19,12 +19,11 @@ from rich.table import Table
 from peftlab.core.config import DEFAULT_MODEL, check_limit, from_dict
 from peftlab.core.errors import PeftlabError
 from peftlab.core.files import ensure_file_writable, write_json, write_jsonl
-from peftlab.core.result import has_result
+from peftlab.core.result import has_result, run_config
 from peftlab.data.splits import load_splits
 from peftlab.data.targets import read_outputs
 from peftlab.data.tasks import Example, Task, task_for
 from peftlab.evaluate.split_scoring import evaluate
-from peftlab.methods.saved import run_config
 from peftlab.models.adapters import load_for_inference
 from peftlab.prompts.encoding import encode_split, format_for
 
@@ -63,7 +62,7 @@ def _predict(model: str, adapter: str | None, cfg, examples: list[Example], prog
 
     loaded, fmt = _load_teacher(model, adapter, cfg)
     task = task_for(cfg.data)
-    items = encode_split(cfg, task, fmt, examples)
+    items = encode_split(cfg.data, task, fmt, examples)
     metrics, rows = evaluate(loaded.model, fmt, task, examples, items, split="teacher", progress=progress)
     return metrics, [row["prediction"] for row in rows]
 
@@ -82,7 +81,7 @@ def generate_teacher_outputs(teacher: str, cfg, out: Path, split: str = "train",
         write_jsonl(out, [{"id": k, "output": v} for k, v in read_outputs(Path(teacher)).items()])
         return out
     task = task_for(cfg.data)
-    examples = load_splits(cfg, task)[split]
+    examples = load_splits(cfg.data, task)[split]
     examples = examples[:limit] if limit else examples
     if not examples:
         raise PeftlabError(f"the {split} split is empty; nothing to distill")
@@ -116,7 +115,7 @@ def rank_teachers(teachers: list[TeacherSpec], cfg, study_dir: Path) -> list[dic
 
 
 def _val_split(cfg, task: Task) -> list[Example]:
-    val = load_splits(cfg, task)["val"]
+    val = load_splits(cfg.data, task)["val"]
     if not val:
         raise PeftlabError("the val split is empty; teachers cannot be ranked (check data.split)")
     return val

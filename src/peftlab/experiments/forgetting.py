@@ -10,14 +10,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from peftlab.core.config import RunConfig, from_dict
+from peftlab.core.config import DataConfig, RunConfig, from_dict
 from peftlab.core.errors import PeftlabError
 from peftlab.data.mixture import metric_key
 from peftlab.data.splits import load_splits
 from peftlab.data.tasks import Example, Task, get_task
 from peftlab.evaluate.scoring import mean_loss
 from peftlab.evaluate.split_scoring import evaluate
-from peftlab.methods.registry import get_method
+from peftlab.methods.registry import Method
 from peftlab.models.device import parse_dtype
 from peftlab.models.loading import load_model
 from peftlab.prompts.encoding import encode
@@ -67,9 +67,8 @@ def build_suite(cfg: RunConfig, fmt: PromptFormat) -> Suite:
     suite = Suite()
     for name in ex.forgetting:
         task = get_task(name)
-        other = from_dict(
-            RunConfig, {"data": {"task": name, "path": ex.forgetting_data.get(name), "seed": cfg.data.seed}}
-        )
+        other = from_dict(DataConfig, {"task": name, "path": ex.forgetting_data.get(name), "seed": cfg.data.seed},
+                          "data")
         examples = load_splits(other, task)["test"][: ex.forgetting_limit]
         items = [encode(task, e, fmt, cfg.data.max_length) for e in examples]
         suite.tasks.append((name, task, examples, items))
@@ -90,9 +89,10 @@ def measure(model, fmt: PromptFormat, suite: Suite) -> dict[str, float]:
     return out
 
 
-def measure_base(cfg: RunConfig, model, fmt: PromptFormat, suite: Suite, trained: dict) -> dict[str, float]:
+def measure_base(cfg: RunConfig, method: Method, model, fmt: PromptFormat, suite: Suite, trained: dict
+                 ) -> dict[str, float]:
     """The same measures on the untrained base: adapter off for peft models, a fresh base for full fine-tuning."""
-    if not get_method(cfg.method.name).trains:
+    if not method.trains:
         return dict(trained)  # zero- and few-shot runs are the base model (the probes use no shots)
     if hasattr(model, "disable_adapter"):
         with model.disable_adapter():
@@ -104,13 +104,14 @@ def measure_base(cfg: RunConfig, model, fmt: PromptFormat, suite: Suite, trained
     return measure(base.model, fmt, suite)
 
 
-def forgetting_metrics(cfg: RunConfig, model, fmt: PromptFormat) -> dict[str, float]:
-    """Raw trained values, `_base` values and `_delta` (trained - base) for every forgetting measure."""
+def forgetting_metrics(cfg: RunConfig, method: Method, model, fmt: PromptFormat) -> dict[str, float]:
+    """Raw trained values, `_base` values and `_delta` (trained - base) for every forgetting measure of `model`,
+    trained by `method`."""
     suite = build_suite(cfg, fmt)
     if not suite.tasks and not suite.general:
         return {}
     trained = measure(model, fmt, suite)
-    base = measure_base(cfg, model, fmt, suite, trained)
+    base = measure_base(cfg, method, model, fmt, suite, trained)
     out: dict[str, float] = {}
     for key, value in trained.items():
         out[key] = value

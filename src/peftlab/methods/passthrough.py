@@ -13,21 +13,21 @@ import dataclasses
 from peftlab.core.config import MethodConfig, check_peft_fields
 from peftlab.core.errors import PeftlabError
 from peftlab.data.tasks import Task
-from peftlab.methods.tuners import _target_modules, _task_type
+from peftlab.methods.tuners import peft_task_type, target_names
 from peftlab.methods.variants import ADALORA_PLACEHOLDER_STEPS
 from peftlab.models.hf_folder import LoadedModel
 
 
 def _resolved(fields: dict, cfg: MethodConfig, loaded: LoadedModel, where: str) -> dict:
     """The fields with task_type from the model kind and list-valued target_modules resolved for the model."""
-    task_type = _task_type(loaded)
+    task_type = peft_task_type(loaded)
     given = fields.get("task_type")
     if given is not None and str(getattr(given, "value", given)).upper() != task_type.value:
         raise PeftlabError(f"{where}.task_type is {given} but {loaded.name} is a {loaded.kind} model "
                            f"({task_type.value}); leave task_type out and peftlab fills it in")
     out = {**fields, "task_type": task_type}
     if isinstance(out.get("target_modules"), list):
-        out["target_modules"] = _target_modules(dataclasses.replace(cfg, target_modules=out["target_modules"]),
+        out["target_modules"] = target_names(dataclasses.replace(cfg, target_modules=out["target_modules"]),
                                                 loaded)
     return out
 

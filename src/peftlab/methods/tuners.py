@@ -4,6 +4,8 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from peftlab.core.config import MethodConfig
@@ -12,14 +14,20 @@ from peftlab.data.tasks import Task
 from peftlab.models.hf_folder import LoadedModel
 from peftlab.models.quant import require_quantized
 
+if TYPE_CHECKING:
+    from peft import PeftConfig, TaskType
 
-def _task_type(loaded: LoadedModel):
+
+def peft_task_type(loaded: LoadedModel) -> TaskType:
+    """The peft task type of a loaded model: seq2seq or causal LM."""
     from peft import TaskType
 
     return TaskType.SEQ_2_SEQ_LM if loaded.kind == "seq2seq" else TaskType.CAUSAL_LM
 
 
-def _target_modules(cfg: MethodConfig, loaded: LoadedModel) -> list[str] | str:
+def target_names(cfg: MethodConfig, loaded: LoadedModel) -> list[str] | str:
+    """`method.target_modules` as the model names them (T5's q/k/v/o for the Llama names); a missing one is an
+    error that lists the model's modules."""
     if cfg.target_modules == "all-linear":
         return "all-linear"
     names = {name.rsplit(".", 1)[-1] for name, _ in loaded.model.named_modules()}
@@ -35,42 +43,46 @@ def _target_modules(cfg: MethodConfig, loaded: LoadedModel) -> list[str] | str:
     return resolved
 
 
-def _lora(cfg: MethodConfig, loaded: LoadedModel, task: Task):
+def lora_config(cfg: MethodConfig, loaded: LoadedModel, task: Task) -> PeftConfig:
+    """LoRA with `method.r`, `alpha`, `dropout` and `target_modules`."""
     from peft import LoraConfig
 
     return LoraConfig(
-        task_type=_task_type(loaded),
+        task_type=peft_task_type(loaded),
         r=cfg.r,
         lora_alpha=cfg.alpha,
         lora_dropout=cfg.dropout,
-        target_modules=_target_modules(cfg, loaded),
+        target_modules=target_names(cfg, loaded),
     )
 
 
-def _qlora(cfg: MethodConfig, loaded: LoadedModel, task: Task):
+def qlora_config(cfg: MethodConfig, loaded: LoadedModel, task: Task) -> PeftConfig:
+    """LoRA's config over a base that must have been loaded quantized."""
     require_quantized(loaded)  # the quantization itself happens at load time (`Method.quantized`)
-    return _lora(cfg, loaded, task)
+    return lora_config(cfg, loaded, task)
 
 
-def _ia3(cfg: MethodConfig, loaded: LoadedModel, task: Task):
+def ia3_config(cfg: MethodConfig, loaded: LoadedModel, task: Task) -> PeftConfig:
+    """IA3 on `method.target_modules`, the feed-forward ones among them marked as such."""
     from peft import IA3Config
 
-    targets = _target_modules(cfg, loaded)
+    targets = target_names(cfg, loaded)
     if targets == "all-linear":
-        return IA3Config(task_type=_task_type(loaded), target_modules="all-linear", feedforward_modules=[])
+        return IA3Config(task_type=peft_task_type(loaded), target_modules="all-linear", feedforward_modules=[])
     # IA3 rescales keys, values and the feed-forward input; peft needs to know which targets are feed-forward.
     ff = [m for m in targets if m in ("down_proj", "wo", "fc2", "c_proj")]
-    return IA3Config(task_type=_task_type(loaded), target_modules=targets, feedforward_modules=ff)
+    return IA3Config(task_type=peft_task_type(loaded), target_modules=targets, feedforward_modules=ff)
 
 
-def _prompt_tuning(cfg: MethodConfig, loaded: LoadedModel, task: Task):
+def prompt_tuning_config(cfg: MethodConfig, loaded: LoadedModel, task: Task) -> PeftConfig:
+    """A soft prompt of `method.num_virtual_tokens`, started at random or from the task's instruction text."""
     from peft import PromptTuningConfig, PromptTuningInit
 
     if cfg.prompt_init not in ("random", "text"):
         raise PeftlabError(f"method.prompt_init must be random or text, got '{cfg.prompt_init}'")
     from_text = cfg.prompt_init == "text"
     return PromptTuningConfig(
-        task_type=_task_type(loaded),
+        task_type=peft_task_type(loaded),
         num_virtual_tokens=cfg.num_virtual_tokens,
         prompt_tuning_init=PromptTuningInit.TEXT if from_text else PromptTuningInit.RANDOM,
         prompt_tuning_init_text=task.templates[0].instruction if from_text else None,
@@ -78,22 +90,24 @@ def _prompt_tuning(cfg: MethodConfig, loaded: LoadedModel, task: Task):
     )
 
 
-def _prefix_tuning(cfg: MethodConfig, loaded: LoadedModel, task: Task):
+def prefix_tuning_config(cfg: MethodConfig, loaded: LoadedModel, task: Task) -> PeftConfig:
+    """Key/value prefixes of `method.num_virtual_tokens`, optionally re-parameterised through an MLP."""
     from peft import PrefixTuningConfig
 
     return PrefixTuningConfig(
-        task_type=_task_type(loaded),
+        task_type=peft_task_type(loaded),
         num_virtual_tokens=cfg.num_virtual_tokens,
         prefix_projection=cfg.prefix_projection,
         encoder_hidden_size=cfg.encoder_hidden_size,
     )
 
 
-def _p_tuning(cfg: MethodConfig, loaded: LoadedModel, task: Task):
+def p_tuning_config(cfg: MethodConfig, loaded: LoadedModel, task: Task) -> PeftConfig:
+    """P-tuning: `method.num_virtual_tokens` produced by a prompt encoder MLP."""
     from peft import PromptEncoderConfig
 
     return PromptEncoderConfig(
-        task_type=_task_type(loaded),
+        task_type=peft_task_type(loaded),
         num_virtual_tokens=cfg.num_virtual_tokens,
         encoder_hidden_size=cfg.encoder_hidden_size,
     )

@@ -10,7 +10,7 @@ import dataclasses
 import random
 from collections.abc import Sequence
 
-from peftlab.core.config import RunConfig
+from peftlab.core.config import DataConfig
 from peftlab.core.errors import PeftlabError
 from peftlab.data.mixture import Part
 from peftlab.data.tasks import Example, Task
@@ -186,15 +186,14 @@ def few_shot_demos(task: Task, pool: Sequence[Example], k: int, seed: int, templ
 
 
 def encode_split(
-    cfg: RunConfig, task: Task, fmt: PromptFormat, examples: Sequence[Example], shots=(), template: int | None = None
+    data: DataConfig, task: Task, fmt: PromptFormat, examples: Sequence[Example], shots=(), template: int | None = None
 ) -> list[Encoded]:
     """Encode a split with the run's max_length and `template` (default: `data.template`)."""
-    template = cfg.data.template if template is None else template
-    return [encode(task, ex, fmt, cfg.data.max_length, template, shots, too_long=cfg.data.too_long)
-            for ex in examples]
+    template = data.template if template is None else template
+    return [encode(task, ex, fmt, data.max_length, template, shots, too_long=data.too_long) for ex in examples]
 
 
-def encode_train(cfg: RunConfig, task: Task, fmt: PromptFormat, examples: Sequence[Example]
+def encode_train(data: DataConfig, task: Task, fmt: PromptFormat, examples: Sequence[Example]
                  ) -> tuple[list[Encoded], list[Example]]:
     """The training split encoded, and the examples behind the items. Under `data.too_long: cut` a row that does
     not fit even cut (`TooLong`) is left out: one such row in thousands should not stop the run. The caller counts
@@ -202,7 +201,7 @@ def encode_train(cfg: RunConfig, task: Task, fmt: PromptFormat, examples: Sequen
     items, kept = [], []
     for ex in examples:
         try:
-            items.append(encode(task, ex, fmt, cfg.data.max_length, cfg.data.template, too_long=cfg.data.too_long))
+            items.append(encode(task, ex, fmt, data.max_length, data.template, too_long=data.too_long))
         except TooLong:
             continue
         kept.append(ex)
@@ -213,16 +212,16 @@ CONTENT_FREE = ("N/A", "[MASK]", "")  # Zhao et al.'s content-free inputs
 
 
 def content_free_items(
-    cfg: RunConfig, task: Task, fmt: PromptFormat, train: Sequence[Example], shots=(), template: int | None = None
+    data: DataConfig, task: Task, fmt: PromptFormat, train: Sequence[Example], shots=(), template: int | None = None
 ) -> list[Encoded]:
     """With data.calibrate, the prompt with every input field content-free, same phrasing and demos (else none)."""
-    if not cfg.data.calibrate or task.kind != "classification" or not train:
+    if not data.calibrate or task.kind != "classification" or not train:
         return []
     examples = [
         Example(f"content-free-{i}", {k: text for k in train[0].inputs}, train[0].target, train[0].references)
         for i, text in enumerate(CONTENT_FREE)
     ]
-    return encode_split(cfg, task, fmt, examples, shots, template)
+    return encode_split(data, task, fmt, examples, shots, template)
 
 
 def sample_train(parts: list[Part], fmt: PromptFormat, max_length: int, seed: int, too_long: str = "cut"

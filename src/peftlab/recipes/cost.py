@@ -35,7 +35,7 @@ _SIZES: dict[str, tuple[int, int, int]] = {}  # data section (JSON) -> (train, v
 def _split_sizes(cfg: RunConfig) -> tuple[int, int, int]:
     key = json.dumps(to_dict(cfg)["data"], sort_keys=True, default=str)
     if key not in _SIZES:
-        splits = load_splits(cfg, task_for(cfg.data))
+        splits = load_splits(cfg.data, task_for(cfg.data))
         _SIZES[key] = len(splits["train"]), len(splits["val"]), len(splits["test"])
     return _SIZES[key]
 
@@ -62,7 +62,7 @@ def _units(cfg: RunConfig, test: bool) -> float:
     method = get_method(cfg.method.name)
     evals = n_eval * (1 + int(test))
     if not method.trains:
-        return evals * (1 + (cfg.data.shots or (3 if cfg.method.name == "few-shot" else 0)))
+        return evals * (1 + method.shots(cfg.data.shots))
     if method.build is not None:
         return n_train + evals
     return 3 * _epochs_rows(cfg, n_train) + n_eval * max(1, cfg.train.epochs) + n_eval * int(test)

@@ -17,13 +17,14 @@ from pathlib import Path
 from peftlab.core.config import DEFAULT_MODEL, RunConfig, check_limit, from_dict, validate
 from peftlab.core.errors import PeftlabError
 from peftlab.core.files import ensure_writable, json_bytes, jsonl_bytes, write_files_atomic, write_jsonl
+from peftlab.core.result import run_config
 from peftlab.data.splits import data_labels, in_file_order, load_splits, read_examples, read_file
 from peftlab.data.tasks import Example, get_task, task_for
 from peftlab.evaluate.split_scoring import evaluate, predict
-from peftlab.methods.saved import SavedRun, load_run, run_config
 from peftlab.models.adapters import load_for_inference
 from peftlab.models.hf_folder import check_max_length
 from peftlab.prompts.encoding import content_free_items, encode_split, few_shot_demos, format_for
+from peftlab.recipes.saved_run import SavedRun, load_run
 
 FIX_OUT = "choose another --out"
 
@@ -60,11 +61,11 @@ def run_eval(opts: EvalOptions, out: Path) -> dict:
     t = get_task(opts.task)
     cfg = validate(from_dict(RunConfig, {"data": {"task": opts.task, "path": opts.data, "template": template,
                                                   "max_length": max_length, "calibrate": bool(opts.calibrate)}}))
-    labels = data_labels(cfg, t)  # alpaca, chat: a file of a few short labels is classification, as in training
+    labels = data_labels(cfg.data, t)  # alpaca, chat: a file of a few short labels is classification, as in training
     if labels and t.relabel is not None:
         t = t.relabel(labels)
-    in_file = read_examples(cfg, t)
-    splits = load_splits(cfg, t)
+    in_file = read_examples(cfg.data, t)
+    splits = load_splits(cfg.data, t)
     examples = in_file if split == "all" else splits[split]
     # Few-shot demos come from the train split; scoring them too would leak, so 'all' with shots scores val + test.
     if shots and split in ("all", "train"):
@@ -77,8 +78,8 @@ def run_eval(opts: EvalOptions, out: Path) -> dict:
     check_max_length(loaded, max_length, "--max-length")
     fmt = format_for(loaded)
     demos = few_shot_demos(t, splits["train"], shots, seed=0, template=template)
-    items = encode_split(cfg, t, fmt, examples, demos)
-    content_free = content_free_items(cfg, t, fmt, examples, demos)
+    items = encode_split(cfg.data, t, fmt, examples, demos)
+    content_free = content_free_items(cfg.data, t, fmt, examples, demos)
     metrics, rows = evaluate(loaded.model, fmt, t, examples, items, split=split, content_free=content_free)
     metrics.update(model=model, adapter=opts.adapter, shots=shots, calibrated=bool(content_free))
     _write(out, metrics, rows)
@@ -121,7 +122,7 @@ def eval_run(run_dir: Path, opts: EvalOptions, out: Path | None = None, force: b
         split = opts.split or "test"
         if split not in ("train", "val", "test"):
             raise PeftlabError(f"--split must be train, val or test for a run's own data, got '{split}'")
-        examples = load_splits(run.cfg, run.task, val_in_train=not run.method.trains)[split]
+        examples = load_splits(run.cfg.data, run.task, val_in_train=not run.method.trains)[split]
     examples = examples[: opts.limit]
     if not examples:
         raise PeftlabError(f"no examples to score in split '{split}'")
@@ -154,7 +155,7 @@ def predict_run(run_dir: Path, input_file: Path, out: Path, limit: int | None = 
 
 def _encode(run: SavedRun, examples: list[Example]):
     check_max_length(run.loaded, run.cfg.data.max_length)
-    return encode_split(run.cfg, run.task, run.fmt, examples, run.shots)
+    return encode_split(run.cfg.data, run.task, run.fmt, examples, run.shots)
 
 
 def _write(out: Path, metrics: dict, rows: list[dict]) -> None:

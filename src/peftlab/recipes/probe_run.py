@@ -7,10 +7,10 @@ from pathlib import Path
 
 from peftlab.core.config import check_limit
 from peftlab.core.files import ensure_writable
-from peftlab.core.result import read_result, write_result
+from peftlab.core.result import read_result, run_config, write_result
 from peftlab.data.splits import load_splits
 from peftlab.experiments.brittleness import probe_split
-from peftlab.methods.saved import load_run, run_config
+from peftlab.recipes.saved_run import load_run
 
 
 def run_probe(run_dir: Path, limit: int | None = None) -> dict:
@@ -25,7 +25,7 @@ def run_probe(run_dir: Path, limit: int | None = None) -> dict:
     if limit is not None:
         cfg.experiments.probe_limit = limit
     run = load_run(run_dir, cfg=cfg)  # a vision-language run keeps its images in the probe
-    splits = load_splits(cfg, run.task, val_in_train=not run.method.trains)  # the demo pool the run itself had
-    metrics = probe_split(cfg, run.model, run.fmt, run.task, splits, run_dir)
+    splits = load_splits(cfg.data, run.task, val_in_train=not run.method.trains)  # the demo pool the run itself had
+    metrics = probe_split(cfg, run.method, run.model, run.fmt, run.task, splits, run_dir)
     write_result(run_dir, replace(result, metrics={**result.metrics, **metrics}))
     return metrics

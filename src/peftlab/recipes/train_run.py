@@ -107,13 +107,14 @@ def _train_run(cfg: RunConfig, on_epoch_end, score_test: bool, score_val: bool) 
             if cfg.train.report_to:
                 ctx.accelerator.init_trackers(cfg.name)
         enable_checkpointing(ctx.loaded.model, cfg.train.activation_checkpointing)
-        plain = plain_path_reason(cfg.method)  # a tuner not checked against the speed paths runs without them
+        # A tuner not checked against the speed paths runs without them.
+        plain = plain_path_reason(ctx.method, cfg.method)
         if plain is None:
             lean_swiglu(ctx.loaded.model)  # the gated MLPs keep two tensors for backward, not three: same gradients
             fused_rmsnorm(ctx.loaded.model)  # one fused kernel per norm instead of five ops: same outputs
         else:
             use_plain_path(ctx.loaded.model, plain, cfg.train)
-        model = apply_method(ctx.loaded, ctx.parts[0].task, cfg.method)
+        model = apply_method(ctx.method, ctx.loaded, ctx.parts[0].task, cfg.method)
         trainable, total = count_params(model)
         summary = train_model(ctx, model, on_epoch_end)
         if ctx.method.build is not None:  # the linear head's text heads are fitted outside torch: not counted above
@@ -160,20 +161,20 @@ def task_parts(cfg: RunConfig, method: Method, select: bool = False) -> list[Par
     A split too small to fill the test split is an error before anything is written: a run scored on nothing would
     otherwise finish with exit 0 and a metrics.json that holds only the task's name.
     """
-    if is_mixture(cfg):
-        if cfg.data.target != "gold" or method.name in ("few-shot", "linear-head") or cfg.experiments.probe:
+    if is_mixture(cfg.data):
+        if cfg.data.target != "gold" or method.default_shots or method.build is not None or cfg.experiments.probe:
             raise PeftlabError(
                 "a mixture trains on gold targets, without few-shot demos, the linear head or the brittleness probe"
             )
-        parts = load_parts(cfg, parse_mixture(cfg), val_in_train=not (method.trains or select))
+        parts = load_parts(cfg.data, parse_mixture(cfg.data), val_in_train=not (method.trains or select))
     else:
         task = task_for(cfg.data)
         if task.relabel is not None and cfg.data.labels is None:  # alpaca, chat: labels from the training outputs
-            cfg.data.labels = list(data_labels(cfg, task))  # saved with config.yaml: the run says which it used
+            cfg.data.labels = list(data_labels(cfg.data, task))  # saved with config.yaml: the run says which it used
             task = task.relabel(tuple(cfg.data.labels))
         # A final run of a method that trains nothing has no use for a k-fold val fold: it joins the demo pool.
         # A selection point of the same method is judged on that fold, so there it stays val.
-        parts = [single_part(cfg, task, load_splits(cfg, task, val_in_train=not (method.trains or select)))]
+        parts = [single_part(cfg.data, task, load_splits(cfg.data, task, val_in_train=not (method.trains or select)))]
     for part in parts:
         sizes = {split: len(examples) for split, examples in part.splits.items()}
         where = part.entry.path or cfg.data.test or cfg.data.train or DEFAULT_DATA.get(part.task.name, part.task.name)
@@ -197,18 +198,19 @@ def _encode(ctx: RunContext) -> None:
         ctx.dropped = sum(ctx.train_mix.values()) - len(ctx.train)
     else:
         part = ctx.parts[0]
-        examples = resolve_targets(cfg, part.task, part.splits["train"])  # teacher outputs replace gold
-        ctx.train, ctx.train_examples = encode_train(cfg, part.task, fmt, examples)
+        # teacher outputs replace gold
+        examples = resolve_targets(cfg.data, cfg.output_dir, part.task, part.splits["train"])
+        ctx.train, ctx.train_examples = encode_train(cfg.data, part.task, fmt, examples)
         ctx.dropped = len(examples) - len(ctx.train)
         ctx.train_mix = {part.task.name: len(ctx.train)}
-    shots_k = cfg.data.shots or (3 if ctx.method.name == "few-shot" else 0)
+    shots_k = ctx.method.shots(cfg.data.shots)
     for part in ctx.parts:
         template = part.entry.templates[0]
         shots = few_shot_demos(part.task, part.splits["train"], shots_k, cfg.data.seed, template)
         for split in ("val", "test"):
-            ctx.enc[(part.key, split)] = encode_split(cfg, part.task, fmt, part.splits[split], shots, template)
+            ctx.enc[(part.key, split)] = encode_split(cfg.data, part.task, fmt, part.splits[split], shots, template)
         ctx.enc[(part.key, "content_free")] = content_free_items(
-            cfg, part.task, fmt, part.splits["train"], shots, template
+            cfg.data, part.task, fmt, part.splits["train"], shots, template
         )
     _log_cuts(ctx)
 
@@ -301,11 +303,11 @@ def finish(ctx: RunContext, model: torch.nn.Module, summary: dict, params: tuple
     cfg, first, trains = ctx.cfg, ctx.parts[0], ctx.method.trains
     ctx.scoring = scoring_precision(ctx, model)
     metrics, rows = score_parts(ctx, model, summary.pop("best_val_metrics", None))
-    metrics.update(run_experiments(cfg, model, ctx.fmt, first.task, first.splits, ctx.run_dir))
+    metrics.update(run_experiments(cfg, ctx.method, model, ctx.fmt, first.task, first.splits, ctx.run_dir))
     val = ctx.enc[(first.key, "val")] if ctx.score_val else []
     if summary["best_val_loss"] is None and val and not trains:
         summary["best_val_loss"] = mean_loss(model, ctx.loaded.kind, val, ctx.fmt.tokenizer.pad_token_id)
-    adapter_bytes = save_trained(model, ctx.loaded, cfg.method.name, ctx.run_dir) if trains else 0
+    adapter_bytes = save_trained(model, ctx.loaded, ctx.method, ctx.run_dir) if trains else 0
     mixture = len(ctx.parts) > 1
     task_name = "mix:" + "+".join(p.task.name for p in ctx.parts) if mixture else first.task.name
     write_json(ctx.run_dir / "metrics.json", {"task": task_name, **metrics})
@@ -333,7 +335,7 @@ def finish(ctx: RunContext, model: torch.nn.Module, summary: dict, params: tuple
         dropped_examples=ctx.dropped,
         train_mix=ctx.train_mix,
         # Why this run went without peftlab's speed paths (a tuner not checked against them), or None.
-        plain_path=plain_path_reason(cfg.method),
+        plain_path=plain_path_reason(ctx.method, cfg.method),
         scoring_precision=asdict(ctx.scoring),
         frozen_pass=STATS.to_dict() if STATS.prompts else None,
         metrics=metrics,

@@ -16,7 +16,7 @@ from peftlab.core.config import RunConfig
 from peftlab.core.errors import PeftlabError
 from peftlab.core.files import read_json, write_json
 from peftlab.core.yamlio import describe
-from peftlab.methods.registry import get_method
+from peftlab.methods.registry import Method, get_method
 from peftlab.recipes.executors import Events, ExecutorSpec, run_all
 from peftlab.recipes.runner import RunTask
 from peftlab.recipes.search import (
@@ -99,15 +99,16 @@ def _check_tune_space(space: dict) -> None:
         parse_space(plain)
 
 
-def method_space(spec: TuneSpec, cfg: RunConfig) -> dict[str, dict]:
-    """The search space of one gradient-trained run: the shared space (lr around its default) plus its own."""
+def method_space(spec: TuneSpec, cfg: RunConfig, method: Method) -> dict[str, dict]:
+    """The search space of one gradient-trained run of `method`: the shared space (lr around its default) plus its
+    own."""
     raw = dict(spec.space)
     extra = spec.methods.get(cfg.name, spec.methods.get(cfg.method.name, {}))
     raw.update(extra or {})
     resolved = {}
     for key, s in raw.items():
         if isinstance(s, dict) and "factor" in s:
-            center = cfg.train.lr or get_method(cfg.method.name).default_lr
+            center = cfg.train.lr or method.default_lr
             factor = float(number(f"{key}.factor", s["factor"]))
             s = {"low": center / factor, "high": center * factor, "log": True}
         resolved[key] = s
@@ -166,7 +167,7 @@ def tune_run(cfg: RunConfig, spec: TuneSpec, tune_dir: Path, executor: ExecutorS
     tune_dir.mkdir(parents=True, exist_ok=True)
     method = get_method(cfg.method.name)
     grid = spec.select.get(cfg.name, spec.select.get(cfg.method.name))
-    space = method_space(spec, cfg) if method.trains and method.build is None else {}
+    space = method_space(spec, cfg, method) if method.trains and method.build is None else {}
     if space:
         chosen = _search(cfg, spec, space, tune_dir, executor, events)
     elif grid:

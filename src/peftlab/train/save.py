@@ -1,4 +1,5 @@
-"""What a trained run leaves on disk: a standard peft adapter folder, a full model folder, or the linear head.
+"""What a trained run leaves on disk: a standard peft adapter folder, a full model folder, or the linear head,
+as the method's entry says (`Method.storage`).
 
 The folder is written under a temporary name in the run folder and renamed into place once complete, so a full
 disk or a stop mid-save leaves no adapter that looks whole but is cut off.
@@ -15,28 +16,25 @@ from safetensors import SafetensorError
 
 from peftlab.core.errors import PeftlabError
 from peftlab.core.files import save_reason
-from peftlab.methods.head import save_head
-from peftlab.methods.registry import save_adapter
+from peftlab.methods.registry import Method
 from peftlab.models.hf_folder import LoadedModel
 from peftlab.train.checkpoint import CHECKPOINT
 
 
-def saved_folder(method: str) -> str:
-    """The run folder's subfolder that holds what `method` trained."""
-    return {"linear-head": "head", "full": "model"}.get(method, "adapter")
-
-
-def save_trained(model, loaded: LoadedModel, method: str, run_dir: Path) -> int:
+def save_trained(model, loaded: LoadedModel, method: Method, run_dir: Path) -> int:
     """Save the adapter (a standard peft folder) or, for full fine-tuning, the model folder; returns bytes on disk.
 
     A failed save (a full disk, a read-only folder) is one line that says what a rerun does; an earlier folder of
     the same name stays as it was.
     """
-    final = run_dir / saved_folder(method)
+    storage = method.storage
+    if storage.save is None:
+        raise PeftlabError(f"method '{method.name}' trains nothing to save")
+    final = run_dir / storage.folder
     staging = None
     try:
         staging = Path(tempfile.mkdtemp(prefix=".saving-", dir=run_dir))
-        size = _save_into(model, loaded, method, staging)
+        size = storage.save(model, loaded, staging)
         _swap_in(staging / final.name, final, staging / "previous")
     except (OSError, SafetensorError) as err:
         reason = save_reason(err)
@@ -45,18 +43,6 @@ def save_trained(model, loaded: LoadedModel, method: str, run_dir: Path) -> int:
         if staging is not None:
             shutil.rmtree(staging, ignore_errors=True)
     return size
-
-
-def _save_into(model, loaded: LoadedModel, method: str, run_dir: Path) -> int:
-    if method == "linear-head":
-        return save_head(model, loaded.name, run_dir)
-    out = run_dir / saved_folder(method)
-    if method == "full":  # a vision-language model's processor holds its tokenizer and image settings
-        model.save_pretrained(out, safe_serialization=True)
-        (loaded.processor or loaded.tokenizer).save_pretrained(out)
-    else:  # a PiSSA/OLoRA adapter is saved as the LoRA that fits the original base (methods.lifecycle)
-        save_adapter(model, out)
-    return sum(f.stat().st_size for f in out.rglob("*") if f.is_file() and f.suffix == ".safetensors")
 
 
 def _swap_in(new: Path, final: Path, old: Path) -> None:
