@@ -48,11 +48,12 @@ def label_scores(
     """Log-likelihood of each label after each prompt: shape (len(items), len(labels)).
 
     `examples`, the items' source examples, are read only by a classifier head with text features. `frozen`: the
-    model is the unchanged base (zero-shot, few-shot), so the scores go through the shared frozen-base pass
-    (`methods.frozen_pass`): computed only for prompts that no earlier run scored.
+    model reads the unchanged base (zero-shot, few-shot, a linear head), so its pass over each prompt goes through
+    the shared frozen-base store (`methods.frozen_pass`): computed only for prompts that no earlier run scored. A
+    server answering requests leaves it off, so that it stores nothing.
     """
     if hasattr(model, "label_logprobs"):  # a classifier head (linear-head) scores its labels directly
-        return model.label_logprobs(items, fmt.tokenizer.pad_token_id, progress, examples=examples)
+        return model.label_logprobs(items, fmt.tokenizer.pad_token_id, progress, examples=examples, frozen=frozen)
     label_ids = [fmt.label_ids(label) for label in labels]
     single = all(len(ids) == 1 for ids in label_ids) and len({ids[0] for ids in label_ids}) == len(labels)
     # With distinct one-token labels, one pass over the prompts decides; otherwise score each label's tokens in full.

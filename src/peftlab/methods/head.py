@@ -72,14 +72,15 @@ class LinearHead(torch.nn.Module):
         return self.class_logprobs(self.features(input_ids, attention_mask, position_ids))
 
     def label_logprobs(self, items: Sequence[Encoded], pad_id: int, progress: bool = True,
-                       examples: Sequence[Example] | None = None) -> torch.Tensor:
+                       examples: Sequence[Example] | None = None, frozen: bool = False) -> torch.Tensor:
         """What `evaluate.scoring.label_scores` asks of any model: per-item label log-likelihoods, from cached
         features.
 
         The text heads, if any, add their log-probabilities; they read `examples`, the items' source examples.
         """
         with torch.inference_mode():
-            scores = self.class_logprobs(extract(self, items, pad_id, progress).to(self.mean.device)).cpu()
+            states = extract(self, items, pad_id, progress, frozen)
+            scores = self.class_logprobs(states.to(self.mean.device)).cpu()
         if self.text_heads:
             if examples is None or len(examples) != len(items):
                 raise PeftlabError("linear-head with text features scores examples, not bare prompts: pass examples")
@@ -111,11 +112,15 @@ def check_layer(base: torch.nn.Module, layer: int) -> None:
         raise PeftlabError(f"method.head_layer must be in 1..{len(layers)}, got {layer}")
 
 
-def extract(head: LinearHead, items: Sequence[Encoded], pad_id: int, progress: bool = True) -> torch.Tensor:
-    """Pooled features of each item's prompt, from the shared frozen-base pass (`methods.frozen_pass`)."""
+def extract(head: LinearHead, items: Sequence[Encoded], pad_id: int, progress: bool = True, frozen: bool = True
+            ) -> torch.Tensor:
+    """Pooled features of each item's prompt: through the shared frozen-base store (`methods.frozen_pass`), or
+    with `frozen=False` (a server's requests) computed and kept nowhere."""
     check_layer(head.base, head.layer)
     compute = partial(prompt_pass, head.base, pad_id=pad_id, max_tokens=forward_tokens(head.mean.device),
                       last_layer=head.layer, progress=progress)
+    if not frozen:
+        return compute(list(items))[pooled_field(head.layer)]
     return stored_rows(head.base, items, pooled_field(head.layer), compute)
 
 

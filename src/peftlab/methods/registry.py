@@ -73,6 +73,12 @@ class Method:
         return "an adapter"
 
     @property
+    def reads_frozen_base(self) -> bool:
+        """Whether the model it scores with reads the base unchanged (zero-shot, few-shot, the linear head): its
+        passes over prompts are shared with other runs (`methods.frozen_pass`)."""
+        return not self.trains or self.build is not None
+
+    @property
     def trains_base(self) -> bool:
         """Whether the base model's own weights train (full fine-tuning), not an adapter or head beside them."""
         return self.trains and self.peft_config is None and self.build is None

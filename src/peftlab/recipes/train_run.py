@@ -270,9 +270,9 @@ def score_parts(ctx: RunContext, model: torch.nn.Module, best_val: dict | None) 
                 if split == "val" and best_val and not content_free and len(ctx.parts) == 1:
                     m, r = best_val, []
                 else:
-                    # A method that trains nothing scores with the unchanged base: its pass is shared.
+                    # Zero-shot, few-shot and the head read the unchanged base: their passes are shared.
                     m, r = evaluate(model, ctx.fmt, part.task, part.splits[split], items, split=split,
-                                    content_free=content_free, frozen=not ctx.method.trains)
+                                    content_free=content_free, frozen=ctx.method.reads_frozen_base)
                 metrics.update({part.metric(split, k): v for k, v in m.items() if k not in ("task", "split")})
                 if split == "test":
                     rows += [{**row, "task": part.task.name} for row in r] if part.key else r
