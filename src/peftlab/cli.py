@@ -122,12 +122,13 @@ def train(
     resume: Annotated[bool, typer.Option(help="continue from the run folder's last checkpoint")] = False,
 ) -> None:
     """Train one method as configured and write runs/<name>/ (adapter, logs, metrics, predictions, result.json)."""
-    from peftlab.core.config import config_and_overrides, load_config
+    from peftlab.core.config import config_and_overrides
     from peftlab.core.result import has_result, read_result
+    from peftlab.recipes.runner import load_run_config
     from peftlab.recipes.train_run import run_training
 
     config, overrides = config_and_overrides(config, overrides)
-    cfg = load_config(config, [*overrides, *(["train.resume=true"] if resume else [])])
+    cfg = load_run_config(config, [*overrides, *(["train.resume=true"] if resume else [])])
     try:
         run_dir = run_training(cfg)
     except NotSupported as err:
@@ -149,11 +150,12 @@ def cv(
     workers: Annotated[int, typer.Option(min=1, help="folds at once")] = 1,
 ) -> None:
     """k-fold cross-validation: one run per fold in runs/<name>/fold-<k>/, then mean and spread in cv.md."""
-    from peftlab.core.config import config_and_overrides, load_config
+    from peftlab.core.config import config_and_overrides
     from peftlab.recipes.cv import run_cv
     from peftlab.recipes.executors import parse_executor
+    from peftlab.recipes.runner import load_run_config
 
-    cfg = load_config(*config_and_overrides(config, overrides))
+    cfg = load_run_config(*config_and_overrides(config, overrides))
     summary = run_cv(cfg, folds, parse_executor(None, executor, workers))
     table = Table("metric", "mean", "std")
     for key, s in summary["metrics"].items():

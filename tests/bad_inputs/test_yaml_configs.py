@@ -72,7 +72,7 @@ FILE_CASES = [
      "grids[0].params.train.lr: expected a list of values, got the number 0.1"),
     # was: "method: expected a mapping" without the file or run
     ("run's method is text", "compare", "runs: [{name: a, method: lora}]\n",
-     "run 'a': method: expected a mapping, got 'lora'"),
+     "run 'a': method: expected a mapping, got the text 'lora'"),
     ("tune is a list", "compare", f"{RUN}tune: [1]\n", f"{TUNE}, got a list"),
     ("tune space is a list", "compare", f"{RUN}tune: {{space: [1]}}\n", "tune.space: expected a mapping, got a list"),
     ("tune trials is text", "compare", f"{RUN}tune: {{trials: many}}\n",
@@ -202,9 +202,9 @@ def test_an_empty_section_is_the_defaults(tmp_path):
 def test_a_quoted_number_is_text_now():
     # The removed YAML 1.1 patches accepted the text '1e-3' for a float and turned false into "no"; under 1.2 a
     # value is what it was written as, so these are type errors that say what they got.
-    with pytest.raises(PeftlabError, match=r"^train\.lr: expected float, got '1e-3'$"):
+    with pytest.raises(PeftlabError, match=r"^train\.lr: expected a number > 0, got the text '1e-3'$"):
         load_config(None, ["train.lr='1e-3'"])
-    with pytest.raises(PeftlabError, match=r"^train\.mixed_precision: expected str, got False$"):
+    with pytest.raises(PeftlabError, match=r"^train\.mixed_precision must be auto, no or bf16, got false$"):
         load_config(None, ["train.mixed_precision=false"])
     with pytest.raises(PeftlabError, match=r"expected a number, got '1e-3'"):
         parse_space({"train.lr": {"low": "1e-3", "high": 0.1}})

@@ -18,7 +18,7 @@ from peftlab.data.tasks import Task
 from peftlab.methods import variants as v
 from peftlab.methods.head import build
 from peftlab.methods.lifecycle import remember_initial, save_adapter, start_schedule
-from peftlab.methods.passthrough import any_tuner, with_extras
+from peftlab.methods.passthrough import any_tuner, peft_fields, with_extras
 from peftlab.methods.speed import plain_path_reason as _plain_path_reason
 from peftlab.methods.speed import use_plain_path
 from peftlab.methods.tuners import _ia3, _lora, _p_tuning, _prefix_tuning, _prompt_tuning, _qlora, wrap_peft
@@ -164,7 +164,7 @@ def apply_method(loaded: LoadedModel, task: Task, cfg: MethodConfig) -> torch.nn
 
 def plain_path_reason(cfg: MethodConfig) -> str | None:
     """Why this method runs without some of peftlab's speed paths (`methods.speed`), or None."""
-    peft_type = cfg.peft_fields()[0] if cfg.name == "peft" else get_method(cfg.name).peft_type
+    peft_type = peft_fields(cfg)[0] if cfg.name == "peft" else get_method(cfg.name).peft_type
     return _plain_path_reason(peft_type)
 
 

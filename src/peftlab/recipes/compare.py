@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import asdict
 from pathlib import Path
 
-from peftlab.core.config import RunConfig, deep_merge, load_config
+from peftlab.core.config import RunConfig, deep_merge
 from peftlab.core.errors import PeftlabError
 from peftlab.core.files import ensure_writable, read_json, write_json
 from peftlab.core.result import RunResult, has_result
@@ -27,7 +27,7 @@ from peftlab.experiments.distill import prepare_teacher
 from peftlab.recipes.cost import Progress, job_units, plan_text, plan_units, trial_units
 from peftlab.recipes.executors import ExecutorSpec, parse_executor, run_all
 from peftlab.recipes.repeats import Repeats, chosen_config, parse_repeats, repeat_configs, tuning_config, vars_repeats
-from peftlab.recipes.runner import RunTask
+from peftlab.recipes.runner import RunTask, load_run_config
 from peftlab.recipes.study import StudyRun, load_study, naming
 from peftlab.recipes.tuning import CHOSEN, TuneSpec, parse_tune, tune_run
 from peftlab.report.decision import MANIFEST, race
@@ -46,7 +46,7 @@ def _resolve(path: Path, header: dict, runs: list[StudyRun], overrides: list[str
         raw = deep_merge(header["base"], run.raw)
         raw.update(name=run.name, output_dir=str(study_dir))
         with naming(path, f"run '{run.name}'"):
-            configs.append(load_config(None, overrides, base=raw))
+            configs.append(load_run_config(None, overrides, base=raw))
     return configs
 
 

@@ -19,13 +19,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from peftlab.core.config import RunConfig, load_config, set_dotted, to_dict
+from peftlab.core.config import RunConfig, set_dotted, to_dict
 from peftlab.core.errors import NotSupported, PeftlabError
 from peftlab.core.result import RunResult
 from peftlab.core.signals import Stopped
 from peftlab.recipes.executors import Events, ExecutorSpec, open_pool
 from peftlab.recipes.pruning import EpochPruner
-from peftlab.recipes.runner import RunTask
+from peftlab.recipes.runner import RunTask, load_run_config
 
 
 def number(where: str, value: Any) -> float | int:
@@ -81,7 +81,7 @@ def trial_config(base: dict, params: dict[str, Any], name: str, output_dir: Path
     raw = {**copy.deepcopy(base), "name": name, "output_dir": str(output_dir)}
     for key, value in params.items():
         set_dotted(raw, key, value, f"sweep.space.{key}")
-    return load_config(None, [], base=raw)
+    return load_run_config(None, [], base=raw)
 
 
 def base_of(cfg: RunConfig) -> dict:
