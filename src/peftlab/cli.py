@@ -13,10 +13,11 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from peftlab.core.allocator import reuse_freed_memory
-from peftlab.core.config import DEFAULT_MODEL
+from peftlab.core.config import DEFAULT_MODEL, config_help
 from peftlab.core.errors import NotSupported, PeftlabError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.splitlines()[0] if __doc__ else None)
@@ -114,7 +115,8 @@ def print_metrics(metrics: dict) -> None:
     console.print(table)
 
 
-@app.command()
+# `peftlab train --help` ends with every config key, its default and help text, read from the config's fields.
+@app.command(epilog="Config keys (key=value on the command line, or in the YAML file):\n\n" + escape(config_help()))
 def train(
     config: Annotated[Path, typer.Argument(help="run config YAML (leave it out to train on the defaults plus "
                                                 "key=value overrides)")],

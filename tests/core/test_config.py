@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 from builders import REPO
 
@@ -160,3 +162,20 @@ def test_an_unknown_key_lists_the_keys_of_its_section():
         load_config(None, base={"model": {"nmae": "x"}})
     assert str(err.value) == "unknown config key 'model.nmae'; valid: allow_pickle, chat, device, dtype, name"
 
+
+def test_every_key_has_help_that_train_help_lists(monkeypatch, capsys):
+    from peftlab import cli
+    from peftlab.core.config import SECTIONS, RunConfig, config_help
+    from peftlab.core.schema import fields_of
+
+    lines = config_help().splitlines()
+    keys = [f"{s}.{k}" for s in SECTIONS for k in fields_of(fields_of(RunConfig)[s].annotation)]
+    assert len(lines) == len(keys) + 2 and all(line.split(": ", 1)[1] for line in lines)  # + name, output_dir
+    assert "train.lr (default null): peak learning rate; default: the method's" in lines
+    monkeypatch.setattr("sys.argv", ["peftlab", "train", "--help"])
+    monkeypatch.setenv("COLUMNS", "200")
+    with contextlib.suppress(SystemExit):
+        cli.main()
+    shown = capsys.readouterr().out
+    assert all(f" {key} (default " in shown for key in keys)
+    assert 'method.target_modules (default ["q_proj", "v_proj"])' in shown  # brackets are text, not markup

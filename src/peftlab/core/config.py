@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -198,6 +199,24 @@ class RunConfig:
 
 
 SECTIONS = tuple(name for name, info in fields_of(RunConfig).items() if dataclasses.is_dataclass(info.annotation))
+
+
+def config_help() -> str:
+    """Every run config key with its default and help text, a line each: the list `peftlab train --help` ends with."""
+    lines = []
+    for name, info in fields_of(RunConfig).items():
+        if name not in SECTIONS:
+            lines.append(_help_line(name, info))
+    for section in SECTIONS:
+        lines += [_help_line(f"{section}.{name}", info)
+                  for name, info in fields_of(fields_of(RunConfig)[section].annotation).items()]
+    return "\n".join(lines)
+
+
+def _help_line(key: str, info: Any) -> str:
+    default = info.get_default(call_default_factory=True)
+    shown = default if isinstance(default, str) else json.dumps(default)  # as YAML writes it: null, true, [a, b]
+    return f"{key} (default {shown}): {info.description}"
 
 
 def from_dict(cls: type, raw: Any, where: str = "") -> Any:
