@@ -13,10 +13,11 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from peftlab.core.allocator import reuse_freed_memory
-from peftlab.core.config import DEFAULT_MODEL
+from peftlab.core.config import DEFAULT_MODEL, config_help
 from peftlab.core.errors import NotSupported, PeftlabError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.splitlines()[0] if __doc__ else None)
@@ -118,7 +119,8 @@ def print_metrics(metrics: dict) -> None:
     console.print(table)
 
 
-@app.command()
+# `peftlab train --help` ends with every config key, its default and help text, read from the config's fields.
+@app.command(epilog="Config keys (key=value on the command line, or in the YAML file):\n\n" + escape(config_help()))
 def train(
     config: Annotated[Path, typer.Argument(help="run config YAML (leave it out to train on the defaults plus "
                                                 "key=value overrides)")],
@@ -126,12 +128,13 @@ def train(
     resume: Annotated[bool, typer.Option(help="continue from the run folder's last checkpoint")] = False,
 ) -> None:
     """Train one method as configured and write runs/<name>/ (adapter, logs, metrics, predictions, result.json)."""
-    from peftlab.core.config import config_and_overrides, load_config
+    from peftlab.core.config import config_and_overrides
     from peftlab.core.result import has_result, read_result
+    from peftlab.recipes.runner import load_run_config
     from peftlab.recipes.train_run import run_training
 
     config, overrides = config_and_overrides(config, overrides)
-    cfg = load_config(config, [*overrides, *(["train.resume=true"] if resume else [])])
+    cfg = load_run_config(config, [*overrides, *(["train.resume=true"] if resume else [])])
     try:
         run_dir = run_training(cfg)
     except NotSupported as err:
@@ -153,11 +156,12 @@ def cv(
     workers: Annotated[int, typer.Option(min=1, help="folds at once")] = 1,
 ) -> None:
     """k-fold cross-validation: one run per fold in runs/<name>/fold-<k>/, then mean and spread in cv.md."""
-    from peftlab.core.config import config_and_overrides, load_config
+    from peftlab.core.config import config_and_overrides
     from peftlab.recipes.cv import run_cv
     from peftlab.recipes.executors import parse_executor
+    from peftlab.recipes.runner import load_run_config
 
-    cfg = load_config(*config_and_overrides(config, overrides))
+    cfg = load_run_config(*config_and_overrides(config, overrides))
     summary = run_cv(cfg, folds, parse_executor(None, executor, workers))
     table = Table("metric", "mean", "std")
     for key, s in summary["metrics"].items():

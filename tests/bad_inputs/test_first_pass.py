@@ -86,8 +86,10 @@ CONFIG_CASES = [
      "error: train.mixed_precision must be auto, no or bf16, got 'fp8'"),
     ("negative class balance", {"class_balance": -0.5},
      "error: train.class_balance must be >= 0 (0: unweighted, 1: balanced), got -0.5"),
-    ("negative learning rate", {"lr": -0.001}, "error: train.lr must be positive, got -0.001"),
-    ("wrong type", {"epochs": "two"}, "error: train.epochs: expected int, got 'two'"),
+    ("negative learning rate", {"lr": -0.001}, "error: train.lr must be > 0, got -0.001"),
+    ("wrong type", {"epochs": "two"}, "error: train.epochs: expected a whole number >= 1, got the text 'two'"),
+    ("a list of the wrong items", {"report_to": ["mlflow", 3]},
+     "error: train.report_to[1]: expected text, got the number 3"),
 ]
 
 
@@ -244,7 +246,8 @@ def test_override_that_is_not_yaml(tmp_path, monkeypatch, capsys):
     ("data.limit_eval=0", "error: data.limit_eval must be >= 1 (leave it unset to use every example), got 0"),
     ("data.limit_train=-2", "error: data.limit_train must be >= 1 (leave it unset to use every example), got -2"),
     # 4: a prompt-tuning run with 0 virtual tokens trained 0 parameters and reported a result.
-    ("method.num_virtual_tokens=0", "error: method.num_virtual_tokens and method.r must be >= 1, got 0 and 8"),
+    ("method.num_virtual_tokens=0", "error: method.num_virtual_tokens must be >= 1, got 0"),
+    ("method.r=0", "error: method.r must be >= 1, got 0"),
 ])
 def test_issue30_config_values(override, message, tmp_path, tiny_causal, small_pubmedqa, monkeypatch, capsys):
     assert cli_error(_train_args(tmp_path, tiny_causal, small_pubmedqa, override), monkeypatch, capsys) == message

@@ -18,8 +18,8 @@ from peftlab import cli
 from peftlab.core.config import config_and_overrides, deep_merge, load_config, save_config
 from peftlab.core.errors import PeftlabError
 from peftlab.core.yamlio import YamlSyntaxError, dump_yaml, parse_yaml, read_yaml
-from peftlab.recipes.search import parse_space
 from peftlab.recipes.study import load_study
+from peftlab.recipes.sweep import parse_sweep
 
 
 def _ok(argv: list[str], monkeypatch, capsys) -> str:
@@ -32,7 +32,7 @@ RUN = "runs: [{method: {name: lora}}]\n"
 MAPPING = "expected a mapping of config sections (name, model, data, method, train, ...)"
 NO_RUNS = "no runs to compare; list them under runs: (e.g. runs: [{method: {name: lora}}]) or grids:"
 SWEEP = "a sweep needs a `sweep:` mapping with a `space:` (see docs/experiments.md)"
-TUNE = "tune must be a mapping with trials, space, methods, select (see docs/experiments.md)"
+TUNE = "tune: expected a mapping (with trials, space, methods, select; see docs/experiments.md)"
 SPACE = "sweep: {space: {train.lr: {low: 1e-3, high: 0.1}}"
 
 # (case, command, file text, the message after `error: <file>: `, or after `error: <file>:` when it opens with the
@@ -67,23 +67,41 @@ FILE_CASES = [
      "base: expected a mapping (the run config every run starts from), got a list"),
     # was: KeyError: 'name'
     ("grid without a name", "compare", "grids: [{params: {train.lr: [0.1]}}]\n",
-     "grids[0].name: expected the grid's name (text), got nothing"),
+     "grids[0].name: expected text (the grid's name), got nothing"),
     ("grid values not a list", "compare", "grids: [{name: g, params: {train.lr: 0.1}}]\n",
-     "grids[0].params.train.lr: expected a list of values, got the number 0.1"),
+     "grids[0].params.train.lr: expected a list, got the number 0.1"),
     # was: "method: expected a mapping" without the file or run
     ("run's method is text", "compare", "runs: [{name: a, method: lora}]\n",
-     "run 'a': method: expected a mapping, got 'lora'"),
+     "run 'a': method: expected a mapping, got the text 'lora'"),
     ("tune is a list", "compare", f"{RUN}tune: [1]\n", f"{TUNE}, got a list"),
     ("tune space is a list", "compare", f"{RUN}tune: {{space: [1]}}\n", "tune.space: expected a mapping, got a list"),
     ("tune trials is text", "compare", f"{RUN}tune: {{trials: many}}\n",
-     "tune.trials: expected an integer >= 1, got 'many'"),
+     "tune.trials: expected a whole number >= 1, got the text 'many'"),
     ("sweep is a list", "sweep", "sweep: [1]\n", f"{SWEEP}, got a list"),
     ("sweep without sweep:", "sweep", "base: {method: {name: lora}}\n", f"{SWEEP}, it has none"),
     # was: ValueError: invalid literal for int()
     ("sweep trials is text", "sweep", f"{SPACE}, trials: many}}\n",
-     "sweep.trials: expected an integer >= 1, got 'many'"),
+     "sweep.trials: expected a whole number >= 1, got the text 'many'"),
     ("sweep space is a list", "sweep", "sweep: {space: [1]}\n",
-     "sweep.space must map config keys (e.g. train.lr) to {low, high} or {choices}"),
+     "sweep.space: expected a mapping (config keys, e.g. train.lr, to {low, high} or {choices}), got a list"),
+    # The sections' pydantic models: one line naming the dotted key, before any folder is made.
+    ("run name that is a list", "compare", "runs: [{name: [a]}]\n", "runs[0].name: expected text, got a list"),
+    ("unknown study key", "compare", f"{RUN}tunes: {{}}\n", "unknown study key 'tunes'; valid: base, executor, "
+     "grids, metric, name, output_dir, repeats, runs, select_teacher, sweep, teachers, tune"),
+    ("unknown tune key", "compare", f"{RUN}tune: {{trails: 3}}\n", "unknown study key 'tune.trails'; valid: methods, "
+     "metric, pruner, seed, select, space, startup_trials, trials"),
+    ("tune factor of 1", "compare", f"{RUN}tune: {{space: {{train.lr: {{factor: 1}}}}}}\n",
+     "tune.space.train.lr.factor must be > 1, got 1"),
+    ("repeats with seeds and folds", "compare", f"{RUN}repeats: {{seeds: [0], folds: 3}}\n",
+     "repeats: expected {seeds: [0, 1, 2]} or {folds: 5}, optionally with race: true and alpha: 0.05"),
+    ("repeats alpha of 1", "compare", f"{RUN}repeats: {{seeds: [0], alpha: 1}}\n", "repeats.alpha must be < 1, got 1"),
+    ("executor of 0 workers", "compare", f"{RUN}executor: {{workers: 0}}\n", "executor.workers must be >= 1, got 0"),
+    ("unknown sweep key", "sweep", f"{SPACE}, trails: 3}}\n", "unknown study key 'sweep.trails'; valid: direction, "
+     "pruner, seed, space, startup_trials, trials"),
+    ("sweep space entry of no shape", "sweep", "sweep: {space: {train.lr: {low: 0.1}}}\n",
+     "sweep.space.train.lr: expected {choices: [...]} or {low, high, log?, step?}"),
+    ("sweep pruner", "sweep", f"{SPACE}, pruner: hyperband}}\n",
+     "sweep.pruner must be median or none, got 'hyperband'"),
 ]
 
 
@@ -96,6 +114,16 @@ def test_config_and_study_files(case, command, text, message, tmp_path, monkeypa
     where = f"{path}:" if message[0].isdigit() else f"{path}: "
     assert cli_error([command, str(path)], monkeypatch, capsys) == f"error: {where}{message}"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["f.yaml"]  # no study or run folder was made
+
+
+def test_a_misspelt_peft_field_stops_a_study_before_any_run(tmp_path, monkeypatch, capsys):
+    # The method stage checks method.peft when the study's configs load (recipes.runner.load_run_config).
+    path = tmp_path / "s.yaml"
+    path.write_text(f"output_dir: {tmp_path / 'out'}\n"
+                    "runs: [{name: v, method: {name: peft, peft: {peft_type: VERA, rr: 4}}}]\n")
+    line = cli_error(["compare", str(path)], monkeypatch, capsys)
+    assert line.startswith(f"error: {path}: run 'v': unknown config key 'method.peft.rr' for VeraConfig; valid: ")
+    assert not (tmp_path / "out").exists()
 
 
 def test_only_names_an_unknown_run(tmp_path, monkeypatch, capsys):
@@ -196,18 +224,18 @@ def test_an_empty_section_is_the_defaults(tmp_path):
     study = tmp_path / "s.yaml"
     study.write_text("base: {train: {epochs: 3}}\nruns:\n- name: a\n  train:\n")
     header, runs = load_study(study)
-    assert load_config(None, base=deep_merge(header["base"], runs[0].raw)).train.epochs == 3
+    assert load_config(None, base=deep_merge(header.base, runs[0].raw)).train.epochs == 3
 
 
 def test_a_quoted_number_is_text_now():
     # The removed YAML 1.1 patches accepted the text '1e-3' for a float and turned false into "no"; under 1.2 a
     # value is what it was written as, so these are type errors that say what they got.
-    with pytest.raises(PeftlabError, match=r"^train\.lr: expected float, got '1e-3'$"):
+    with pytest.raises(PeftlabError, match=r"^train\.lr: expected a number > 0, got the text '1e-3'$"):
         load_config(None, ["train.lr='1e-3'"])
-    with pytest.raises(PeftlabError, match=r"^train\.mixed_precision: expected str, got False$"):
+    with pytest.raises(PeftlabError, match=r"^train\.mixed_precision must be auto, no or bf16, got false$"):
         load_config(None, ["train.mixed_precision=false"])
-    with pytest.raises(PeftlabError, match=r"expected a number, got '1e-3'"):
-        parse_space({"train.lr": {"low": "1e-3", "high": 0.1}})
+    with pytest.raises(PeftlabError, match=r"^sweep\.space\.train\.lr\.low: expected a number, got the text '1e-3'$"):
+        parse_sweep({"space": {"train.lr": {"low": "1e-3", "high": 0.1}}})
 
 
 def test_saved_config_round_trips_text_that_looks_like_other_values(tmp_path):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 from builders import REPO
 
@@ -39,17 +41,17 @@ def test_int_given_for_float_becomes_float():
 
 
 def test_negative_lr_is_an_error():
-    with pytest.raises(PeftlabError, match="train.lr must be positive"):
+    with pytest.raises(PeftlabError, match=r"^train\.lr must be > 0, got -0\.0001$"):
         load_config(None, ["train.lr=-1e-4"])
 
 
 def test_string_where_int_expected_is_a_type_error():
-    with pytest.raises(PeftlabError, match=r"train\.epochs.*expected int"):
+    with pytest.raises(PeftlabError, match=r"^train\.epochs: expected a whole number >= 1, got the text 'three'$"):
         load_config(None, ["train.epochs=three"])
 
 
 def test_bool_is_not_an_int():
-    with pytest.raises(PeftlabError, match="train.batch_size"):
+    with pytest.raises(PeftlabError, match=r"^train\.batch_size: expected a whole number >= 1, got the boolean true$"):
         load_config(None, ["train.batch_size=true"])
 
 
@@ -59,8 +61,9 @@ def test_override_without_equals_is_an_error():
 
 
 def test_split_must_sum_to_one():
-    with pytest.raises(PeftlabError, match="data.split"):
+    with pytest.raises(PeftlabError) as err:
         load_config(None, ["data.split=[0.5,0.2,0.2]"])
+    assert str(err.value) == "data.split must be three fractions summing to 1, got [0.5, 0.2, 0.2]"
 
 
 def test_missing_config_file(tmp_path):
@@ -78,7 +81,7 @@ def test_yaml_then_overrides_and_round_trip(tmp_path):
 
 
 def test_string_where_float_expected_is_a_type_error():
-    with pytest.raises(PeftlabError, match=r"train\.lr.*expected float"):
+    with pytest.raises(PeftlabError, match=r"^train\.lr: expected a number > 0, got the text 'fast'$"):
         load_config(None, ["train.lr=fast"])
 
 
@@ -130,3 +133,49 @@ def test_every_example_opens_with_its_command_and_loads(path):
         assert verb in ("compare", "sweep"), command
         _, runs = load_study(path)
         assert runs or verb == "sweep"
+
+
+@pytest.mark.parametrize("override,message", [
+    # a list or text: neither fits a number, so the message says what each takes
+    ("method.target_modules=5", "method.target_modules: expected a list of text or text, got the number 5"),
+    # a list whose item is wrong: the item is named
+    ("method.target_modules=[q_proj, 5]", "method.target_modules[1]: expected text, got the number 5"),
+    ("model.dtype=fp8", "model.dtype must be auto, float32, bfloat16 or float16, got 'fp8'"),
+    ("method.quant=nf5", "method.quant must be nf4, fp4 or int8, got 'nf5'"),
+    ("method.prompt_init=zeros", "method.prompt_init must be random or text, got 'zeros'"),
+    ("model.chat=yes", "model.chat must be false or true, got 'yes'"),
+    ("train=5", "train: expected a mapping, got the number 5"),
+    ("train.epochs=null", "train.epochs: expected a whole number >= 1, got nothing"),
+    ("data.max_length=4", "data.max_length must be >= 8, got 4"),
+    ("data.shots=-1", "data.shots must be >= 0, got -1"),
+    ("data.mixture=[pubmedqa]", "data.mixture[0]: expected a mapping, got the text 'pubmedqa'"),
+    ("method.peft=null", "method.peft: expected a mapping, got nothing"),
+])
+def test_a_bad_value_names_the_key_the_value_and_what_is_allowed(override, message):
+    with pytest.raises(PeftlabError) as err:
+        load_config(None, [override])
+    assert str(err.value) == message
+
+
+def test_an_unknown_key_lists_the_keys_of_its_section():
+    with pytest.raises(PeftlabError) as err:
+        load_config(None, base={"model": {"nmae": "x"}})
+    assert str(err.value) == "unknown config key 'model.nmae'; valid: allow_pickle, chat, device, dtype, name"
+
+
+def test_every_key_has_help_that_train_help_lists(monkeypatch, capsys):
+    from peftlab import cli
+    from peftlab.core.config import SECTIONS, RunConfig, config_help
+    from peftlab.core.schema import fields_of
+
+    lines = config_help().splitlines()
+    keys = [f"{s}.{k}" for s in SECTIONS for k in fields_of(fields_of(RunConfig)[s].annotation)]
+    assert len(lines) == len(keys) + 2 and all(line.split(": ", 1)[1] for line in lines)  # + name, output_dir
+    assert "train.lr (default null): peak learning rate; default: the method's" in lines
+    monkeypatch.setattr("sys.argv", ["peftlab", "train", "--help"])
+    monkeypatch.setenv("COLUMNS", "200")
+    with contextlib.suppress(SystemExit):
+        cli.main()
+    shown = capsys.readouterr().out
+    assert all(f" {key} (default " in shown for key in keys)
+    assert 'method.target_modules (default ["q_proj", "v_proj"])' in shown  # brackets are text, not markup

@@ -30,6 +30,7 @@ from peftlab.methods.registry import (
     save_adapter,
 )
 from peftlab.models.loading import load_model
+from peftlab.recipes.runner import load_run_config
 from peftlab.recipes.train_run import run_training
 
 NAMED = [m.name for m in NAMED_VARIANTS]
@@ -176,19 +177,19 @@ def test_a_saved_peft_config_runs_unchanged(tiny_causal, tmp_path):
     assert count_params(via_file) == count_params(named) and count_params(via_file)[0] > 0
     (tmp_path / "exp" / "adapter_config.json").write_text(json.dumps({**saved, "future_field": 3}))
     with pytest.raises(PeftlabError, match="unknown field 'future_field' in .*exp for VeraConfig"):
-        load_config(None, ["method.name=peft", f"method.peft_config={tmp_path / 'exp'}"])
+        load_run_config(None, ["method.name=peft", f"method.peft_config={tmp_path / 'exp'}"])
 
 
 @pytest.mark.parametrize("overrides, message", [
     (["method.name=peft", "method.peft={peft_type: VERA, rr: 4}"], "unknown config key 'method.peft.rr' for Vera"),
     (["method.name=peft", "method.peft={peft_type: NOPE}"], "unknown peft_type 'NOPE'"),
     (["method.name=peft"], "needs method.peft.peft_type"),
-    (["method.name=dora", "method.peft=[1]"], "method.peft: expected a mapping"),
+    (["method.name=dora", "method.peft=[1]"], "method.peft: expected a mapping, got a list"),
     (["method.name=peft", "method.peft_config=missing.json"], "missing.json: no such peft config"),
 ])
 def test_bad_peft_fields_fail_at_config_load_in_one_line(overrides, message):
     with pytest.raises(PeftlabError, match=message) as err:
-        load_config(None, overrides)
+        load_run_config(None, overrides)  # core's load_config, then the method stage's check of the peft fields
     assert "\n" not in str(err.value)
 
 

@@ -65,10 +65,13 @@ def test_run_result_round_trips(tmp_path):
 def test_executor_section_and_flags():
     assert parse_executor(None) == ExecutorSpec()
     assert parse_executor({"kind": "ray", "workers": 4}, workers=2) == ExecutorSpec("ray", 2)
-    with pytest.raises(PeftlabError, match="executor.workers must be an integer >= 1, got 0"):
+    with pytest.raises(PeftlabError, match="^executor.workers must be >= 1, got 0$"):
         parse_executor({"workers": 0})
-    with pytest.raises(PeftlabError, match="unknown key 'executor.gpus'"):
+    with pytest.raises(PeftlabError, match="^unknown study key 'executor.gpus'; valid: address, kind, workers$"):
         parse_executor({"gpus": 1})
+    with pytest.raises(PeftlabError, match="^executor.address is for kind ray, got 'auto'$"):
+        parse_executor({"address": "auto"})
+    assert parse_executor({"address": "auto"}, kind="ray").address == "auto"  # the flag's kind counts
 
 
 @pytest.fixture(scope="module")

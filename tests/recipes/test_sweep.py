@@ -18,7 +18,12 @@ from peftlab.core.config import load_config
 from peftlab.core.errors import PeftlabError
 from peftlab.methods.registry import get_method
 from peftlab.recipes.pruning import EpochPruner, Pruned
-from peftlab.recipes.search import parse_space, suggest
+from peftlab.recipes.search import as_space, suggest
+from peftlab.recipes.sweep import parse_sweep
+
+
+def parse_space(space):
+    return as_space(parse_sweep({"space": space}).space)
 
 
 def test_parse_space_and_suggest():
@@ -30,12 +35,15 @@ def test_parse_space_and_suggest():
     params = suggest(optuna.trial.FixedTrial({"train.lr": 0.01, "train.epochs": 2, "method.r": 8}), space)
     assert params == {"train.lr": 0.01, "train.epochs": 2, "method.r": 8}
     assert space["train.lr"]["low"] == 1e-3 and isinstance(space["train.epochs"]["low"], int)
-    with pytest.raises(PeftlabError, match="low must be below high"):
+    assert space["train.epochs"] == {"low": 1, "high": 3, "log": False, "step": None}  # every key, for suggest
+    with pytest.raises(PeftlabError, match=r"^sweep\.space\.train\.lr: low must be below high, got 0\.1 and 0\.01$"):
         parse_space({"train.lr": {"low": 0.1, "high": 0.01}})
-    with pytest.raises(PeftlabError, match="expected a number"):
+    with pytest.raises(PeftlabError, match="^sweep.space.train.lr.low: expected a number, got the text 'small'$"):
         parse_space({"train.lr": {"low": "small", "high": 0.01}})
-    with pytest.raises(PeftlabError, match="choices"):
+    with pytest.raises(PeftlabError, match=r"^sweep\.space\.method\.r: expected \{choices: \[\.\.\.\]\} or"):
         parse_space({"method.r": [4, 8]})
+    with pytest.raises(PeftlabError, match=r"^sweep\.space\.method\.r\.choices must hold at least 1 item, got \[\]$"):
+        parse_space({"method.r": {"choices": []}})
 
 
 def test_pruning_in_the_worker_judges_against_the_trials_finished_before_it():
@@ -121,9 +129,9 @@ def test_tune_section_parses_and_centres_lr_on_each_method():
     # a set lr is the centre
     full = method_space(spec, load_config(None, ["method.name=full", "train.lr=1e-4"]), get_method("full"))
     assert full["train.lr"]["low"] == pytest.approx(1e-5) and "method.r" not in full
-    with pytest.raises(PeftlabError, match="unknown tune key 'trails'"):
+    with pytest.raises(PeftlabError, match="unknown study key 'tune.trails'; valid: methods, metric, pruner, seed"):
         parse_tune({"trails": 3})
-    with pytest.raises(PeftlabError, match="tune.select.few-shot"):
+    with pytest.raises(PeftlabError, match="^tune.select.few-shot.data.shots: expected a list, got the number 2$"):
         parse_tune({"select": {"few-shot": {"data.shots": 2}}})
 
 

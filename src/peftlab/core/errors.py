@@ -27,12 +27,17 @@ class NotSupported(PeftlabError):
 _ESCAPE_BREAKS = str.maketrans({c: repr(c)[1:-1] for c in "\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"})
 
 
+def on_one_line(text: str) -> str:
+    """`text` with every line break escaped: a key or value from a file may carry one."""
+    return text.translate(_ESCAPE_BREAKS)
+
+
 def data_error(path: str | Path, line: int | None, field: str | None, problem: str) -> PeftlabError:
     """An error that points at `path:line` and names the field, the way compilers report errors."""
     where = f"{path}:{line}" if line is not None else str(path)
     what = f"field '{field}': " if field else ""
     # One line, whatever the row holds: a field name or a value from the file may carry a line break.
-    return PeftlabError(f"{where}: {what}{problem}".translate(_ESCAPE_BREAKS))
+    return PeftlabError(on_one_line(f"{where}: {what}{problem}"))
 
 
 def unknown_name(kind: str, name: str, valid: list[str] | tuple[str, ...]) -> PeftlabError:

@@ -23,20 +23,24 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pydantic import StrictFloat, StrictInt, StrictStr
+from pydantic.dataclasses import dataclass as section
+
 from peftlab.core.config import DataConfig, from_dict
 from peftlab.core.errors import PeftlabError
+from peftlab.core.schema import FORBID
 from peftlab.data.splits import load_splits
 from peftlab.data.tasks import Example, Task, get_task
 
 
-@dataclass
+@section(config=FORBID)
 class MixtureEntry:
     """One task of a mixture: its data file (default: the task's own), sampling weight and phrasings."""
 
-    task: str
-    path: str | None = None
-    weight: float = 1.0
-    templates: list[int] = field(default_factory=list)
+    task: StrictStr
+    path: StrictStr | None = None
+    weight: StrictFloat = 1.0
+    templates: list[StrictInt] = field(default_factory=list)
 
 
 @dataclass

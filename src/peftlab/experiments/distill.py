@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import dataclasses
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
+from pydantic import StrictInt, StrictStr
+from pydantic.dataclasses import dataclass as section
 from rich.console import Console
 from rich.table import Table
 
@@ -20,6 +21,7 @@ from peftlab.core.config import DEFAULT_MODEL, check_limit, from_dict
 from peftlab.core.errors import PeftlabError
 from peftlab.core.files import ensure_file_writable, write_json, write_jsonl
 from peftlab.core.result import has_result, run_config
+from peftlab.core.schema import FORBID
 from peftlab.data.splits import load_splits
 from peftlab.data.targets import read_outputs
 from peftlab.data.tasks import Example, Task, task_for
@@ -28,14 +30,14 @@ from peftlab.models.adapters import load_for_inference
 from peftlab.prompts.encoding import encode_split, format_for
 
 
-@dataclass
+@section(config=FORBID)
 class TeacherSpec:
     """One teacher candidate of a study: a base model, optionally with an adapter or a finished run folder."""
 
-    name: str
-    model: str = DEFAULT_MODEL
-    adapter: str | None = None
-    template: int | None = None
+    name: StrictStr
+    model: StrictStr = DEFAULT_MODEL
+    adapter: StrictStr | None = None
+    template: StrictInt | None = None
 
 
 def resolve_teacher(spec: str) -> tuple[str, str | None]:

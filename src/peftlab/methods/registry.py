@@ -20,7 +20,7 @@ from peftlab.methods import speed
 from peftlab.methods import variants as v
 from peftlab.methods.head import build
 from peftlab.methods.lifecycle import remember_initial, save_adapter, start_schedule
-from peftlab.methods.passthrough import any_tuner, with_extras
+from peftlab.methods.passthrough import any_tuner, peft_fields, with_extras
 from peftlab.methods.speed import use_plain_path
 from peftlab.methods.storage import ADAPTER, BASE, HEAD, MODEL, Storage
 from peftlab.methods.tuners import (
@@ -192,7 +192,7 @@ def apply_method(method: Method, loaded: LoadedModel, task: Task, cfg: MethodCon
 def plain_path_reason(method: Method, cfg: MethodConfig) -> str | None:
     """Why this method runs without some of peftlab's speed paths (`methods.speed`), or None (`cfg`: its settings,
     which name the tuner of `peft`)."""
-    peft_type = cfg.peft_fields()[0] if method.name == "peft" else method.peft_type
+    peft_type = peft_fields(cfg)[0] if method.name == "peft" else method.peft_type
     return speed.plain_path_reason(peft_type)
 
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import asdict
 from pathlib import Path
 
-from peftlab.core.config import RunConfig, deep_merge, load_config
+from peftlab.core.config import RunConfig, deep_merge
 from peftlab.core.errors import PeftlabError
 from peftlab.core.files import ensure_writable, read_json, write_json
 from peftlab.core.result import RunResult, has_result
@@ -27,8 +27,8 @@ from peftlab.experiments.distill import prepare_teacher
 from peftlab.recipes.cost import Progress, job_units, plan_text, plan_units, trial_units
 from peftlab.recipes.executors import ExecutorSpec, parse_executor, run_all
 from peftlab.recipes.repeats import Repeats, chosen_config, parse_repeats, repeat_configs, tuning_config, vars_repeats
-from peftlab.recipes.runner import RunTask
-from peftlab.recipes.study import StudyRun, load_study, naming
+from peftlab.recipes.runner import RunTask, load_run_config
+from peftlab.recipes.study import Study, StudyRun, load_study, naming
 from peftlab.recipes.tuning import CHOSEN, TuneSpec, parse_tune, tune_run
 from peftlab.report.decision import MANIFEST, race
 from peftlab.report.study_report import build_study_report
@@ -36,17 +36,17 @@ from peftlab.report.study_report import build_study_report
 __all__ = ["StudyRun", "load_study", "run_study"]
 
 
-def _resolve(path: Path, header: dict, runs: list[StudyRun], overrides: list[str], study_dir: Path
+def _resolve(path: Path, study: Study, runs: list[StudyRun], overrides: list[str], study_dir: Path
              ) -> list[RunConfig]:
     if not runs:  # a study of nothing used to make an empty study folder, or fail on the missing key
         raise PeftlabError(f"{path}: no runs to compare; list them under runs: (e.g. runs: "
                            "[{method: {name: lora}}]) or grids:")
     configs = []
     for run in runs:  # resolve every config first: a typo fails the study before hours of training
-        raw = deep_merge(header["base"], run.raw)
+        raw = deep_merge(study.base, run.raw)
         raw.update(name=run.name, output_dir=str(study_dir))
         with naming(path, f"run '{run.name}'"):
-            configs.append(load_config(None, overrides, base=raw))
+            configs.append(load_run_config(None, overrides, base=raw))
     return configs
 
 
@@ -66,13 +66,13 @@ def run_study(path: Path, overrides: list[str] = (), only: list[str] | None = No
     With `tune` or `repeats` in the study, each method is first chosen on val, then rerun per seed or fold. With
     `plan`, only print the runs and the estimated time.
     """
-    header, runs = load_study(path)
-    study_dir = Path(header.get("output_dir", "runs")) / header.get("name", Path(path).stem)
-    configs = _resolve(Path(path), header, runs, list(overrides), study_dir)
+    study, runs = load_study(path)
+    study_dir = study.folder(path)
+    configs = _resolve(Path(path), study, runs, list(overrides), study_dir)
     with naming(Path(path)):
-        spec = parse_tune(header["tune"]) if header.get("tune") is not None else None
-        repeats = parse_repeats(header.get("repeats"))
-        executor = parse_executor(header.get("executor"), executor_kind, workers)
+        spec = parse_tune(study.tune) if study.tune is not None else None
+        repeats = parse_repeats(study.repeats)
+        executor = parse_executor(study.executor, executor_kind, workers)
     chosen = _chosen(configs, only)
     if plan:
         print(plan_text(chosen, spec, repeats, study_dir, executor))
@@ -82,10 +82,11 @@ def run_study(path: Path, overrides: list[str] = (), only: list[str] | None = No
     # SIGTERM/SIGINT: the running child is stopped and waited for, and no results.md is written for a part study.
     with stop_on_signals():
         try:
-            if header.get("teachers") or header.get("select_teacher"):  # distillation: rank teachers, teacher.jsonl
-                prepare_teacher(header, configs, study_dir)
-            if spec is not None or header.get("repeats") is not None:
-                metric = header.get("metric") or (spec and spec.metric)
+            if study.teachers or study.select_teacher:  # distillation: rank teachers, write teacher.jsonl
+                prepare_teacher({"teachers": study.teachers, "select_teacher": study.select_teacher}, configs,
+                                study_dir)
+            if spec is not None or study.repeats is not None:
+                metric = study.metric or (spec and spec.metric)
                 failures = run_decision(chosen, spec, repeats, study_dir, metric, executor)
             else:
                 todo = [c for c in chosen if not has_result(c.run_dir)]
@@ -94,7 +95,7 @@ def run_study(path: Path, overrides: list[str] = (), only: list[str] | None = No
                 progress = Progress(sum(job_units(c) for c in todo))
                 failures = run_finals(todo, executor, progress)
             # Every run failed: there is no table to write, only the failures to name.
-            report = build_study_report(study_dir, title=header.get("name")) if _any_result(study_dir) else None
+            report = build_study_report(study_dir, title=study.name) if _any_result(study_dir) else None
         except Stopped as stop:
             raise study_stopped(stop, chosen, repeats) from None
     if report is not None:

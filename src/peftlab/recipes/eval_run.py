@@ -10,11 +10,10 @@
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
-from peftlab.core.config import DEFAULT_MODEL, RunConfig, check_limit, from_dict, validate
+from peftlab.core.config import DEFAULT_MODEL, RunConfig, check_limit, from_dict, to_dict
 from peftlab.core.errors import PeftlabError
 from peftlab.core.files import ensure_writable, json_bytes, jsonl_bytes, write_files_atomic, write_jsonl
 from peftlab.core.result import run_config
@@ -59,8 +58,8 @@ def run_eval(opts: EvalOptions, out: Path) -> dict:
     check_limit(opts.limit)
     ensure_writable(out, FIX_OUT)  # before the model loads and scores, not after
     t = get_task(opts.task)
-    cfg = validate(from_dict(RunConfig, {"data": {"task": opts.task, "path": opts.data, "template": template,
-                                                  "max_length": max_length, "calibrate": bool(opts.calibrate)}}))
+    cfg = from_dict(RunConfig, {"data": {"task": opts.task, "path": opts.data, "template": template,
+                                         "max_length": max_length, "calibrate": bool(opts.calibrate)}})
     labels = data_labels(cfg.data, t)  # alpaca, chat: a file of a few short labels is classification, as in training
     if labels and t.relabel is not None:
         t = t.relabel(labels)
@@ -95,6 +94,7 @@ RUN_SETTINGS = {
 
 def _with_flags(cfg: RunConfig, opts: EvalOptions, force: bool) -> RunConfig:
     """The run's config with the flags applied; a flag that changes it is an error unless `force`."""
+    raw = to_dict(cfg)
     if opts.adapter is not None:
         raise PeftlabError("--adapter: a run folder brings its own adapter; give one or the other")
     for flag, (section, key) in RUN_SETTINGS.items():
@@ -104,8 +104,8 @@ def _with_flags(cfg: RunConfig, opts: EvalOptions, force: bool) -> RunConfig:
         if not force:
             raise PeftlabError(f"--{flag.replace('_', '-')} {given} contradicts the run's {section}.{key} ({own}); "
                                "leave it out to use the run's, or pass --force")
-        cfg = dataclasses.replace(cfg, **{section: dataclasses.replace(getattr(cfg, section), **{key: given})})
-    return validate(cfg)
+        raw[section][key] = given
+    return from_dict(RunConfig, raw)  # a flag's value is checked as the config key it replaces
 
 
 def eval_run(run_dir: Path, opts: EvalOptions, out: Path | None = None, force: bool = False) -> dict:

@@ -32,48 +32,48 @@ import tempfile
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from multiprocessing.connection import wait
 from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import StrictInt, StrictStr, ValidationInfo, field_validator
+from pydantic.dataclasses import dataclass as section
 
 from peftlab.core.allocator import reuse_freed_memory
-from peftlab.core.errors import NotSupported, PeftlabError
+from peftlab.core.errors import NotSupported
 from peftlab.core.result import RunResult
+from peftlab.core.schema import FORBID, checked, setting
 from peftlab.recipes.runner import RunTask, default_threads, ended, run_task
 
-KINDS = ("local", "ray")
 STOP_GRACE_S = 60  # how long a stopped run may take to checkpoint its current step before it is killed
 
 # (event, task, result): "start" as a run begins (result None), "end" as it ends
 Events = Callable[[str, RunTask, RunResult | None], None]
 
 
-@dataclass(frozen=True)
+@section(frozen=True, config=FORBID)
 class ExecutorSpec:
     """A study's `executor:` section, or `--executor`/`--workers` on the command line."""
 
-    kind: str = "local"
-    workers: int = 1
-    address: str | None = None  # ray: `auto`, `ray://host:port`; None starts a local Ray on this machine
+    kind: Literal["local", "ray"] = setting("local", "local: worker processes on this machine; ray: a Ray cluster")
+    workers: StrictInt = setting(1, "runs at once", ge=1)
+    address: StrictStr | None = setting(None, "ray: auto, or ray://host:port; default: a local Ray on this machine")
+
+    @field_validator("address")
+    @classmethod
+    def _for_ray(cls, address: str | None, info: ValidationInfo) -> str | None:
+        if address is not None and info.data.get("kind") != "ray":
+            raise ValueError("is for kind ray")
+        return address
 
 
-def parse_executor(raw, kind: str | None = None, workers: int | None = None) -> ExecutorSpec:
+def parse_executor(raw: Any, kind: str | None = None, workers: int | None = None) -> ExecutorSpec:
     """The study's `executor:` mapping, with the command line's `--executor` and `--workers` on top."""
     raw = {} if raw is None else raw
-    if not isinstance(raw, dict):
-        raise PeftlabError(f"executor: expected a mapping such as {{kind: local, workers: 2}}, got {raw!r}")
-    unknown = sorted(set(raw) - {"kind", "workers", "address"})
-    if unknown:
-        raise PeftlabError(f"unknown key 'executor.{unknown[0]}'; valid: address, kind, workers")
-    spec = ExecutorSpec(**raw)
-    spec = replace(spec, kind=kind or spec.kind, workers=workers if workers is not None else spec.workers)
-    if spec.kind not in KINDS:
-        raise PeftlabError(f"executor.kind must be local or ray, got {spec.kind!r}")
-    if not isinstance(spec.workers, int) or isinstance(spec.workers, bool) or spec.workers < 1:
-        raise PeftlabError(f"executor.workers must be an integer >= 1, got {spec.workers!r}")
-    if spec.address is not None and spec.kind != "ray":
-        raise PeftlabError("executor.address is for kind ray")
-    return spec
+    flags = {key: value for key, value in (("kind", kind), ("workers", workers)) if value is not None}
+    return checked(ExecutorSpec, {**raw, **flags} if isinstance(raw, dict) else raw, "executor", "study",
+                   "such as {kind: local, workers: 2}")
 
 
 def open_pool(spec: ExecutorSpec, events: Events | None = None) -> Pool:

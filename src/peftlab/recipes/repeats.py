@@ -7,16 +7,22 @@ test example exactly once. Tuning sees fold 0's train and val only.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
+
+from pydantic import StrictBool, StrictFloat, StrictInt, model_validator
+from pydantic.dataclasses import dataclass as section
 
 from peftlab.core.config import RunConfig
-from peftlab.core.errors import PeftlabError
+from peftlab.core.schema import FORBID, checked, setting
 from peftlab.methods.registry import get_method
 from peftlab.recipes.search import base_of, trial_config
 
+SHAPE = "{seeds: [0, 1, 2]} or {folds: 5}, optionally with race: true and alpha: 0.05"
 
-@dataclass(frozen=True)
+
+@section(frozen=True, config=FORBID)
 class Repeats:
     """`seeds`: rerun with these train seeds on the same split; `folds`: rerun on each of k folds (data.fold).
 
@@ -24,40 +30,28 @@ class Repeats:
     worse than the leader (paired test, Holm-corrected at `alpha`) gets no more repeats (`report.stats.race_round`).
     """
 
-    seeds: tuple[int, ...] = ()
-    folds: int = 0
-    race: bool = False
-    alpha: float = 0.05
+    seeds: tuple[StrictInt, ...] = setting((), "rerun each chosen config with these train seeds", min_length=1)
+    folds: StrictInt = setting(0, "rerun each chosen config on each of k folds", "test, val, train", ge=3)
+    race: StrictBool = setting(False, "drop a method significantly worse than the leader after each round")
+    alpha: StrictFloat = setting(0.05, "the race's significance level (Holm-corrected)", gt=0, lt=1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _seeds_or_folds(cls, raw: Any) -> Any:
+        # A section read from a study (a mapping) names one of the two; `Repeats()` in code is one run per method.
+        if isinstance(raw, dict) and len({"seeds", "folds"} & set(raw)) != 1:
+            raise ValueError(f"expected {SHAPE}")
+        return raw
 
     @property
     def rounds(self) -> int:
         return self.folds or len(self.seeds) or 1
 
 
-def parse_repeats(raw) -> Repeats:
+def parse_repeats(raw: Any) -> Repeats:
     """`{seeds: [0, 1, 2]}` or `{folds: 5}`, either with `race: true` (and `alpha`); None means one run per method
     at its configured seed."""
-    if raw is None:
-        return Repeats()
-    shape = "repeats: expected {seeds: [0, 1, 2]} or {folds: 5}, optionally with race: true and alpha: 0.05"
-    if not isinstance(raw, dict) or len({"seeds", "folds"} & set(raw)) != 1:
-        raise PeftlabError(shape)
-    unknown = sorted(map(str, set(raw) - {"seeds", "folds", "race", "alpha"}))
-    if unknown:
-        raise PeftlabError(f"unknown key 'repeats.{unknown[0]}'; valid: alpha, folds, race, seeds")
-    race, alpha = raw.get("race", False), raw.get("alpha", 0.05)
-    if not isinstance(race, bool):
-        raise PeftlabError(f"repeats.race: expected true or false, got {race!r}")
-    if isinstance(alpha, bool) or not isinstance(alpha, int | float) or not 0 < alpha < 1:
-        raise PeftlabError(f"repeats.alpha: expected a number between 0 and 1, got {alpha!r}")
-    if "seeds" in raw:
-        seeds = raw["seeds"]
-        if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) for s in seeds):
-            raise PeftlabError(f"repeats.seeds: expected a non-empty list of integers, got {seeds!r}")
-        return Repeats(seeds=tuple(seeds), race=race, alpha=float(alpha))
-    if not isinstance(raw["folds"], int) or raw["folds"] < 3:
-        raise PeftlabError(f"repeats.folds: expected an integer >= 3 (test, val, train), got {raw['folds']!r}")
-    return Repeats(folds=raw["folds"], race=race, alpha=float(alpha))
+    return Repeats() if raw is None else checked(Repeats, raw, "repeats", "study", SHAPE)
 
 
 def deterministic(cfg: RunConfig) -> bool:

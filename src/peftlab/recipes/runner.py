@@ -13,10 +13,11 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from peftlab.core.config import RunConfig, from_dict, to_dict, validate
+from peftlab.core.config import RunConfig, from_dict, load_config, to_dict
 from peftlab.core.errors import NotSupported, PeftlabError
 from peftlab.core.result import RunResult, has_result, read_result
 from peftlab.core.signals import Stopped
+from peftlab.methods.passthrough import check_peft
 from peftlab.recipes.pruning import EpochPruner, Pruned
 from peftlab.recipes.train_run import run_training
 from peftlab.report.notes import NOT_RUN, write_not_run
@@ -74,7 +75,7 @@ def run_task(task: RunTask) -> RunResult:
     carries the val metric of each epoch in `extra["epochs"]` (for its owner's pruner), and its `extra["error"]`
     names the kind of failure (`NonFiniteLoss` ends a trial, not a search).
     """
-    cfg = validate(from_dict(RunConfig, task.config))
+    cfg = from_dict(RunConfig, task.config)
     if has_result(cfg.run_dir):
         return read_result(cfg.run_dir)
     cfg.train.resume = True
@@ -96,6 +97,14 @@ def run_task(task: RunTask) -> RunResult:
     result = read_result(cfg.run_dir)
     result.extra["epochs"] = epochs
     return result
+
+
+def load_run_config(path: str | Path | None, overrides: list[str] = (), base: dict | None = None) -> RunConfig:
+    """`core.config.load_config`, then the method stage's check of `method.peft` and `method.peft_config`, so that
+    a misspelt peft field stops a study, sweep or run when its config loads, before anything trains."""
+    cfg = load_config(path, overrides, base)
+    check_peft(cfg.method)
+    return cfg
 
 
 def ended(task: RunTask, status: str, reason: str, **extra) -> RunResult:

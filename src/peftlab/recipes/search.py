@@ -13,53 +13,87 @@ that its owner left running (the owner killed) is adopted by the next owner and 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import signal
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
-from peftlab.core.config import RunConfig, load_config, set_dotted, to_dict
+from pydantic import Discriminator, StrictBool, StrictFloat, StrictInt, Tag, model_validator
+from pydantic.dataclasses import dataclass as section
+
+from peftlab.core.config import RunConfig, set_dotted, to_dict
 from peftlab.core.errors import NotSupported, PeftlabError
 from peftlab.core.result import RunResult
+from peftlab.core.schema import FORBID, setting
 from peftlab.core.signals import Stopped
 from peftlab.recipes.executors import Events, ExecutorSpec, open_pool
 from peftlab.recipes.pruning import EpochPruner
-from peftlab.recipes.runner import RunTask
-
-
-def number(where: str, value: Any) -> float | int:
-    """A number of a search space (`low`, `high`, `factor`); anything else is an error naming the key."""
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise PeftlabError(f"sweep.space.{where}: expected a number, got {value!r}")
-    return value
+from peftlab.recipes.runner import RunTask, load_run_config
 
 
 def whole(where: str, value: Any, least: int) -> int:
-    """An integer setting (`trials`, `seed`) of a sweep or tune section, at least `least`."""
+    """An integer given on the command line (`--trials`), at least `least`."""
     if isinstance(value, bool) or not isinstance(value, int) or value < least:
         raise PeftlabError(f"{where}: expected an integer >= {least}, got {value!r}")
     return value
 
 
-def parse_space(space: Any) -> dict[str, dict]:
-    """Check the search space: each key is a config path with `{choices: [...]}` or `{low, high, log?, step?}`."""
-    if not isinstance(space, dict) or not space:
-        raise PeftlabError("sweep.space must map config keys (e.g. train.lr) to {low, high} or {choices}")
-    out = {}
-    for key, spec in space.items():
-        if not isinstance(spec, dict) or not ({"choices"} <= set(spec) or {"low", "high"} <= set(spec)):
-            raise PeftlabError(f"sweep.space.{key}: expected {{choices: [...]}} or {{low, high, log?, step?}}")
-        if "choices" in spec:
-            if not isinstance(spec["choices"], list) or not spec["choices"]:
-                raise PeftlabError(f"sweep.space.{key}.choices must be a non-empty list")
-            out[key] = {"choices": spec["choices"]}
-            continue
-        low, high = number(f"{key}.low", spec["low"]), number(f"{key}.high", spec["high"])
-        if low >= high:
-            raise PeftlabError(f"sweep.space.{key}: low must be below high, got {low} and {high}")
-        out[key] = {"low": low, "high": high, "log": bool(spec.get("log", False)), "step": spec.get("step")}
-    return out
+@section(config=FORBID)
+class Choices:
+    """A categorical dimension of a search space."""
+
+    choices: list = setting(help="the values to choose from", min_length=1)
+
+
+@section(config=FORBID)
+class Range:
+    """A numeric dimension: integers when both bounds are integers, else floats."""
+
+    low: StrictInt | StrictFloat = setting(help="the lowest value")
+    high: StrictInt | StrictFloat = setting(help="the highest value")
+    log: StrictBool = setting(False, "draw on a log scale")
+    step: StrictInt | StrictFloat | None = setting(None, "the spacing of the values; default: any value")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Range:
+        if self.low >= self.high:
+            raise ValueError(f"low must be below high, got {self.low} and {self.high}")
+        return self
+
+
+@section(config=FORBID)
+class Factor:
+    """A tune space's `{factor: F}`: log-uniform in [default / F, default * F] around each method's own value."""
+
+    factor: StrictInt | StrictFloat = setting(help="how far either way of the method's default", gt=1)
+
+
+def _shape(entry: Any) -> str | None:
+    """Which kind of dimension a space entry is, told by its keys (pydantic then checks that kind's values)."""
+    keys = set(entry) if isinstance(entry, dict) else set()
+    for tag, needs in (("choices", {"choices"}), ("factor", {"factor"}), ("range", {"low", "high"})):
+        if needs <= keys:
+            return tag
+    return None
+
+
+def _by_shape(members: Any, shapes: str) -> Any:
+    """A union of space entries told apart by `_shape`; an entry of no known shape is an error listing `shapes`."""
+    return Annotated[members, Discriminator(_shape, custom_error_type="space_entry",
+                                            custom_error_message=f"expected {shapes}")]
+
+
+SHAPES = "{choices: [...]} or {low, high, log?, step?}"
+_SWEEP = Annotated[Choices, Tag("choices")] | Annotated[Range, Tag("range")]
+SweepEntry = _by_shape(_SWEEP, SHAPES)
+TuneEntry = _by_shape(_SWEEP | Annotated[Factor, Tag("factor")], f"{SHAPES} or {{factor: F}}")
+
+
+def as_space(entries: dict[str, Choices | Range]) -> dict[str, dict]:
+    """A space's checked entries as the mappings `suggest` reads: {choices} or {low, high, log, step}."""
+    return {key: dataclasses.asdict(entry) for key, entry in entries.items()}
 
 
 def suggest(trial, space: dict[str, dict]) -> dict[str, Any]:
@@ -81,7 +115,7 @@ def trial_config(base: dict, params: dict[str, Any], name: str, output_dir: Path
     raw = {**copy.deepcopy(base), "name": name, "output_dir": str(output_dir)}
     for key, value in params.items():
         set_dotted(raw, key, value, f"sweep.space.{key}")
-    return load_config(None, [], base=raw)
+    return load_run_config(None, [], base=raw)
 
 
 def base_of(cfg: RunConfig) -> dict:

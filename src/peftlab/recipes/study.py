@@ -12,12 +12,65 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pydantic import ConfigDict, StrictBool, StrictStr, with_config
+from pydantic.dataclasses import dataclass as section
+from typing_extensions import TypedDict  # pydantic reads typing's own only from Python 3.12
+
 from peftlab.core.config import set_dotted
 from peftlab.core.errors import PeftlabError
+from peftlab.core.schema import FORBID, checked, empty_is_default, setting
 from peftlab.core.yamlio import describe, read_yaml
 
-STUDY_KEYS = {"name", "output_dir", "base", "runs", "grids", "select_teacher", "teachers", "sweep", "tune", "repeats",
-              "metric", "executor"}
+RUN = "a run config, e.g. {method: {name: lora}}"
+
+
+@with_config(ConfigDict(extra="allow"))
+class RunEntry(TypedDict, total=False):
+    """A `runs:` entry: a run config on top of base (its keys are checked when the run resolves), whose name is
+    text when given (default: its method's name)."""
+
+    name: StrictStr | None
+
+
+@section(config=FORBID)
+class Grid:
+    """A `grids:` entry: every combination of its `params` is a run named `<name>-<key><value>-...`."""
+
+    name: StrictStr = setting(help="the grid's name, which its runs' names start with", note="the grid's name")
+    params: dict[str, list] = setting({}, "config.key: [values, ...]; each combination of values is one run")
+    config: dict = setting({}, "the run config the grid's runs start from, on top of base", RUN)
+
+    _empty = empty_is_default("params", "config")
+
+
+@section(config=FORBID)
+class Study:
+    """A study file. The sections of the experiments built on studies are checked by their own models where they
+    are used: `tune` (`recipes.tuning.TuneSpec`), `repeats` (`recipes.repeats.Repeats`), `executor`
+    (`recipes.executors.ExecutorSpec`), `sweep` (`recipes.sweep.SweepSpec`) and `teachers`
+    (`experiments.distill.TeacherSpec`)."""
+
+    name: StrictStr | None = setting(None, "the study's name, its folder under output_dir; default: the file's stem")
+    output_dir: StrictStr = setting("runs", "where the study folder is written")
+    base: dict = setting({}, "the run config every run starts from", "the run config every run starts from")
+    runs: list[RunEntry] = setting([], "the runs, each a run config on top of base, named by name or method.name", RUN)
+    grids: list[Grid] = setting([], "grids whose params are crossed into more runs")
+    metric: StrictStr | None = setting(None, "the metric a decision study chooses and ranks by; default: the "
+                                             "task's primary metric")
+    select_teacher: StrictBool = setting(False, "rank the teachers on val and distill with the best")
+    teachers: Any = setting(None, "distillation teachers, each {name, model, adapter?, template?}")
+    sweep: Any = setting(None, "`peftlab sweep`: trials, seed, pruner, startup_trials, direction, space")
+    tune: Any = setting(None, "choose each method on val: trials, seed, pruner, startup_trials, space, methods, "
+                              "select, metric")
+    repeats: Any = setting(None, "rerun each chosen config: {seeds: [0, 1, 2]} or {folds: 5}, race?, alpha?")
+    executor: Any = setting(None, "where the runs go: {kind: local or ray, workers, address}")
+
+    _empty = empty_is_default("output_dir", "base", "runs", "grids", "select_teacher")
+
+    def folder(self, path: Path) -> Path:
+        """The study folder: output_dir/name, the name defaulting to the study file's stem (`name:` left empty is
+        no name)."""
+        return Path(self.output_dir) / (self.name or Path(path).stem)
 
 
 @dataclass
@@ -37,49 +90,26 @@ def naming(path: Path, what: str = "") -> Iterator[None]:
         raise
 
 
-def _expect(value: Any, kind: type | tuple[type, ...], where: str, expected: str) -> Any:
-    if not isinstance(value, kind):
-        raise PeftlabError(f"{where}: expected {expected}, got {describe(value)}")
-    return value
-
-
-def _expand_grid(grid: Any, where: str) -> list[StudyRun]:
-    _expect(grid, dict, where, "a mapping {name, params: {config.key: [values, ...]}, config?}")
-    name = _expect(grid.get("name"), str, f"{where}.name", "the grid's name (text)")
-    params = _expect(grid.get("params") or {}, dict, f"{where}.params", "a mapping {config.key: [values, ...]}")
-    for key, values in params.items():
-        _expect(values, list, f"{where}.params.{key}", "a list of values")
-    base = _expect(grid.get("config") or {}, dict, f"{where}.config", "a mapping (a run config)")
-    keys = list(params)
+def _expand_grid(grid: Grid, where: str) -> list[StudyRun]:
+    keys = list(grid.params)
     runs = []
-    for values in itertools.product(*(params[k] for k in keys)):
-        raw = copy.deepcopy(base)
+    for values in itertools.product(*(grid.params[k] for k in keys)):
+        raw = copy.deepcopy(grid.config)
         for key, value in zip(keys, values, strict=True):  # the values as read: no round trip through YAML text
             set_dotted(raw, str(key), value, f"{where}.params.{key}")
         label = "-".join(f"{str(k).rsplit('.', 1)[-1]}{v}" for k, v in zip(keys, values, strict=True))
-        runs.append(StudyRun(f"{name}-{label}" if label else name, raw))
+        runs.append(StudyRun(f"{grid.name}-{label}" if label else grid.name, raw))
     return runs
 
 
-def _study_run(raw: Any, where: str) -> StudyRun:
-    run = dict(_expect(raw, dict, where, "a mapping (a run config, e.g. {method: {name: lora}})"))
+def _study_run(raw: RunEntry) -> StudyRun:
+    run = dict(raw)
     method = run.get("method")
-    name = run.pop("name", None) or (method.get("name") if isinstance(method, dict) else None) or "run"
-    return StudyRun(_expect(name, str, f"{where}.name", "the run's name (text)"), run)
+    named = method.get("name") if isinstance(method, dict) else None  # checked as method.name when it resolves
+    return StudyRun(run.pop("name", None) or (named if isinstance(named, str) else None) or "run", run)
 
 
-def _check_header(raw: dict) -> None:
-    for key in ("name", "output_dir", "metric"):
-        if raw.get(key) is None:
-            raw.pop(key, None)  # `name:` left empty is no name: the file's stem, as when the key is absent
-        else:
-            _expect(raw[key], str, key, "text")
-    raw["base"] = _expect(raw.get("base") or {}, dict, "base", "a mapping (the run config every run starts from)")
-    for key in ("runs", "grids"):
-        _expect(raw.get(key) or [], list, key, f"a list of {key} (each a mapping)")
-
-
-def load_study(path: Path) -> tuple[dict, list[StudyRun]]:
+def load_study(path: Path) -> tuple[Study, list[StudyRun]]:
     """Parse a study YAML into its header and the runs it expands to (none for a sweep, which has only a base).
 
     Its shape is checked here, before any folder is made: a study that is empty, a list, or holds a list where a
@@ -93,15 +123,12 @@ def load_study(path: Path) -> tuple[dict, list[StudyRun]]:
         raise PeftlabError(f"{path}: empty study; expected a mapping with base: and runs: (see examples/)")
     if not isinstance(raw, dict):
         raise PeftlabError(f"{path}: expected a study mapping (name, base, runs, ...), got {describe(raw)}")
-    unknown = sorted(map(str, set(raw) - STUDY_KEYS))
-    if unknown:
-        raise PeftlabError(f"{path}: unknown study key '{unknown[0]}'; valid: {', '.join(sorted(STUDY_KEYS))}")
     with naming(path):
-        _check_header(raw)
-        runs = [_study_run(r, f"runs[{i}]") for i, r in enumerate(raw.get("runs") or [])]
-        for i, grid in enumerate(raw.get("grids") or []):
+        study = checked(Study, raw, kind="study")
+        runs = [_study_run(r) for r in study.runs]
+        for i, grid in enumerate(study.grids):
             runs += _expand_grid(grid, f"grids[{i}]")
     names = [r.name for r in runs]
     if len(set(names)) != len(names):
         raise PeftlabError(f"{path}: run names must be unique, got {names}")
-    return raw, runs
+    return study, runs

@@ -22,41 +22,61 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import StrictInt
+from pydantic.dataclasses import dataclass as section
 
 from peftlab.core.config import apply_overrides, save_config
 from peftlab.core.errors import PeftlabError
 from peftlab.core.files import ensure_writable
 from peftlab.core.result import RunResult
+from peftlab.core.schema import FORBID, checked, setting
 from peftlab.core.signals import Stopped, signal_name, stop_on_signals
 from peftlab.core.yamlio import describe
 from peftlab.recipes.executors import parse_executor
 from peftlab.recipes.runner import RunTask
-from peftlab.recipes.search import Search, create_study, finished_trials, parse_space, run_search, trial_config, whole
-from peftlab.recipes.study import load_study, naming
+from peftlab.recipes.search import (
+    Search,
+    SweepEntry,
+    as_space,
+    create_study,
+    finished_trials,
+    run_search,
+    trial_config,
+    whole,
+)
+from peftlab.recipes.study import Study, load_study, naming
 from peftlab.report.study_report import build_study_report
 
-SWEEP_KEYS = {"trials", "seed", "pruner", "startup_trials", "space", "direction"}
+SPACE = "config keys, e.g. train.lr, to {low, high} or {choices}"  # what a space maps
 
 
-def _check_header(header: dict, path: Path) -> dict:
-    sweep = header.get("sweep")
-    if not isinstance(sweep, dict):
-        got = "it has none" if sweep is None else f"got {describe(sweep)}"
+@section(config=FORBID)
+class SweepSpec:
+    """A sweep study's `sweep:` section."""
+
+    space: dict[str, SweepEntry] = setting(help="config.key: {low, high, log?, step?} or {choices: [...]}",
+                                           note=SPACE, min_length=1)
+    trials: StrictInt = setting(10, "finished (complete or pruned) trials wanted in total", ge=1)
+    seed: StrictInt = setting(0, "TPE sampler seed", ge=0)
+    pruner: Literal["median", "none"] = setting("median", "median pruning on the per-epoch val metric, or none")
+    startup_trials: StrictInt = setting(5, "trials that are never pruned while the median forms", ge=0)
+    direction: Literal["maximize", "minimize"] = setting("maximize", "whether the val metric is maximized")
+
+
+def parse_sweep(raw: Any) -> SweepSpec:
+    """Check a `sweep:` section; an unknown key or a malformed space entry is an error that names the key."""
+    return checked(SweepSpec, raw, "sweep", "study")
+
+
+def _check_header(header: Study, path: Path) -> SweepSpec:
+    if not isinstance(header.sweep, dict):
+        got = "it has none" if header.sweep is None else f"got {describe(header.sweep)}"
         raise PeftlabError(f"{path}: a sweep needs a `sweep:` mapping with a `space:` (see docs/experiments.md), "
                            f"{got}")
-    unknown = sorted(map(str, set(sweep) - SWEEP_KEYS))
-    if unknown:
-        raise PeftlabError(f"{path}: unknown sweep key '{unknown[0]}'; valid: {', '.join(sorted(SWEEP_KEYS))}")
     with naming(path):
-        if sweep.get("pruner", "median") not in ("median", "none"):
-            raise PeftlabError(f"sweep.pruner must be median or none, got {sweep['pruner']!r}")
-        if sweep.get("direction", "maximize") not in ("maximize", "minimize"):
-            raise PeftlabError(f"sweep.direction must be maximize or minimize, got {sweep['direction']!r}")
-        for key, least in (("trials", 1), ("seed", 0), ("startup_trials", 0)):
-            if key in sweep:
-                whole(f"sweep.{key}", sweep[key], least)
-        parse_space(sweep.get("space"))
-    return sweep
+        return parse_sweep(header.sweep)
 
 
 def trial_events(event: str, task: RunTask, result: RunResult | None) -> None:
@@ -77,13 +97,13 @@ def run_sweep(path: Path, trials: int | None = None, storage: str | None = None,
     header, _ = load_study(Path(path))
     sweep = _check_header(header, Path(path))
     with naming(Path(path)):
-        executor = parse_executor(header.get("executor"), executor_kind, workers)
+        executor = parse_executor(header.executor, executor_kind, workers)
     # `trials or ...` read --trials 0 as "the study's count" and ran it; a negative count ran nothing, exit 0.
-    n_trials = whole("--trials", trials, 1) if trials is not None else int(sweep.get("trials", 10))
-    name = header.get("name", Path(path).stem)
-    study_dir = Path(header.get("output_dir", "runs")) / name
-    base = apply_overrides(copy.deepcopy(header["base"]), list(overrides))
-    space = parse_space(sweep.get("space"))
+    n_trials = whole("--trials", trials, 1) if trials is not None else sweep.trials
+    study_dir = header.folder(path)
+    name = study_dir.name
+    base = apply_overrides(copy.deepcopy(header.base), list(overrides))
+    space = as_space(sweep.space)
     # Fail on a typo in the space or base before any trial trains.
     with naming(Path(path)):
         trial_config(base, {k: s["choices"][0] if "choices" in s else s["low"] for k, s in space.items()}, "x",
@@ -93,9 +113,9 @@ def run_sweep(path: Path, trials: int | None = None, storage: str | None = None,
         study_dir.mkdir(parents=True, exist_ok=True)
     search = Search(name=name, storage=storage or f"sqlite:///{(study_dir / 'optuna.db').resolve()}", space=space,
                     make_config=lambda number, params: trial_config(base, params, f"trial-{number}", study_dir),
-                    trials=n_trials, seed=sweep.get("seed", 0) if seed is None else seed,
-                    pruner=sweep.get("pruner", "median"), startup_trials=int(sweep.get("startup_trials", 5)),
-                    direction=sweep.get("direction", "maximize"), score_test=True, owned=storage is None)
+                    trials=n_trials, seed=sweep.seed if seed is None else seed, pruner=sweep.pruner,
+                    startup_trials=sweep.startup_trials, direction=sweep.direction, score_test=True,
+                    owned=storage is None)
     study = create_study(search)
     study_dir.mkdir(parents=True, exist_ok=True)  # after a --storage that opens: a bad one leaves no empty folder
     print(f"sweep {study_dir}: {len(finished_trials(study))} of {n_trials} trials finished", flush=True)

@@ -8,35 +8,38 @@ val, also as tasks. Nothing here scores the test split: trials and selection poi
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, StrictInt, StrictStr
+from pydantic.dataclasses import dataclass
 
 from peftlab.core.config import RunConfig
 from peftlab.core.errors import PeftlabError
 from peftlab.core.files import read_json, write_json
-from peftlab.core.yamlio import describe
+from peftlab.core.schema import FORBID, checked, empty_is_default, setting
 from peftlab.methods.registry import Method, get_method
 from peftlab.recipes.executors import Events, ExecutorSpec, run_all
 from peftlab.recipes.runner import RunTask
 from peftlab.recipes.search import (
+    Factor,
+    Range,
     Search,
+    TuneEntry,
+    as_space,
     base_of,
     create_study,
-    number,
-    parse_space,
     run_search,
     trial_config,
     trial_value,
-    whole,
 )
 
-TUNE_KEYS = {"trials", "seed", "pruner", "startup_trials", "space", "methods", "select", "metric"}
 CHOSEN = "chosen.json"
 LOCAL = ExecutorSpec()  # one local worker
+SelectGrid = dict[str, Annotated[list, Field(min_length=1)]]  # a `select` grid: {config.key: [values, ...]}
 
 
-@dataclass
+@dataclass(config=FORBID)
 class TuneSpec:
     """A study's `tune:` section.
 
@@ -47,72 +50,37 @@ class TuneSpec:
     scored on val and the best is kept, with no test scoring either way.
     """
 
-    trials: int = 8
-    seed: int = 0
-    pruner: str = "median"
-    startup_trials: int = 2
-    space: dict = field(default_factory=dict)
-    methods: dict = field(default_factory=dict)
-    select: dict = field(default_factory=dict)
-    metric: str | None = None
+    trials: StrictInt = setting(8, "Optuna trials per gradient-trained method", ge=1)
+    seed: StrictInt = setting(0, "TPE sampler seed", ge=0)
+    pruner: Literal["median", "none"] = setting("median", "median pruning on the per-epoch val metric, or none")
+    startup_trials: StrictInt = setting(2, "trials that are never pruned while the median forms", ge=0)
+    space: dict[str, TuneEntry] = setting({}, "config.key: {low, high}, {choices} or {factor: F}, for every "
+                                              "gradient-trained method")
+    methods: dict[str, dict[str, TuneEntry] | None] = setting({}, "run or method name: more dimensions, on top of "
+                                                                  "space")
+    select: dict[str, SelectGrid] = setting({}, "run or method name: the grid a method that trains no gradients is "
+                                          "chosen from, {config.key: [values, ...]}")
+    metric: StrictStr | None = setting(None, "the val metric to maximize; default: the task's primary metric")
+
+    _empty = empty_is_default("trials", "seed", "pruner", "startup_trials", "space", "methods", "select")
 
 
 def parse_tune(raw: Any, where: str = "tune") -> TuneSpec:
-    """Check a `tune:` section; unknown keys and malformed spaces are errors that name the key."""
-    if not isinstance(raw, dict):
-        raise PeftlabError(f"{where} must be a mapping with trials, space, methods, select (see docs/experiments.md)"
-                           f", got {describe(raw)}")
-    unknown = sorted(map(str, set(raw) - TUNE_KEYS))
-    if unknown:
-        raise PeftlabError(f"unknown {where} key '{unknown[0]}'; valid: {', '.join(sorted(TUNE_KEYS))}")
-    spec = TuneSpec(**{k: v for k, v in raw.items() if v is not None})  # `select:` left empty is no select
-    if spec.pruner not in ("median", "none"):
-        raise PeftlabError(f"{where}.pruner must be median or none, got {spec.pruner!r}")
-    for key, least in (("trials", 1), ("seed", 0), ("startup_trials", 0)):
-        whole(f"{where}.{key}", getattr(spec, key), least)
-    for key in ("space", "methods", "select"):
-        if not isinstance(getattr(spec, key), dict):
-            raise PeftlabError(f"{where}.{key}: expected a mapping, got {describe(getattr(spec, key))}")
-    for name, extra in spec.methods.items():
-        if extra is not None and not isinstance(extra, dict):
-            raise PeftlabError(f"{where}.methods.{name}: expected {{config.key: {{low, high}} or {{choices}}}}")
-        _check_tune_space({**spec.space, **(extra or {})})  # checked now, not when that method's tuning starts
-    _check_tune_space(spec.space)
-    for name, grid in spec.select.items():
-        if not isinstance(grid, dict) or not all(isinstance(v, list) and v for v in grid.values()):
-            raise PeftlabError(f"{where}.select.{name}: expected {{config.key: [values, ...]}}")
-    if spec.metric is not None and not isinstance(spec.metric, str):
-        raise PeftlabError(f"{where}.metric: expected a metric name, got {describe(spec.metric)}")
-    return spec
-
-
-def _check_tune_space(space: dict) -> None:
-    """A tune space is a sweep space whose entries may also be `{factor: F}` (log-uniform around each default)."""
-    plain = {}
-    for key, s in space.items():
-        if isinstance(s, dict) and "factor" in s:
-            if number(f"{key}.factor", s["factor"]) <= 1:
-                raise PeftlabError(f"sweep.space.{key}.factor must be above 1, got {s['factor']}")
-        else:
-            plain[key] = s
-    if plain:
-        parse_space(plain)
+    """Check a `tune:` section; an unknown key or a malformed space is an error that names the key."""
+    return checked(TuneSpec, raw, where, "study", "with trials, space, methods, select; see docs/experiments.md")
 
 
 def method_space(spec: TuneSpec, cfg: RunConfig, method: Method) -> dict[str, dict]:
     """The search space of one gradient-trained run of `method`: the shared space (lr around its default) plus its
     own."""
-    raw = dict(spec.space)
-    extra = spec.methods.get(cfg.name, spec.methods.get(cfg.method.name, {}))
-    raw.update(extra or {})
+    entries = {**spec.space, **(spec.methods.get(cfg.name, spec.methods.get(cfg.method.name)) or {})}
     resolved = {}
-    for key, s in raw.items():
-        if isinstance(s, dict) and "factor" in s:
+    for key, entry in entries.items():
+        if isinstance(entry, Factor):
             center = cfg.train.lr or method.default_lr
-            factor = float(number(f"{key}.factor", s["factor"]))
-            s = {"low": center / factor, "high": center * factor, "log": True}
-        resolved[key] = s
-    return parse_space(resolved) if resolved else {}
+            entry = Range(low=center / entry.factor, high=center * entry.factor, log=True)
+        resolved[key] = entry
+    return as_space(resolved)
 
 
 def _grid_points(grid: dict) -> list[dict]:
