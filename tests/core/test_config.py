@@ -149,12 +149,17 @@ def test_every_example_opens_with_its_command_and_loads(path):
     ("data.max_length=4", "data.max_length must be >= 8, got 4"),
     ("data.shots=-1", "data.shots must be >= 0, got -1"),
     ("data.mixture=[pubmedqa]", "data.mixture[0]: expected a mapping, got the text 'pubmedqa'"),
-    ("method.peft=null", "method.peft: expected a mapping, got nothing"),
+    ("method.peft=[r]", "method.peft: expected a mapping, got a list"),
 ])
 def test_a_bad_value_names_the_key_the_value_and_what_is_allowed(override, message):
     with pytest.raises(PeftlabError) as err:
         load_config(None, [override])
     assert str(err.value) == message
+
+
+def test_a_section_mapping_left_empty_takes_its_default():
+    # `peft:` with every field commented out is YAML's null: no extra fields, as before the pydantic config
+    assert load_config(None, ["method.peft=null", "experiments.forgetting_data=null"]).method.peft == {}
 
 
 def test_an_unknown_key_lists_the_keys_of_its_section():

@@ -131,3 +131,19 @@ def test_a_study_shares_one_pass_bit_identically_and_a_rerun_recomputes_nothing(
     for name in ("zs", "fs", "head-a", "head-b"):
         counted = json.loads((rerun / name / "result.json").read_text())["frozen_pass"]
         assert counted["prompts"] > 0 and counted["from_store"] == counted["prompts"], name
+
+
+def test_a_home_that_cannot_hold_the_store_warns_once_and_keeps_the_passes_in_memory(tiny_causal, tmp_path,
+                                                                                     monkeypatch, capsys):
+    blocked = tmp_path / "home"
+    blocked.write_text("a file where PEFTLAB_HOME's folder should be")
+    monkeypatch.setenv("PEFTLAB_HOME", str(blocked))
+    monkeypatch.setenv("PEFTLAB_FROZEN_CACHE", "on")
+    loaded = load_model(str(tiny_causal), device="cpu")
+    items, field = _items(3), label_field([[5], [6]])
+    stats = reset_stats()
+    for _ in range(2):
+        stored_rows(loaded.model, items, field, lambda todo: prompt_pass(loaded.model, todo, 0, 128, label_ids=[5, 6]))
+    assert stats.from_store == len(items)  # the second pass read the first from memory
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "frozen-base passes" in line]
+    assert len(warnings) == 1 and str(blocked / "frozen-passes.sqlite") in warnings[0]

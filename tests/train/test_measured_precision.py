@@ -79,23 +79,28 @@ def test_scoring_keeps_fp32_unless_bf16_is_faster_with_every_answer_the_same():
         "bf16 scoring measured 1.05x fp32 on this CPU, under the 1.2x it must gain")
     changed = mp.decide_scoring(fp32_s=1.3, bf16_s=1.0, changed=3, rows=64)  # SmolLM2 on PubMedQA, measured
     assert changed.autocast == "fp32" and changed.answers_changed == 3
-    assert changed.reason == "bf16 scoring is 1.30x fp32 here, but it changed 3 of 64 answers of the probe batch"
+    assert changed.reason == "bf16 scoring is 1.30x fp32 here, but it changed 3 of 64 probe answers"
     assert mp.decide_scoring(fp32_s=1.5, bf16_s=1.0, changed=0, rows=64).autocast == "bf16"
 
 
 def _simulate_scoring(monkeypatch, bf16_speed: float, flip: bool = False) -> list:
     """Real forwards, with bf16's time set to fp32's / `bf16_speed` (and, with `flip`, one answer changed)."""
-    real, calls = mp._timed_forward, []
+    seconds, answers, calls = mp._seconds, mp._answers, []
 
     def timed(forward, bf16):
-        seconds, answers = real(forward, bf16)
+        seconds(forward, bf16)
         calls.append(bf16)
-        if bf16 and flip:
-            answers = answers.clone()
-            answers[0] += 1
-        return (1.0 / bf16_speed if bf16 else 1.0), answers
+        return 1.0 / bf16_speed if bf16 else 1.0
 
-    monkeypatch.setattr(mp, "_timed_forward", timed)
+    def answered(score, bf16):
+        out = answers(score, bf16)
+        if bf16 and flip:
+            out = out.clone()
+            out[0] += 1  # the first probe item's answer changes
+        return out
+
+    monkeypatch.setattr(mp, "_seconds", timed)
+    monkeypatch.setattr(mp, "_answers", answered)
     return calls
 
 

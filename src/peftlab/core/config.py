@@ -96,6 +96,7 @@ class MethodConfig:
                                                                            "other weight tuners), or 'all-linear'")
     peft: dict = _f({}, "peft config fields: with method.name peft, any tuner ({peft_type: VERA, r: 256, ...}); "
                         "with a named method, fields added to its config (docs/methods.md)")
+    _empty_peft = empty_is_default("peft")  # `peft:` with every field commented out: no extra fields
     peft_config: StrictStr | None = _f(None, "method.name peft: a saved peft config (adapter_config.json or its "
                                              "folder), e.g. an experiment of peft's method_comparison/; method.peft "
                                              "fields override")
@@ -171,6 +172,7 @@ class ExperimentsConfig:
     forgetting: list[StrictStr] = _f([], "other tasks to score before and after training (catastrophic "
                                          "forgetting)")
     forgetting_data: dict = _f({}, "data file per forgetting task; default: the task's file under data/")
+    _empty_forgetting_data = empty_is_default("forgetting_data")
     forgetting_limit: StrictInt = _f(50, "test examples scored per forgetting task", ge=1)
     general_text: StrictStr | None = _f(None, "plain-text file for the general next-token loss; default with "
                                               "forgetting: data/general/general_text.txt")

@@ -97,22 +97,26 @@ def _scores(model, fmt: PromptFormat, items: Sequence[Encoded], candidates: Sequ
     return scores
 
 
-def first_batch_answers(model, fmt: PromptFormat, items: Sequence[Encoded], labels: Sequence[str] = ()):
-    """A callable scoring the first scoring batch of `items`, for a precision probe; and that batch's shape.
+def probe_batches(model, fmt: PromptFormat, items: Sequence[Encoded], labels: Sequence[str] = (), rows: int = 64):
+    """For a precision probe: a callable scoring the first scoring batch of `items` (to time), one scoring the
+    first `rows` items (to compare answers), and the first batch's shape.
 
-    The callable returns (rows, choices) scores whose argmax is each row's answer: the labels' first tokens for a
+    Both callables return (rows, choices) scores whose argmax is each row's answer: the labels' first tokens for a
     classification task (`labels`), the whole vocabulary (the first greedy token) for generation.
     """
     device = _device(model)
-    probe = [Encoded(e.id, e.prompt_ids, [0], media=e.media) for e in items]
-    idx = token_batches(probe, forward_tokens(device), max_rows=64)[0]
-    batch = _to(collate([probe[i] for i in idx], fmt.kind, fmt.tokenizer.pad_token_id), device)
+    probe = [Encoded(e.id, e.prompt_ids, [0], media=e.media) for e in items[:rows]]
+    batches = [_to(collate([probe[i] for i in idx], fmt.kind, fmt.tokenizer.pad_token_id), device)
+               for idx in token_batches(probe, forward_tokens(device), max_rows=64)]
     columns = [fmt.label_ids(label)[0] for label in labels] or slice(None)
 
-    def answers() -> torch.Tensor:
-        return target_logits(model, fmt.kind, batch)[:, 0, columns]
+    def first() -> torch.Tensor:
+        return target_logits(model, fmt.kind, batches[0])[:, 0, columns]
 
-    return answers, tuple(batch["input_ids"].shape)
+    def every() -> torch.Tensor:
+        return torch.cat([target_logits(model, fmt.kind, batch)[:, 0, columns] for batch in batches])
+
+    return first, every, tuple(batches[0]["input_ids"].shape)
 
 
 def calibrate(scores: torch.Tensor, content_free: torch.Tensor) -> torch.Tensor:

@@ -68,7 +68,7 @@ def build_suite(cfg: RunConfig, fmt: PromptFormat) -> Suite:
     for name in ex.forgetting:
         task = get_task(name)
         other = from_dict(DataConfig, {"task": name, "path": ex.forgetting_data.get(name), "seed": cfg.data.seed},
-                          "data")
+                          f"experiments.forgetting_data.{name}")
         examples = load_splits(other, task)["test"][: ex.forgetting_limit]
         items = [encode(task, e, fmt, cfg.data.max_length) for e in examples]
         suite.tasks.append((name, task, examples, items))

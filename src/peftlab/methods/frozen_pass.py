@@ -9,16 +9,20 @@ forward pass. Here one pass over a prompt yields everything they read:
 
 Both are stored by model and prompt in `$PEFTLAB_HOME/frozen-passes.sqlite`, so they are shared within a study,
 across its worker processes and across studies on the same model, data and prompt. SQLite takes concurrent
-writers from several workers; a value is never written twice differently, since it is a function of its key.
+writers from several workers; the first value written for a key stays (`INSERT OR IGNORE`). A store that cannot
+be opened (a read-only or network home) is a one-line warning, and the run keeps its passes in memory.
 
 **Bit-identity.** A CPU GEMM rounds a row differently with the batch around it (measured on SmolLM2: label
 log-probs moved by up to 3e-5 when the same prompt sat in another batch). So a pass computes its missing prompts in
 the batches `label_scores` always used, and the key names the model by its weights' bytes. Where two methods score
 the same list of prompts (zero-shot's and the head's test fold, a head's selection points, a rerun), the shared
 value is bit-identical to a separate pass (tests/methods/test_frozen_pass.py). Where a prompt meets other prompts
-(a k-fold head's training features), it carries the rounding of the batch that first computed it.
+(a k-fold head's training features, a full run after a `limit_eval` run), it carries the rounding of the batch
+that first computed it, as the head's in-process feature cache always did across folds.
 
-`PEFTLAB_FROZEN_CACHE=off` keeps the passes in the process only (the head's folds still share them there).
+**Size.** Every layer's pooled states take `layers x hidden x 4` bytes a prompt (69 KB for SmolLM2-135M), on disk
+and, for the prompts of one pass, in memory. Delete the file to clear it. `PEFTLAB_FROZEN_CACHE=off` keeps the
+passes in the process only (the head's folds still share them there).
 """
 
 from __future__ import annotations
@@ -26,10 +30,12 @@ from __future__ import annotations
 import hashlib
 import os
 import sqlite3
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
+import transformers
 from tqdm.auto import tqdm
 
 from peftlab.models.packaged import peftlab_home
@@ -58,7 +64,12 @@ def fingerprint(model: torch.nn.Module) -> str:
     cached = getattr(model, "_peftlab_fingerprint", None)
     if cached is not None:
         return cached
-    digest = hashlib.blake2b(f"{type(model).__name__} {torch.__version__}".encode(), digest_size=20)
+    # What computes the values besides the weights: the model's class and config (heads, norm eps, attention), the
+    # device and the versions whose forward it runs.
+    config = model.config.to_json_string() if hasattr(model, "config") else ""
+    device = next(model.parameters()).device.type
+    code = f"{type(model).__name__} {device} torch {torch.__version__} transformers {transformers.__version__}"
+    digest = hashlib.blake2b(f"{code} {config}".encode(), digest_size=20)
     for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
         digest.update(f"{name} {tensor.dtype} {tuple(tensor.shape)}".encode())
         digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
@@ -76,7 +87,8 @@ class _Memory:
         return {k: self.values[(k, field_name)] for k in keys if (k, field_name) in self.values}
 
     def put(self, rows: Sequence[tuple[str, str, bytes]]) -> None:
-        self.values.update({(k, f): v for k, f, v in rows})
+        for k, f, v in rows:
+            self.values.setdefault((k, f), v)  # the first value written stays, as in the SQLite store
 
 
 class _Sqlite:
@@ -98,8 +110,13 @@ class _Sqlite:
         return out
 
     def put(self, rows: Sequence[tuple[str, str, bytes]]) -> None:
-        with self.db:
-            self.db.executemany("INSERT OR REPLACE INTO pass VALUES (?, ?, ?)", rows)
+        self.db.execute("BEGIN IMMEDIATE")  # one transaction (one sync) for the whole pass, not one per row
+        try:
+            self.db.executemany("INSERT OR IGNORE INTO pass VALUES (?, ?, ?)", rows)
+            self.db.execute("COMMIT")
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
 
 
 _STORES: dict[str, _Memory | _Sqlite] = {}
@@ -111,7 +128,12 @@ def _store() -> _Memory | _Sqlite:
         return _STORES.setdefault("memory", _Memory())
     path = peftlab_home() / STORE_FILE
     if str(path) not in _STORES:
-        _STORES[str(path)] = _Sqlite(path)
+        try:
+            _STORES[str(path)] = _Sqlite(path)
+        except (OSError, sqlite3.Error) as err:
+            print(f"warning: {path}: cannot keep frozen-base passes there ({err}); this run keeps them in memory "
+                  "(set PEFTLAB_HOME to a writable local folder to share them)", file=sys.stderr)
+            _STORES[str(path)] = _Memory()
     return _STORES[str(path)]
 
 
@@ -137,7 +159,7 @@ def reset_stats() -> PassStats:
 
 def _prompt_key(model_digest: str, prompt_ids: Sequence[int]) -> str:
     # A pass under bf16 autocast (`train.mixed_precision: auto` may score in bf16) computes other values.
-    mode = str(torch.get_autocast_dtype("cpu")) if torch.is_autocast_enabled("cpu") else "no autocast"
+    mode = " ".join(f"{d} {torch.get_autocast_dtype(d)}" for d in ("cpu", "cuda") if torch.is_autocast_enabled(d))
     ids = torch.tensor(list(prompt_ids), dtype=torch.int64).numpy().tobytes()
     return hashlib.blake2b(f"{model_digest} {mode}".encode() + ids, digest_size=20).hexdigest()
 
@@ -173,7 +195,10 @@ def stored_rows(model: torch.nn.Module, items: Sequence[Encoded], wanted: str, c
         computed = compute([items[i] for i in todo])
         rows = [(keys[i], name, values[row].contiguous().numpy().tobytes())
                 for name, values in computed.items() for row, i in enumerate(todo)]
-        store.put(rows)
+        try:
+            store.put(rows)
+        except (OSError, sqlite3.Error) as err:  # a full disk or a lock held past the timeout: this run goes on
+            print(f"warning: frozen-base passes not stored ({err})", file=sys.stderr)
         found.update({keys[i]: computed[wanted][row].contiguous().numpy().tobytes() for row, i in enumerate(todo)})
     return torch.stack([torch.frombuffer(bytearray(found[k]), dtype=torch.float32) for k in keys])
 

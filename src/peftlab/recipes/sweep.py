@@ -101,7 +101,7 @@ def run_sweep(path: Path, trials: int | None = None, storage: str | None = None,
     # `trials or ...` read --trials 0 as "the study's count" and ran it; a negative count ran nothing, exit 0.
     n_trials = whole("--trials", trials, 1) if trials is not None else sweep.trials
     study_dir = header.folder(path)
-    name = study_dir.name
+    name = header.name or Path(path).stem  # the Optuna study's name: a sweep started by an older peftlab resumes
     base = apply_overrides(copy.deepcopy(header.base), list(overrides))
     space = as_space(sweep.space)
     # Fail on a typo in the space or base before any trial trains.

@@ -29,7 +29,7 @@ from peftlab.data.mixture import Part, is_mixture, load_parts, parse_mixture, si
 from peftlab.data.splits import data_labels, load_splits
 from peftlab.data.targets import resolve_targets
 from peftlab.data.tasks import DEFAULT_DATA, Example, task_for
-from peftlab.evaluate.scoring import first_batch_answers, mean_loss
+from peftlab.evaluate.scoring import mean_loss, probe_batches
 from peftlab.evaluate.split_scoring import evaluate
 from peftlab.experiments.after_training import run_experiments
 from peftlab.kernels.memory import enable_checkpointing, fused_rmsnorm, lean_swiglu
@@ -49,7 +49,7 @@ from peftlab.prompts.encoding import (
 from peftlab.prompts.format import Encoded, PromptFormat
 from peftlab.train.checkpoint import CHECKPOINT
 from peftlab.train.loop import FitData, fit
-from peftlab.train.measured_precision import PrecisionChoice, choose, measure_scoring, pinned
+from peftlab.train.measured_precision import SCORING_ROWS, PrecisionChoice, choose, measure_scoring, pinned
 from peftlab.train.runtime import accelerator_and_dtype, seed_everything
 from peftlab.train.save import save_trained
 
@@ -281,7 +281,9 @@ def score_parts(ctx: RunContext, model: torch.nn.Module, best_val: dict | None) 
 
 def scoring_precision(ctx: RunContext, model: torch.nn.Module) -> PrecisionChoice:
     """What the run's scoring computes in: fp32, or under `train.mixed_precision: auto` on a CPU, bf16 where a
-    probe of the first test batch measures it faster and with the same answers (`measure_scoring`)."""
+    probe measures it faster on the first test batch and with the same answers on the first `SCORING_ROWS` test
+    items (`measure_scoring`). The answer is cached per model, method, task, labels and shape: another adapter of
+    the same method reuses it."""
     cfg, part = ctx.cfg, ctx.parts[0]
     items = ctx.enc[(part.key, "test")] or ctx.enc[(part.key, "val")]
     if ctx.method.build is not None:
@@ -289,13 +291,16 @@ def scoring_precision(ctx: RunContext, model: torch.nn.Module) -> PrecisionChoic
     if cfg.train.mixed_precision != "auto" or ctx.accelerator.device.type != "cpu" or not items:
         return PrecisionChoice("fp32", "configured", "scoring is probed under train.mixed_precision: auto on a "
                                f"CPU; this run has {cfg.train.mixed_precision} on {ctx.accelerator.device.type}")
+    if len(ctx.parts) > 1:
+        return PrecisionChoice("fp32", "configured", "a mixture's parts are scored in fp32: the probe reads one task")
     if pinned() is not None:
         return pinned()
     labels = part.task.labels if part.task.kind == "classification" else ()
-    answers, (rows, tokens) = first_batch_answers(model, ctx.fmt, items, labels)
-    what = "label scoring" if labels else "generation's first token"
-    key = f"{cfg.model.name} | {cfg.method.name} | {what} {-(-rows // 64) * 64}x{-(-tokens // 64) * 64}"
-    return choose(key, lambda: measure_scoring(answers))
+    first, answers, (rows, tokens) = probe_batches(model, ctx.fmt, items, labels, SCORING_ROWS)
+    # The answers checked belong to this task and label set: another task's agreement says nothing about these.
+    what = f"{part.task.name} labels {'/'.join(labels)}" if labels else f"{part.task.name} first generated token"
+    key = f"{cfg.model.name} | {cfg.method.name} | {what} | {-(-rows // 64) * 64}x{-(-tokens // 64) * 64}"
+    return choose(key, lambda: measure_scoring(model, first, answers))
 
 
 def finish(ctx: RunContext, model: torch.nn.Module, summary: dict, params: tuple[int, int]) -> None:

@@ -8,7 +8,7 @@ rounded up to 64 (`$PEFTLAB_HOME/precision.json`). It picks bf16 only where bf16
 and the loss of that batch agrees with fp32's within bf16's rounding (`LOSS_TOLERANCE`); otherwise fp32.
 
 Scoring (label scores, the first greedy token) is probed the same way, forward only, and there bf16 must also give
-every answer of the probe batch that fp32 gives (`measure_scoring`).
+every answer that fp32 gives on the first `SCORING_ROWS` test items (`measure_scoring`).
 
 The probe leaves no trace on the run: gradients are cleared and the random number generator is put back, so a run
 that keeps fp32 trains exactly as without the probe. `PEFTLAB_AUTO_PRECISION=fp32` skips the probe (the test suite
@@ -36,6 +36,9 @@ MIN_SPEEDUP = 1.2  # bf16 must be this much faster: below it, the rounding is no
 # model whose activations overflow or cancel in bf16.
 LOSS_TOLERANCE = 0.02
 ROUNDS = 3  # timed forward+backward passes per precision, after one warm-up each
+# Scoring's answers are compared on this many items: on SmolLM2 and PubMedQA bf16 changed 2 of 49 answers, which
+# a first batch of 4 rows would miss more often than not (0.96^4 = 85%), and 64 rows catches (0.96^64 = 7%).
+SCORING_ROWS = 64
 CACHE_FILE = "precision.json"
 
 
@@ -107,29 +110,43 @@ def decide_scoring(fp32_s: float, bf16_s: float, changed: int, rows: int) -> Pre
                                f"the {MIN_SPEEDUP}x it must gain", speedup, answers_changed=changed)
     if changed:
         return PrecisionChoice("fp32", "measured", f"bf16 scoring is {speedup:.2f}x fp32 here, but it changed "
-                               f"{changed} of {rows} answers of the probe batch", speedup, answers_changed=changed)
+                               f"{changed} of {rows} probe answers", speedup, answers_changed=changed)
     return PrecisionChoice("bf16", "measured", f"bf16 scoring measured {speedup:.2f}x fp32 on this CPU, the same "
-                           f"answers on all {rows} rows of the probe batch", speedup, answers_changed=0)
+                           f"answers on all {rows} probe items", speedup, answers_changed=0)
 
 
 @torch.inference_mode()
-def _timed_forward(forward, bf16: bool) -> tuple[float, torch.Tensor]:
-    """Seconds per `forward()` (the best of `ROUNDS`, after one warm-up) and its answers (argmax per row)."""
+def _seconds(forward, bf16: bool) -> float:
+    """Seconds per `forward()`: the best of `ROUNDS`, after one warm-up."""
     times = []
     for i in range(ROUNDS + 1):
         t0 = time.perf_counter()
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            scores = forward()
+            forward()
         if i:
             times.append(time.perf_counter() - t0)
-    return min(times), scores.float().argmax(-1)
+    return min(times)
 
 
-def measure_scoring(forward) -> PrecisionChoice:
-    """Time `forward()` (the first scoring batch: (rows, choices) scores whose argmax is the answer) in fp32 and
-    under bf16 autocast, and count the rows whose answer bf16 changes."""
-    fp32_s, fp32_answers = _timed_forward(forward, bf16=False)
-    bf16_s, bf16_answers = _timed_forward(forward, bf16=True)
+@torch.inference_mode()
+def _answers(answers, bf16: bool) -> torch.Tensor:
+    """The probe rows' answers (argmax per row) in fp32 or under bf16 autocast."""
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        return answers().float().argmax(-1)
+
+
+def measure_scoring(model: torch.nn.Module, forward, answers) -> PrecisionChoice:
+    """Time `forward()` (the first scoring batch) in fp32 and under bf16 autocast, and count the rows of
+    `answers()` ((rows, choices) scores of the first `SCORING_ROWS` items) whose answer bf16 changes. The model
+    scores in eval mode (no dropout, as scoring runs), and the random state is put back."""
+    rng, training = torch.get_rng_state(), model.training
+    model.eval()
+    try:
+        fp32_s, bf16_s = _seconds(forward, bf16=False), _seconds(forward, bf16=True)
+        fp32_answers, bf16_answers = _answers(answers, bf16=False), _answers(answers, bf16=True)
+    finally:
+        model.train(training)
+        torch.set_rng_state(rng)
     return decide_scoring(fp32_s, bf16_s, int((fp32_answers != bf16_answers).sum()), len(fp32_answers))
 
 
