@@ -41,7 +41,7 @@ def profile_steps(method: str, autocast: str, steps: int) -> tuple[float, dict[s
     """Seconds per step (after one warm-up step) and the self CPU seconds per group and per op."""
     spec = {"model": "smollm2-135m-instruct", "method": method, "lr": 1e-4, "batch": 4, "max_length": 512,
             "seed": 0, "autocast": autocast}
-    cfg, loaded, task, model, _ = _peftlab_model(spec)
+    cfg, _, loaded, task, model, _ = _peftlab_model(spec)
     fmt, items, _ = encode_dialogsum(spec["model"], 64, 512)
     batches = token_batches(items, cfg.train.batch_tokens, cfg.train.batch_size, seed=0)[: steps + 1]
     params = [p for p in model.parameters() if p.requires_grad]
