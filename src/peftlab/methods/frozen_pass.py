@@ -206,7 +206,7 @@ def stored_rows(model: torch.nn.Module, items: Sequence[Encoded], wanted: str, c
 @torch.inference_mode()
 def prompt_pass(model, items: Sequence[Encoded], pad_id: int, max_tokens: int, label_ids: Sequence[int] | None = None,
                 last_layer: int | None = None, progress: bool = True) -> dict[str, torch.Tensor]:
-    """One forward over each prompt alone (no target tokens), in the scoring batches.
+    """One forward over the prompts (no target tokens), in the batches label scoring uses.
 
     Returns the pooled states after layers 1..`last_layer` (every layer when `label_ids` are given) and, with
     `label_ids` (one token per label), the log-probabilities of those tokens right after each prompt.
