@@ -7,15 +7,20 @@ SmolLM2-135M) for a few steps of `train.step.train_step` under torch.profiler, o
 autocast, and prints the operators that took the most self CPU time in each, grouped into what the issue asks
 about: matmuls (GEMM), casts (`aten::to`/`_to_copy`/`copy_`), attention, the loss and LM head, norms and the rest.
 Run it alone on the machine: it times nothing for a table, but a second job shifts the shares.
+
+`--fp32-attention` adds a third pass: bf16 autocast with SDPA up-cast to fp32 (q, k, v and a float mask cast up,
+the output cast back), to see what the lever "attention in fp32 inside a bf16 step" would win before building it.
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import time
 
 import torch
+import torch.nn.functional as F
 from accelerate import Accelerator
 from torch.profiler import ProfilerActivity, profile
 
@@ -35,6 +40,27 @@ GROUPS = {
 
 def _group(name: str) -> str:
     return next((g for g, keys in GROUPS.items() if any(k in name for k in keys)), "other")
+
+
+@contextlib.contextmanager
+def fp32_attention():
+    """Every SDPA call (transformers' and peftlab's kernels look it up on `torch.nn.functional` at call time) runs
+    in fp32 on up-cast inputs, its output cast back to the inputs' dtype."""
+    real = F.scaled_dot_product_attention
+
+    def sdpa(query, key, value, attn_mask=None, *args, **kwargs):
+        if query.dtype != torch.bfloat16:
+            return real(query, key, value, attn_mask, *args, **kwargs)
+        mask = attn_mask.float() if attn_mask is not None and attn_mask.is_floating_point() else attn_mask
+        with torch.autocast("cpu", enabled=False):
+            out = real(query.float(), key.float(), value.float(), mask, *args, **kwargs)
+        return out.to(query.dtype)
+
+    F.scaled_dot_product_attention = sdpa
+    try:
+        yield
+    finally:
+        F.scaled_dot_product_attention = real
 
 
 def profile_steps(method: str, autocast: str, steps: int) -> tuple[float, dict[str, float], list]:
@@ -73,10 +99,14 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--method", default="lora")
     parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--fp32-attention", action="store_true", help="also bf16 with SDPA in fp32")
     args = parser.parse_args()
-    for autocast in ("no", "bf16"):
-        seconds, groups, top = profile_steps(args.method, autocast, args.steps)
-        print(f"\n{args.method}, autocast {autocast}: {seconds:.2f} s per step (batch 4 x up to 512 tokens)")
+    variants = [("no", False), ("bf16", False)] + ([("bf16", True)] if args.fp32_attention else [])
+    for autocast, up in variants:
+        with fp32_attention() if up else contextlib.nullcontext():
+            seconds, groups, top = profile_steps(args.method, autocast, args.steps)
+        label = f"{autocast}{', attention in fp32' if up else ''}"
+        print(f"\n{args.method}, autocast {label}: {seconds:.2f} s per step (batch 4 x up to 512 tokens)")
         for g, s in sorted(groups.items(), key=lambda x: -x[1]):
             print(f"  {g:18s} {s:6.2f} s  {100 * s / sum(groups.values()):4.0f}%")
         for name, s in top:

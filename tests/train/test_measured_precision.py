@@ -7,7 +7,9 @@ import pytest
 from builders import PUBMEDQA
 from trainkit import tiny_cfg, train_losses
 
+import peftlab.recipes.train_run as train_run
 import peftlab.train.measured_precision as mp
+from peftlab.core.errors import PeftlabError
 from peftlab.core.result import read_result
 from peftlab.recipes.train_run import run_training
 
@@ -23,6 +25,15 @@ def test_bf16_only_where_it_is_faster_and_agrees():
     assert mp.decide(2.0, 1.0, 2.0, float("nan")).autocast == "fp32"
     fast = mp.decide(fp32_s=2.19, bf16_s=1.0, fp32_loss=2.0, bf16_loss=2.004)  # a Zen 4's AVX512_BF16
     assert fast.autocast == "bf16" and fast.speedup == pytest.approx(2.19) and fast.dtype is not None
+
+
+def test_bf16_val_inside_the_fp32_seeds_spread():
+    assert mp.within_seeds(0.41, [0.40, 0.44, 0.38], "macro_f1") == (
+        True, "bf16's val macro_f1 0.4100 is within the fp32 seeds' 0.3800 to 0.4400 (3 seeds)")
+    assert mp.within_seeds(0.38, [0.40, 0.38], "accuracy")[0]  # the spread's ends are inside
+    assert not mp.within_seeds(0.4401, [0.40, 0.44], "accuracy")[0]
+    with pytest.raises(ValueError, match="at least 2 fp32 seeds"):
+        mp.within_seeds(0.4, [0.4], "accuracy")
 
 
 @pytest.fixture
@@ -101,6 +112,7 @@ def _simulate_scoring(monkeypatch, bf16_speed: float, flip: bool = False) -> lis
 
     monkeypatch.setattr(mp, "_seconds", timed)
     monkeypatch.setattr(mp, "_answers", answered)
+    monkeypatch.setattr(train_run, "MIN_SCORED_ITEMS", 0)  # the tiny runs score a few items: probe them anyway
     return calls
 
 
@@ -126,3 +138,35 @@ def test_auto_keeps_fp32_scoring_where_bf16_changes_an_answer_and_scores_as_with
     plain = run_training(tiny_cfg(tiny_causal, "lora", measured / "runs", "no", PUBMEDQA, "train.mixed_precision=no"))
     assert read_result(plain).scoring_precision["source"] == "configured"
     assert read_result(run).metrics == read_result(plain).metrics
+
+
+def test_an_unwritable_cache_costs_a_probe_per_run_and_a_check_says_it_was_not_recorded(tiny_causal, measured,
+                                                                                       monkeypatch):
+    blocker = measured / "a-file"
+    blocker.write_text("")
+    monkeypatch.setenv("PEFTLAB_HOME", str(blocker / "home"))  # under a file: no folder can be made there
+    calls = _simulate(monkeypatch, bf16_speed=0.5)
+    first, second = (read_result(_lora(tiny_causal, measured, name, "auto")).precision for name in ("a", "b"))
+    assert first["source"] == second["source"] == "measured" and len(calls) == 4  # measured again, no error
+    with pytest.raises(PeftlabError, match="precision.json: .*the precision check was not recorded; set PEFTLAB_HOME"):
+        mp.keep_fp32("model | lora", "bf16's val accuracy 0.3 is outside the fp32 seeds' 0.4 to 0.5 (3 seeds)")
+
+
+def test_a_run_too_small_for_the_scoring_probe_to_pay_back_scores_in_fp32_unless_a_probe_is_cached(
+        tiny_causal, measured, monkeypatch):
+    calls = _simulate_scoring(monkeypatch, bf16_speed=2.0)
+    monkeypatch.setattr(train_run, "MIN_SCORED_ITEMS", 5)
+
+    def zero_shot(name: str):
+        return read_result(run_training(tiny_cfg(tiny_causal, "zero-shot", measured / "runs", name, PUBMEDQA,
+                                                 "train.mixed_precision=auto", "data.limit_eval=2")))
+
+    small = zero_shot("small").scoring_precision  # 2 test items and 2 val
+    assert small["autocast"] == "fp32" and small["source"] == "not measured" and calls == []
+    assert small["reason"] == ("this run scores 4 items, under the 5 for which the scoring probe (64 items in fp32 "
+                               "and in bf16) can pay for itself")
+    monkeypatch.setattr(train_run, "MIN_SCORED_ITEMS", 0)
+    assert zero_shot("probed").scoring_precision["autocast"] == "bf16" and calls == [False, True]
+    monkeypatch.setattr(train_run, "MIN_SCORED_ITEMS", 5)
+    again = zero_shot("again").scoring_precision  # as small, but the probe's answer is known: it costs nothing
+    assert again["autocast"] == "bf16" and again["source"] == "cached" and calls == [False, True]

@@ -49,7 +49,15 @@ from peftlab.prompts.encoding import (
 from peftlab.prompts.format import Encoded, PromptFormat
 from peftlab.train.checkpoint import CHECKPOINT
 from peftlab.train.loop import FitData, fit
-from peftlab.train.measured_precision import SCORING_ROWS, PrecisionChoice, choose, measure_scoring, pinned
+from peftlab.train.measured_precision import (
+    MIN_SCORED_ITEMS,
+    SCORING_ROWS,
+    PrecisionChoice,
+    cached,
+    choose,
+    measure_scoring,
+    pinned,
+)
 from peftlab.train.runtime import accelerator_and_dtype, seed_everything
 from peftlab.train.save import save_trained
 
@@ -300,6 +308,11 @@ def scoring_precision(ctx: RunContext, model: torch.nn.Module) -> PrecisionChoic
     # The answers checked belong to this task and label set: another task's agreement says nothing about these.
     what = f"{part.task.name} labels {'/'.join(labels)}" if labels else f"{part.task.name} first generated token"
     key = f"{cfg.model.name} | {cfg.method.name} | {what} | {-(-rows // 64) * 64}x{-(-tokens // 64) * 64}"
+    scored = len(ctx.enc[(part.key, "test")]) + (len(ctx.enc[(part.key, "val")]) if ctx.score_val else 0)
+    if scored < MIN_SCORED_ITEMS and cached(key) is None:
+        return PrecisionChoice("fp32", "not measured", f"this run scores {scored} items, under the "
+                               f"{MIN_SCORED_ITEMS} for which the scoring probe ({SCORING_ROWS} items in fp32 and "
+                               "in bf16) can pay for itself")
     return choose(key, lambda: measure_scoring(model, first, answers))
 
 

@@ -220,12 +220,13 @@ def _precision_choice(cfg: RunConfig, model, kind: str, train: list, pad: int, r
     (batch,), _ = step_inputs(train, [first], kind, pad, right, share=False)
     rows, tokens = batch["input_ids"].shape
     # Shapes to the next 64: runs that differ by a few tokens of padding share one measurement.
-    key = f"{cfg.model.name} | {cfg.method.name} | batch {-(-rows // 64) * 64}x{-(-tokens // 64) * 64}"
+    scope = f"{cfg.model.name} | {cfg.method.name}"
+    key = f"{scope} | batch {-(-rows // 64) * 64}x{-(-tokens // 64) * 64}"
 
     def loss():
         return target_loss(model, kind, batch)[0] / max(1, weighted_targets(batch))
 
-    return choose(key, lambda: measure(model, loss))
+    return choose(key, lambda: measure(model, loss), scope=scope)
 
 
 def _stop_after_step(cfg: RunConfig, s: TrainState, ckpt: Path, parts: tuple, accelerator) -> NoReturn:

@@ -8,16 +8,20 @@ rounded up to 64 (`$PEFTLAB_HOME/precision.json`). It picks bf16 only where bf16
 and the loss of that batch agrees with fp32's within bf16's rounding (`LOSS_TOLERANCE`); otherwise fp32.
 
 Scoring (label scores, the first greedy token) is probed the same way, forward only, and there bf16 must also give
-every answer that fp32 gives on the first `SCORING_ROWS` test items (`measure_scoring`).
+every answer that fp32 gives on the first `SCORING_ROWS` test items (`measure_scoring`). That probe is only run
+where it can pay for itself: on a run that scores at least `MIN_SCORED_ITEMS` items.
 
 The probe leaves no trace on the run: gradients are cleared and the random number generator is put back, so a run
 that keeps fp32 trains exactly as without the probe. `PEFTLAB_AUTO_PRECISION=fp32` skips the probe (the test suite
 sets it, so that CI is the same on every CPU).
+
+A one-batch loss check cannot see what bf16 does to a whole run. `peftlab precision` trains a run in fp32 over a
+few seeds and once in bf16, and where bf16's validation metric falls outside the fp32 seeds' spread it records
+that (`keep_fp32`): from then on `auto` keeps fp32 for that model and method on this CPU and says why.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from collections.abc import Callable
@@ -26,6 +30,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from peftlab.core.errors import PeftlabError
 from peftlab.core.files import read_json, write_json
 from peftlab.core.resources import cpu_model
 from peftlab.models.packaged import peftlab_home
@@ -39,6 +44,10 @@ ROUNDS = 3  # timed forward+backward passes per precision, after one warm-up eac
 # Scoring's answers are compared on this many items: on SmolLM2 and PubMedQA bf16 changed 2 of 49 answers, which
 # a first batch of 4 rows would miss more often than not (0.96^4 = 85%), and 64 rows catches (0.96^64 = 7%).
 SCORING_ROWS = 64
+# The scoring probe scores its 64 items twice (fp32 and bf16) and times 8 more batches: about 150 items' work. bf16
+# saves at most 1 - 1/2.19 = 54% of a pass (the matmul's gain on a Zen 4), so it can only pay back on a run that
+# scores over 150 / 0.54 = 280 items. A run with fewer keeps fp32 without a probe, unless a probe is cached.
+MIN_SCORED_ITEMS = 280
 CACHE_FILE = "precision.json"
 
 
@@ -47,7 +56,7 @@ class PrecisionChoice:
     """What a run computes in, and why: `autocast` is "bf16" or "fp32"."""
 
     autocast: str
-    source: str  # "measured", "cached", "configured" or "not measured"
+    source: str  # "measured", "cached", "checked" (`peftlab precision`), "configured" or "not measured"
     reason: str
     speedup: float | None = None  # bf16 forward+backward speed over fp32's, on this batch shape and machine
     loss_gap: float | None = None  # |loss_bf16 - loss_fp32| / |loss_fp32| on the same batch
@@ -150,6 +159,55 @@ def measure_scoring(model: torch.nn.Module, forward, answers) -> PrecisionChoice
     return decide_scoring(fp32_s, bf16_s, int((fp32_answers != bf16_answers).sum()), len(fp32_answers))
 
 
+def within_seeds(bf16: float, fp32: list[float], metric: str) -> tuple[bool, str]:
+    """Whether a bf16 run's validation `metric` lies within the fp32 seeds' spread (their lowest to highest), and a
+    line that says so. With fewer than two fp32 seeds there is no spread to be inside."""
+    if len(fp32) < 2:
+        raise ValueError(f"a spread needs at least 2 fp32 seeds, got {len(fp32)}")
+    low, high = min(fp32), max(fp32)
+    spread = f"the fp32 seeds' {low:.4f} to {high:.4f} ({len(fp32)} seeds)"
+    if low <= bf16 <= high:
+        return True, f"bf16's val {metric} {bf16:.4f} is within {spread}"
+    return False, f"bf16's val {metric} {bf16:.4f} is outside {spread}"
+
+
+def _check_key(scope: str) -> str:
+    """Where `peftlab precision`'s verdict for `scope` ("model | method") is cached: per CPU model and torch."""
+    return f"{cpu_model()} | torch {torch.__version__} | {scope} | checked against fp32 seeds"
+
+
+def _read_cache() -> dict:
+    path = peftlab_home() / CACHE_FILE
+    try:
+        known = read_json(path) if path.is_file() else {}
+    except (OSError, ValueError):
+        known = {}  # a cut-off cache is measured again, and rewritten
+    return known if isinstance(known, dict) else {}
+
+
+def _write_cache(entries: dict) -> str | None:
+    """Write the cache, or return why it could not be written: an unwritable cache costs a probe per run, nothing
+    else, so a run goes on."""
+    try:
+        write_json(peftlab_home() / CACHE_FILE, entries)
+    except PeftlabError as err:  # write_json's one line: the file and the reason
+        return str(err)
+    return None
+
+
+def keep_fp32(scope: str, reason: str | None) -> None:
+    """Record `peftlab precision`'s verdict for `scope`: with a `reason`, `auto` keeps fp32 for it on this CPU and
+    torch from now on; with None (bf16 agreed with fp32), an earlier verdict is taken back."""
+    entries = _read_cache()
+    key = _check_key(scope)
+    entries.pop(key, None)
+    if reason is not None:
+        entries[key] = asdict(PrecisionChoice("fp32", "checked", f"{reason}: keeping fp32 (peftlab precision)"))
+    err = _write_cache(entries)
+    if err is not None:
+        raise PeftlabError(f"{err}: the precision check was not recorded; set PEFTLAB_HOME to a writable folder")
+
+
 def pinned() -> PrecisionChoice | None:
     """fp32 without a probe where `PEFTLAB_AUTO_PRECISION=fp32` says so (the test suite), else None."""
     if os.environ.get("PEFTLAB_AUTO_PRECISION") == "fp32":
@@ -157,26 +215,38 @@ def pinned() -> PrecisionChoice | None:
     return None
 
 
-def choose(key: str, probe: Callable[[], PrecisionChoice]) -> PrecisionChoice:
+def _cached(entry) -> PrecisionChoice | None:
+    if isinstance(entry, dict):
+        try:
+            return PrecisionChoice(**entry)
+        except TypeError:
+            return None  # another peftlab's entry: measured again
+    return None
+
+
+def cached(key: str) -> PrecisionChoice | None:
+    """The cached choice for `key` on this CPU, torch and thread count, or None where nothing was measured."""
+    entry = _cached(_read_cache().get(_full_key(key)))
+    return None if entry is None else PrecisionChoice(**{**asdict(entry), "source": "cached"})
+
+
+def _full_key(key: str) -> str:
+    return f"{cpu_model()} | torch {torch.__version__} | {torch.get_num_threads()} threads | {key}"
+
+
+def choose(key: str, probe: Callable[[], PrecisionChoice], scope: str | None = None) -> PrecisionChoice:
     """The cached choice for `key` (model, method, what is timed and its shape) on this CPU and torch, else
-    `probe()`'s fresh measurement (`measure` for training, `measure_scoring` for scoring), cached."""
+    `probe()`'s fresh measurement (`measure` for training, `measure_scoring` for scoring), cached. A training
+    `scope` ("model | method") that `peftlab precision` found worse in bf16 keeps fp32 without a probe."""
     if pinned() is not None:
         return pinned()
-    path = peftlab_home() / CACHE_FILE
-    full_key = f"{cpu_model()} | torch {torch.__version__} | {torch.get_num_threads()} threads | {key}"
-    try:
-        cached = read_json(path).get(full_key) if path.is_file() else None
-    except (OSError, ValueError):
-        cached = None  # a cut-off cache is measured again, and rewritten
-    if isinstance(cached, dict):
-        try:
-            return PrecisionChoice(**{**cached, "source": "cached"})
-        except TypeError:
-            pass
+    entries = _read_cache()
+    checked = _cached(entries.get(_check_key(scope))) if scope is not None else None
+    if checked is not None:
+        return checked
+    known = cached(key)
+    if known is not None:
+        return known
     choice = probe()
-    try:
-        known = read_json(path) if path.is_file() else {}
-        write_json(path, {**(known if isinstance(known, dict) else {}), full_key: asdict(choice)})
-    except (OSError, ValueError, json.JSONDecodeError):
-        pass  # an unwritable cache costs a probe per run, nothing else
+    _write_cache({**_read_cache(), _full_key(key): asdict(choice)})
     return choice
