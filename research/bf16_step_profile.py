@@ -10,6 +10,8 @@ Run it alone on the machine: it times nothing for a table, but a second job shif
 
 `--fp32-attention` adds a third pass: bf16 autocast with SDPA up-cast to fp32 (q, k, v and a float mask cast up,
 the output cast back), to see what the lever "attention in fp32 inside a bf16 step" would win before building it.
+`--attention-alone` times SDPA forward+backward by itself at the step's shape (4 rows x 512 tokens, 9 query heads
+over 3 key/value heads of 64, causal), in fp32, bf16 and bf16 up-cast: whether the kernel itself is slower in bf16.
 """
 
 from __future__ import annotations
@@ -95,12 +97,42 @@ def profile_steps(method: str, autocast: str, steps: int) -> tuple[float, dict[s
     return seconds, dict(groups), ops[:12]
 
 
+def _attention_ms(dtype: torch.dtype, up: bool, rounds: int) -> float:
+    """Median milliseconds of one causal GQA SDPA forward+backward on `dtype` inputs (`up`: cast to fp32 first)."""
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(4, heads, 512, 64, generator=gen).to(dtype).requires_grad_() for heads in (9, 3, 3))
+
+    def once():
+        qq, kk, vv = (t.float() for t in (q, k, v)) if up else (q, k, v)
+        F.scaled_dot_product_attention(qq, kk, vv, is_causal=True, enable_gqa=True).to(dtype).sum().backward()
+
+    for _ in range(3):
+        once()  # allocation and kernel selection
+    times = []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        once()
+        times.append(time.perf_counter() - t0)
+    return 1000 * sorted(times)[rounds // 2]
+
+
+def attention_alone(rounds: int = 10) -> dict[str, float]:
+    """SDPA by itself at the step's shape, per input precision: median ms of a forward+backward."""
+    return {"fp32": _attention_ms(torch.float32, False, rounds), "bf16": _attention_ms(torch.bfloat16, False, rounds),
+            "bf16, up-cast to fp32": _attention_ms(torch.bfloat16, True, rounds)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--method", default="lora")
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--fp32-attention", action="store_true", help="also bf16 with SDPA in fp32")
+    parser.add_argument("--attention-alone", action="store_true", help="only time SDPA by itself, per precision")
     args = parser.parse_args()
+    if args.attention_alone:
+        for label, ms in attention_alone().items():
+            print(f"SDPA forward+backward, 4 x 512 tokens, inputs {label}: {ms:.1f} ms (median of 10)")
+        return
     variants = [("no", False), ("bf16", False)] + ([("bf16", True)] if args.fp32_attention else [])
     for autocast, up in variants:
         with fp32_attention() if up else contextlib.nullcontext():
