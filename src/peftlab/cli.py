@@ -151,10 +151,10 @@ def train(
 def precision(
     config: Annotated[Path, typer.Argument(help="run config YAML (or only key=value overrides on the defaults)")],
     overrides: Annotated[list[str] | None, typer.Argument(help="key=value overrides, e.g. method.name=lora")] = None,
-    seeds: Annotated[int, typer.Option(min=2, help="fp32 seeds whose spread bf16 must fall in")] = 3,
+    seeds: Annotated[int, typer.Option(min=2, help="fp32 seeds bf16 must not fall below all of")] = 3,
     metric: Annotated[str | None, typer.Option(help="val metric to compare (default: the task's primary)")] = None,
 ) -> None:
-    """Train in fp32 over seeds and once in bf16; if bf16's val metric is outside the fp32 spread, auto keeps fp32."""
+    """Train in fp32 over seeds and once in bf16; if bf16's val metric is below every seed's, auto keeps fp32."""
     from peftlab.core.config import config_and_overrides
     from peftlab.recipes.precision_check import check_precision
     from peftlab.recipes.runner import load_run_config
@@ -166,8 +166,8 @@ def precision(
         table.add_row(f"fp32, seed {seed}", f"{value:.4f}")
     table.add_row(f"bf16, seed {check.bf16_seed}", f"{check.bf16:.4f}")
     console.print(table)
-    console.print(f"{check.reason}: " + ("bf16 agrees with fp32; auto may pick it" if check.within else
-                                         f"auto keeps fp32 for {cfg.model.name} {cfg.method.name} on this CPU"))
+    console.print(f"{check.reason}: " + (f"auto keeps fp32 for {cfg.model.name} {cfg.method.name} on this CPU"
+                                         if check.below else "bf16 is as good as fp32 here; auto may pick it"))
 
 
 @app.command()

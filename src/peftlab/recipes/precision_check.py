@@ -16,40 +16,62 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from peftlab.core.config import RunConfig
+from peftlab.core.config import RunConfig, to_dict
 from peftlab.core.errors import PeftlabError
 from peftlab.core.files import write_json
-from peftlab.core.result import has_result, read_result
+from peftlab.core.result import has_result, read_result, run_config
 from peftlab.recipes.repeats import deterministic
 from peftlab.recipes.search import trial_value
 from peftlab.recipes.train_run import run_training
-from peftlab.train.measured_precision import keep_fp32, within_seeds
+from peftlab.train.measured_precision import below_seeds, keep_fp32
 
 CHECK_FILE = "precision_check.json"
 
 
 @dataclass(frozen=True)
 class PrecisionCheck:
-    """fp32 seeds' and one bf16 run's val metric, and the verdict (`within`: bf16 is inside the fp32 spread)."""
+    """fp32 seeds' and one bf16 run's val metric, and the verdict (`below`: bf16 fell below every fp32 seed)."""
 
     metric: str
     fp32: dict[int, float]  # seed -> val metric
     bf16: float
     bf16_seed: int
-    within: bool
+    below: bool
     reason: str
 
 
 def _variant(cfg: RunConfig, precision: str, seed: int) -> RunConfig:
-    """One run of the check: the config at `precision` ("no" is fp32) and `seed`, in the check's own folder."""
+    """One run of the check: the config at `precision` ("no" is fp32) and `seed`, in the check's own folder; a
+    stopped one goes on from its checkpoint."""
     return replace(cfg, name=f"{'fp32' if precision == 'no' else precision}-seed{seed}",
                    output_dir=str(Path(cfg.output_dir) / f"{cfg.name}-precision"),
-                   train=replace(cfg.train, mixed_precision=precision, seed=seed))
+                   train=replace(cfg.train, mixed_precision=precision, seed=seed, resume=True))
+
+
+def _flat(raw: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in raw.items():
+        out.update(_flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
+    return out
+
+
+def _same_config(cfg: RunConfig) -> None:
+    """A finished run folder of the check must hold this config: another's metric would be compared, and its
+    verdict filed under this model and method."""
+    done, wanted = _flat(to_dict(run_config(cfg.run_dir))), _flat(to_dict(cfg))
+    differ = [k for k in sorted(set(done) | set(wanted)) if k != "train.resume" and done.get(k) != wanted.get(k)]
+    if differ:
+        key = differ[0]
+        raise PeftlabError(f"{cfg.run_dir}: trained with {key} {done.get(key)!r}, this check has {wanted.get(key)!r}; "
+                           f"delete {Path(cfg.output_dir)} or give the check another name (name=...)")
 
 
 def _val_metric(cfg: RunConfig, metric: str | None) -> tuple[float, str]:
-    """Train `cfg` (unless its folder already holds a finished run) and read its val metric and that metric's name."""
-    if not has_result(cfg.run_dir):
+    """Train `cfg` (unless its folder holds a finished run of the same config) and read its val metric and that
+    metric's name."""
+    if has_result(cfg.run_dir):
+        _same_config(cfg)
+    else:
         run_training(cfg, score_test=False)
     result = read_result(cfg.run_dir)
     name = metric or result.primary_metric
@@ -58,8 +80,8 @@ def _val_metric(cfg: RunConfig, metric: str | None) -> tuple[float, str]:
 
 def check_precision(cfg: RunConfig, seeds: int = 3, metric: str | None = None) -> PrecisionCheck:
     """Train `cfg` in fp32 on `seeds` seeds (train.seed and the next ones) and in bf16 on the first, compare the
-    val `metric` (default: the task's primary metric), record the verdict for `auto`, and write it to
-    runs/<name>-precision/precision_check.json."""
+    val `metric` (default: the task's primary metric; higher is better), write the verdict to
+    runs/<name>-precision/precision_check.json and record it for `auto`."""
     if seeds < 2:
         raise PeftlabError(f"--seeds: a spread needs at least 2 fp32 seeds, got {seeds}")
     if deterministic(cfg):
@@ -72,10 +94,9 @@ def check_precision(cfg: RunConfig, seeds: int = 3, metric: str | None = None) -
         fp32[seed], metric = _val_metric(_variant(cfg, "no", seed), metric)
     print(f"bf16, seed {first}", flush=True)
     bf16, _ = _val_metric(_variant(cfg, "bf16", first), metric)
-    within, reason = within_seeds(bf16, list(fp32.values()), metric)
-    check = PrecisionCheck(metric, fp32, bf16, first, within, reason)
-    keep_fp32(f"{cfg.model.name} | {cfg.method.name}", None if within else reason)
+    below, reason = below_seeds(bf16, list(fp32.values()), metric)
     write_json(Path(cfg.output_dir) / f"{cfg.name}-precision" / CHECK_FILE, {
         "metric": metric, "fp32": {str(k): v for k, v in fp32.items()}, "bf16": bf16, "bf16_seed": first,
-        "within": within, "reason": reason, "model": cfg.model.name, "method": cfg.method.name})
-    return check
+        "below": below, "reason": reason, "model": cfg.model.name, "method": cfg.method.name})
+    keep_fp32(f"{cfg.model.name} | {cfg.method.name}", reason if below else None)
+    return PrecisionCheck(metric, fp32, bf16, first, below, reason)

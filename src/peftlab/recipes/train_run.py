@@ -50,13 +50,13 @@ from peftlab.prompts.format import Encoded, PromptFormat
 from peftlab.train.checkpoint import CHECKPOINT
 from peftlab.train.loop import FitData, fit
 from peftlab.train.measured_precision import (
-    MIN_SCORED_ITEMS,
     SCORING_ROWS,
     PrecisionChoice,
     cached,
     choose,
     measure_scoring,
     pinned,
+    scoring_probe_items,
 )
 from peftlab.train.runtime import accelerator_and_dtype, seed_everything
 from peftlab.train.save import save_trained
@@ -273,9 +273,10 @@ def score_parts(ctx: RunContext, model: torch.nn.Module, best_val: dict | None) 
             content_free = ctx.enc[(part.key, "content_free")]
             for split in ("val", "test"):
                 items = ctx.enc[(part.key, split)]
-                if not items or (split == "val" and not ctx.score_val and not best_val):
+                how = split_scoring(ctx, part, split, best_val)
+                if how == "skip":
                     continue
-                if split == "val" and best_val and not content_free and len(ctx.parts) == 1:
+                if how == "kept":
                     m, r = best_val, []
                 else:
                     # Zero-shot, few-shot and the head read the unchanged base: their passes are shared.
@@ -287,11 +288,22 @@ def score_parts(ctx: RunContext, model: torch.nn.Module, best_val: dict | None) 
     return metrics, rows
 
 
-def scoring_precision(ctx: RunContext, model: torch.nn.Module) -> PrecisionChoice:
+def split_scoring(ctx: RunContext, part: Part, split: str, best_val: dict | None) -> str:
+    """How `score_parts` gets a split's metrics: "score" (a pass over its items), "kept" (the kept epoch's val
+    metrics from training stand for it: a single task's val, uncalibrated) or "skip"."""
+    if not ctx.enc[(part.key, split)] or (split == "val" and not ctx.score_val and not best_val):
+        return "skip"
+    if split == "val" and best_val and not ctx.enc[(part.key, "content_free")] and len(ctx.parts) == 1:
+        return "kept"
+    return "score"
+
+
+def scoring_precision(ctx: RunContext, model: torch.nn.Module, best_val: dict | None = None) -> PrecisionChoice:
     """What the run's scoring computes in: fp32, or under `train.mixed_precision: auto` on a CPU, bf16 where a
     probe measures it faster on the first test batch and with the same answers on the first `SCORING_ROWS` test
     items (`measure_scoring`). The answer is cached per model, method, task, labels and shape: another adapter of
-    the same method reuses it."""
+    the same method reuses it. A run that scores too few items to pay for the probe (`scoring_probe_items`) keeps
+    fp32 unless an answer is cached. `best_val`: as `score_parts` takes it."""
     cfg, part = ctx.cfg, ctx.parts[0]
     items = ctx.enc[(part.key, "test")] or ctx.enc[(part.key, "val")]
     if ctx.method.build is not None:
@@ -308,19 +320,21 @@ def scoring_precision(ctx: RunContext, model: torch.nn.Module) -> PrecisionChoic
     # The answers checked belong to this task and label set: another task's agreement says nothing about these.
     what = f"{part.task.name} labels {'/'.join(labels)}" if labels else f"{part.task.name} first generated token"
     key = f"{cfg.model.name} | {cfg.method.name} | {what} | {-(-rows // 64) * 64}x{-(-tokens // 64) * 64}"
-    scored = len(ctx.enc[(part.key, "test")]) + (len(ctx.enc[(part.key, "val")]) if ctx.score_val else 0)
-    if scored < MIN_SCORED_ITEMS and cached(key) is None:
+    scored = sum(len(ctx.enc[(part.key, s)]) for s in ("val", "test")
+                 if split_scoring(ctx, part, s, best_val) == "score")
+    if scored < scoring_probe_items(rows) and cached(key) is None:
         return PrecisionChoice("fp32", "not measured", f"this run scores {scored} items, under the "
-                               f"{MIN_SCORED_ITEMS} for which the scoring probe ({SCORING_ROWS} items in fp32 and "
-                               "in bf16) can pay for itself")
+                               f"{scoring_probe_items(rows)} on which the scoring probe ({SCORING_ROWS} items in fp32 "
+                               f"and in bf16, and timed batches of {rows} rows) can pay for itself")
     return choose(key, lambda: measure_scoring(model, first, answers))
 
 
 def finish(ctx: RunContext, model: torch.nn.Module, summary: dict, params: tuple[int, int]) -> None:
     """Test evaluation and the run folder: metrics, predictions, the saved adapter and result.json (written last)."""
     cfg, first, trains = ctx.cfg, ctx.parts[0], ctx.method.trains
-    ctx.scoring = scoring_precision(ctx, model)
-    metrics, rows = score_parts(ctx, model, summary.pop("best_val_metrics", None))
+    best_val = summary.pop("best_val_metrics", None)
+    ctx.scoring = scoring_precision(ctx, model, best_val)
+    metrics, rows = score_parts(ctx, model, best_val)
     metrics.update(run_experiments(cfg, ctx.method, model, ctx.fmt, first.task, first.splits, ctx.run_dir))
     val = ctx.enc[(first.key, "val")] if ctx.score_val else []
     if summary["best_val_loss"] is None and val and not trains:
