@@ -4,11 +4,14 @@
 within bf16's rounding. Rounding that is harmless on one batch can still add up over a run. So this trains the
 run's config in fp32 over a few seeds, and once in bf16 (on the first seed), and compares their validation metric:
 the fp32 seeds' spread is how far the result moves for reasons that have nothing to do with precision. A bf16 run
-inside it is as good as any fp32 seed. One outside it is said, and recorded (`measured_precision.keep_fp32`):
-from then on `auto` keeps fp32 for this model and method on this CPU, and each run's `result.json` says why.
+within it (or above it) is as good as any fp32 seed. One below every seed is said, and recorded
+(`measured_precision.keep_fp32`): from then on `auto` keeps fp32 for this model and method on this CPU, and each
+run's `result.json` says why. A bf16 run that changes nothing lands there by chance 1 in (seeds + 1); that false
+alarm costs speed, never quality, and a later check where bf16 agrees takes it back.
 
 Only val is scored (as in a tuning trial): the check never looks at the test split. The runs are ordinary run
-folders under runs/<name>-precision/, so a stopped check reruns only what did not finish.
+folders under runs/<name>-precision/: a rerun reuses a finished one trained with the same config, goes on from a
+stopped one's checkpoint, and refuses one trained with another config.
 """
 
 from __future__ import annotations
