@@ -10,6 +10,7 @@ from trainkit import tiny_cfg, train_losses
 import peftlab.recipes.train_run as train_run
 import peftlab.train.measured_precision as mp
 from peftlab.core.errors import PeftlabError
+from peftlab.core.files import read_json
 from peftlab.core.result import read_result
 from peftlab.recipes.train_run import run_training
 
@@ -179,3 +180,12 @@ def test_a_run_too_small_for_the_scoring_probe_to_pay_back_scores_in_fp32_unless
     monkeypatch.setattr(train_run, "scoring_probe_items", lambda rows: 5)
     again = zero_shot("again").scoring_precision  # as small, but the probe's answer is known: it costs nothing
     assert again["autocast"] == "bf16" and again["source"] == "cached" and calls == [False, True]
+
+
+def test_a_cut_off_cache_is_measured_again_and_rewritten(tiny_causal, measured, monkeypatch):
+    home = measured / "home"
+    home.mkdir()
+    (home / mp.CACHE_FILE).write_text('{"AMD EPYC | torch')  # a write cut off mid-way
+    calls = _simulate(monkeypatch, bf16_speed=0.5)
+    assert read_result(_lora(tiny_causal, measured, "a", "auto")).precision["source"] == "measured" and calls
+    assert read_json(home / mp.CACHE_FILE)  # readable again, with this measurement in it
