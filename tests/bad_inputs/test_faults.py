@@ -165,6 +165,26 @@ def test_train_whose_adapter_save_fills_the_disk_resumes_without_training(tmp_pa
     assert not (run / "checkpoint.pt").exists()  # deleted once result.json is written
 
 
+def test_train_resume_with_other_settings_than_its_checkpoint_stops_with_one_line(tmp_path, tiny_causal,
+                                                                                  small_pubmedqa, monkeypatch, capsys):
+    # was: the resume restored the optimizer and schedule with the old learning rate and trained on with it, while
+    # config.yaml and result.json recorded the new one
+    import peft.peft_model
+
+    def full_disk(tensors, filename, metadata=None):
+        raise SafetensorError("Error while serializing: IoError(Os { code: 28, kind: StorageFull })")
+
+    monkeypatch.setattr(peft.peft_model, "safe_save_file", full_disk)  # training finishes; its checkpoint stays
+    cli_error(_train_argv(tmp_path, tiny_causal, small_pubmedqa), monkeypatch, capsys)
+    monkeypatch.undo()
+    ckpt = tmp_path / "runs" / "r" / "checkpoint.pt"
+    line = cli_error(_train_argv(tmp_path, tiny_causal, small_pubmedqa, "train.lr=1e-3", "train.threads=2",
+                                 "--resume"), monkeypatch, capsys)
+    assert line == (f"error: {ckpt}: trained with train.lr None, this run has 0.001; resume with the settings it was "
+                    "trained with, or rerun without --resume to train from step 0 (it replaces the checkpoint)")
+    assert ckpt.exists() and not (tmp_path / "runs" / "r" / "result.json").exists()
+
+
 def _fsync_fails_on(monkeypatch, name: str) -> None:
     """A full disk that shows when the file `name` is flushed."""
     real = os.fsync

@@ -231,6 +231,18 @@ def to_dict(cfg: Any) -> dict:
     return dataclasses.asdict(cfg)
 
 
+def flat_settings(cfg: Any) -> dict[str, Any]:
+    """A config as dotted keys (`train.lr`) to JSON values (tuples as lists): comparable, and storable anywhere."""
+
+    def walk(node: dict, prefix: str) -> dict:
+        out: dict = {}
+        for key, value in node.items():
+            out.update(walk(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
+        return out
+
+    return json.loads(json.dumps(walk(to_dict(cfg), ""), default=str))
+
+
 def set_dotted(raw: dict, key: str, value: Any, where: str | None = None) -> dict:
     """Set `value` at the dotted `key` (`train.lr`) of a nested dict, making the sections on the way.
 

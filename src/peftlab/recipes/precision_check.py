@@ -19,7 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from peftlab.core.config import RunConfig, to_dict
+from peftlab.core.config import RunConfig, flat_settings
 from peftlab.core.errors import PeftlabError
 from peftlab.core.files import write_json
 from peftlab.core.result import has_result, read_result, run_config
@@ -51,17 +51,10 @@ def _variant(cfg: RunConfig, precision: str, seed: int) -> RunConfig:
                    train=replace(cfg.train, mixed_precision=precision, seed=seed, resume=True))
 
 
-def _flat(raw: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in raw.items():
-        out.update(_flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
-    return out
-
-
 def _same_config(cfg: RunConfig) -> None:
     """A finished run folder of the check must hold this config: another's metric would be compared, and its
     verdict filed under this model and method."""
-    done, wanted = _flat(to_dict(run_config(cfg.run_dir))), _flat(to_dict(cfg))
+    done, wanted = flat_settings(run_config(cfg.run_dir)), flat_settings(cfg)
     differ = [k for k in sorted(set(done) | set(wanted)) if k != "train.resume" and done.get(k) != wanted.get(k)]
     if differ:
         key = differ[0]

@@ -46,6 +46,33 @@ class TrainState:
     done: bool = False  # training finished; the run folder's results were not all written yet
     resumed_at: list = field(default_factory=list)  # the steps at which the run went on from a checkpoint
     precision: dict | None = None  # the run's `measured_precision.PrecisionChoice`, kept across a resume
+    settings: dict | None = None  # the model, data, method and train settings it trains with (`resume_settings`)
+
+
+# What a resume may change: where it runs and how it reports, not what it computes.
+RESUME_MAY_CHANGE = ("train.resume", "train.threads", "train.report_to", "model.device")
+
+
+def resume_settings(flat: dict) -> dict:
+    """The settings a checkpoint must be resumed with, from a config's `core.config.flat_settings`: every model,
+    data, method and train key but those in `RESUME_MAY_CHANGE`."""
+    return {k: v for k, v in flat.items()
+            if k.split(".")[0] in ("model", "data", "method", "train") and k not in RESUME_MAY_CHANGE}
+
+
+def check_resumable(path: Path, state: TrainState, settings: dict) -> None:
+    """A checkpoint resumes only with the settings it was trained with. The optimizer and schedule it restores carry
+    the old learning rate, so a resume with a changed `train.lr` would train on with the old one while the run
+    folder recorded the new. (A checkpoint of an older peftlab, with no settings, is taken as it is.)"""
+    if state.settings is None:
+        return
+    differ = sorted(k for k in set(state.settings) | set(settings) if state.settings.get(k) != settings.get(k))
+    if differ:
+        key = differ[0]
+        more = f" (and {len(differ) - 1} more)" if len(differ) > 1 else ""
+        raise PeftlabError(f"{path}: trained with {key} {state.settings.get(key)!r}, this run has "
+                           f"{settings.get(key)!r}{more}; resume with the settings it was trained with, or rerun "
+                           "without --resume to train from step 0 (it replaces the checkpoint)")
 
 
 def save_checkpoint(path: Path, state: TrainState, model, optimizer, scheduler) -> None:

@@ -26,7 +26,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-from peftlab.core.config import RunConfig
+from peftlab.core.config import RunConfig, flat_settings
 from peftlab.core.errors import PeftlabError
 from peftlab.core.files import append_jsonl, write_jsonl
 from peftlab.core.signals import Stopped, signal_name, stop_deferred, stop_pending, take_stop
@@ -39,7 +39,15 @@ from peftlab.models.hf_folder import LoadedModel
 from peftlab.prompts.batches import batch_tokens, right_padded_ok, token_batches
 from peftlab.prompts.format import Encoded, PromptFormat
 from peftlab.prompts.weights import example_weights
-from peftlab.train.checkpoint import CHECKPOINT, TrainState, load_checkpoint, save_checkpoint, trainable_state
+from peftlab.train.checkpoint import (
+    CHECKPOINT,
+    TrainState,
+    check_resumable,
+    load_checkpoint,
+    resume_settings,
+    save_checkpoint,
+    trainable_state,
+)
 from peftlab.train.measured_precision import PrecisionChoice, choose, measure, pinned
 from peftlab.train.runtime import precision
 from peftlab.train.step import micro_tokens, shares_prefix, split_rows, step_inputs, train_step
@@ -106,10 +114,13 @@ def fit(
     piece_tokens = micro_tokens(tc.micro_tokens, accelerator.device)
     _, autocast = precision(cfg, data.method, accelerator.device.type)
     weights = example_weights(data.task, fmt, train, tc.class_balance)
-    s = TrainState()
+    settings = resume_settings(flat_settings(cfg))
+    s = TrainState(settings=settings)
     ckpt = run_dir / CHECKPOINT
     if tc.resume and ckpt.exists():
         s = load_checkpoint(ckpt, raw, optimizer, scheduler)
+        check_resumable(ckpt, s, settings)
+        s.settings = settings  # an older peftlab's checkpoint has none: its next checkpoint has them
         s.resumed_at.append(s.step)
         finished = "; training had finished, so only the results are written" if s.done else ""
         print(f"resuming {cfg.name} from {ckpt} at step {s.step}{finished}", flush=True)
