@@ -243,6 +243,11 @@ def flat_settings(cfg: Any) -> dict[str, Any]:
     return json.loads(json.dumps(walk(to_dict(cfg), ""), default=str))
 
 
+def differing_settings(a: dict[str, Any], b: dict[str, Any], ignore: tuple[str, ...] = ()) -> list[str]:
+    """The dotted keys whose values differ between two `flat_settings` (a key missing on one side differs), sorted."""
+    return sorted(k for k in set(a) | set(b) if k not in ignore and a.get(k) != b.get(k))
+
+
 def set_dotted(raw: dict, key: str, value: Any, where: str | None = None) -> dict:
     """Set `value` at the dotted `key` (`train.lr`) of a nested dict, making the sections on the way.
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from peftlab.core.config import RunConfig, flat_settings
+from peftlab.core.config import RunConfig, differing_settings, flat_settings
 from peftlab.core.errors import PeftlabError
 from peftlab.core.files import write_json
 from peftlab.core.result import has_result, read_result, run_config
@@ -55,7 +55,7 @@ def _same_config(cfg: RunConfig) -> None:
     """A finished run folder of the check must hold this config: another's metric would be compared, and its
     verdict filed under this model and method."""
     done, wanted = flat_settings(run_config(cfg.run_dir)), flat_settings(cfg)
-    differ = [k for k in sorted(set(done) | set(wanted)) if k != "train.resume" and done.get(k) != wanted.get(k)]
+    differ = differing_settings(done, wanted, ignore=("train.resume",))
     if differ:
         key = differ[0]
         raise PeftlabError(f"{cfg.run_dir}: trained with {key} {done.get(key)!r}, this check has {wanted.get(key)!r}; "

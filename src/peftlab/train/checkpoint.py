@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from peftlab.core.config import differing_settings
 from peftlab.core.errors import PeftlabError
 from peftlab.core.files import write_bytes_atomic
 
@@ -66,7 +67,7 @@ def check_resumable(path: Path, state: TrainState, settings: dict) -> None:
     folder recorded the new. (A checkpoint of an older peftlab, with no settings, is taken as it is.)"""
     if state.settings is None:
         return
-    differ = sorted(k for k in set(state.settings) | set(settings) if state.settings.get(k) != settings.get(k))
+    differ = differing_settings(state.settings, settings)
     if differ:
         key = differ[0]
         more = f" (and {len(differ) - 1} more)" if len(differ) > 1 else ""
