@@ -26,7 +26,7 @@ import os
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 
@@ -231,10 +231,11 @@ def _cached(entry) -> PrecisionChoice | None:
     return None
 
 
-def cached(key: str) -> PrecisionChoice | None:
-    """The cached choice for `key` on this CPU, torch and thread count, or None where nothing was measured."""
-    entry = _cached(_read_cache().get(_full_key(key)))
-    return None if entry is None else PrecisionChoice(**{**asdict(entry), "source": "cached"})
+def cached(key: str, entries: dict | None = None) -> PrecisionChoice | None:
+    """The cached choice for `key` on this CPU, torch and thread count (in `entries`, default the cache file's), or
+    None where nothing was measured."""
+    entry = _cached((_read_cache() if entries is None else entries).get(_full_key(key)))
+    return None if entry is None else replace(entry, source="cached")
 
 
 def _full_key(key: str) -> str:
@@ -251,7 +252,7 @@ def choose(key: str, probe: Callable[[], PrecisionChoice], scope: str | None = N
     checked = _cached(entries.get(_check_key(scope))) if scope is not None else None
     if checked is not None:
         return checked
-    known = cached(key)
+    known = cached(key, entries)
     if known is not None:
         return known
     choice = probe()
